@@ -1,0 +1,122 @@
+"""The ``latentize`` command line (and ``jobs/encode_laion.py``, which calls :func:`encode_main`).
+
+``latentize encode [CONFIG] [--set dotted.key=value ...]`` runs the encode job; without CONFIG it
+runs the embedded demo: sample shards built from the photos shipped in scikit-image and
+scikit-learn, local Ray, local folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from latentize.config import Config, load_config
+from latentize.errors import LatentizeError
+
+__all__ = ["DEMO_CONFIG", "encode_main", "main"]
+
+logger = logging.getLogger("latentize")
+
+#: Root of the demo's files (shards in, latents out), relative to the working directory.
+DEMO_DIR = "demo_data"
+
+#: The embedded default run (``latentize encode`` with no config file).
+DEMO_CONFIG: dict[str, Any] = {
+    "input": {"urls": f"{DEMO_DIR}/shards/{{00000..00001}}.tar", "format": "webdataset", "image_field": "jpg;png;webp"},
+    "preprocess": {"resolution": 256, "crop": "center"},
+    "encoder": {"type": "kl", "model": "stabilityai/sd-vae-ft-mse", "sample": "mode", "batch_size": 4},
+    "output": {"path": f"{DEMO_DIR}/latents", "format": "parquet", "dtype": "float16"},
+    "ray": {"actors": 1},
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _add_encode_args(parser: argparse.ArgumentParser, *, config_flag: bool) -> None:
+    if config_flag:
+        parser.add_argument("--config", help="YAML config file; omitted: the embedded demo")
+    else:
+        parser.add_argument("config", nargs="?", help="YAML config file; omitted: the embedded demo")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set encoder.batch_size=64 (repeatable)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run made with another config")
+    parser.add_argument("--retry-failed", action="store_true", help="redo shards whose reading failed")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _prepare_demo(cfg: Config) -> None:
+    """Builds the demo shards when the run reads the demo's default input."""
+    from latentize.demo import build_demo_shards
+    from latentize.encoders import ENCODERS
+
+    # Check the model before writing anything, so an unreachable hub stops the demo at once.
+    ENCODERS.get(cfg.encoder.type).inspect(cfg)
+    if cfg.input.urls == DEMO_CONFIG["input"]["urls"]:
+        urls = build_demo_shards(os.path.join(DEMO_DIR, "shards"), shards=2)
+        logger.info("demo: %d sample shards of real photos in %s", len(urls), os.path.join(DEMO_DIR, "shards"))
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from latentize.pipeline import run
+
+    demo = args.config is None
+    cfg = load_config(args.config, args.overrides, base=DEMO_CONFIG if demo else None)
+    if demo:
+        _prepare_demo(cfg)
+    summary = run(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed)
+    if summary.nothing_to_do:
+        print(f"latentize: nothing to do, all {summary.shards_total} shards already committed; wrote nothing")
+    else:
+        print(
+            f"latentize: {summary.samples_ok} samples ok, {summary.samples_failed} failed, "
+            f"{summary.shards_done_now} shard(s) encoded in {summary.seconds:.1f} s "
+            f"({summary.images_per_second:.2f} img/s)"
+        )
+    if summary.shards_failed:
+        print(f"latentize: {summary.shards_failed} shard(s) could not be read to the end; see the markers in "
+              f"{summary.output}/_shards and rerun with --retry-failed")
+    print(f"latentize: latents in {summary.output}")
+    return 0 if summary.complete else 1
+
+
+def encode_main(argv: Sequence[str] | None = None, *, prog: str = "encode_laion.py") -> int:
+    """Entry point of ``jobs/encode_laion.py`` (``--config CFG`` form)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Encode image shards into latents on Ray.")
+    _add_encode_args(parser, config_flag=True)
+    args = parser.parse_args(argv)
+    return _guarded(run_encode, args)
+
+
+def _guarded(fn: Any, args: argparse.Namespace) -> int:
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        return fn(args)
+    except LatentizeError as exc:
+        print(f"latentize: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``latentize`` console script."""
+    parser = argparse.ArgumentParser(prog="latentize", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode", help="encode image shards into latents (no config: the demo)")
+    _add_encode_args(enc, config_flag=False)
+    enc.set_defaults(fn=run_encode)
+    args = parser.parse_args(argv)
+    return _guarded(args.fn, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""The typed configuration tree: YAML in, ``--set dotted.key=value`` overrides, validated.
+
+One :class:`Config` describes a whole run. It is loaded from YAML with :func:`load_config`;
+every key is checked against the dataclass fields below, so an unknown key or a value of the
+wrong type fails at start with the key's full path (``encoder.batchsize: unknown key``). The
+resolved config (defaults filled in, secrets redacted) is written into the run's manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from latentize.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "EncoderConfig",
+    "InputConfig",
+    "OutputConfig",
+    "PreprocessConfig",
+    "RayConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "fingerprint",
+    "load_config",
+    "redact",
+]
+
+#: Pillow's own hard limit (twice ``Image.MAX_IMAGE_PIXELS``): larger images are refused as
+#: decompression bombs before they are decoded.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+@dataclass
+class InputConfig:
+    """Where the image shards are and how to read them.
+
+    ``urls`` takes one string or a list; each may be a local path or any fsspec URL, with globs
+    (``s3://b/shards/*.tar``) and brace ranges (``{00000..00099}``).
+    """
+
+    urls: Union[str, list[str]] = field(default_factory=list)
+    #: ``webdataset`` or ``parquet``; ``None`` infers it from the URLs' extensions.
+    format: Union[str, None] = None
+    #: WebDataset: member suffixes tried in order (``"jpg;png;webp"``); Parquet: the column.
+    image_field: str = "jpg"
+    #: Parquet: the column holding the sample key (WebDataset keys come from member names).
+    key_field: str = "key"
+    #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none.
+    caption_field: Union[str, None] = "txt"
+    #: WebDataset member suffix or Parquet column carried through as raw ``json`` text.
+    json_field: Union[str, None] = "json"
+    #: Passed to fsspec when opening the shards (credentials, endpoint_url, ...).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: Samples per block emitted by a read task; bounds read-side memory.
+    rows_per_block: int = 64
+
+
+@dataclass
+class PreprocessConfig:
+    """Decode, resize and crop.
+
+    ``resolution`` is one int (square) or ``[width, height]``.
+    """
+
+    resolution: Union[int, list[int]] = 256
+    #: ``center``, ``random`` (seeded per key) or ``none`` (resize to exactly the resolution).
+    crop: str = "center"
+    #: Seed of the ``random`` crop; the offset depends on this seed and the key only.
+    seed: int = 0
+    #: Images with more pixels are refused as decompression bombs; null disables the check.
+    max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of the crop."""
+        res = self.resolution
+        if isinstance(res, int):
+            return (res, res)
+        return (int(res[0]), int(res[1]))
+
+
+@dataclass
+class EncoderConfig:
+    """Which autoencoder, and what to store from it."""
+
+    #: ``kl`` (AutoencoderKL latents) or ``vq`` (VQModel codebook indices).
+    type: str = "kl"
+    #: Hub id or local diffusers folder.
+    model: str = "stabilityai/sd-vae-ft-mse"
+    subfolder: Union[str, None] = None
+    revision: Union[str, None] = None
+    #: ``mode`` (posterior mean), ``sample`` (seeded per key) or ``moments`` (raw mean, logvar).
+    sample: str = "mode"
+    #: Compute dtype on the device: ``float32``, ``float16`` or ``bfloat16``.
+    dtype: str = "float32"
+    #: Images per encoder call (also the Ray batch size of the encoder actors).
+    batch_size: int = 16
+    #: Seed of ``sample`` mode noise; the noise depends on this seed and the key only.
+    seed: int = 0
+    #: null: take the model config's value.
+    scaling_factor: Union[float, None] = None
+    #: null: take the model config's value (0 when it has none).
+    shift_factor: Union[float, None] = None
+    #: ``cuda``, ``cpu`` or null (CUDA when present).
+    device: Union[str, None] = None
+
+
+@dataclass
+class OutputConfig:
+    """Where and how the latents are written."""
+
+    path: str = ""
+    #: ``parquet`` or ``webdataset``.
+    format: str = "parquet"
+    #: Storage dtype of latents: ``float16`` or ``float32`` (VQ indices pick their own).
+    dtype: str = "float16"
+    #: Passed to fsspec when writing (credentials, endpoint_url, ...).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: Parquet compression codec.
+    compression: str = "zstd"
+
+
+@dataclass
+class RayConfig:
+    """How the job runs on Ray."""
+
+    #: null: connect to the cluster of ``ray job submit`` / RAY_ADDRESS, else start local Ray.
+    address: Union[str, None] = None
+    #: Encoder actors (one model replica each); on a GPU cluster, usually the number of GPUs.
+    actors: int = 1
+    gpus_per_actor: float = 1.0
+    #: Shards committed in parallel by the driver's commit tasks.
+    commit_parallelism: int = 4
+
+
+@dataclass
+class Config:
+    """One run of latentize."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# Choices checked at load time; the components themselves are looked up in registries later.
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "input.format": (None, "webdataset", "parquet"),
+    "preprocess.crop": ("center", "random", "none"),
+    "encoder.type": ("kl", "vq"),
+    "encoder.sample": ("mode", "sample", "moments"),
+    "encoder.dtype": ("float32", "float16", "bfloat16"),
+    "encoder.device": (None, "cuda", "cpu"),
+    "output.format": ("parquet", "webdataset"),
+    "output.dtype": ("float16", "float32"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{key_path}: unknown key (valid keys here: {', '.join(fields)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, key_path)
+        else:
+            kwargs[key] = _coerce(value, tp, key_path)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    flat = config_to_dict(cfg)
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = flat[section][key]
+        if value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{dotted}: {value!r} is not one of: {shown}")
+    res = cfg.preprocess.resolution
+    if isinstance(res, list) and len(res) != 2:
+        raise ConfigError("preprocess.resolution: give one int or [width, height]")
+    if min(cfg.preprocess.size) < 8:
+        raise ConfigError("preprocess.resolution: must be at least 8 pixels per side")
+    if cfg.encoder.batch_size < 1:
+        raise ConfigError("encoder.batch_size: must be >= 1")
+    if cfg.ray.actors < 1:
+        raise ConfigError("ray.actors: must be >= 1")
+    if cfg.input.rows_per_block < 1:
+        raise ConfigError("input.rows_per_block: must be >= 1")
+    if cfg.encoder.type == "vq" and cfg.encoder.sample != "mode":
+        raise ConfigError(
+            "encoder.sample: VQ encoders store codebook indices; only 'mode' applies "
+            f"(got {cfg.encoder.sample!r})"
+        )
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Builds and validates a :class:`Config` from plain data (a parsed YAML document)."""
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (a deep copy), in field order."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: empty key")
+    # YAML parses the value so that `--set encoder.batch_size=64` is an int and
+    # `--set preprocess.resolution=[512,768]` a list, exactly as in the file.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``dotted.key=value`` overrides to plain config data; returns a new dict."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(
+    path: Union[str, Path, None] = None,
+    overrides: Union[list[str], None] = None,
+    *,
+    base: Union[Mapping[str, Any], None] = None,
+) -> Config:
+    """Loads a YAML config file (or ``base`` data), applies ``--set`` overrides, validates.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key or wrong type.
+    """
+    data: dict[str, Any] = copy.deepcopy(dict(base)) if base is not None else {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data.update(loaded or {})
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+_SECRET_HINTS = ("key", "secret", "token", "password", "passwd", "credential", "session", "auth")
+
+
+def redact(value: Any) -> Any:
+    """Deep copy of ``value`` with secret-looking mapping values replaced by ``"***"``.
+
+    Used on everything that leaves the driver in text: manifest, markers, logs.
+    """
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            lowered = str(k).lower()
+            if any(h in lowered for h in _SECRET_HINTS) and not isinstance(v, Mapping):
+                out[k] = "***" if v is not None else None
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def fingerprint(cfg: Config) -> str:
+    """Hash of everything that changes the bytes written (not paths, credentials or Ray sizing).
+
+    Two runs with equal fingerprints produce identical data rows for the same input, so a
+    rerun into the same output may resume; a different fingerprint is refused there.
+    """
+    data = config_to_dict(cfg)
+    relevant = {
+        "input": {k: v for k, v in data["input"].items() if k not in ("storage_options", "rows_per_block")},
+        "preprocess": data["preprocess"],
+        "encoder": {k: v for k, v in data["encoder"].items() if k not in ("batch_size", "device")},
+        "output": {k: v for k, v in data["output"].items() if k not in ("path", "storage_options")},
+    }
+    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

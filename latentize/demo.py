@@ -1,0 +1,349 @@
+"""Sample shards built from real photos, shared by the demo and the tests.
+
+The photos are the ones shipped inside scikit-image (``skimage/data``) and scikit-learn
+(``sklearn/datasets/images``): real images of many sizes and modes (RGB, grayscale, RGBA) that
+need no download. Both packages are optional (``pip install 'latentize[demo]'``) and imported
+only when a photo is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable
+
+import fsspec
+from PIL import Image, ImageOps
+
+from latentize.errors import ConfigError, LatentizeError
+
+__all__ = [
+    "ShardSample",
+    "build_demo_shards",
+    "corrupt_samples",
+    "photo_images",
+    "photo_samples",
+    "write_parquet_shard",
+    "write_webdataset_shard",
+]
+
+logger = logging.getLogger(__name__)
+
+# The real photographs among skimage's bundled files (synthetic ones such as chessboard,
+# phantom or color are left out); whichever exist in the installed version are used.
+_SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "logo.png",
+    "microaneurysms.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "page.png",
+    "retina.jpg",
+    "rocket.jpg",
+    "text.png",
+)
+_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+
+# Fixed tar member mtime (2024-01-01) so the same samples always give byte-identical shards.
+_MTIME = 1_704_067_200
+
+
+@dataclass
+class ShardSample:
+    """One sample to write into a test/demo shard (img2dataset layout).
+
+    ``image=None`` writes no image member (a sample the reader must report as broken).
+    """
+
+    key: str
+    image: bytes | None
+    ext: str = "jpg"
+    caption: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+def _package_files(package: str, names: tuple[str, ...]) -> dict[str, bytes]:
+    try:
+        root = resources.files(package)
+    except ModuleNotFoundError as exc:
+        raise LatentizeError(
+            f"the demo photos need {package.split('.')[0]} ({exc.name} is not installed); "
+            "pip install 'latentize[demo]'"
+        ) from exc
+    out: dict[str, bytes] = {}
+    for name in names:
+        entry = root.joinpath(name)
+        if entry.is_file():
+            out[name.rsplit(".", 1)[0]] = entry.read_bytes()
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _photo_files() -> tuple[tuple[str, bytes], ...]:
+    # File bytes are cached (a few MB), never PIL images: callers may mutate what they get.
+    files = _package_files("skimage.data", _SKIMAGE_PHOTOS)
+    files.update(_package_files("sklearn.datasets.images", _SKLEARN_PHOTOS))
+    if not files:
+        raise LatentizeError(
+            "no demo photos found in scikit-image / scikit-learn; pip install 'latentize[demo]'"
+        )
+    return tuple(sorted(files.items()))
+
+
+def photo_images() -> list[tuple[str, Image.Image]]:
+    """The bundled photos as ``(name, image)`` pairs, sorted by name (the file stem).
+
+    Images keep their own size and mode (``camera`` is grayscale, ``logo`` RGBA).
+
+    Raises:
+        LatentizeError: scikit-image / scikit-learn are not installed.
+    """
+    out = []
+    for name, data in _photo_files():
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            out.append((name, im.copy()))
+    return out
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels hold arbitrary colours; show them on white as a viewer would.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@functools.lru_cache(maxsize=256)
+def _photo_jpeg(name: str, resolution: int | None) -> tuple[bytes, int, int, int, int]:
+    """JPEG bytes, final width/height and original width/height of one photo."""
+    data = dict(_photo_files())[name]
+    with Image.open(io.BytesIO(data)) as im:
+        image = _to_rgb(im)
+    original = image.size
+    if resolution is not None:
+        image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return (buf.getvalue(), image.width, image.height, original[0], original[1])
+
+
+def _key(shard: int, index: int) -> str:
+    # img2dataset's key: shard number (5 digits) then the index inside the shard (4 digits).
+    return f"{shard:05d}{index:04d}"
+
+
+def _meta(key: str, caption: str, name: str, size: tuple[int, int, int, int]) -> dict[str, Any]:
+    width, height, original_width, original_height = size
+    return {
+        "url": f"https://example.com/photos/{name}.jpg",
+        "caption": caption,
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "width": width,
+        "height": height,
+        "original_width": original_width,
+        "original_height": original_height,
+    }
+
+
+def _samples(names: list[str], *, resolution: int | None, shard: int) -> list[ShardSample]:
+    out = []
+    for i, name in enumerate(names):
+        jpeg, *size = _photo_jpeg(name, resolution)
+        key = _key(shard, i)
+        caption = f"a photo: {name.replace('_', ' ')}"
+        out.append(
+            ShardSample(
+                key=key,
+                image=jpeg,
+                ext="jpg",
+                caption=caption,
+                meta=_meta(key, caption, name, tuple(size)),  # type: ignore[arg-type]
+            )
+        )
+    return out
+
+
+def photo_samples(*, resolution: int | None = None, shard: int = 0) -> list[ShardSample]:
+    """One JPEG sample (quality 95, RGB) per bundled photo, img2dataset style.
+
+    Args:
+        resolution: when given, each photo is center-cropped to a square and resized to exactly
+            ``resolution x resolution`` before encoding (for exact-size test inputs).
+        shard: the shard number used in the keys (``f"{shard:05d}{i:04d}"``).
+    """
+    names = [name for name, _ in _photo_files()]
+    return _samples(names, resolution=resolution, shard=shard)
+
+
+def corrupt_samples(*, shard: int = 0) -> list[ShardSample]:
+    """Three broken images: a truncated JPEG (60 % of a real one), zero bytes, HTML as ``.jpg``.
+
+    Keys continue after :func:`photo_samples`' keys of the same shard, so both lists can go
+    into one shard.
+    """
+    names = [name for name, _ in _photo_files()]
+    start = len(names)
+    jpeg = _photo_jpeg(names[0], None)[0]
+    html = (
+        b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
+        b"<body><h1>Not Found</h1></body></html>\n"
+    )
+    broken = [
+        ("truncated jpeg", jpeg[: int(len(jpeg) * 0.6)]),
+        ("empty file", b""),
+        ("html page", html),
+    ]
+    out = []
+    for i, (what, data) in enumerate(broken, start=start):
+        key = _key(shard, i)
+        caption = f"a broken image: {what}"
+        meta = {
+            "url": f"https://example.com/broken/{what.replace(' ', '_')}.jpg",
+            "caption": caption,
+            "key": key,
+            "status": "success",
+            "error_message": None,
+        }
+        out.append(ShardSample(key=key, image=data, ext="jpg", caption=caption, meta=meta))
+    return out
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, ensure_ascii=False).encode("utf-8")
+
+
+def write_webdataset_shard(
+    path: str, samples: list[ShardSample], *, storage_options: dict[str, Any] | None = None
+) -> str:
+    """Writes ``samples`` as a WebDataset tar (``KEY.<ext>``, ``KEY.txt``, ``KEY.json``).
+
+    ``path`` is any fsspec URL; a ``.tar.gz`` / ``.tgz`` path is gzip-compressed. Members have
+    a fixed mtime, so equal samples give identical bytes (plain tar). Returns ``path``.
+    """
+    # Imported here: importing webdataset pulls in its whole pipeline stack.
+    from webdataset import TarWriter
+
+    compress = path.lower().endswith((".gz", ".tgz"))
+    with fsspec.open(path, "wb", **(storage_options or {})) as f:
+        # TarWriter takes any writable file object (it only hands it to tarfile); encoder=False
+        # because every value is given as bytes already.
+        with TarWriter(f, encoder=False, compress=compress, mtime=_MTIME) as writer:
+            for sample in samples:
+                record: dict[str, Any] = {"__key__": sample.key}
+                if sample.image is not None:
+                    record[sample.ext] = sample.image
+                if sample.caption is not None:
+                    record["txt"] = sample.caption.encode("utf-8")
+                if sample.meta is not None:
+                    record["json"] = _meta_bytes(sample.meta)
+                writer.write(record)
+    logger.debug("wrote %d samples to %s", len(samples), path)
+    return path
+
+
+def write_parquet_shard(
+    path: str, samples: list[ShardSample], *, storage_options: dict[str, Any] | None = None
+) -> str:
+    """Writes ``samples`` in img2dataset's parquet layout: ``key``, ``jpg``, ``txt``, ``json``.
+
+    The image bytes go to the ``jpg`` column whatever their ``ext``. Returns ``path``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "key": pa.array([s.key for s in samples], pa.string()),
+            "jpg": pa.array([s.image for s in samples], pa.binary()),
+            "txt": pa.array([s.caption for s in samples], pa.string()),
+            "json": pa.array(
+                [None if s.meta is None else _meta_bytes(s.meta).decode("utf-8") for s in samples],
+                pa.string(),
+            ),
+        }
+    )
+    with fsspec.open(path, "wb", **(storage_options or {})) as f:
+        pq.write_table(table, f)
+    logger.debug("wrote %d samples to %s", len(samples), path)
+    return path
+
+
+_ShardWriter = Callable[..., str]
+# Output extension and writer per demo shard format.
+_DEMO_FORMATS: dict[str, tuple[str, _ShardWriter]] = {
+    "webdataset": (".tar", write_webdataset_shard),
+    "parquet": (".parquet", write_parquet_shard),
+}
+
+
+def build_demo_shards(
+    out_dir: str,
+    *,
+    shards: int = 2,
+    fmt: str = "webdataset",
+    resolution: int | None = None,
+    include_corrupt: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Splits the bundled photos over ``shards`` shards ``00000.tar``, ``00001.tar``, ... .
+
+    Shards are written under ``out_dir`` (created; any fsspec URL) and rewritten when present.
+    Keys follow img2dataset (``f"{shard:05d}{i:04d}"``, ``i`` counting inside each shard).
+
+    Args:
+        shards: how many shards (the photos are split in contiguous, near-equal parts).
+        fmt: ``webdataset`` (``.tar``) or ``parquet`` (``.parquet``).
+        resolution: see :func:`photo_samples`.
+        include_corrupt: also append :func:`corrupt_samples` to the last shard.
+
+    Returns:
+        The shard URLs, in order.
+    """
+    if fmt not in _DEMO_FORMATS:
+        valid = ", ".join(sorted(_DEMO_FORMATS))
+        raise ConfigError(f"demo shard format {fmt!r}: valid values: {valid}")
+    names = [name for name, _ in _photo_files()]
+    if not 1 <= shards <= len(names):
+        raise ConfigError(f"demo shards: between 1 and {len(names)} (one photo per shard at least)")
+    suffix, write = _DEMO_FORMATS[fmt]
+    fs, root = fsspec.core.url_to_fs(out_dir, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    urls = []
+    per, extra = divmod(len(names), shards)
+    start = 0
+    for shard in range(shards):
+        count = per + (1 if shard < extra else 0)
+        samples = _samples(names[start : start + count], resolution=resolution, shard=shard)
+        start += count
+        if include_corrupt and shard == shards - 1:
+            broken = corrupt_samples(shard=shard)
+            for offset, sample in enumerate(broken, start=len(samples)):
+                # Renumber so the keys continue right after this shard's photos.
+                sample.key = _key(shard, offset)
+                if sample.meta is not None:
+                    sample.meta["key"] = sample.key
+            samples += broken
+        url = f"{out_dir.rstrip('/')}/{shard:05d}{suffix}"
+        urls.append(write(url, samples, storage_options=storage_options))
+    logger.info("wrote %d demo %s shard(s) under %s", shards, fmt, out_dir)
+    return urls

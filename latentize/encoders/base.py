@@ -1,0 +1,332 @@
+"""What every encoder shares: model resolution, device and dtype, chunked OOM-safe encoding.
+
+An encoder lives in two places:
+
+* on the driver, :meth:`TorchEncoder.inspect` reads only the model's *config* (no weights) and
+  returns an :class:`EncoderSpec`: output columns, constants, identity. This fails fast on a bad
+  model id before any Ray work starts, and feeds the manifest.
+* in each Ray actor, the encoder instance holds the weights on the device and turns uint8 pixel
+  batches into output arrays with :meth:`TorchEncoder.encode`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from latentize.config import Config
+from latentize.errors import LatentizeError
+from latentize.registry import Registry
+
+__all__ = [
+    "ENCODERS",
+    "EncodeResult",
+    "EncoderSpec",
+    "TorchEncoder",
+    "load_model_config",
+    "pick_device",
+    "stable_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Encoder classes by ``encoder.type``.
+ENCODERS: Registry[type["TorchEncoder"]] = Registry("encoder type", config_key="encoder.type")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def stable_seed(seed: int, key: str) -> int:
+    """A 63-bit seed that depends only on ``seed`` and ``key`` (not on process or batch).
+
+    Python's ``hash()`` is salted per process, so it cannot be used for reproducible noise.
+    """
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """``cuda`` when present (or when asked), else ``cpu``."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise LatentizeError("encoder.device is 'cuda' but no CUDA device is visible to this actor")
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _is_local(model: str) -> bool:
+    return Path(model).expanduser().exists()
+
+
+def load_model_config(model_cls: Any, model: str, *, subfolder: str | None, revision: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Loads a diffusers model config (no weights) from a local folder or a hub id.
+
+    Returns ``(config, identity)``; identity holds what names the weights (model, subfolder,
+    revision, resolved commit, sha256 of a local weights file).
+
+    The hub is used only when the local Hugging Face cache lacks the config; when it is
+    unreachable this raises at once (one connect attempt) instead of retrying for half a minute.
+    """
+    identity: dict[str, Any] = {"model": model, "subfolder": subfolder, "revision": revision}
+    if _is_local(model):
+        folder = Path(model).expanduser() / (subfolder or "")
+        if not (folder / "config.json").exists():
+            raise LatentizeError(
+                f"encoder.model: {folder} has no config.json; give a diffusers model folder "
+                "(saved with save_pretrained) or a hub id"
+            )
+        config = model_cls.load_config(str(Path(model).expanduser()), subfolder=subfolder)
+        for name in _WEIGHT_FILES:
+            if (folder / name).exists():
+                identity["weights_file"] = name
+                identity["sha256"] = _sha256(folder / name)
+                break
+        return dict(config), identity
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg_name = f"{subfolder}/config.json" if subfolder else "config.json"
+    cached = try_to_load_from_cache(model, cfg_name, revision=revision)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    local_only = isinstance(cached, str)
+    if not local_only and (offline or not _hub_reachable()):
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        raise LatentizeError(
+            f"encoder.model: {model!r} is not in the local Hugging Face cache and {why}. "
+            "Point the encoder at a local diffusers model folder instead, e.g. "
+            "--set encoder.model=/path/to/vae (a folder with config.json and "
+            "diffusion_pytorch_model.safetensors; add --set encoder.subfolder=vae for a "
+            "pipeline folder), or download it first on a machine with network access."
+        )
+    try:
+        config = model_cls.load_config(
+            model, subfolder=subfolder, revision=revision, local_files_only=local_only
+        )
+    except (OSError, ValueError) as exc:
+        raise LatentizeError(f"encoder.model: cannot load the config of {model!r}: {exc}") from None
+    if local_only:
+        # The snapshot folder is named after the resolved commit: the exact weights' identity.
+        parts = Path(cached).parts
+        if "snapshots" in parts:
+            identity["commit"] = parts[parts.index("snapshots") + 1]
+    return dict(config), identity
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder will produce, known on the driver before any weights are loaded.
+
+    Attributes:
+        columns: output column name -> (per-sample shape, numpy dtype name) as *stored*.
+        constants: normalisation constants applied (or, for ``moments``, to apply later).
+        identity: model id, subfolder, revision, resolved commit / sha256 of the weights.
+        model_class: the diffusers class name.
+        input_range: pixel range fed to the encoder, e.g. ``"[-1, 1]"``.
+    """
+
+    type: str
+    model_class: str
+    columns: dict[str, tuple[tuple[int, ...], str]]
+    constants: dict[str, Any]
+    identity: dict[str, Any]
+    input_range: str
+    downsample: int
+    latent_channels: int
+    model_config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "model_class": self.model_class,
+            "input_range": self.input_range,
+            "downsample_factor": self.downsample,
+            "latent_channels": self.latent_channels,
+            "constants": self.constants,
+            "identity": self.identity,
+            "columns": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.columns.items()},
+        }
+
+
+@dataclass
+class EncodeResult:
+    """Output of :meth:`TorchEncoder.encode` for N images.
+
+    ``arrays`` hold one array per output column, shape (N, *column shape), in the stored dtype;
+    rows listed in ``errors`` (index -> reason) hold zeros and must become error rows.
+    """
+
+    arrays: dict[str, np.ndarray]
+    errors: dict[int, str]
+    chunk_size: int
+    reencoded_fp32: int
+
+
+class TorchEncoder:
+    """Base class: device handling, uint8 -> float on device, chunking, OOM and NaN policy.
+
+    Subclasses set ``model_cls_name``/``input_range`` and implement :meth:`inspect`,
+    :meth:`_load` and :meth:`_forward`.
+    """
+
+    #: ``"[-1, 1]"`` (Stable Diffusion convention) or ``"[0, 1]"`` (TAESD family).
+    input_range: ClassVar[str] = "[-1, 1]"
+
+    def __init__(self, *, config: Config, spec: EncoderSpec, device: torch.device | None = None) -> None:
+        self.config = config
+        self.spec = spec
+        self.device = device or pick_device(config.encoder.device)
+        dtype = _DTYPES[config.encoder.dtype]
+        if self.device.type == "cpu" and dtype == torch.float16:
+            # Half-precision convolutions are slow or missing on CPU; results would not
+            # improve by it, so compute in float32 there.
+            logger.warning("encoder.dtype float16 is not supported on CPU; computing in float32")
+            dtype = torch.float32
+        self.dtype = dtype
+        model = self._load()  # uses self.dtype
+        self.model = model.to(self.device, dtype=self.dtype).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._model_fp32: torch.nn.Module | None = None
+        self.chunk_size = config.encoder.batch_size
+
+    # -- subclass interface -------------------------------------------------------------
+    @classmethod
+    def inspect(cls, config: Config) -> EncoderSpec:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Encodes ``x`` (n, 3, H, W) in the model's dtype and input range.
+
+        Returns float32 or integer tensors (n, ...) per output column, before storage casting.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- shared machinery ---------------------------------------------------------------
+    def _to_input(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 (n, H, W, 3) on any device -> (n, 3, H, W) ``dtype`` in the encoder's range."""
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        if self.input_range == "[-1, 1]":
+            x = x * 2.0 - 1.0
+        x = x.to(dtype)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.inference_mode()
+    def _run(self, model: torch.nn.Module, dtype: torch.dtype, pixels: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Runs the model over ``pixels`` in chunks; halves the chunk on CUDA OOM and retries."""
+        outputs: list[dict[str, torch.Tensor]] = []
+        start = 0
+        n = pixels.shape[0]
+        while start < n:
+            size = min(self.chunk_size, n - start)
+            try:
+                x = self._to_input(pixels[start : start + size], dtype)
+                out = self._forward(model, x, keys[start : start + size])
+            except torch.cuda.OutOfMemoryError:
+                if self.chunk_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.chunk_size = max(1, self.chunk_size // 2)
+                logger.warning("CUDA out of memory; encoder chunk halved to %d", self.chunk_size)
+                continue
+            outputs.append({k: v.detach().cpu() for k, v in out.items()})
+            start += size
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+
+    def _fp32_model(self) -> torch.nn.Module:
+        if self._model_fp32 is None:
+            import copy
+
+            self._model_fp32 = copy.deepcopy(self.model).to(torch.float32)
+        return self._model_fp32
+
+    def encode(self, pixels: np.ndarray, keys: Sequence[str]) -> EncodeResult:
+        """Encodes uint8 pixels.
+
+        Args:
+            pixels: (N, H, W, 3) uint8, values 0..255 (may be a read-only view).
+            keys: the N sample keys (seed the per-key noise of ``sample`` mode).
+
+        Returns:
+            An :class:`EncodeResult`; samples whose outputs are not finite are re-encoded in
+            float32 once, and become errors if they still are not.
+        """
+        n = len(keys)
+        if n == 0:
+            return EncodeResult(self._empty(0), {}, self.chunk_size, 0)
+        tensor = torch.as_tensor(np.asarray(pixels))
+        out = self._run(self.model, self.dtype, tensor, keys)
+        bad = self._nonfinite(out)
+        reencoded = 0
+        if bad.any() and self.dtype != torch.float32:
+            idx = torch.nonzero(bad).flatten()
+            logger.warning("%d sample(s) gave non-finite latents in %s; re-encoding in float32", len(idx), self.dtype)
+            redo = self._run(self._fp32_model(), torch.float32, tensor[idx], [keys[i] for i in idx.tolist()])
+            for k in out:
+                out[k][idx] = redo[k].to(out[k].dtype)
+            reencoded = len(idx)
+            bad = self._nonfinite(out)
+        errors = {int(i): "non-finite latent values (NaN or Inf) even in float32" for i in torch.nonzero(bad).flatten().tolist()}
+        arrays: dict[str, np.ndarray] = {}
+        for name, (_, dtype) in self.spec.columns.items():
+            value = out[name]
+            if errors:
+                value = value.clone()
+                value[list(errors)] = 0
+            arrays[name] = value.numpy().astype(dtype, copy=False)
+        return EncodeResult(arrays, errors, self.chunk_size, reencoded)
+
+    @staticmethod
+    def _nonfinite(out: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        bad = None
+        for v in out.values():
+            if not v.is_floating_point():
+                continue
+            b = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+            bad = b if bad is None else bad | b
+        if bad is None:
+            first = next(iter(out.values()))
+            bad = torch.zeros(first.shape[0], dtype=torch.bool)
+        return bad
+
+    def _empty(self, n: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros((n, *shape), dtype=dtype) for name, (shape, dtype) in self.spec.columns.items()}

@@ -1,0 +1,141 @@
+"""KL autoencoders (diffusers ``AutoencoderKL``): scaled latents, per-key samples or raw moments.
+
+Semantics follow the Stable Diffusion sources (design.md §2): pixels in [-1, 1]; the posterior
+is a diagonal Gaussian whose ``mode`` is its mean; normalisation is
+``(z - latents_mean) * scaling_factor / latents_std`` when the model config carries
+``latents_mean``/``latents_std`` (Playground v2.5), else ``(z - shift_factor) * scaling_factor``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from latentize.config import Config
+from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, load_model_config, stable_seed
+from latentize.errors import ConfigError
+
+__all__ = ["KLEncoder", "kl_constants"]
+
+logger = logging.getLogger(__name__)
+
+
+def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]:
+    """The normalisation constants to apply: config values override the model config's."""
+    enc = config.encoder
+    scaling = enc.scaling_factor if enc.scaling_factor is not None else model_config.get("scaling_factor")
+    shift = enc.shift_factor if enc.shift_factor is not None else model_config.get("shift_factor")
+    mean = model_config.get("latents_mean")
+    std = model_config.get("latents_std")
+    form = "latents_mean_std" if mean is not None and std is not None else "shift_scale"
+    return {
+        "scaling_factor": float(scaling) if scaling is not None else 1.0,
+        "shift_factor": float(shift) if shift is not None else 0.0,
+        "latents_mean": [float(v) for v in mean] if form == "latents_mean_std" else None,
+        "latents_std": [float(v) for v in std] if form == "latents_mean_std" else None,
+        "formula": (
+            "(z - latents_mean) * scaling_factor / latents_std"
+            if form == "latents_mean_std"
+            else "(z - shift_factor) * scaling_factor"
+        ),
+        # Raw moments are stored unnormalised; readers apply the formula after sampling.
+        "applied": enc.sample != "moments",
+    }
+
+
+def _latent_geometry(model_config: dict[str, Any], config: Config) -> tuple[int, int, int, int]:
+    channels = int(model_config["latent_channels"])
+    factor = 2 ** (len(model_config["block_out_channels"]) - 1)
+    width, height = config.preprocess.size
+    if width % factor or height % factor:
+        raise ConfigError(
+            f"preprocess.resolution: {width}x{height} is not divisible by the model's "
+            f"downsampling factor {factor}"
+        )
+    return channels, factor, height // factor, width // factor
+
+
+@ENCODERS.register("kl")
+class KLEncoder(TorchEncoder):
+    """diffusers ``AutoencoderKL``: ``latent`` (mode / sample) or ``mean`` + ``logvar`` (moments).
+
+    Output columns, per sample: ``latent`` (C, H/f, W/f) or ``mean``/``logvar`` of that shape,
+    stored in ``output.dtype``. ``sample`` noise is drawn per key from ``stable_seed(seed, key)``,
+    so it does not depend on batch composition or on the worker.
+    """
+
+    input_range = "[-1, 1]"
+
+    @classmethod
+    def inspect(cls, config: Config) -> EncoderSpec:
+        from diffusers import AutoencoderKL
+
+        enc = config.encoder
+        model_config, identity = load_model_config(
+            AutoencoderKL, enc.model, subfolder=enc.subfolder, revision=enc.revision
+        )
+        channels, factor, h, w = _latent_geometry(model_config, config)
+        names = ("mean", "logvar") if enc.sample == "moments" else ("latent",)
+        return EncoderSpec(
+            type="kl",
+            model_class="AutoencoderKL",
+            columns={name: ((channels, h, w), config.output.dtype) for name in names},
+            constants=kl_constants(model_config, config),
+            identity=identity,
+            input_range=cls.input_range,
+            downsample=factor,
+            latent_channels=channels,
+            model_config=model_config,
+        )
+
+    def _load(self) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        model = _from_pretrained(AutoencoderKL, self.config, self.dtype)
+        # Encoding never decodes: drop the decoder to halve the actor's weight memory.
+        model.decoder = torch.nn.Identity()
+        c = self.spec.constants
+        self._scale = c["scaling_factor"]
+        self._shift = c["shift_factor"]
+        self._mean = torch.tensor(c["latents_mean"]).view(1, -1, 1, 1) if c["latents_mean"] else None
+        self._std = torch.tensor(c["latents_std"]).view(1, -1, 1, 1) if c["latents_std"] else None
+        return model
+
+    def _noise(self, keys: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+        seed = self.config.encoder.seed
+        gens = [torch.Generator().manual_seed(stable_seed(seed, k)) for k in keys]
+        return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Applies the stored normalisation to raw latents ``z`` (n, C, h, w) float32."""
+        if self._mean is not None:
+            mean = self._mean.to(z.device)
+            std = self._std.to(z.device)
+            return (z - mean) * self._scale / std
+        return (z - self._shift) * self._scale
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        posterior = model.encode(x).latent_dist
+        mean = posterior.mean.float()
+        logvar = posterior.logvar.float()
+        mode = self.config.encoder.sample
+        if mode == "moments":
+            return {"mean": mean, "logvar": logvar}
+        z = mean
+        if mode == "sample":
+            eps = self._noise(keys, tuple(mean.shape[1:])).to(mean.device)
+            z = mean + torch.exp(0.5 * logvar) * eps
+        return {"latent": self.normalize(z)}
+
+
+def _from_pretrained(model_cls: Any, config: Config, dtype: torch.dtype) -> torch.nn.Module:
+    """Loads weights in ``dtype``, from the local Hugging Face cache first, then the hub."""
+    enc = config.encoder
+    kwargs = {"subfolder": enc.subfolder, "revision": enc.revision, "torch_dtype": dtype}
+    try:
+        return model_cls.from_pretrained(enc.model, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        logger.info("%s not fully cached; fetching from the hub", enc.model)
+        return model_cls.from_pretrained(enc.model, **kwargs)

@@ -1,0 +1,72 @@
+"""VQ autoencoders (diffusers ``VQModel``): codebook indices as an h×w grid.
+
+``h = quant_conv(encoder(x))`` is the pre-quantisation latent (what ldm's
+``VQModelInterface.encode`` returns); diffusers' own quantiser picks each position's nearest
+codebook entry, so the stored indices equal ``model.quantize(h)``'s.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from latentize.config import Config
+from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, load_model_config
+from latentize.encoders.kl import _from_pretrained, _latent_geometry
+
+__all__ = ["VQEncoder", "index_dtype"]
+
+
+def index_dtype(codebook_size: int) -> str:
+    """The smallest integer dtype that holds indices ``0 .. codebook_size - 1``."""
+    for dtype in ("uint8", "int16", "int32"):
+        if codebook_size - 1 <= np.iinfo(dtype).max:
+            return dtype
+    return "int64"
+
+
+@ENCODERS.register("vq")
+class VQEncoder(TorchEncoder):
+    """diffusers ``VQModel``: ``indices`` (H/f, W/f) in the smallest integer dtype."""
+
+    input_range = "[-1, 1]"
+
+    @classmethod
+    def inspect(cls, config: Config) -> EncoderSpec:
+        from diffusers import VQModel
+
+        enc = config.encoder
+        model_config, identity = load_model_config(VQModel, enc.model, subfolder=enc.subfolder, revision=enc.revision)
+        channels, factor, h, w = _latent_geometry(model_config, config)
+        codes = int(model_config["num_vq_embeddings"])
+        return EncoderSpec(
+            type="vq",
+            model_class="VQModel",
+            columns={"indices": ((h, w), index_dtype(codes))},
+            constants={"codebook_size": codes, "embed_dim": model_config.get("vq_embed_dim") or channels},
+            identity=identity,
+            input_range=cls.input_range,
+            downsample=factor,
+            latent_channels=channels,
+            model_config=model_config,
+        )
+
+    def _load(self) -> torch.nn.Module:
+        from diffusers import VQModel
+
+        model = _from_pretrained(VQModel, self.config, self.dtype)
+        model.decoder = torch.nn.Identity()
+        return model
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        h = model.encode(x).latents
+        _, _, (_, _, indices) = model.quantize(h)
+        n, _, hh, ww = h.shape
+        # NaN pre-quantisation latents still give an argmin; flag them so they are re-encoded.
+        finite = torch.isfinite(h.reshape(n, -1)).all(dim=1)
+        return {
+            "indices": indices.reshape(n, hh, ww).to(torch.int64),
+            "_finite": torch.where(finite, 0.0, float("nan")).cpu(),
+        }

@@ -1,0 +1,391 @@
+"""Wires the stages onto Ray Data: read -> preprocess (CPU tasks) -> encode (actor pool) -> stage
+(tasks) -> commit (driver-tracked tasks).
+
+Everything that can be checked before Ray starts is checked first (model config, input URLs,
+output root, config fingerprint), so that a bad run fails in seconds with a message saying what
+to fix, and a finished run is recognised without starting Ray at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from latentize import __version__
+from latentize.columns import text_column
+from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
+from latentize.encoders import ENCODERS, EncoderSpec
+from latentize.errors import LatentizeError
+from latentize.sinks import SINKS, OutputLayout, ShardTracker, commit_shard, data_folder, stage_batch
+from latentize.sources import SOURCES, expand_urls, infer_format, shard_ids
+
+__all__ = ["EncodeActor", "RunSummary", "plan", "run"]
+
+logger = logging.getLogger(__name__)
+
+#: Rows per staged part; larger parts mean fewer small objects in the staging area.
+STAGE_BATCH_ROWS = 512
+#: Seconds between progress lines.
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class RunSummary:
+    """What a run did. ``samples_*`` count the whole output (earlier runs included)."""
+
+    output: str
+    shards_total: int
+    shards_done_now: int
+    shards_failed: int
+    samples_ok: int
+    samples_failed: int
+    samples_now: int
+    seconds: float
+    nothing_to_do: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.samples_now / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_failed == 0
+
+
+@dataclass
+class Plan:
+    """The resolved, checked run: everything known before Ray starts."""
+
+    config: Config
+    spec: EncoderSpec
+    layout: OutputLayout
+    fmt: str
+    shards: list[tuple[str, str]]
+    pending: list[tuple[str, str]]
+    folder: str
+    fingerprint: str
+    manifest: dict[str, Any]
+
+
+def _absolute(url: str) -> str:
+    # Ray workers may run in another working directory (``ray job submit --working-dir``).
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import pyarrow
+    import ray
+    import torch
+
+    return {
+        "latentize": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def _manifest(config: Config, spec: EncoderSpec, fp: str, folder: str, shards: int) -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "fingerprint": fp,
+        "config": redact(config_to_dict(config)),
+        "encoder": spec.to_manifest(),
+        "preprocess": {
+            "size": list(config.preprocess.size),
+            "crop": config.preprocess.crop,
+            "decode": "Pillow, EXIF transpose, RGB (alpha on white)",
+            "resize": "shorter side to the crop, bicubic, antialiased",
+        },
+        "output": {"format": config.output.format, "dtype": config.output.dtype, "data_folders": [folder]},
+        "versions": _versions(),
+        "status": "running",
+        "shards": {"total": shards},
+    }
+
+
+def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False) -> Plan:
+    """Checks the run and works out which shards are left to do. Starts no Ray.
+
+    Raises:
+        LatentizeError: model, input or output problems, or a different run in the output root.
+    """
+    spec = ENCODERS.get(config.encoder.type).inspect(config)
+    sink = SINKS.get(config.output.format)
+    urls = [_absolute(u) for u in expand_urls(config.input.urls, storage_options=config.input.storage_options)]
+    fmt = config.input.format or infer_format(urls)
+    SOURCES.get(fmt)
+    shards = list(zip(urls, shard_ids(urls)))
+    layout = OutputLayout(config.output.path, storage_options=config.output.storage_options)
+    folder = data_folder(config.preprocess.size)
+    fp = fingerprint(config)
+
+    existing = layout.read_manifest()
+    if existing is None:
+        leftovers = layout.entries()
+        if leftovers:
+            raise LatentizeError(
+                f"output.path {layout.url} is not empty and holds no latentize run "
+                f"(found: {', '.join(leftovers[:5])}); choose an empty or new folder"
+            )
+    elif existing.get("fingerprint") != fp:
+        if not overwrite:
+            raise LatentizeError(
+                f"output.path {layout.url} holds a run made with a different configuration "
+                f"(fingerprint {existing.get('fingerprint')} there, {fp} now). Rerun with "
+                "--overwrite to replace it, or choose another output.path"
+            )
+        logger.warning("--overwrite: removing the earlier run in %s", layout.url)
+        layout.remove([layout.join(name) for name in layout.entries()])
+        existing = None
+
+    markers = layout.read_markers() if existing is not None else {}
+    done = {
+        shard
+        for shard, marker in markers.items()
+        if marker.get("fingerprint") == fp and (marker.get("status") == "ok" or not retry_failed)
+    }
+    pending = [(url, shard) for url, shard in shards if shard not in done]
+    manifest = existing or _manifest(config, spec, fp, folder, len(shards))
+    del sink
+    return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest)
+
+
+class EncodeActor:
+    """Ray actor body: holds one encoder replica; encodes the valid rows of each batch.
+
+    Rows that are sentinels or already errors pass through with zero tensors; samples the
+    encoder rejects (non-finite even in float32) become ``encode`` error rows.
+    """
+
+    def __init__(self, *, config: dict[str, Any], spec: EncoderSpec) -> None:
+        from latentize.encoders import ENCODERS
+
+        cfg = config_from_dict(config)
+        self.spec = spec
+        self.encoder = ENCODERS.get(cfg.encoder.type)(config=cfg, spec=spec)
+        logger.info("encoder actor ready on %s (%s)", self.encoder.device, self.encoder.dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        errors = text_column(batch["error"], n)
+        stages = text_column(batch["stage"], n)
+        valid = (np.asarray(batch["total"]) < 0) & np.array([e is None for e in errors], dtype=bool)
+        rows = np.flatnonzero(valid)
+        keys = [str(k) for k in np.asarray(batch["key"], dtype=object)[rows]]
+        with warnings.catch_warnings():
+            # Batches are read-only zero-copy views; the encoder never writes into them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            result = self.encoder.encode(np.asarray(batch["pixels"])[rows], keys)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        for name, (shape, dtype) in self.spec.columns.items():
+            column = np.zeros((n, *shape), dtype=dtype)
+            column[rows] = result.arrays[name]
+            out[name] = column
+        for pos, reason in result.errors.items():
+            errors[rows[pos]] = reason
+            stages[rows[pos]] = "encode"
+        out["error"] = errors
+        out["stage"] = stages
+        return out
+
+
+def _init_ray(config: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # address None: inside `ray job submit` RAY_ADDRESS points at the cluster, else local Ray.
+    ray.init(address=config.ray.address)
+
+
+def _encoder_resources(config: Config) -> tuple[dict[str, Any], int]:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0)
+    per_actor = config.ray.gpus_per_actor
+    actors = config.ray.actors
+    if per_actor > 0 and gpus >= per_actor:
+        fit = int(gpus // per_actor)
+        if actors > fit:
+            logger.warning("ray.actors=%d but the cluster has GPUs for %d; using %d", actors, fit, fit)
+            actors = fit
+        # num_cpus=0: Ray 2.60 would otherwise reserve a CPU per GPU actor, starving decode.
+        return {"num_gpus": per_actor, "num_cpus": 0}, actors
+    cpus = int(resources.get("CPU", 1))
+    logger.warning(
+        "no GPU in the Ray cluster (GPU=%s): encoder actors run on CPU; this is slow for real models",
+        gpus,
+    )
+    fit = max(1, cpus - 1)
+    if actors > fit:
+        logger.warning("ray.actors=%d but only %d CPU(s) are free for CPU encoders; using %d", actors, fit, fit)
+        actors = fit
+    return {"num_gpus": 0, "num_cpus": 1}, actors
+
+
+def _spread() -> dict[str, Any]:
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def _build_dataset(p: Plan) -> Any:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from latentize.preprocess import preprocess_batch
+    from latentize.sources.datasource import ShardDatasource
+
+    ctx = DataContext.get_current()
+    try:
+        from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
+
+        # Canonical Arrow tensors in flight too (the V2 default needs Ray to read back).
+        ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE
+    except ImportError:  # pragma: no cover - older Ray
+        pass
+    cfg = p.config
+    remote_args, actors = _encoder_resources(cfg)
+    ds = ray.data.read_datasource(
+        ShardDatasource(shards=p.pending, fmt=p.fmt, config=cfg.input),
+        override_num_blocks=len(p.pending),
+    )
+    ds = ds.map_batches(
+        preprocess_batch,
+        fn_kwargs={"config": cfg.preprocess},
+        batch_format="numpy",
+        batch_size=None,
+        # Spread decode over the cluster like the reads it fuses with. Ray never fuses an op
+        # that has a remote-args function, which keeps decode out of the encoder actors.
+        ray_remote_args_fn=_spread,
+    )
+    ds = ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"config": config_to_dict(cfg), "spec": p.spec},
+        compute=ActorPoolStrategy(size=actors),
+        batch_size=cfg.encoder.batch_size,
+        batch_format="numpy",
+        **remote_args,
+    )
+    return ds.map_batches(
+        stage_batch,
+        fn_kwargs={"layout": p.layout, "tensor_columns": list(p.spec.columns)},
+        batch_format="numpy",
+        batch_size=STAGE_BATCH_ROWS,
+    )
+
+
+def _totals(layout: OutputLayout, shards: list[tuple[str, str]], fp: str) -> tuple[int, int, int, int]:
+    markers = layout.read_markers()
+    ok = failed = committed = failed_shards = 0
+    for _, shard in shards:
+        m = markers.get(shard)
+        if m is None or m.get("fingerprint") != fp:
+            continue
+        committed += 1
+        ok += int(m.get("ok", 0))
+        failed += int(m.get("failed", 0))
+        failed_shards += m.get("status") != "ok"
+    return committed, failed_shards, ok, failed
+
+
+def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) -> RunSummary:
+    """Encodes every pending shard of ``config`` and commits it; returns the run's summary.
+
+    Raises:
+        LatentizeError: the run cannot start (see :func:`plan`).
+    """
+    import ray
+
+    started = time.time()
+    p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
+    layout = p.layout
+    if not p.pending:
+        committed, failed_shards, ok, failed = _totals(layout, p.shards, p.fingerprint)
+        logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), layout.url)
+        return RunSummary(layout.url, len(p.shards), 0, failed_shards, ok, failed, 0, 0.0, True)
+
+    logger.info(
+        "%d of %d shards to encode into %s (%s, %s)",
+        len(p.pending), len(p.shards), layout.url, config.encoder.type, config.encoder.model,
+    )
+    p.manifest["status"] = "running"
+    layout.write_json(layout.manifest_path, p.manifest)
+    extension = SINKS.get(config.output.format).extension
+    for _, shard in p.pending:
+        layout.discard_shard(shard, data_files=[layout.data_path(p.folder, shard, extension)])
+
+    _init_ray(config)
+    ds = _build_dataset(p)
+    urls = dict((shard, url) for url, shard in p.pending)
+    commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+    tracker = ShardTracker()
+    in_flight: list[Any] = []
+    done_now = samples_now = 0
+    last_log = time.time()
+
+    def finish(refs: list[Any]) -> None:
+        nonlocal done_now, samples_now
+        for marker in ray.get(refs):
+            done_now += 1
+            samples_now += marker["samples"]
+            if marker["status"] != "ok":
+                logger.warning("shard %s failed: %s", marker["shard"], marker["error"])
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        shard_errors = text_column(batch["shard_error"], len(batch["shard"]))
+        for i in range(len(batch["shard"])):
+            shard = str(batch["shard"][i])
+            if not tracker.add(
+                shard=shard,
+                part=str(batch["part"][i]),
+                indices=np.asarray(batch["indices"][i]),
+                total=int(batch["total"][i]),
+                shard_error=shard_errors[i],
+            ):
+                continue
+            parts, total, shard_error = tracker.pop(shard)
+            in_flight.append(
+                commit.remote(
+                    layout=layout, shard=shard, url=urls[shard], parts=parts, total=total,
+                    shard_error=shard_error, tensor_columns=list(p.spec.columns), folder=p.folder,
+                    sink_name=config.output.format, compression=config.output.compression,
+                    fingerprint=p.fingerprint,
+                )
+            )
+            if len(in_flight) >= config.ray.commit_parallelism:
+                ready, in_flight = ray.wait(in_flight, num_returns=1)
+                finish(ready)
+        if time.time() - last_log > PROGRESS_EVERY_S:
+            last_log = time.time()
+            elapsed = last_log - started
+            logger.info(
+                "progress: %d/%d shards committed, %d samples, %.1f img/s",
+                done_now, len(p.pending), samples_now, samples_now / max(elapsed, 1e-9),
+            )
+    finish(in_flight)
+    left = tracker.incomplete()
+    if left:
+        # Every shard ends with a sentinel, so this means rows were lost in Ray: never commit.
+        raise LatentizeError(f"the pipeline ended with incomplete shards (rows seen, total): {left}; rerun to redo them")
+
+    if not layout.fs.ls(layout.join("_staging"), detail=False):
+        layout.remove([layout.join("_staging")])
+    seconds = time.time() - started
+    committed, failed_shards, ok, failed = _totals(layout, p.shards, p.fingerprint)
+    p.manifest["status"] = "complete" if committed == len(p.shards) and failed_shards == 0 else "incomplete"
+    p.manifest["shards"] = {"total": len(p.shards), "committed": committed, "failed": failed_shards}
+    p.manifest["samples"] = {"ok": ok, "failed": failed}
+    p.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    layout.write_json(layout.manifest_path, p.manifest)
+    return RunSummary(layout.url, len(p.shards), done_now, failed_shards, ok, failed, samples_now, seconds, False)

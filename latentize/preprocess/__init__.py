@@ -1,0 +1,148 @@
+"""Preprocess stage: encoded image bytes -> fixed-size uint8 RGB pixels.
+
+:func:`preprocess_sample` handles one sample; :func:`preprocess_batch` is the Ray Data batch
+function (``batch_format="numpy"``) that applies it row by row and turns every bad sample into
+an error row instead of failing the task.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from latentize.columns import text_column
+from latentize.config import PreprocessConfig
+from latentize.errors import LatentizeError, SampleError
+from latentize.preprocess.crop import CROPS, Cropped, resize_and_crop
+from latentize.preprocess.decode import decode_image, to_rgb
+
+__all__ = [
+    "CROPS",
+    "Cropped",
+    "decode_image",
+    "preprocess_batch",
+    "preprocess_sample",
+    "resize_and_crop",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess_sample(data: bytes, *, key: str, config: PreprocessConfig) -> Cropped:
+    """Decodes, converts to RGB, resizes and crops one encoded image.
+
+    Args:
+        data: the encoded image file.
+        key: the sample key (seeds the ``random`` crop).
+        config: resolution, crop mode, seed and ``max_pixels``.
+
+    Returns:
+        :class:`Cropped` with ``pixels`` (H, W, 3) uint8 at ``config.size``.
+
+    Raises:
+        SampleError: stage ``decode`` for unreadable data, ``preprocess`` for anything that
+            fails afterwards.
+        LatentizeError: a run-level problem, e.g. an unknown ``preprocess.crop`` (a bad
+            config must stop the run, not turn every row into an error row).
+    """
+    img = decode_image(data, max_pixels=config.max_pixels)
+    try:
+        rgb = to_rgb(img)
+        return resize_and_crop(
+            rgb, size=config.size, crop=config.crop, key=key, seed=config.seed
+        )
+    except (SampleError, LatentizeError):
+        raise
+    except Exception as exc:
+        raise SampleError("preprocess", f"{type(exc).__name__}: {exc}") from None
+
+
+def _as_bytes(value: Any) -> bytes:
+    """Image cell -> bytes; readers may hand over bytes, bytearray, memoryview or uint8 arrays."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    return bytes(value)
+
+
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, config: PreprocessConfig
+) -> dict[str, np.ndarray]:
+    """Ray Data batch function: encoded images in, fixed-size pixels out, one row per row.
+
+    Input columns (all length N): ``key`` (object, str), ``image`` (object, bytes or None),
+    ``error`` and ``stage`` (object, str or None), ``total`` (int64; ``>= 0`` marks an
+    end-of-shard sentinel row, not an image), plus any other columns, passed through.
+    The input arrays are never written to (Ray may hand over read-only zero-copy views).
+
+    Returns:
+        The same columns in the same order minus ``image``, with ``error``/``stage`` as new
+        arrays, plus ``pixels`` (N, H, W, 3) uint8 (zeros where a row has no image) and
+        ``width``, ``height``, ``crop_top``, ``crop_left`` (N,) int32 (``-1`` there).
+        Rows already errored and sentinel rows are passed through untouched; a row that
+        fails here gets ``error`` = the reason and ``stage`` = the failing stage.
+
+    Raises:
+        LatentizeError: only for run-level problems (unknown crop mode), never for a sample.
+    """
+    # Fail the whole task on a config typo up front rather than erroring every row.
+    CROPS.get(config.crop)
+    width_px, height_px = config.size
+    keys = batch["key"]
+    n = len(keys)
+    images = batch["image"]
+    error = text_column(batch.get("error"), n)
+    stage = text_column(batch.get("stage"), n)
+    total = np.asarray(batch["total"]) if "total" in batch else np.full(n, -1, np.int64)
+
+    pixels = np.zeros((n, height_px, width_px, 3), dtype=np.uint8)
+    meta = {
+        name: np.full(n, -1, dtype=np.int32)
+        for name in ("width", "height", "crop_top", "crop_left")
+    }
+
+    failed = 0
+    for i in range(n):
+        if total[i] >= 0 or error[i] is not None:
+            continue
+        key = str(keys[i])
+        try:
+            if images[i] is None:
+                raise SampleError("decode", "no image data in this sample (image is missing)")
+            out = preprocess_sample(_as_bytes(images[i]), key=key, config=config)
+        except SampleError as exc:
+            error[i], stage[i] = exc.message, exc.stage
+            failed += 1
+            logger.debug("sample %s failed in %s: %s", key, exc.stage, exc.message)
+            continue
+        except LatentizeError:
+            raise
+        except Exception as exc:
+            # A bug or an exotic failure in one sample must not take the batch down with it.
+            error[i], stage[i] = f"{type(exc).__name__}: {exc}", "preprocess"
+            failed += 1
+            logger.warning("sample %s: unexpected %s: %s", key, type(exc).__name__, exc)
+            continue
+        pixels[i] = out.pixels
+        meta["width"][i] = out.width
+        meta["height"][i] = out.height
+        meta["crop_top"][i] = out.crop_top
+        meta["crop_left"][i] = out.crop_left
+
+    if failed:
+        logger.debug("preprocess batch: %d of %d rows failed", failed, n)
+
+    result: dict[str, np.ndarray] = {}
+    for name, column in batch.items():
+        if name == "image":
+            continue
+        result[name] = column
+    result["error"] = error
+    result["stage"] = stage
+    result["pixels"] = pixels
+    result.update(meta)
+    return result

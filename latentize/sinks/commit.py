@@ -1,0 +1,252 @@
+"""Exactly-once output: staged parts, a driver-side tracker, and per-shard commits.
+
+Ray Data gives no hook for "all rows of input shard S have been written" (its Datasink sees
+arbitrary blocks, and in 2.60 a FilenameProvider no longer sees the block), so latentize runs
+the classic two-phase protocol itself:
+
+1. **Stage** (Ray tasks, :func:`stage_batch`): each batch of encoded rows is written, per shard,
+   to ``OUT/_staging/<shard>/part-....parquet`` under a name derived from the rows' indices, so a
+   retried task rewrites the same part. Each part reports ``(shard, part, indices)``.
+2. **Track** (driver, :class:`ShardTracker`): a shard is complete once the set of indices seen
+   equals ``range(total)``, ``total`` coming from the shard's end-of-shard sentinel row.
+3. **Commit** (Ray task, :func:`commit_shard`): read the shard's parts, keep each index once,
+   sort by index, write the data file and errors file atomically, write the marker last, drop
+   the staging folder.
+
+A crash at any point leaves either a marker (the shard is done) or no marker (the shard is
+redone from scratch after :meth:`OutputLayout.discard_shard`); nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from latentize.columns import text_column
+from latentize.sinks.base import SINKS, tensor_array
+from latentize.sinks.layout import OutputLayout
+
+__all__ = ["ShardTracker", "commit_shard", "stage_batch", "ERROR_SCHEMA"]
+
+logger = logging.getLogger(__name__)
+
+#: Per-sample columns carried from the source/preprocess stages into the output.
+_PASSTHROUGH: dict[str, pa.DataType] = {
+    "key": pa.string(),
+    "index": pa.int64(),
+    "caption": pa.string(),
+    "json": pa.string(),
+    "error": pa.string(),
+    "stage": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "crop_top": pa.int32(),
+    "crop_left": pa.int32(),
+}
+
+#: Schema of ``OUT/_errors/*.parquet``.
+ERROR_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int64()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def _column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    if pa.types.is_string(dtype):
+        return pa.array(text_column(values, len(values)), type=dtype)
+    return pa.array(np.asarray(values).astype(dtype.to_pandas_dtype()), type=dtype)
+
+
+def stage_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    layout: OutputLayout,
+    tensor_columns: list[str],
+) -> dict[str, np.ndarray]:
+    """Ray map_batches function: stage encoded rows per shard; report parts and sentinels.
+
+    Args:
+        batch: numpy batch with ``shard``, ``index``, ``total`` (>= 0 on end-of-shard sentinel
+            rows), the passthrough columns and the encoder's tensor columns (N, *shape).
+
+    Returns:
+        One row per part or sentinel: ``shard`` (str), ``part`` (str, empty for sentinels),
+        ``indices`` (int64 array of the part's row indices), ``total`` (int64, -1 for parts),
+        ``shard_error`` (str or None: why reading the shard stopped early).
+    """
+    shards = np.asarray(batch["shard"], dtype=object)
+    totals = np.asarray(batch["total"])
+    out: dict[str, list[Any]] = {"shard": [], "part": [], "indices": [], "total": [], "shard_error": []}
+    sentinel = totals >= 0
+    for i in np.flatnonzero(sentinel):
+        out["shard"].append(shards[i])
+        out["part"].append("")
+        out["indices"].append(np.zeros(0, dtype=np.int64))
+        out["total"].append(int(totals[i]))
+        out["shard_error"].append(text_column(batch["error"][i : i + 1], 1)[0])
+    rows = ~sentinel
+    for shard in sorted(set(shards[rows].tolist())):
+        sel = np.flatnonzero(rows & (shards == shard))
+        indices = np.asarray(batch["index"])[sel].astype(np.int64)
+        columns = {name: _column(np.asarray(batch[name])[sel], dtype) for name, dtype in _PASSTHROUGH.items()}
+        for name in tensor_columns:
+            columns[name] = tensor_array(np.asarray(batch[name])[sel])
+        buf = io.BytesIO()
+        pq.write_table(pa.table(columns), buf, compression="zstd")
+        # Named by content (its indices) so a retried task overwrites instead of adding a part.
+        digest = hashlib.sha1(indices.tobytes()).hexdigest()[:12]
+        part = f"{layout.staging_dir(shard)}/part-{int(indices.min()):09d}-{digest}.parquet"
+        layout.write_bytes(part, buf.getvalue())
+        out["shard"].append(shard)
+        out["part"].append(part)
+        out["indices"].append(indices)
+        out["total"].append(-1)
+        out["shard_error"].append(None)
+    result = {k: np.array(v, dtype=object) for k, v in out.items() if k != "total"}
+    result["total"] = np.array(out["total"], dtype=np.int64)
+    return result
+
+
+@dataclass
+class _ShardState:
+    parts: set[str] = field(default_factory=set)
+    indices: set[int] = field(default_factory=set)
+    total: int | None = None
+    error: str | None = None
+
+
+class ShardTracker:
+    """Driver-side bookkeeping: which shards have all their rows staged.
+
+    Duplicated reports (a retried task or actor) are harmless: indices form a set.
+    """
+
+    def __init__(self) -> None:
+        self._shards: dict[str, _ShardState] = {}
+        self._done: set[str] = set()
+
+    def add(self, *, shard: str, part: str, indices: np.ndarray, total: int, shard_error: str | None) -> bool:
+        """Records one report; returns True when ``shard`` has just become complete."""
+        if shard in self._done:
+            # A late duplicate (retried task) of a shard already handed to its commit.
+            return False
+        state = self._shards.setdefault(shard, _ShardState())
+        if part:
+            state.parts.add(part)
+            state.indices.update(int(i) for i in indices)
+        if total >= 0:
+            state.total = total
+            state.error = shard_error
+        return self.complete(shard)
+
+    def complete(self, shard: str) -> bool:
+        state = self._shards.get(shard)
+        if state is None or state.total is None:
+            return False
+        return len(state.indices) == state.total and all(0 <= i < state.total for i in state.indices)
+
+    def pop(self, shard: str) -> tuple[list[str], int, str | None]:
+        """Removes a complete shard's state; returns ``(parts, total, shard_error)``."""
+        state = self._shards.pop(shard)
+        self._done.add(shard)
+        assert state.total is not None
+        return sorted(state.parts), state.total, state.error
+
+    def incomplete(self) -> dict[str, tuple[int, int | None]]:
+        """Shards still open: ``shard -> (rows seen, total or None)``."""
+        return {s: (len(st.indices), st.total) for s, st in self._shards.items()}
+
+
+def commit_shard(
+    *,
+    layout: OutputLayout,
+    shard: str,
+    url: str,
+    parts: list[str],
+    total: int,
+    shard_error: str | None,
+    tensor_columns: list[str],
+    folder: str,
+    sink_name: str,
+    compression: str,
+    fingerprint: str,
+) -> dict[str, Any]:
+    """Merges a complete shard's staged parts into its final files, then writes its marker.
+
+    Returns:
+        The marker: shard, source URL, status (``ok``, or ``failed`` when reading the shard
+        stopped early), samples / ok / failed counts, files written, config fingerprint.
+    """
+    started = time.time()
+    tables = []
+    for part in parts:
+        with layout.fs.open(part, "rb") as f:
+            tables.append(pq.read_table(f))
+    files: list[str] = []
+    n_ok = n_err = 0
+    if tables:
+        table = pa.concat_tables(tables)
+        # Keep each index once (a redone batch may have been staged twice), in input order.
+        order = np.argsort(table.column("index").to_numpy(), kind="stable")
+        table = table.take(pa.array(order))
+        idx = table.column("index").to_numpy()
+        keep = np.ones(len(idx), dtype=bool)
+        keep[1:] = idx[1:] != idx[:-1]
+        table = table.filter(pa.array(keep))
+        if table.num_rows != total:
+            raise RuntimeError(f"shard {shard}: {table.num_rows} staged rows, expected {total}")
+        failed = pc.is_valid(table.column("error"))
+        ok = table.filter(pc.invert(failed))
+        err = table.filter(failed)
+        n_ok, n_err = ok.num_rows, err.num_rows
+        if n_ok:
+            sink = SINKS.get(sink_name)
+            path = layout.data_path(folder, shard, sink.extension)
+            layout.write_bytes(path, sink.serialize(ok, tensor_columns=tensor_columns, compression=compression))
+            files.append(path)
+        if n_err:
+            errors = pa.table(
+                {
+                    "key": err.column("key"),
+                    "shard": pa.array([shard] * n_err, pa.string()),
+                    "index": err.column("index"),
+                    "stage": err.column("stage"),
+                    "error": err.column("error"),
+                },
+                schema=ERROR_SCHEMA,
+            )
+            buf = io.BytesIO()
+            pq.write_table(errors, buf, compression="zstd")
+            path = layout.errors_path(shard)
+            layout.write_bytes(path, buf.getvalue())
+            files.append(path)
+    marker = {
+        "shard": shard,
+        "url": url,
+        "status": "failed" if shard_error else "ok",
+        "error": shard_error,
+        "samples": total,
+        "ok": n_ok,
+        "failed": n_err,
+        "files": [p[len(layout.root) + 1 :] for p in files],
+        "fingerprint": fingerprint,
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    layout.write_json(layout.marker_path(shard), marker)
+    layout.remove([layout.staging_dir(shard)])
+    logger.debug("committed %s (%d ok, %d failed) in %.2fs", shard, n_ok, n_err, time.time() - started)
+    return marker

@@ -1,0 +1,131 @@
+"""Ray Data datasource: one read task per input shard, streaming fixed-schema sample blocks.
+
+Each read task opens its shard through fsspec, runs the format's reader (``SOURCES``) and yields
+Arrow blocks of at most ``input.rows_per_block`` samples (raw image bytes, not decoded: decoding
+is the preprocess stage's job and runs in its own tasks). After the last sample it yields one
+*end-of-shard sentinel* row whose ``total`` is the number of samples read; the commit protocol
+(:mod:`latentize.sinks.commit`) needs it to know when a shard is complete. A shard that cannot be
+read to its end keeps the samples read so far and reports why on the sentinel's ``error``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from latentize.config import InputConfig
+from latentize.errors import ConfigError
+
+__all__ = ["SAMPLE_SCHEMA", "ShardDatasource", "read_shard"]
+
+logger = logging.getLogger(__name__)
+
+#: Schema of every block the datasource yields.
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int64()),
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("json", pa.string()),
+        ("error", pa.string()),
+        ("stage", pa.string()),
+        # -1 on sample rows; the number of samples on the shard's end sentinel row.
+        ("total", pa.int64()),
+    ]
+)
+
+
+def _block(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def read_shard(*, url: str, shard: str, fmt: str, config: InputConfig) -> Iterator[pa.Table]:
+    """Streams one shard as Arrow blocks (see :data:`SAMPLE_SCHEMA`), ending with its sentinel."""
+    from latentize.sources import SOURCES
+
+    reader = SOURCES.get(fmt)
+    rows: list[dict[str, Any]] = []
+    index = 0
+    shard_error = None
+    try:
+        with fsspec.open(url, "rb", **config.storage_options) as f:
+            for sample in reader(f, config=config):
+                rows.append(
+                    {
+                        "key": sample.key,
+                        "shard": shard,
+                        "index": index,
+                        "image": sample.image,
+                        "caption": sample.caption,
+                        "json": sample.json,
+                        "error": sample.error,
+                        "stage": "read" if sample.error else None,
+                        "total": -1,
+                    }
+                )
+                index += 1
+                if len(rows) >= config.rows_per_block:
+                    yield _block(rows)
+                    rows = []
+    except ConfigError:
+        # A config problem (e.g. a missing image column) is the run's, not this shard's.
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure ends this shard, never the job
+        shard_error = f"{type(exc).__name__}: {exc}"
+        logger.warning("shard %s: reading stopped after %d samples: %s", shard, index, shard_error)
+    rows.append(
+        {
+            "key": None,
+            "shard": shard,
+            "index": -1,
+            "image": None,
+            "caption": None,
+            "json": None,
+            "error": shard_error,
+            "stage": "read" if shard_error else None,
+            "total": index,
+        }
+    )
+    yield _block(rows)
+
+
+class ShardDatasource(Datasource):
+    """One :class:`ReadTask` per shard (shards are the unit of commit, so never split).
+
+    Args:
+        shards: ``(url, shard id)`` pairs to read.
+        fmt: the ``input.format`` (a key of ``SOURCES``).
+        config: the input section (reader options, storage options, block size).
+    """
+
+    def __init__(self, *, shards: list[tuple[str, str]], fmt: str, config: InputConfig) -> None:
+        self._shards = shards
+        self._fmt = fmt
+        self._config = config
+
+    def get_name(self) -> str:
+        return f"Shards({self._fmt})"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: Any = None,
+    ) -> list[ReadTask]:
+        tasks = []
+        for url, shard in self._shards:
+            fn = functools.partial(read_shard, url=url, shard=shard, fmt=self._fmt, config=self._config)
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[url])
+            tasks.append(ReadTask(fn, meta, schema=SAMPLE_SCHEMA, per_task_row_limit=per_task_row_limit))
+        return tasks

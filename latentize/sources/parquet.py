@@ -1,0 +1,193 @@
+"""Reader for Parquet shards (img2dataset's parquet output, Hugging Face ``datasets`` exports).
+
+The file is read in record batches of ``input.rows_per_block`` rows and only the needed columns,
+so memory is bounded by one row group's worth of those columns, never the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, BinaryIO, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from latentize.config import InputConfig
+from latentize.errors import ConfigError
+from latentize.sources.base import SOURCES, RawSample
+
+__all__ = ["read_parquet"]
+
+logger = logging.getLogger(__name__)
+
+# One warning per process and message: a run reads thousands of shards with the same schema.
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+# Converts one column of a record batch to Python values, chosen once per file from its type.
+_Column = Callable[[pa.Array], list[Any]]
+
+
+def _warn_once(message: str) -> None:
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    logger.warning(message)
+
+
+def _is_binary(tp: pa.DataType) -> bool:
+    # The *_view types only exist in newer pyarrow releases.
+    view = getattr(pa.types, "is_binary_view", lambda _: False)
+    return (
+        pa.types.is_binary(tp)
+        or pa.types.is_large_binary(tp)
+        or pa.types.is_fixed_size_binary(tp)
+        or view(tp)
+    )
+
+
+def _is_string(tp: pa.DataType) -> bool:
+    view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(tp) or pa.types.is_large_string(tp) or view(tp)
+
+
+def _image_column(field: pa.Field, available: list[str]) -> tuple[_Column, _Column | None]:
+    """Getters for the image bytes and (for HF Image structs) the ``path`` of each row."""
+    tp = field.type
+    if _is_binary(tp):
+        return (lambda arr: arr.to_pylist()), None
+    if pa.types.is_struct(tp) and tp.get_field_index("bytes") >= 0 and _is_binary(
+        tp.field("bytes").type
+    ):
+        has_path = tp.get_field_index("path") >= 0
+        # pc.struct_field (unlike StructArray.field) keeps the struct's own nulls.
+        return (
+            lambda arr: pc.struct_field(arr, "bytes").to_pylist(),
+            (lambda arr: pc.struct_field(arr, "path").to_pylist()) if has_path else None,
+        )
+    raise ConfigError(
+        f"input.image_field: column {field.name!r} has type {tp}; expected binary image bytes "
+        "or a struct with a 'bytes' field (Hugging Face Image); available columns: "
+        + ", ".join(available)
+    )
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _text_column(tp: pa.DataType) -> _Column:
+    if _is_string(tp):
+        return lambda arr: arr.to_pylist()
+    return lambda arr: [_as_text(v) for v in arr.to_pylist()]
+
+
+def _json_value(value: Any, *, is_map: bool) -> str | None:
+    if value is None:
+        return None
+    if is_map:
+        # Arrow maps come back as lists of (key, value) pairs.
+        value = dict(value)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _json_column(tp: pa.DataType) -> _Column:
+    if _is_string(tp) or _is_binary(tp):
+        return _text_column(tp)
+    is_map = pa.types.is_map(tp)
+    return lambda arr: [_json_value(v, is_map=is_map) for v in arr.to_pylist()]
+
+
+def _optional(name: str | None, schema: pa.Schema, what: str) -> str | None:
+    if not name:
+        return None
+    if name in schema.names:
+        return name
+    _warn_once(
+        f"input.{what}: column {name!r} is not in the parquet file (columns: "
+        f"{', '.join(schema.names)}); carrying no {what.removesuffix('_field')}"
+    )
+    return None
+
+
+@SOURCES.register("parquet")
+def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSample]:
+    """Streams the rows of one Parquet shard as :class:`RawSample` records.
+
+    The image column (``config.image_field``) may be binary or a Hugging Face Image struct
+    (``{bytes, path}``). Keys come from ``config.key_field``; without that column a row's key is
+    its index in the file (``000000042``). Missing caption / json columns give ``None``.
+
+    Raises:
+        ConfigError: the image column is missing or not binary (lists the available columns).
+        pyarrow.ArrowInvalid: not a Parquet file, or a damaged one; raised after the rows
+            read before the damage were yielded.
+    """
+    # pre_buffer (on by default) coalesces the reads of *all* row groups that iter_batches
+    # will visit into one up-front read: the whole file in memory. Off, each row group's
+    # column chunks are read when their batches are reached.
+    pf = pq.ParquetFile(fileobj, pre_buffer=False)
+    schema = pf.schema_arrow
+    available = list(schema.names)
+    if config.image_field not in available:
+        raise ConfigError(
+            f"input.image_field: no column {config.image_field!r} in the parquet file; "
+            f"available columns: {', '.join(available)}"
+        )
+    get_image, get_path = _image_column(schema.field(config.image_field), available)
+
+    key_col = config.key_field if config.key_field in available else None
+    if key_col is None:
+        _warn_once(
+            f"input.key_field: no column {config.key_field!r} in the parquet file (columns: "
+            f"{', '.join(available)}); using each row's index in its file as the key"
+        )
+    caption_col = _optional(config.caption_field, schema, "caption_field")
+    json_col = _optional(config.json_field, schema, "json_field")
+    # (column, getter) per output field; None: the field is None on every row.
+    readers: dict[str, tuple[str, _Column] | None] = {
+        "image": (config.image_field, get_image),
+        "path": (config.image_field, get_path) if get_path else None,
+        "key": (key_col, _text_column(schema.field(key_col).type)) if key_col else None,
+        "caption": (
+            (caption_col, _text_column(schema.field(caption_col).type)) if caption_col else None
+        ),
+        "json": (json_col, _json_column(schema.field(json_col).type)) if json_col else None,
+    }
+    columns = list(dict.fromkeys(spec[0] for spec in readers.values() if spec))
+
+    row = 0
+    for batch in pf.iter_batches(batch_size=config.rows_per_block, columns=columns):
+        n = batch.num_rows
+        values = {
+            field: spec[1](batch.column(spec[0])) if spec else [None] * n
+            for field, spec in readers.items()
+        }
+        images, paths, keys = values["image"], values["path"], values["key"]
+        captions, metas = values["caption"], values["json"]
+        for i in range(n):
+            key = keys[i]
+            error: str | None = None
+            if key is None:
+                if key_col is not None:
+                    error = "null key"
+                key = f"{row + i:09d}"
+            image = images[i]
+            if image is None and error is None:
+                error = "null image" + (f" (path only: {paths[i]})" if paths[i] else "")
+            yield RawSample(
+                key=key,
+                image=None if error else image,
+                caption=captions[i],
+                json=metas[i],
+                error=error,
+            )
+        row += n

@@ -1,0 +1,153 @@
+"""Reader for img2dataset-style WebDataset tar shards.
+
+A shard holds members ``KEY.jpg`` (or png, webp, ...), ``KEY.txt``, ``KEY.json``; the members of
+one key are contiguous. The key/extension split is WebDataset's own
+(:func:`webdataset.tariterators.base_plus_ext`: the extension is everything after the first dot
+of the basename), so keys match what any WebDataset pipeline would see.
+
+The tar loop itself is hand-written on :mod:`tarfile` rather than taken from
+``webdataset.tariterators.tar_file_iterator`` / ``group_by_keys`` because this reader needs three
+things they do not give: members we do not use are skipped without being read (while their keys
+still count, so a sample without an image becomes an error row instead of vanishing), duplicate
+keys become error rows instead of exceptions, and a tar cut at a header boundary is detected as
+truncated instead of ending quietly.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import tarfile
+from typing import BinaryIO, Iterator
+
+from webdataset.tariterators import base_plus_ext
+
+from latentize.config import InputConfig
+from latentize.sources.base import SOURCES, RawSample
+
+__all__ = ["read_webdataset"]
+
+logger = logging.getLogger(__name__)
+
+_ORDINALS = {2: "second", 3: "third"}
+
+
+def _suffixes(field: str | None) -> list[str]:
+    if not field:
+        return []
+    return [s.strip().lower().lstrip(".") for s in field.split(";") if s.strip()]
+
+
+def _text(data: bytes | None) -> str | None:
+    # A bad byte in a caption must not cost the sample: keep the text, mark the byte.
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
+class _Sample:
+    """The members of one key collected so far (only the ones the config asks for)."""
+
+    def __init__(self, key: str, occurrence: int) -> None:
+        self.key = key
+        self.occurrence = occurrence
+        self.members: dict[str, bytes] = {}
+        self.found: list[str] = []
+        self.repeated: list[str] = []
+
+    def finish(
+        self, *, image_exts: list[str], caption_ext: str | None, json_ext: str | None
+    ) -> RawSample:
+        caption = _text(self.members.get(caption_ext)) if caption_ext else None
+        meta = _text(self.members.get(json_ext)) if json_ext else None
+        image = next((self.members[e] for e in image_exts if e in self.members), None)
+        error: str | None = None
+        if self.occurrence > 1:
+            nth = _ORDINALS.get(self.occurrence)
+            error = (
+                f"duplicate key in shard: {nth} occurrence"
+                if nth
+                else f"duplicate key in shard: occurrence {self.occurrence}"
+            )
+        elif self.repeated:
+            error = f"duplicate member(s) in sample: {', '.join(sorted(set(self.repeated)))}"
+        elif image is None:
+            found = ", ".join(self.found) or "none"
+            error = f"no image member (expected one of: {', '.join(image_exts)}); found: {found}"
+        if error is not None:
+            image = None
+        return RawSample(key=self.key, image=image, caption=caption, json=meta, error=error)
+
+
+def _check_clean_end(tar: tarfile.TarFile) -> None:
+    """Raises when the archive ended inside a header instead of at its end-of-archive block.
+
+    tarfile (stream mode) ends quietly when the data stops at or inside a member header, so a
+    shard cut at a member boundary would look complete. A proper end is a full 512-byte zero
+    block: the stream then stands one block past the last member's end; a cut one stands short.
+    """
+    consumed = tar.fileobj.tell() - tar.offset  # type: ignore[union-attr]
+    if consumed < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(
+            f"unexpected end of data: the tar ends {consumed} bytes into a member header "
+            "(truncated shard?)"
+        )
+
+
+@SOURCES.register("webdataset")
+def read_webdataset(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSample]:
+    """Streams the samples of one WebDataset tar shard (plain or gzip-compressed).
+
+    Yields one :class:`RawSample` per key, in archive order. ``config.image_field`` lists the
+    image suffixes in order of preference (``"jpg;png;webp"``); ``caption_field`` and
+    ``json_field`` name the text members (``None``: not read). Non-regular members and names
+    starting with ``__`` or ``.`` are skipped; members of other suffixes are skipped unread (so
+    nothing is ever unpickled). A key without an image member, or seen again after other keys,
+    becomes an error row.
+
+    Raises:
+        tarfile.ReadError: not a tar, or truncated; raised after the complete samples before
+            the damage were yielded (the sample being read at that point is not yielded).
+    """
+    image_exts = _suffixes(config.image_field)
+    caption_ext = (_suffixes(config.caption_field) or [None])[0]
+    json_ext = (_suffixes(config.json_field) or [None])[0]
+    wanted = set(image_exts) | {e for e in (caption_ext, json_ext) if e}
+    occurrences: dict[str, int] = {}
+    current: _Sample | None = None
+
+    tar = tarfile.open(fileobj=fileobj, mode="r|*")
+    try:
+        while (info := tar.next()) is not None:
+            # Stream mode still appends every TarInfo to .members; drop them so memory stays
+            # flat over a shard of any size (webdataset does the same).
+            tar.members = []
+            if not info.isreg():
+                continue
+            name = info.name
+            while name.startswith("./"):
+                name = name[2:]
+            if posixpath.basename(name).startswith(("__", ".")):
+                continue
+            key, ext = base_plus_ext(name)
+            if key is None or ext is None:
+                continue  # no extension: not a sample member
+            ext = ext.lower()
+            if current is None or key != current.key:
+                if current is not None:
+                    yield current.finish(
+                        image_exts=image_exts, caption_ext=caption_ext, json_ext=json_ext
+                    )
+                occurrences[key] = occurrences.get(key, 0) + 1
+                current = _Sample(key, occurrences[key])
+            if ext in current.found:
+                current.repeated.append(ext)
+                continue
+            current.found.append(ext)
+            if ext in wanted and current.occurrence == 1:
+                member = tar.extractfile(info)
+                if member is not None:
+                    current.members[ext] = member.read()
+        _check_clean_end(tar)
+    finally:
+        tar.close()
+    if current is not None:
+        yield current.finish(image_exts=image_exts, caption_ext=caption_ext, json_ext=json_ext)

@@ -1,0 +1,629 @@
+"""Tests of latentize.sources (URL expansion, shard naming, readers) and the demo shard writers.
+
+Local files use tmp_path; the S3 tests talk to a real S3 API (moto's server on loopback)
+through s3fs, exactly as a run would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from latentize.config import InputConfig
+from latentize.demo import (
+    ShardSample,
+    build_demo_shards,
+    corrupt_samples,
+    photo_images,
+    photo_samples,
+    write_parquet_shard,
+    write_webdataset_shard,
+)
+from latentize.errors import ConfigError, LatentizeError
+from latentize.sources import SOURCES, RawSample, expand_urls, infer_format, shard_ids
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _touch(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return str(path)
+
+
+def _read(
+    fmt: str, url: str, storage_options: dict[str, Any] | None = None, **cfg: Any
+) -> list[RawSample]:
+    config = InputConfig(**cfg)
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        return list(SOURCES.get(fmt)(f, config=config))
+
+
+def _read_until_error(fmt: str, data: bytes, **cfg: Any) -> tuple[list[RawSample], Exception | None]:
+    out: list[RawSample] = []
+    try:
+        for sample in SOURCES.get(fmt)(io.BytesIO(data), config=InputConfig(**cfg)):
+            out.append(sample)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return out, exc
+    return out, None
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes | None]]) -> bytes:
+    """A tar with exactly these members (None: a directory member)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+class _CountingReader(io.RawIOBase):
+    """A seekable file over bytes that counts how many bytes were read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b: Any) -> int:
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        self.bytes_read += len(data)
+        return len(data)
+
+
+@pytest.fixture(scope="module")
+def small_photos() -> list[ShardSample]:
+    # Exact-size photos keep the shards small and the tests fast.
+    return photo_samples(resolution=32)[:5]
+
+
+# --------------------------------------------------------------------------- expand_urls
+
+
+def test_brace_expansion_keeps_listed_paths_as_given(tmp_path: Path) -> None:
+    for i in range(3):
+        _touch(tmp_path / "a" / f"{i:05d}.tar")
+    urls = expand_urls(f"{tmp_path}/a/{{00000..00002}}.tar", storage_options={})
+    assert urls == [f"{tmp_path}/a/{i:05d}.tar" for i in range(3)]
+
+
+def test_relative_local_paths_stay_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _touch(tmp_path / "a" / "00000.tar")
+    monkeypatch.chdir(tmp_path)
+    assert expand_urls(["a/00000.tar"], storage_options={}) == ["a/00000.tar"]
+    # A relative glob gives paths that open from anywhere.
+    (match,) = expand_urls("a/*.tar", storage_options={})
+    assert Path(match).is_absolute() and Path(match).exists()
+
+
+def test_glob_sorted_deduplicated_and_skips_directories(tmp_path: Path) -> None:
+    for name in ("00002.tar", "00000.tar", "00001.tar"):
+        _touch(tmp_path / "a" / name)
+    _touch(tmp_path / "b" / "00000.tar")
+    (tmp_path / "a" / "dir.tar").mkdir()
+    urls = expand_urls(
+        [f"{tmp_path}/{{a,b}}/*.tar", f"{tmp_path}/a/0000[01].tar", f"{tmp_path}/a/00001.tar"],
+        storage_options={},
+    )
+    assert urls == [
+        f"{tmp_path}/a/00000.tar",
+        f"{tmp_path}/a/00001.tar",
+        f"{tmp_path}/a/00002.tar",
+        f"{tmp_path}/b/00000.tar",
+    ]
+
+
+def test_glob_keeps_protocol(tmp_path: Path) -> None:
+    _touch(tmp_path / "00000.tar")
+    urls = expand_urls(f"file://{tmp_path}/*.tar", storage_options={})
+    assert urls == [f"file://{tmp_path}/00000.tar"]
+
+
+def test_glob_without_match_is_an_error(tmp_path: Path) -> None:
+    pattern = f"{tmp_path}/nothing/*.tar"
+    with pytest.raises(LatentizeError, match=re.escape(f"no file matches {pattern!r}")) as err:
+        expand_urls(pattern, storage_options={})
+    assert "input.storage_options" in str(err.value)
+
+
+@pytest.mark.parametrize("count", [3, 12], ids=["exists-per-file", "one-listing"])
+def test_missing_listed_file_is_named(tmp_path: Path, count: int) -> None:
+    for i in range(count):
+        if i != 1:
+            _touch(tmp_path / f"{i:05d}.tar")
+    with pytest.raises(LatentizeError, match="does not exist") as err:
+        expand_urls(f"{tmp_path}/{{00000..{count - 1:05d}}}.tar", storage_options={})
+    assert f"{tmp_path}/00001.tar" in str(err.value)
+
+
+def test_all_present_with_many_files_in_one_folder(tmp_path: Path) -> None:
+    for i in range(20):
+        _touch(tmp_path / f"{i:05d}.tar")
+    urls = expand_urls(f"{tmp_path}/{{00000..00019}}.tar", storage_options={})
+    assert len(urls) == 20
+
+
+def test_backend_errors_name_the_url_not_the_secrets() -> None:
+    with pytest.raises(LatentizeError) as err:
+        expand_urls("nosuchproto://bucket/x.tar", storage_options={"secret": "hunter2-secret"})
+    assert "nosuchproto://bucket/x.tar" in str(err.value)
+    assert "hunter2-secret" not in str(err.value)
+
+
+def test_empty_urls_are_an_error() -> None:
+    with pytest.raises(LatentizeError, match="input.urls"):
+        expand_urls([], storage_options={})
+
+
+# --------------------------------------------------------------------------- shard_ids, infer_format
+
+_SAFE = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9._-]*$")
+
+
+def test_shard_ids_strip_known_suffixes() -> None:
+    urls = [
+        "s3://b/x/00000.tar",
+        "s3://b/x/00001.tar.gz",
+        "gs://b/x/00002.tgz",
+        "/data/part.snappy.parquet",
+        "data/p.pq",
+        "https://host/shards/00003.tar?sig=abc",
+    ]
+    assert shard_ids(urls) == ["00000", "00001", "00002", "part.snappy", "p", "00003"]
+
+
+def test_shard_ids_resolve_collisions_by_relative_path() -> None:
+    urls = ["s3://b/x/00000.tar", "s3://b/y/00000.tar", "s3://b/x/00001.tar", "s3://c/00000.tar"]
+    ids = shard_ids(urls)
+    assert ids == ["b__x__00000", "b__y__00000", "00001", "c__00000"]
+    assert shard_ids(["s3://b/x/00000.tar", "s3://b/y/00000.tar"]) == ["x__00000", "y__00000"]
+
+
+def test_shard_ids_are_safe_unique_and_never_hidden() -> None:
+    urls = [
+        "s3://b/my shard#1.tar",
+        "/d/_hidden.tar",
+        "/d/.dot.tar",
+        "/d/.tar",
+        "/d/ü.tar",
+        "/d/a.tar",
+        "/d/a.tar",
+        "/d/a-2.tar",
+    ]
+    ids = shard_ids(urls)
+    assert ids[:3] == ["my_shard_1", "s_hidden", "s.dot"]
+    assert len(set(ids)) == len(ids)
+    for name in ids:
+        assert _SAFE.match(name), name
+
+
+@pytest.mark.parametrize(
+    ("urls", "fmt"),
+    [
+        (["a/0.tar", "b/1.TAR"], "webdataset"),
+        (["a/0.tar.gz", "a/1.tgz"], "webdataset"),
+        (["s3://b/0.parquet", "s3://b/1.pq"], "parquet"),
+    ],
+)
+def test_infer_format(urls: list[str], fmt: str) -> None:
+    assert infer_format(urls) == fmt
+
+
+def test_infer_format_errors() -> None:
+    with pytest.raises(ConfigError, match="input.format"):
+        infer_format(["a/0.zip"])
+    with pytest.raises(ConfigError, match="mix"):
+        infer_format(["a/0.tar", "a/1.parquet"])
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_photo_images_are_real_photos_in_sorted_order() -> None:
+    photos = photo_images()
+    names = [name for name, _ in photos]
+    assert names == sorted(names)
+    assert {"astronaut", "camera", "chelsea", "china", "flower", "coffee"} <= set(names)
+    modes = {name: image.mode for name, image in photos}
+    assert modes["camera"] == "L" and modes["astronaut"] == "RGB"
+
+
+def test_photo_samples_exact_size_and_img2dataset_metadata() -> None:
+    from PIL import Image
+
+    samples = photo_samples(resolution=48, shard=3)
+    first = samples[0]
+    assert first.key == "000030000" and samples[1].key == "000030001"
+    assert first.caption == "a photo: astronaut"
+    assert first.meta is not None
+    assert first.meta["key"] == first.key and first.meta["status"] == "success"
+    assert (first.meta["width"], first.meta["height"]) == (48, 48)
+    assert (first.meta["original_width"], first.meta["original_height"]) == (512, 512)
+    for sample in samples:
+        assert sample.image is not None
+        with Image.open(io.BytesIO(sample.image)) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (48, 48))
+
+
+def test_corrupt_samples_keys_continue_after_photos() -> None:
+    photos = photo_samples(shard=1)
+    broken = corrupt_samples(shard=1)
+    assert [s.key for s in broken] == [f"00001{len(photos) + i:04d}" for i in range(3)]
+    truncated, empty, html = (s.image for s in broken)
+    assert truncated is not None and truncated.startswith(b"\xff\xd8")
+    assert not truncated.endswith(b"\xff\xd9")
+    assert empty == b""
+    assert html is not None and b"<html>" in html
+
+
+def test_build_demo_shards_is_idempotent(tmp_path: Path) -> None:
+    urls = build_demo_shards(str(tmp_path / "shards"), shards=3, resolution=16)
+    assert urls == [str(tmp_path / "shards" / f"0000{i}.tar") for i in range(3)]
+    first = [Path(u).read_bytes() for u in urls]
+    assert build_demo_shards(str(tmp_path / "shards"), shards=3, resolution=16) == urls
+    assert [Path(u).read_bytes() for u in urls] == first
+    keys = [s.key for u in urls for s in _read("webdataset", u)]
+    assert len(keys) == len(photo_images())
+    assert keys[0] == "000000000" and any(k.startswith("00002") for k in keys)
+    (purl,) = build_demo_shards(
+        str(tmp_path / "pq"), shards=1, fmt="parquet", include_corrupt=True, resolution=16
+    )
+    rows = _read("parquet", purl)
+    assert len(rows) == len(photo_images()) + 3
+    assert len({r.key for r in rows}) == len(rows)
+    with pytest.raises(ConfigError):
+        build_demo_shards(str(tmp_path / "x"), fmt="zip")
+
+
+# --------------------------------------------------------------------------- webdataset reader
+
+
+def test_webdataset_round_trip(tmp_path: Path, small_photos: list[ShardSample]) -> None:
+    url = write_webdataset_shard(str(tmp_path / "00000.tar"), small_photos)
+    rows = _read("webdataset", url)
+    assert [r.key for r in rows] == [s.key for s in small_photos]
+    for row, sample in zip(rows, small_photos):
+        assert row.error is None
+        assert row.image == sample.image
+        assert row.caption == sample.caption
+        assert row.json is not None and json.loads(row.json) == sample.meta
+
+
+def test_webdataset_gzip_and_skipped_fields(tmp_path: Path, small_photos: list[ShardSample]) -> None:
+    url = write_webdataset_shard(str(tmp_path / "00000.tar.gz"), small_photos)
+    with open(url, "rb") as f:
+        assert f.read(2) == b"\x1f\x8b"
+    rows = _read("webdataset", url, caption_field=None, json_field=None)
+    assert [r.image for r in rows] == [s.image for s in small_photos]
+    assert all(r.caption is None and r.json is None for r in rows)
+
+
+def test_webdataset_image_field_fallback_order(tmp_path: Path, small_photos: list[ShardSample]) -> None:
+    png = ShardSample(key="k_png", image=b"PNGDATA", ext="png", caption="p")
+    jpg = ShardSample(key="k_jpg", image=b"JPGDATA", ext="jpg", caption="j")
+    url = write_webdataset_shard(str(tmp_path / "s.tar"), [png, jpg])
+    rows = _read("webdataset", url, image_field="png;jpg")
+    assert [(r.key, r.image, r.error) for r in rows] == [
+        ("k_png", b"PNGDATA", None),
+        ("k_jpg", b"JPGDATA", None),
+    ]
+    # Only the listed suffixes count as images.
+    rows = _read("webdataset", url, image_field="jpg")
+    assert rows[0].image is None
+    assert rows[0].error is not None and "expected one of: jpg" in rows[0].error
+    # With both present, the first listed suffix wins.
+    both = tmp_path / "both.tar"
+    _write_tar(both, [("k.jpg", b"J"), ("k.png", b"P")])
+    assert _read("webdataset", str(both), image_field="png;jpg")[0].image == b"P"
+    assert _read("webdataset", str(both), image_field=" JPG ; png")[0].image == b"J"
+
+
+def test_webdataset_missing_image_and_duplicate_key(
+    tmp_path: Path, small_photos: list[ShardSample]
+) -> None:
+    a, b, c = small_photos[:3]
+    no_image = ShardSample(key="000009999", image=None, caption="lost", meta={"key": "000009999"})
+    duplicate = ShardSample(key=a.key, image=c.image, caption="again")
+    url = write_webdataset_shard(str(tmp_path / "s.tar"), [a, no_image, b, duplicate, c])
+    rows = _read("webdataset", url)
+    assert [r.key for r in rows] == [a.key, "000009999", b.key, a.key, c.key]
+    assert rows[0].error is None and rows[0].image == a.image
+    assert rows[1].image is None
+    assert rows[1].error == "no image member (expected one of: jpg); found: json, txt"
+    assert rows[1].caption == "lost"  # carried through for the error row
+    assert rows[3].image is None and rows[3].error == "duplicate key in shard: second occurrence"
+    assert rows[4].error is None and rows[4].image == c.image
+
+
+def test_webdataset_member_names(tmp_path: Path) -> None:
+    path = tmp_path / "odd.tar"
+    _write_tar(
+        path,
+        [
+            ("__index__", b"index"),
+            ("sub", None),
+            ("sub/dir/k1.JPG", b"img1"),
+            ("sub/dir/k1.txt", "caf\u00e9 \xff".encode("latin-1")),
+            ("sub/dir/k1.pth", b"\x80\x04not a pickle to load"),
+            ("sub/dir/._k1.jpg", b"appledouble"),
+            ("./k2.jpg", b"img2"),
+            ("./k2.seg.png", b"mask"),
+            ("noext", b"ignored"),
+            ("k3.seg.jpg", b"not the image"),
+            ("k4.jpg", b"img4"),
+            ("k4.jpg", b"img4 again"),
+        ],
+    )
+    rows = {r.key: r for r in _read("webdataset", str(path))}
+    assert list(rows) == ["sub/dir/k1", "k2", "k3", "k4"]
+    assert rows["sub/dir/k1"].image == b"img1" and rows["sub/dir/k1"].error is None
+    assert rows["sub/dir/k1"].caption == "caf\ufffd \ufffd"  # invalid UTF-8 replaced, not fatal
+    assert rows["k2"].image == b"img2"
+    assert rows["k3"].image is None and rows["k3"].error is not None
+    assert "seg.jpg" in rows["k3"].error
+    assert rows["k4"].image is None and rows["k4"].error == "duplicate member(s) in sample: jpg"
+
+
+def test_webdataset_streams(tmp_path: Path) -> None:
+    samples = [ShardSample(key=f"k{i}", image=random.Random(i).randbytes(40_000)) for i in range(10)]
+    url = write_webdataset_shard(str(tmp_path / "s.tar"), samples)
+    data = Path(url).read_bytes()
+    reader = _CountingReader(data)
+    rows = SOURCES.get("webdataset")(reader, config=InputConfig())  # type: ignore[arg-type]
+    assert next(rows).image == samples[0].image
+    assert reader.bytes_read < len(data) / 2
+
+
+def _member_offsets(data: bytes) -> dict[str, tuple[int, int]]:
+    """Header and data offsets of each member."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
+
+
+def test_webdataset_truncated_in_data_raises_after_earlier_samples(
+    tmp_path: Path, small_photos: list[ShardSample]
+) -> None:
+    data = Path(write_webdataset_shard(str(tmp_path / "s.tar"), small_photos)).read_bytes()
+    _, data_start = _member_offsets(data)[f"{small_photos[3].key}.jpg"]
+    rows, exc = _read_until_error("webdataset", data[: data_start + 10])
+    assert isinstance(exc, tarfile.ReadError)
+    assert [r.key for r in rows] == [s.key for s in small_photos[:3]]
+    assert all(r.error is None for r in rows)
+
+
+def test_webdataset_truncated_at_member_boundary_is_detected(
+    tmp_path: Path, small_photos: list[ShardSample]
+) -> None:
+    data = Path(write_webdataset_shard(str(tmp_path / "s.tar"), small_photos)).read_bytes()
+    header, _ = _member_offsets(data)[f"{small_photos[3].key}.jpg"]
+    for cut in (header, header + 100):
+        rows, exc = _read_until_error("webdataset", data[:cut])
+        assert isinstance(exc, tarfile.ReadError), cut
+        # The sample being read when the data stopped is not yielded: it may lack members.
+        assert [r.key for r in rows] == [s.key for s in small_photos[:2]]
+
+
+def test_webdataset_not_a_tar_raises() -> None:
+    rows, exc = _read_until_error("webdataset", b"<html>this is not a tar</html>" * 40)
+    assert rows == [] and isinstance(exc, tarfile.ReadError)
+
+
+# --------------------------------------------------------------------------- parquet reader
+
+
+def test_parquet_round_trip_img2dataset_layout(tmp_path: Path, small_photos: list[ShardSample]) -> None:
+    url = write_parquet_shard(str(tmp_path / "00000.parquet"), small_photos)
+    schema = pq.read_schema(url)
+    assert schema.names == ["key", "jpg", "txt", "json"]
+    rows = _read("parquet", url)
+    assert [r.key for r in rows] == [s.key for s in small_photos]
+    for row, sample in zip(rows, small_photos):
+        assert (row.image, row.caption, row.error) == (sample.image, sample.caption, None)
+        assert row.json is not None and json.loads(row.json) == sample.meta
+
+
+def test_parquet_streams_in_batches(tmp_path: Path, small_photos: list[ShardSample]) -> None:
+    table = pa.table(
+        {
+            "key": [f"k{i}" for i in range(10)],
+            # Incompressible bytes, so the file is as large as the images.
+            "jpg": [random.Random(i).randbytes(40_000) for i in range(10)],
+            "txt": [f"c{i}" for i in range(10)],
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=2)
+    data = buf.getvalue()
+    rows = list(SOURCES.get("parquet")(io.BytesIO(data), config=InputConfig(rows_per_block=3)))
+    assert [r.key for r in rows] == [f"k{i}" for i in range(10)]
+    assert [r.image for r in rows] == table.column("jpg").to_pylist()
+    # The first sample comes after reading the footer and the first row group, not the file.
+    reader = _CountingReader(data)
+    it = SOURCES.get("parquet")(reader, config=InputConfig(rows_per_block=1))  # type: ignore[arg-type]
+    assert next(it).key == "k0"
+    assert reader.bytes_read < len(data) / 2
+
+
+def test_parquet_hf_image_struct_without_key_column(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array(
+                [
+                    {"bytes": b"img0", "path": "a.jpg"},
+                    {"bytes": None, "path": "b.jpg"},
+                    None,
+                    {"bytes": b"img3", "path": None},
+                ],
+                image_type,
+            ),
+            "text": ["zero", "one", None, "three"],
+            "meta": pa.array(
+                [{"w": 1}, {"w": 2}, None, {"w": 4}], pa.struct([("w", pa.int64())])
+            ),
+        }
+    )
+    path = tmp_path / "hf.parquet"
+    pq.write_table(table, path)
+    with caplog.at_level(logging.WARNING, logger="latentize.sources.parquet"):
+        rows = _read(
+            "parquet", str(path), image_field="image", key_field="id_not_here", caption_field="text",
+            json_field="meta", rows_per_block=3,
+        )
+    assert [r.key for r in rows] == ["000000000", "000000001", "000000002", "000000003"]
+    assert "id_not_here" in caplog.text
+    assert (rows[0].image, rows[0].caption, rows[0].error) == (b"img0", "zero", None)
+    assert json.loads(rows[0].json or "") == {"w": 1}
+    assert rows[1].image is None and rows[1].error == "null image (path only: b.jpg)"
+    assert rows[2].image is None and rows[2].error == "null image" and rows[2].json is None
+    assert rows[3].image == b"img3"
+
+
+def test_parquet_optional_columns_map_json_and_int_keys(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "id": pa.array([7, 8], pa.int64()),
+            "jpg": pa.array([b"a", b"b"], pa.large_binary()),
+            "json": pa.array([[("x", 1)], [("y", 2)]], pa.map_(pa.string(), pa.int64())),
+        }
+    )
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path)
+    rows = _read("parquet", str(path), key_field="id")
+    assert [r.key for r in rows] == ["7", "8"]
+    assert [r.caption for r in rows] == [None, None]  # no "txt" column
+    assert [json.loads(r.json or "") for r in rows] == [{"x": 1}, {"y": 2}]
+
+
+def test_parquet_missing_or_wrong_image_column(tmp_path: Path) -> None:
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"key": ["a"], "image": [b"x"], "n": [1]}), path)
+    with pytest.raises(ConfigError, match="available columns: key, image, n"):
+        _read("parquet", str(path), image_field="jpg")
+    with pytest.raises(ConfigError, match="'n' has type int64"):
+        _read("parquet", str(path), image_field="n")
+
+
+def test_parquet_not_a_parquet_file_raises() -> None:
+    rows, exc = _read_until_error("parquet", b"definitely not parquet" * 10)
+    assert rows == [] and isinstance(exc, pa.ArrowInvalid)
+
+
+# --------------------------------------------------------------------------- real S3 API (moto)
+
+_BUCKET = "latentize-test"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, Any]]:
+    """Storage options of a moto S3 server on loopback holding a bucket."""
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_SECURITY_TOKEN",
+        ):
+            mp.setenv(name, "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            boto3.client(
+                "s3", endpoint_url=endpoint, region_name="us-east-1",
+                aws_access_key_id="testing", aws_secret_access_key="testing",
+            ).create_bucket(Bucket=_BUCKET)
+            yield {
+                "key": "testing",
+                "secret": "testing",
+                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            }
+        finally:
+            server.stop()
+
+
+def test_s3_expand_and_read_webdataset(s3: dict[str, Any], small_photos: list[ShardSample]) -> None:
+    urls = [
+        write_webdataset_shard(
+            f"s3://{_BUCKET}/wds/{i:05d}.tar", small_photos[i * 2 : i * 2 + 2], storage_options=s3
+        )
+        for i in range(2)
+    ]
+    assert expand_urls(f"s3://{_BUCKET}/wds/{{00000..00001}}.tar", storage_options=s3) == urls
+    assert expand_urls(f"s3://{_BUCKET}/wds/*.tar", storage_options=s3) == urls
+    assert shard_ids(urls) == ["00000", "00001"]
+    rows = [r for url in urls for r in _read("webdataset", url, s3)]
+    expected = [(s.key, s.image, s.caption) for s in small_photos[:4]]
+    assert [(r.key, r.image, r.caption) for r in rows] == expected
+
+
+def test_s3_expand_errors(s3: dict[str, Any], small_photos: list[ShardSample]) -> None:
+    write_webdataset_shard(f"s3://{_BUCKET}/errs/00000.tar", small_photos[:1], storage_options=s3)
+    no_match = re.escape(f"no file matches 's3://{_BUCKET}/errs/*.parquet'")
+    with pytest.raises(LatentizeError, match=no_match):
+        expand_urls(f"s3://{_BUCKET}/errs/*.parquet", storage_options=s3)
+    missing = re.escape(f"'s3://{_BUCKET}/errs/00001.tar' does not exist")
+    with pytest.raises(LatentizeError, match=missing):
+        expand_urls(f"s3://{_BUCKET}/errs/{{00000..00001}}.tar", storage_options=s3)
+
+
+def test_s3_brace_range_over_many_shards(s3: dict[str, Any]) -> None:
+    tiny = [ShardSample(key="000000000", image=b"x")]
+    for i in range(10):
+        if i != 6:
+            write_webdataset_shard(f"s3://{_BUCKET}/many/{i:05d}.tar", tiny, storage_options=s3)
+    urls = expand_urls(f"s3://{_BUCKET}/many/{{00000..00005}}.tar", storage_options=s3)
+    assert urls == [f"s3://{_BUCKET}/many/{i:05d}.tar" for i in range(6)]
+    missing = re.escape(f"'s3://{_BUCKET}/many/00006.tar' does not exist")
+    with pytest.raises(LatentizeError, match=missing):
+        expand_urls(f"s3://{_BUCKET}/many/{{00000..00009}}.tar", storage_options=s3)
+
+
+def test_s3_read_parquet(s3: dict[str, Any], small_photos: list[ShardSample]) -> None:
+    url = write_parquet_shard(f"s3://{_BUCKET}/pq/00000.parquet", small_photos, storage_options=s3)
+    (found,) = expand_urls(f"s3://{_BUCKET}/pq/*.parquet", storage_options=s3)
+    assert found == url
+    rows = _read("parquet", url, s3, rows_per_block=2)
+    expected = [(s.key, s.image, s.caption) for s in small_photos]
+    assert [(r.key, r.image, r.caption) for r in rows] == expected
