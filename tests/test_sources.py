@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import S3_BUCKET
 from latentize.config import InputConfig
 from latentize.demo import (
     ShardSample,
@@ -545,42 +546,7 @@ def test_parquet_not_a_parquet_file_raises() -> None:
 
 # --------------------------------------------------------------------------- real S3 API (moto)
 
-_BUCKET = "latentize-test"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, Any]]:
-    """Storage options of a moto S3 server on loopback holding a bucket."""
-    pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in (
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_SECURITY_TOKEN",
-        ):
-            mp.setenv(name, "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
-            boto3.client(
-                "s3", endpoint_url=endpoint, region_name="us-east-1",
-                aws_access_key_id="testing", aws_secret_access_key="testing",
-            ).create_bucket(Bucket=_BUCKET)
-            yield {
-                "key": "testing",
-                "secret": "testing",
-                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            }
-        finally:
-            server.stop()
+_BUCKET = S3_BUCKET
 
 
 def test_s3_expand_and_read_webdataset(s3: dict[str, Any], small_photos: list[ShardSample]) -> None:

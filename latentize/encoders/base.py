@@ -279,6 +279,9 @@ class TorchEncoder:
             self._model_fp32 = copy.deepcopy(self.model).to(torch.float32)
         return self._model_fp32
 
+    # Inference mode for the whole call: ``_run`` returns inference tensors, and the float32
+    # re-encode below writes into them in place (not allowed outside inference mode).
+    @torch.inference_mode()
     def encode(self, pixels: np.ndarray, keys: Sequence[str]) -> EncodeResult:
         """Encodes uint8 pixels.
 

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random diffusers models, one local Ray per session, a moto S3 server.
+
+Models are real diffusers classes with small widths, saved with ``save_pretrained`` so the real
+loading paths run, and given non-default constants so a forgotten shift or scale fails parity.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+# Loopback test clusters: Ray >= 2.59 would otherwise require token auth for `ray start`.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+S3_BUCKET = "latentize-test"
+
+#: Constants of the tiny KL model; deliberately unlike any real VAE's.
+KL_SCALE = 0.5
+KL_SHIFT = 0.1
+KL_MEAN = [0.3, -0.2, 0.1, 0.05]
+KL_STD = [1.5, 0.8, 1.2, 2.0]
+VQ_CODES = 300
+
+_ARCH = {
+    "block_out_channels": (8, 16, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+}
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """Saves the tiny models under ``root``; returns name -> folder."""
+    import torch
+    from diffusers import AutoencoderKL, VQModel
+
+    torch.manual_seed(0)
+    paths = {name: root / name for name in ("kl", "kl_meanstd", "vq")}
+    AutoencoderKL(**_ARCH, scaling_factor=KL_SCALE, shift_factor=KL_SHIFT).save_pretrained(paths["kl"])
+    AutoencoderKL(**_ARCH, scaling_factor=KL_SCALE, latents_mean=KL_MEAN, latents_std=KL_STD).save_pretrained(
+        paths["kl_meanstd"]
+    )
+    VQModel(**_ARCH, num_vq_embeddings=VQ_CODES, vq_embed_dim=4).save_pretrained(paths["vq"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole session; ``num_gpus=1`` is faked so the production
+    ``num_gpus=1`` actor request schedules on this GPU-less machine (it runs on CPU)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[dict[str, Any]]:
+    """fsspec storage options of a real S3 API (moto's server on loopback) with a bucket."""
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            mp.setenv(name, "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            boto3.client(
+                "s3", endpoint_url=endpoint, region_name="us-east-1",
+                aws_access_key_id="testing", aws_secret_access_key="testing",
+            ).create_bucket(Bucket=S3_BUCKET)
+            yield {
+                "key": "testing",
+                "secret": "testing",
+                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            }
+        finally:
+            server.stop()
