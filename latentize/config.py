@@ -353,7 +353,9 @@ def redact(value: Any) -> Any:
         out = {}
         for k, v in value.items():
             lowered = str(k).lower()
-            if any(h in lowered for h in _SECRET_HINTS) and not isinstance(v, Mapping):
+            # ``*_field`` keys (``input.key_field``) name columns/members, never credentials.
+            secret = any(h in lowered for h in _SECRET_HINTS) and not lowered.endswith("_field")
+            if secret and not isinstance(v, Mapping):
                 out[k] = "***" if v is not None else None
             else:
                 out[k] = redact(v)

@@ -379,8 +379,7 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
         # Every shard ends with a sentinel, so this means rows were lost in Ray: never commit.
         raise LatentizeError(f"the pipeline ended with incomplete shards (rows seen, total): {left}; rerun to redo them")
 
-    if not layout.fs.ls(layout.join("_staging"), detail=False):
-        layout.remove([layout.join("_staging")])
+    layout.prune_staging()
     seconds = time.time() - started
     committed, failed_shards, ok, failed = _totals(layout, p.shards, p.fingerprint)
     p.manifest["status"] = "complete" if committed == len(p.shards) and failed_shards == 0 else "incomplete"

@@ -150,6 +150,16 @@ class OutputLayout:
         except FileNotFoundError:
             return []
 
+    def prune_staging(self) -> None:
+        """Removes the staging folder once no shard is in flight (object stores have no
+        empty folders, so it may already be gone)."""
+        path = self.join(STAGING)
+        try:
+            if not self.fs.ls(path, detail=False):
+                self.remove([path])
+        except FileNotFoundError:
+            pass
+
     def discard_shard(self, shard: str, *, data_files: Iterable[str] = ()) -> None:
         """Removes every trace of an uncommitted (or to-be-redone) shard.
 
