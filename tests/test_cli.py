@@ -1,0 +1,162 @@
+"""The entry points as a user runs them: `jobs/encode_laion.py`, `latentize encode`, and
+`ray job submit` against a local `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from latentize.demo import photo_samples, write_webdataset_shard
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "encode_laion.py"
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _write_config(path: Path, shards: str, out: Path, model: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"urls": shards},
+                "preprocess": {"resolution": 64},
+                "encoder": {"model": str(model), "batch_size": 4},
+                "output": {"path": str(out)},
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("cli-shards")
+    photos = photo_samples()[:6]
+    write_webdataset_shard(str(root / "00000.tar"), photos[:3])
+    write_webdataset_shard(str(root / "00001.tar"), photos[3:])
+    return str(root / "{00000..00001}.tar")
+
+
+def test_unknown_key_fails_at_start_with_its_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("encoder:\n  batchsize: 3\noutput:\n  path: out\n")
+    result = subprocess.run(
+        [sys.executable, str(JOB), "--config", str(cfg)], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert result.returncode == 2
+    assert "encoder.batchsize: unknown key" in result.stderr
+
+
+def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> None:
+    started = time.time()
+    result = subprocess.run(
+        [sys.executable, str(JOB), "--set", f"output.path={tmp_path / 'out'}"],
+        capture_output=True, text=True, env=_env(HF_HOME=str(tmp_path / "hf")), cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "stabilityai/sd-vae-ft-mse" in result.stderr
+    assert "--set encoder.model=" in result.stderr
+    # Nothing was built or written before the model check.
+    assert not (tmp_path / "demo_data").exists() and not (tmp_path / "out").exists()
+    assert time.time() - started < 60
+
+
+@pytest.mark.slow
+def test_demo_with_local_model_runs_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """The README's demo command path: no config, embedded default, local model override."""
+    result = subprocess.run(
+        [sys.executable, str(JOB), "--set", f"encoder.model={tiny_models['kl']}", "--set", "preprocess.resolution=64"],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "demo_data" / "latents"
+    assert f"latentize: latents in {out}" in result.stdout
+    table = pq.read_table(out)
+    assert table.num_rows == len(photo_samples())
+    assert "samples ok, 0 failed" in result.stdout
+
+
+@pytest.mark.slow
+def test_latentize_encode_cli_and_rerun(tmp_path: Path, shards: str, tiny_models: dict[str, Path]) -> None:
+    cfg = _write_config(tmp_path / "cfg.yaml", shards, tmp_path / "out", tiny_models["kl"])
+    cmd = [str(BIN / "latentize"), "encode", str(cfg), "--set", "encoder.batch_size=2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6 samples ok, 0 failed" in first.stdout and "img/s" in first.stdout
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["config"]["encoder"]["batch_size"] == 2
+    second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert second.returncode == 0
+    assert "nothing to do" in second.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout_s: float) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(1)
+    return False
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_models: dict[str, Path]) -> None:
+    if shutil.which("ray", path=str(BIN)) is None:
+        pytest.skip("the ray CLI is not installed next to this Python")
+    ray_cli = str(BIN / "ray")
+    gcs, dashboard = _free_port(), _free_port()
+    temp_dir = Path("/tmp") / f"ray-head-{gcs}"  # short: Ray's socket paths have a length limit
+    env = _env()
+    # --block keeps the head in the foreground of its own process group, so the test stops
+    # exactly this cluster (`ray stop` would stop every Ray on the machine).
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--num-gpus=1",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    try:
+        assert _wait_for_port(dashboard, 180), "the Ray head's dashboard did not come up"
+        cfg = _write_config(tmp_path / "cfg.yaml", shards, tmp_path / "out", tiny_models["kl"])
+        submit = subprocess.run(
+            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+             "--", "python", "jobs/encode_laion.py", "--config", str(cfg)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        assert "6 samples ok, 0 failed" in submit.stdout
+        assert "succeeded" in submit.stdout
+        assert pq.read_table(tmp_path / "out").num_rows == 6
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
