@@ -366,10 +366,12 @@ def redact(value: Any) -> Any:
 
 
 def fingerprint(cfg: Config) -> str:
-    """Hash of everything that changes the bytes written (not paths, credentials or Ray sizing).
+    """Hash of everything that decides what is written: the input list and the encoding
+    semantics, not the output path, credentials, batch size or Ray sizing.
 
-    Two runs with equal fingerprints produce identical data rows for the same input, so a
-    rerun into the same output may resume; a different fingerprint is refused there.
+    Two runs with equal fingerprints produce identical data rows, so a rerun into the same
+    output may resume; a different fingerprint is refused there. The input URLs count because
+    shard ids (and so the commit markers) are derived from the whole list.
     """
     data = config_to_dict(cfg)
     relevant = {

@@ -168,9 +168,14 @@ class EncodeActor:
     encoder rejects (non-finite even in float32) become ``encode`` error rows.
     """
 
-    def __init__(self, *, config: dict[str, Any], spec: EncoderSpec) -> None:
+    def __init__(self, *, config: dict[str, Any], spec: EncoderSpec, cpu_threads: int | None = None) -> None:
+        import torch
+
         from latentize.encoders import ENCODERS
 
+        if cpu_threads:
+            # Ray pins a 1-CPU actor to one thread; a CPU-only encoder may use its share of cores.
+            torch.set_num_threads(cpu_threads)
         cfg = config_from_dict(config)
         self.spec = spec
         self.encoder = ENCODERS.get(cfg.encoder.type)(config=cfg, spec=spec)
@@ -209,7 +214,8 @@ def _init_ray(config: Config) -> None:
     ray.init(address=config.ray.address)
 
 
-def _encoder_resources(config: Config) -> tuple[dict[str, Any], int]:
+def _encoder_resources(config: Config) -> tuple[dict[str, Any], int, int | None]:
+    """Ray resources per encoder actor, the pool size, and torch threads for CPU actors."""
     import ray
 
     resources = ray.cluster_resources()
@@ -222,7 +228,7 @@ def _encoder_resources(config: Config) -> tuple[dict[str, Any], int]:
             logger.warning("ray.actors=%d but the cluster has GPUs for %d; using %d", actors, fit, fit)
             actors = fit
         # num_cpus=0: Ray 2.60 would otherwise reserve a CPU per GPU actor, starving decode.
-        return {"num_gpus": per_actor, "num_cpus": 0}, actors
+        return {"num_gpus": per_actor, "num_cpus": 0}, actors, None
     cpus = int(resources.get("CPU", 1))
     logger.warning(
         "no GPU in the Ray cluster (GPU=%s): encoder actors run on CPU; this is slow for real models",
@@ -232,7 +238,7 @@ def _encoder_resources(config: Config) -> tuple[dict[str, Any], int]:
     if actors > fit:
         logger.warning("ray.actors=%d but only %d CPU(s) are free for CPU encoders; using %d", actors, fit, fit)
         actors = fit
-    return {"num_gpus": 0, "num_cpus": 1}, actors
+    return {"num_gpus": 0, "num_cpus": 1}, actors, max(1, cpus // actors)
 
 
 def _spread() -> dict[str, Any]:
@@ -255,7 +261,7 @@ def _build_dataset(p: Plan) -> Any:
     except ImportError:  # pragma: no cover - older Ray
         pass
     cfg = p.config
-    remote_args, actors = _encoder_resources(cfg)
+    remote_args, actors, cpu_threads = _encoder_resources(cfg)
     ds = ray.data.read_datasource(
         ShardDatasource(shards=p.pending, fmt=p.fmt, config=cfg.input),
         override_num_blocks=len(p.pending),
@@ -271,7 +277,7 @@ def _build_dataset(p: Plan) -> Any:
     )
     ds = ds.map_batches(
         EncodeActor,
-        fn_constructor_kwargs={"config": config_to_dict(cfg), "spec": p.spec},
+        fn_constructor_kwargs={"config": config_to_dict(cfg), "spec": p.spec, "cpu_threads": cpu_threads},
         compute=ActorPoolStrategy(size=actors),
         batch_size=cfg.encoder.batch_size,
         batch_format="numpy",

@@ -236,7 +236,7 @@ def test_sentinel_reports_the_shard_error(layout: OutputLayout) -> None:
 def test_restaging_the_same_rows_reuses_the_part_name(layout: OutputLayout, tmp_path: Path) -> None:
     rows = [sample("00000", i) for i in range(4)]
     first = stage(layout, rows)
-    second = stage(layout, rows[::-1][::-1])  # a retried task with the same rows
+    second = stage(layout, list(rows))  # a retried task with the same rows
     assert list(first["part"]) == list(second["part"])
     assert len(list((tmp_path / "out" / "_staging" / "00000").iterdir())) == 1
     other = stage(layout, rows[2:])
