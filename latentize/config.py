@@ -65,6 +65,8 @@ class InputConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Samples per block emitted by a read task; bounds read-side memory.
     rows_per_block: int = 64
+    #: Retries (with exponential back-off) of a shard read after a transient storage error.
+    retries: int = 5
 
 
 @dataclass
@@ -130,6 +132,8 @@ class OutputConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Parquet compression codec.
     compression: str = "zstd"
+    #: Retries (with exponential back-off) of a write after a transient storage error.
+    retries: int = 5
 
 
 @dataclass
@@ -375,10 +379,10 @@ def fingerprint(cfg: Config) -> str:
     """
     data = config_to_dict(cfg)
     relevant = {
-        "input": {k: v for k, v in data["input"].items() if k not in ("storage_options", "rows_per_block")},
+        "input": {k: v for k, v in data["input"].items() if k not in ("storage_options", "rows_per_block", "retries")},
         "preprocess": data["preprocess"],
         "encoder": {k: v for k, v in data["encoder"].items() if k not in ("batch_size", "device")},
-        "output": {k: v for k, v in data["output"].items() if k not in ("path", "storage_options")},
+        "output": {k: v for k, v in data["output"].items() if k not in ("path", "storage_options", "retries")},
     }
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

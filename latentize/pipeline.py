@@ -126,7 +126,9 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     fmt = config.input.format or infer_format(urls)
     SOURCES.get(fmt)
     shards = list(zip(urls, shard_ids(urls)))
-    layout = OutputLayout(config.output.path, storage_options=config.output.storage_options)
+    layout = OutputLayout(
+        config.output.path, storage_options=config.output.storage_options, retries=config.output.retries
+    )
     folder = data_folder(config.preprocess.size)
     fp = fingerprint(config)
 
@@ -334,7 +336,8 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
     _init_ray(config)
     ds = _build_dataset(p)
     urls = dict((shard, url) for url, shard in p.pending)
-    commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+    # Commits are idempotent (same files, marker last), so any failure may simply be retried.
+    commit = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True)(commit_shard)
     tracker = ShardTracker()
     in_flight: list[Any] = []
     done_now = samples_now = 0

@@ -194,8 +194,7 @@ def commit_shard(
     started = time.time()
     tables = []
     for part in parts:
-        with layout.fs.open(part, "rb") as f:
-            tables.append(pq.read_table(f))
+        tables.append(pq.read_table(pa.BufferReader(layout.read_bytes(part))))
     files: list[str] = []
     n_ok = n_err = 0
     if tables:

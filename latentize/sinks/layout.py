@@ -24,6 +24,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from latentize.errors import LatentizeError
+from latentize.retry import retry_call
 
 __all__ = ["OutputLayout", "data_folder"]
 
@@ -48,9 +49,11 @@ class OutputLayout:
     Args:
         path: local path or fsspec URL of the output root.
         storage_options: fsspec options (credentials stay in memory; never written out).
+        retries: retries of an object-store read or write after a transient error.
     """
 
-    def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, retries: int = 5) -> None:
+        self.retries = retries
         if not path:
             raise LatentizeError("output.path is empty; set it to a local folder or an fsspec URL")
         if "://" not in path:
@@ -107,15 +110,18 @@ class OutputLayout:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, data)
+            retry_call(lambda: self.fs.pipe_file(path, data), attempts=self.retries, what=f"write {path}")
+
+    def read_bytes(self, path: str) -> bytes:
+        """Reads a whole file, retrying transient object-store errors."""
+        return retry_call(lambda: self.fs.cat_file(path), attempts=self.retries, what=f"read {path}")
 
     def write_json(self, path: str, data: Any) -> None:
         self.write_bytes(path, json.dumps(data, indent=2, sort_keys=False, default=str).encode())
 
     def read_json(self, path: str) -> Any | None:
         try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self.read_bytes(path))
         except FileNotFoundError:
             return None
 

@@ -5,13 +5,15 @@ Arrow blocks of at most ``input.rows_per_block`` samples (raw image bytes, not d
 is the preprocess stage's job and runs in its own tasks). After the last sample it yields one
 *end-of-shard sentinel* row whose ``total`` is the number of samples read; the commit protocol
 (:mod:`latentize.sinks.commit`) needs it to know when a shard is complete. A shard that cannot be
-read to its end keeps the samples read so far and reports why on the sentinel's ``error``.
+read to its end keeps the samples read so far and reports why on the sentinel's ``error``;
+transient object-store errors reopen the shard (with back-off) and skip what was emitted.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any, Iterator
 
 import fsspec
@@ -21,6 +23,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from latentize.config import InputConfig
 from latentize.errors import ConfigError
+from latentize.retry import backoff_delay, is_transient
 
 __all__ = ["SAMPLE_SCHEMA", "ShardDatasource", "read_shard"]
 
@@ -53,34 +56,47 @@ def read_shard(*, url: str, shard: str, fmt: str, config: InputConfig) -> Iterat
 
     reader = SOURCES.get(fmt)
     rows: list[dict[str, Any]] = []
-    index = 0
+    index = 0  # samples emitted so far (yielded or buffered)
     shard_error = None
-    try:
-        with fsspec.open(url, "rb", **config.storage_options) as f:
-            for sample in reader(f, config=config):
-                rows.append(
-                    {
-                        "key": sample.key,
-                        "shard": shard,
-                        "index": index,
-                        "image": sample.image,
-                        "caption": sample.caption,
-                        "json": sample.json,
-                        "error": sample.error,
-                        "stage": "read" if sample.error else None,
-                        "total": -1,
-                    }
-                )
-                index += 1
-                if len(rows) >= config.rows_per_block:
-                    yield _block(rows)
-                    rows = []
-    except ConfigError:
-        # A config problem (e.g. a missing image column) is the run's, not this shard's.
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure ends this shard, never the job
-        shard_error = f"{type(exc).__name__}: {exc}"
-        logger.warning("shard %s: reading stopped after %d samples: %s", shard, index, shard_error)
+    attempt = 0
+    while True:
+        try:
+            with fsspec.open(url, "rb", **config.storage_options) as f:
+                for position, sample in enumerate(reader(f, config=config)):
+                    if position < index:
+                        continue  # emitted before a transient failure; the reread skips it
+                    rows.append(
+                        {
+                            "key": sample.key,
+                            "shard": shard,
+                            "index": index,
+                            "image": sample.image,
+                            "caption": sample.caption,
+                            "json": sample.json,
+                            "error": sample.error,
+                            "stage": "read" if sample.error else None,
+                            "total": -1,
+                        }
+                    )
+                    index += 1
+                    if len(rows) >= config.rows_per_block:
+                        yield _block(rows)
+                        rows = []
+            break
+        except ConfigError:
+            # A config problem (e.g. a missing image column) is the run's, not this shard's.
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure ends this shard, never the job
+            if is_transient(exc) and attempt < config.retries:
+                delay = backoff_delay(attempt)
+                attempt += 1
+                logger.warning("shard %s: transient error after %d samples (%s: %s); retry %d/%d in %.1fs",
+                               shard, index, type(exc).__name__, exc, attempt, config.retries, delay)
+                time.sleep(delay)
+                continue
+            shard_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("shard %s: reading stopped after %d samples: %s", shard, index, shard_error)
+            break
     rows.append(
         {
             "key": None,
