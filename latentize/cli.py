@@ -79,13 +79,13 @@ def run_encode(args: argparse.Namespace) -> int:
         print(f"latentize: nothing to do, all {summary.shards_total} shards already committed; wrote nothing")
     else:
         print(
-            f"latentize: {summary.samples_ok} samples ok, {summary.samples_failed} failed, "
-            f"{summary.shards_done_now} shard(s) encoded in {summary.seconds:.1f} s "
-            f"({summary.images_per_second:.2f} img/s)"
+            f"latentize: this run encoded {summary.samples_now} samples from {summary.shards_done_now} "
+            f"shard(s) in {summary.seconds:.1f} s ({summary.images_per_second:.2f} img/s)"
         )
+    print(f"latentize: output holds {summary.samples_ok} samples ok, {summary.samples_failed} failed")
     if summary.shards_failed:
-        print(f"latentize: {summary.shards_failed} shard(s) could not be read to the end; see the markers in "
-              f"{summary.output}/_shards and rerun with --retry-failed")
+        print(f"latentize: {summary.shards_failed} shard(s) could not be read to the end; "
+              f"`latentize status {summary.output}` lists them; rerun with --retry-failed")
     print(f"latentize: latents in {summary.output}")
     return 0 if summary.complete else 1
 
@@ -114,8 +114,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     enc = sub.add_parser("encode", help="encode image shards into latents (no config: the demo)")
     _add_encode_args(enc, config_flag=False)
     enc.set_defaults(fn=run_encode)
+    st = sub.add_parser("status", help="shards committed / failed / pending and error reasons of an output")
+    st.add_argument("output", help="output root (local path or fsspec URL)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--storage-options", default="{}", metavar="YAML",
+                    help="fsspec options for the output, e.g. '{anon: true}'")
+    st.set_defaults(fn=run_status)
     args = parser.parse_args(argv)
     return _guarded(args.fn, args)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``latentize status OUT``: exit code 0 when the output is complete, 1 otherwise."""
+    import json
+
+    import yaml
+
+    from latentize.sinks import OutputLayout
+    from latentize.status import format_status, output_status
+
+    options = yaml.safe_load(args.storage_options) or {}
+    status = output_status(OutputLayout(args.output, storage_options=options))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0 if status["complete"] else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

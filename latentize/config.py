@@ -134,6 +134,9 @@ class OutputConfig:
     compression: str = "zstd"
     #: Retries (with exponential back-off) of a write after a transient storage error.
     retries: int = 5
+    #: Rows per staged part: fewer means shards commit sooner after their last row is encoded,
+    #: more means fewer small objects in the staging area.
+    rows_per_part: int = 512
 
 
 @dataclass
@@ -265,6 +268,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("ray.actors: must be >= 1")
     if cfg.input.rows_per_block < 1:
         raise ConfigError("input.rows_per_block: must be >= 1")
+    if cfg.output.rows_per_part < 1:
+        raise ConfigError("output.rows_per_part: must be >= 1")
     if cfg.encoder.type == "vq" and cfg.encoder.sample != "mode":
         raise ConfigError(
             "encoder.sample: VQ encoders store codebook indices; only 'mode' applies "
@@ -382,7 +387,9 @@ def fingerprint(cfg: Config) -> str:
         "input": {k: v for k, v in data["input"].items() if k not in ("storage_options", "rows_per_block", "retries")},
         "preprocess": data["preprocess"],
         "encoder": {k: v for k, v in data["encoder"].items() if k not in ("batch_size", "device")},
-        "output": {k: v for k, v in data["output"].items() if k not in ("path", "storage_options", "retries")},
+        "output": {
+            k: v for k, v in data["output"].items() if k not in ("path", "storage_options", "retries", "rows_per_part")
+        },
     }
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

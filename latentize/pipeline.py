@@ -30,8 +30,10 @@ __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
 
 logger = logging.getLogger(__name__)
 
-#: Rows per staged part; larger parts mean fewer small objects in the staging area.
-STAGE_BATCH_ROWS = 512
+#: Fault-injection hook for tests: when this variable names a file that does not exist yet,
+#: the first encoder actor to reach its second batch creates the file and kills its own process
+#: (as a GPU fault or OOM kill would), so tests can check that Ray's restart redoes the batch.
+CRASH_ONCE_ENV = "LATENTIZE_TEST_CRASH_ACTOR_ONCE"
 #: Seconds between progress lines.
 PROGRESS_EVERY_S = 10.0
 
@@ -153,14 +155,22 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
 
     markers = layout.read_markers() if existing is not None else {}
     done = {
-        shard
-        for shard, marker in markers.items()
-        if marker.get("fingerprint") == fp and (marker.get("status") == "ok" or not retry_failed)
+        shard for shard, marker in markers.items() if marker.get("fingerprint") == fp and not (retry_failed and _retryable(marker))
     }
     pending = [(url, shard) for url, shard in shards if shard not in done]
     manifest = existing or _manifest(config, spec, fp, folder, len(shards))
     del sink
     return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest)
+
+
+def _retryable(marker: dict[str, Any]) -> bool:
+    """Whether ``--retry-failed`` redoes this committed shard.
+
+    Failed shards, and shards with samples that failed in the encoder (out of memory,
+    non-finite latents: may pass on a retry). Samples that failed to read or decode are
+    properties of their bytes and would fail again, so they alone do not redo a shard.
+    """
+    return marker.get("status") != "ok" or bool(marker.get("failed_by_stage", {}).get("encode"))
 
 
 class EncodeActor:
@@ -182,8 +192,21 @@ class EncodeActor:
         self.spec = spec
         self.encoder = ENCODERS.get(cfg.encoder.type)(config=cfg, spec=spec)
         logger.info("encoder actor ready on %s (%s)", self.encoder.device, self.encoder.dtype)
+        self._calls = 0
+
+    def _maybe_crash(self) -> None:
+        path = os.environ.get(CRASH_ONCE_ENV)
+        self._calls += 1
+        if path and self._calls >= 2:
+            try:
+                with open(path, "x"):
+                    pass
+            except FileExistsError:
+                return
+            os._exit(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._maybe_crash()
         n = len(batch["key"])
         errors = text_column(batch["error"], n)
         stages = text_column(batch["stage"], n)
@@ -264,6 +287,8 @@ def _build_dataset(p: Plan) -> Any:
         pass
     cfg = p.config
     remote_args, actors, cpu_threads = _encoder_resources(cfg)
+    if os.environ.get(CRASH_ONCE_ENV):
+        remote_args["runtime_env"] = {"env_vars": {CRASH_ONCE_ENV: os.environ[CRASH_ONCE_ENV]}}
     ds = ray.data.read_datasource(
         ShardDatasource(shards=p.pending, fmt=p.fmt, config=cfg.input),
         override_num_blocks=len(p.pending),
@@ -289,7 +314,7 @@ def _build_dataset(p: Plan) -> Any:
         stage_batch,
         fn_kwargs={"layout": p.layout, "tensor_columns": list(p.spec.columns)},
         batch_format="numpy",
-        batch_size=STAGE_BATCH_ROWS,
+        batch_size=cfg.output.rows_per_part,
     )
 
 
@@ -327,6 +352,8 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
         "%d of %d shards to encode into %s (%s, %s)",
         len(p.pending), len(p.shards), layout.url, config.encoder.type, config.encoder.model,
     )
+    if not layout.read_inputs():
+        layout.write_inputs(p.shards)
     p.manifest["status"] = "running"
     layout.write_json(layout.manifest_path, p.manifest)
     extension = SINKS.get(config.output.format).extension

@@ -373,6 +373,24 @@ def test_upscaling_a_tiny_image() -> None:
     assert out.pixels.shape == (64, 64, 3)
     assert (out.width, out.height) == (12, 9)
     assert out.pixels.std() > 10
+    assert out.upscaled
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "upscaled"),
+    [
+        ((600, 400), "center", False),  # passed through as is
+        ((256, 256), "center", False),  # shrunk
+        ((256, 256), "none", False),
+        ((500, 500), "center", True),  # the 400 side must grow to 500
+        ((640, 300), "none", True),  # stretched wider only
+        ((640, 300), "random", True),
+    ],
+)
+def test_upscaled_flag(size: tuple[int, int], crop: str, upscaled: bool) -> None:
+    img = photo("coffee.png")  # 600x400
+    out = resize_and_crop(img, size=size, crop=crop, key="k", seed=0)
+    assert out.upscaled is upscaled
 
 
 def test_unknown_crop_is_a_config_error() -> None:
@@ -461,6 +479,45 @@ def test_preprocess_batch_rows_errors_and_sentinels() -> None:
         assert out["width"][i] == out["height"][i] == out["crop_top"][i] == -1, i
     # The input arrays were not modified.
     assert batch["error"][1] is None and batch["stage"][1] is None
+    # No incoming notes column: one is added; these photos were all shrunk, nothing to note.
+    assert out["notes"].dtype == object and list(out["notes"]) == [None] * 6
+
+
+def _obj(values: list[object]) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def test_preprocess_batch_notes_merge_with_upscale() -> None:
+    config = PreprocessConfig(resolution=64, crop="center")
+    big = encode(photo("coffee.png"), "PNG")
+    tiny = encode(photo("astronaut.png").resize((12, 9)), "PNG")
+    sidecar = "caption is not valid UTF-8 (undecodable bytes replaced)"
+    base = {
+        "key": _obj(["big", "tiny", "tiny2", "err", "end"]),
+        "image": _obj([big, tiny, tiny, None, None]),
+        "error": _obj([None, None, None, "no image member", None]),
+        "stage": _obj([None, None, None, "read", None]),
+        "total": np.array([-1, -1, -1, -1, 4], dtype=np.int64),
+    }
+    with_notes = _read_only({**base, "notes": _obj([sidecar, sidecar, None, sidecar, None])})
+    out = preprocess_batch(with_notes, config=config)
+    assert list(out) == ["key", "error", "stage", "total", "notes", "pixels", "width", "height",
+                         "crop_top", "crop_left"]
+    assert list(out["notes"]) == [
+        sidecar,
+        f"{sidecar}; upscaled from 12x9",
+        "upscaled from 12x9",
+        sidecar,  # an error row keeps what the reader found
+        None,
+    ]
+    assert with_notes["notes"][2] is None  # input untouched
+    # Ray hands an all-null string column over as float NaN.
+    nan_notes = _read_only({**base, "notes": np.full(5, np.nan)})
+    out = preprocess_batch(nan_notes, config=config)
+    assert list(out["notes"]) == [None, "upscaled from 12x9", "upscaled from 12x9", None, None]
+    assert out["pixels"][1].std() > 10
 
 
 def test_preprocess_batch_empty_and_bad_config() -> None:

@@ -24,7 +24,7 @@ from latentize.sinks.commit import ERROR_SCHEMA
 SHAPE = (4, 8, 8)
 FOLDER = "64x64"
 FINGERPRINT = "0123456789abcdef"
-DATA_COLUMNS = ["key", "latent", "caption", "json", "width", "height", "crop_top", "crop_left"]
+DATA_COLUMNS = ["key", "latent", "caption", "json", "notes", "width", "height", "crop_top", "crop_left"]
 
 
 # --- batch builders ----------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def latent_of(shard: str, index: int) -> np.ndarray:
 
 
 def sample(shard: str, index: int, *, error: str | None = None, stage: str | None = None,
-           caption: bool = True) -> dict[str, Any]:
+           caption: bool = True, notes: str | None = None) -> dict[str, Any]:
     """One encoded sample row (an error row carries zero tensors, as the encoder actor makes)."""
     key = f"{shard}{index:04d}"
     failed = error is not None
@@ -47,6 +47,7 @@ def sample(shard: str, index: int, *, error: str | None = None, stage: str | Non
         "index": index,
         "caption": f"a photo {key}" if caption else None,
         "json": json.dumps({"key": key, "index": index}) if caption else None,
+        "notes": notes,
         "error": error,
         "stage": stage,
         "total": -1,
@@ -61,7 +62,7 @@ def sample(shard: str, index: int, *, error: str | None = None, stage: str | Non
 def sentinel(shard: str, total: int, error: str | None = None) -> dict[str, Any]:
     """The end-of-shard row: no key, index -1, ``total`` samples read."""
     return {
-        "key": None, "shard": shard, "index": -1, "caption": None, "json": None,
+        "key": None, "shard": shard, "index": -1, "caption": None, "json": None, "notes": None,
         "error": error, "stage": "read" if error else None, "total": total,
         "width": -1, "height": -1, "crop_top": -1, "crop_left": -1,
         "latent": np.zeros(SHAPE, np.float16),
@@ -90,7 +91,7 @@ def batch_of(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def stage(layout: OutputLayout, rows: list[dict[str, Any]], tensor_columns: tuple[str, ...] = ("latent",)):
-    return stage_batch(batch_of(rows), layout=layout, tensor_columns=list(tensor_columns))
+    return stage_batch(batch_of(rows), layout=layout, tensor_columns=list(tensor_columns)).to_pydict()
 
 
 def reports(staged: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -216,10 +217,10 @@ def test_stage_batch_with_all_null_text_columns(layout: OutputLayout) -> None:
     rows = [sample("00000", i, caption=False) for i in range(3)] + [sentinel("00000", 3)]
     batch = batch_of(rows)
     assert batch["error"].dtype == np.float64 and np.isnan(batch["error"]).all()
-    out = stage_batch(batch, layout=layout, tensor_columns=["latent"])
+    out = stage_batch(batch, layout=layout, tensor_columns=["latent"]).to_pydict()
     part = next(p for p in out["part"] if p)
     table = pq.read_table(part)
-    for name in ("error", "stage", "caption", "json"):
+    for name in ("error", "stage", "caption", "json", "notes"):
         assert table.schema.field(name).type == pa.string()
         assert table.column(name).null_count == 3
     sentinel_row = list(out["part"]).index("")
@@ -373,6 +374,26 @@ def test_shards_with_and_without_captions_read_as_one_table(layout: OutputLayout
     assert not (tmp_path / "out" / "_errors").exists()
 
 
+def test_notes_reach_the_parquet_output(layout: OutputLayout, tmp_path: Path) -> None:
+    # Non-fatal findings travel with data rows; a shard without any (all-NaN column in the
+    # batch) still writes a string column, so both files read as one table.
+    done = stage_and_track(
+        layout,
+        [sample("00000", 0, notes="upscaled from 12x9"), sample("00000", 1),
+         sample("00000", 2, notes="caption is not valid UTF-8 (undecodable bytes replaced)"),
+         sentinel("00000", 3)],
+        [sample("00001", 0), sentinel("00001", 1)],
+    )
+    for shard, (parts, total, error) in done.items():
+        commit(layout, shard, parts, total, error)
+    table = pq.read_table(tmp_path / "out").sort_by("key")
+    assert table.column_names == DATA_COLUMNS
+    assert table.schema.field("notes").type == pa.string()
+    assert table.column("notes").to_pylist() == [
+        "upscaled from 12x9", None, "caption is not valid UTF-8 (undecodable bytes replaced)", None,
+    ]
+
+
 def test_failed_shard_keeps_rows_read_before_the_failure(layout: OutputLayout, tmp_path: Path) -> None:
     done = stage_and_track(layout, [sample("00002", 0), sentinel("00002", 1, error="OSError: truncated tar")])
     marker = commit(layout, "00002", *done["00002"])
@@ -405,7 +426,7 @@ def test_several_tensor_columns(layout: OutputLayout, tmp_path: Path) -> None:
     for i, r in enumerate(rows):
         r["mean"] = r.pop("latent")
         r["logvar"] = (latent_of("00000", i) * 2).astype(np.float16)
-    out = stage_batch(batch_of(rows), layout=layout, tensor_columns=["mean", "logvar"])
+    out = stage_batch(batch_of(rows), layout=layout, tensor_columns=["mean", "logvar"]).to_pydict()
     marker = commit(layout, "00000", [str(out["part"][0])], 2, tensor_columns=("mean", "logvar"))
     table = pq.read_table(tmp_path / "out" / marker["files"][0])
     assert table.column_names[:3] == ["key", "mean", "logvar"]

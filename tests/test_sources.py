@@ -160,13 +160,41 @@ def test_glob_without_match_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("count", [3, 12], ids=["exists-per-file", "one-listing"])
-def test_missing_listed_file_is_named(tmp_path: Path, count: int) -> None:
+def test_missing_listed_file_is_kept_and_named_in_a_warning(
+    tmp_path: Path, count: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One lost shard must not stop the run: it is kept, so reading it fails and records the
+    # shard as failed, while the others are encoded.
     for i in range(count):
         if i != 1:
             _touch(tmp_path / f"{i:05d}.tar")
+    with caplog.at_level(logging.WARNING, logger="latentize.sources.urls"):
+        urls = expand_urls(f"{tmp_path}/{{00000..{count - 1:05d}}}.tar", storage_options={})
+    assert urls == [f"{tmp_path}/{i:05d}.tar" for i in range(count)]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"1 of {count} listed file(s) do not exist" in warning
+    assert f"{tmp_path}/00001.tar" in warning
+
+
+def test_many_missing_files_are_counted_and_the_first_few_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _touch(tmp_path / "00000.tar")
+    with caplog.at_level(logging.WARNING, logger="latentize.sources.urls"):
+        urls = expand_urls(f"{tmp_path}/{{00000..00009}}.tar", storage_options={})
+    assert len(urls) == 10
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "9 of 10 listed file(s) do not exist" in warning
+    assert f"{tmp_path}/00001.tar" in warning and "(and 4 more)" in warning
+    assert f"{tmp_path}/00009.tar" not in warning
+
+
+@pytest.mark.parametrize("count", [1, 3, 12])
+def test_nothing_existing_is_an_error(tmp_path: Path, count: int) -> None:
     with pytest.raises(LatentizeError, match="does not exist") as err:
         expand_urls(f"{tmp_path}/{{00000..{count - 1:05d}}}.tar", storage_options={})
-    assert f"{tmp_path}/00001.tar" in str(err.value)
+    assert f"{tmp_path}/00000.tar" in str(err.value)
+    assert "input.storage_options" in str(err.value)
 
 
 def test_all_present_with_many_files_in_one_folder(tmp_path: Path) -> None:
@@ -391,10 +419,72 @@ def test_webdataset_member_names(tmp_path: Path) -> None:
     assert list(rows) == ["sub/dir/k1", "k2", "k3", "k4"]
     assert rows["sub/dir/k1"].image == b"img1" and rows["sub/dir/k1"].error is None
     assert rows["sub/dir/k1"].caption == "caf\ufffd \ufffd"  # invalid UTF-8 replaced, not fatal
+    assert rows["sub/dir/k1"].notes == "caption is not valid UTF-8 (undecodable bytes replaced)"
+    assert rows["k2"].notes is None
     assert rows["k2"].image == b"img2"
     assert rows["k3"].image is None and rows["k3"].error is not None
     assert "seg.jpg" in rows["k3"].error
     assert rows["k4"].image is None and rows["k4"].error == "duplicate member(s) in sample: jpg"
+
+
+def _pax_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar whose member names go in PAX ``path`` records, so they may hold any character
+    (a NUL included, which a plain ustar name field would cut)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, (name, data) in enumerate(members):
+            info = tarfile.TarInfo(f"placeholder{i}.bin")
+            info.size = len(data)
+            info.pax_headers = {"path": name}
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def test_webdataset_unsafe_keys_are_error_rows(tmp_path: Path) -> None:
+    path = tmp_path / "keys.tar"
+    names = ["../../escape", "/abs", "a\x00b", "a/../../b", "sub/dir/k1", "sub/x-1_a"]
+    members = [(f"{n}.jpg", b"img") for n in names]
+    members.insert(names.index("sub/dir/k1") + 1, ("sub/dir/k1.txt", b"ok"))  # contiguous
+    _pax_tar(path, members)
+    rows = {r.key: r for r in _read("webdataset", str(path))}
+    assert list(rows) == names
+    for name in names[:4]:
+        row = rows[name]
+        assert row.image is None and row.error is not None, name
+        assert row.error.startswith("unsafe key: "), name
+    assert "'..'" in rows["../../escape"].error and "NUL" in rows["a\x00b"].error
+    assert "absolute" in rows["/abs"].error
+    # Sub-folders and dots inside a name are ordinary keys.
+    assert rows["sub/dir/k1"].error is None and rows["sub/dir/k1"].image == b"img"
+    assert rows["sub/dir/k1"].caption == "ok"
+    assert rows["sub/x-1_a"].error is None
+
+
+def test_webdataset_sidecar_problems_are_notes(tmp_path: Path) -> None:
+    path = tmp_path / "sidecars.tar"
+    _write_tar(
+        path,
+        [
+            ("k1.jpg", b"img1"), ("k1.txt", b"caption \xff\xfe"), ("k1.json", b'{"a": 1'),
+            ("k2.jpg", b"img2"), ("k2.json", b'{"caption": "caf\xe9"}'),
+            ("k3.jpg", b"img3"), ("k3.txt", "d\u00e9j\u00e0 vu".encode()), ("k3.json", b'{"w": 3}'),
+            ("k4.jpg", b"img4"), ("k4.json", b""),
+        ],
+    )
+    rows = {r.key: r for r in _read("webdataset", str(path))}
+    assert all(r.error is None and r.image for r in rows.values())
+    assert rows["k1"].caption == "caption \ufffd\ufffd"
+    assert rows["k1"].json == '{"a": 1'  # carried raw
+    assert rows["k1"].notes == (
+        "caption is not valid UTF-8 (undecodable bytes replaced); json sidecar is not valid "
+        "JSON: Expecting ',' delimiter: line 1 column 8 (char 7)"
+    )
+    assert rows["k2"].json == '{"caption": "caf\ufffd"}'
+    assert rows["k2"].notes is not None and rows["k2"].notes.startswith(
+        "json sidecar is not valid JSON: not UTF-8"
+    )
+    assert (rows["k3"].caption, rows["k3"].json, rows["k3"].notes) == ("d\u00e9j\u00e0 vu", '{"w": 3}', None)
+    assert rows["k4"].notes == "json sidecar is not valid JSON: Expecting value: line 1 column 1 (char 0)"
 
 
 def test_webdataset_streams(tmp_path: Path) -> None:
@@ -530,6 +620,52 @@ def test_parquet_optional_columns_map_json_and_int_keys(tmp_path: Path) -> None:
     assert [json.loads(r.json or "") for r in rows] == [{"x": 1}, {"y": 2}]
 
 
+def test_parquet_unsafe_keys_and_sidecar_notes(tmp_path: Path) -> None:
+    # A string column written without UTF-8 validation (some writers do that): one bad cell
+    # must become a note, not end the shard.
+    captions = pa.array([b"ok", b"caf\xe9", None, b"c", b"d"], pa.binary()).view(pa.string())
+    table = pa.table(
+        {
+            "key": ["good", "../up", "", "a\x00b", "/abs", "x\\..\\win", "fine..name"],
+            "jpg": [b"img"] * 7,
+            "txt": pa.concat_arrays([captions, pa.array([None, None], pa.string())]),
+            "json": ['{"a": 1}', "{not json", None, "[1, 2]", "nan?", None, None],
+        }
+    )
+    path = tmp_path / "k.parquet"
+    pq.write_table(table, path)
+    rows = _read("parquet", str(path))
+    assert [r.key for r in rows] == ["good", "../up", "", "a\x00b", "/abs", "x\\..\\win", "fine..name"]
+    assert rows[0].error is None and rows[0].image == b"img" and rows[0].notes is None
+    assert rows[6].error is None and rows[6].image == b"img"  # dots inside a name are fine
+    for row in rows[1:6]:
+        assert row.image is None and row.error is not None and row.error.startswith("unsafe key: ")
+    assert rows[2].error == "unsafe key: empty"
+    assert rows[1].caption == "caf\ufffd"
+    assert rows[1].notes is not None
+    assert rows[1].notes.startswith("caption is not valid UTF-8 (undecodable bytes replaced); json sidecar")
+    assert rows[3].notes is None and rows[3].json == "[1, 2]"
+    assert rows[4].notes is not None and "not valid JSON" in rows[4].notes
+
+
+def test_parquet_binary_sidecars(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "key": ["k0", "k1"],
+            "jpg": [b"a", b"b"],
+            "txt": pa.array([b"fine", b"\xff"], pa.large_binary()),
+            "json": pa.array([b'{"x": 1}', b'{"x": \xff}'], pa.binary()),
+        }
+    )
+    path = tmp_path / "b.parquet"
+    pq.write_table(table, path)
+    rows = _read("parquet", str(path))
+    assert (rows[0].caption, rows[0].json, rows[0].notes) == ("fine", '{"x": 1}', None)
+    assert rows[1].caption == "\ufffd" and rows[1].json == '{"x": \ufffd}'
+    assert rows[1].notes is not None and rows[1].notes.count("; ") == 1
+    assert "json sidecar is not valid JSON: not UTF-8" in rows[1].notes
+
+
 def test_parquet_missing_or_wrong_image_column(tmp_path: Path) -> None:
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"key": ["a"], "image": [b"x"], "n": [1]}), path)
@@ -569,21 +705,28 @@ def test_s3_expand_errors(s3: dict[str, Any], small_photos: list[ShardSample]) -
     no_match = re.escape(f"no file matches 's3://{_BUCKET}/errs/*.parquet'")
     with pytest.raises(LatentizeError, match=no_match):
         expand_urls(f"s3://{_BUCKET}/errs/*.parquet", storage_options=s3)
+    # Some listed objects missing: kept (recorded as failed shards when read).
+    urls = expand_urls(f"s3://{_BUCKET}/errs/{{00000..00001}}.tar", storage_options=s3)
+    assert urls == [f"s3://{_BUCKET}/errs/00000.tar", f"s3://{_BUCKET}/errs/00001.tar"]
+    # None of them there: nothing to do, surely a wrong path.
     missing = re.escape(f"'s3://{_BUCKET}/errs/00001.tar' does not exist")
     with pytest.raises(LatentizeError, match=missing):
-        expand_urls(f"s3://{_BUCKET}/errs/{{00000..00001}}.tar", storage_options=s3)
+        expand_urls(f"s3://{_BUCKET}/errs/{{00001..00002}}.tar", storage_options=s3)
 
 
-def test_s3_brace_range_over_many_shards(s3: dict[str, Any]) -> None:
+def test_s3_brace_range_over_many_shards(
+    s3: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     tiny = [ShardSample(key="000000000", image=b"x")]
     for i in range(10):
         if i != 6:
             write_webdataset_shard(f"s3://{_BUCKET}/many/{i:05d}.tar", tiny, storage_options=s3)
     urls = expand_urls(f"s3://{_BUCKET}/many/{{00000..00005}}.tar", storage_options=s3)
     assert urls == [f"s3://{_BUCKET}/many/{i:05d}.tar" for i in range(6)]
-    missing = re.escape(f"'s3://{_BUCKET}/many/00006.tar' does not exist")
-    with pytest.raises(LatentizeError, match=missing):
-        expand_urls(f"s3://{_BUCKET}/many/{{00000..00009}}.tar", storage_options=s3)
+    with caplog.at_level(logging.WARNING, logger="latentize.sources.urls"):
+        urls = expand_urls(f"s3://{_BUCKET}/many/{{00000..00009}}.tar", storage_options=s3)
+    assert urls == [f"s3://{_BUCKET}/many/{i:05d}.tar" for i in range(10)]
+    assert f"'s3://{_BUCKET}/many/00006.tar'" in caplog.text and "1 of 10" in caplog.text
 
 
 def test_s3_read_parquet(s3: dict[str, Any], small_photos: list[ShardSample]) -> None:

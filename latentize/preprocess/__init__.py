@@ -26,9 +26,24 @@ __all__ = [
     "preprocess_sample",
     "resize_and_crop",
     "to_rgb",
+    "upscale_note",
 ]
 
 logger = logging.getLogger(__name__)
+
+# Several findings in one ``notes`` cell are joined like this (as the readers do).
+_NOTES_SEPARATOR = "; "
+
+
+def _add_note(notes: str | None, note: str) -> str:
+    return note if not notes else f"{notes}{_NOTES_SEPARATOR}{note}"
+
+
+def upscale_note(cropped: Cropped) -> str | None:
+    """The ``notes`` finding for a preprocessed image: ``"upscaled from {w}x{h}"`` or None."""
+    if not cropped.upscaled:
+        return None
+    return f"upscaled from {cropped.width}x{cropped.height}"
 
 
 def preprocess_sample(data: bytes, *, key: str, config: PreprocessConfig) -> Cropped:
@@ -75,16 +90,20 @@ def preprocess_batch(
     """Ray Data batch function: encoded images in, fixed-size pixels out, one row per row.
 
     Input columns (all length N): ``key`` (object, str), ``image`` (object, bytes or None),
-    ``error`` and ``stage`` (object, str or None), ``total`` (int64; ``>= 0`` marks an
+    ``error``, ``stage`` and ``notes`` (object, str or None; ``notes`` may be absent, and an
+    all-null column may arrive as float NaN), ``total`` (int64; ``>= 0`` marks an
     end-of-shard sentinel row, not an image), plus any other columns, passed through.
     The input arrays are never written to (Ray may hand over read-only zero-copy views).
 
     Returns:
-        The same columns in the same order minus ``image``, with ``error``/``stage`` as new
-        arrays, plus ``pixels`` (N, H, W, 3) uint8 (zeros where a row has no image) and
+        The same columns in the same order minus ``image``, with ``error``/``stage``/``notes``
+        as new (N,) object arrays of str or None (``notes`` appended when it was absent),
+        plus ``pixels`` (N, H, W, 3) uint8 (zeros where a row has no image) and
         ``width``, ``height``, ``crop_top``, ``crop_left`` (N,) int32 (``-1`` there).
         Rows already errored and sentinel rows are passed through untouched; a row that
-        fails here gets ``error`` = the reason and ``stage`` = the failing stage.
+        fails here gets ``error`` = the reason and ``stage`` = the failing stage. A row whose
+        image had to be enlarged gets ``"upscaled from {w}x{h}"`` added to its ``notes``
+        (findings are joined with ``"; "``).
 
     Raises:
         LatentizeError: only for run-level problems (unknown crop mode), never for a sample.
@@ -97,6 +116,7 @@ def preprocess_batch(
     images = batch["image"]
     error = text_column(batch.get("error"), n)
     stage = text_column(batch.get("stage"), n)
+    notes = text_column(batch.get("notes"), n)
     total = np.asarray(batch["total"]) if "total" in batch else np.full(n, -1, np.int64)
 
     pixels = np.zeros((n, height_px, width_px, 3), dtype=np.uint8)
@@ -132,6 +152,9 @@ def preprocess_batch(
         meta["height"][i] = out.height
         meta["crop_top"][i] = out.crop_top
         meta["crop_left"][i] = out.crop_left
+        note = upscale_note(out)
+        if note is not None:
+            notes[i] = _add_note(notes[i], note)
 
     if failed:
         logger.debug("preprocess batch: %d of %d rows failed", failed, n)
@@ -143,6 +166,7 @@ def preprocess_batch(
         result[name] = column
     result["error"] = error
     result["stage"] = stage
+    result["notes"] = notes
     result["pixels"] = pixels
     result.update(meta)
     return result

@@ -34,6 +34,9 @@ class Cropped:
         height: source image height after EXIF orientation, before any resize.
         crop_top: row of the crop's top edge in the resized image (0 when nothing was cut).
         crop_left: column of the crop's left edge in the resized image.
+        upscaled: the image had to be enlarged (in either dimension) to reach the resolution,
+            so its pixels hold less detail than the resolution suggests; the batch function
+            records it in the row's ``notes``.
     """
 
     pixels: np.ndarray
@@ -41,6 +44,7 @@ class Cropped:
     height: int
     crop_top: int
     crop_left: int
+    upscaled: bool = False
 
 
 #: A crop mode: ``(rgb_image, (W, H), key, seed) -> (resized_image, crop_top, crop_left)``.
@@ -118,7 +122,8 @@ def resize_and_crop(
 
     Returns:
         :class:`Cropped` with ``pixels`` of shape (H, W, 3) uint8. An image already of size
-        ``size`` is passed through without resampling, offsets 0.
+        ``size`` is passed through without resampling, offsets 0. ``upscaled`` is True when
+        the resized image is larger than ``img`` in width or height.
 
     Raises:
         ConfigError: ``crop`` is not a registered crop mode.
@@ -140,4 +145,13 @@ def resize_and_crop(
         )
     # np.array copies: the slice is a strided, read-only view into Pillow's buffer.
     pixels = np.array(arr, dtype=np.uint8, order="C", copy=True)
-    return Cropped(pixels=pixels, width=width, height=height, crop_top=top, crop_left=left)
+    # Judged on the resized image, not the crop mode, so every mode (and a new one) agrees.
+    upscaled = resized.width > width or resized.height > height
+    return Cropped(
+        pixels=pixels,
+        width=width,
+        height=height,
+        crop_top=top,
+        crop_left=left,
+        upscaled=upscaled,
+    )

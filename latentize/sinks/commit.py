@@ -45,6 +45,8 @@ _PASSTHROUGH: dict[str, pa.DataType] = {
     "index": pa.int64(),
     "caption": pa.string(),
     "json": pa.string(),
+    # Non-fatal findings (bad sidecar, upscaled image), "; "-joined; None when clean.
+    "notes": pa.string(),
     "error": pa.string(),
     "stage": pa.string(),
     "width": pa.int32(),
@@ -76,7 +78,7 @@ def stage_batch(
     *,
     layout: OutputLayout,
     tensor_columns: list[str],
-) -> dict[str, np.ndarray]:
+) -> pa.Table:
     """Ray map_batches function: stage encoded rows per shard; report parts and sentinels.
 
     Args:
@@ -84,8 +86,8 @@ def stage_batch(
             rows), the passthrough columns and the encoder's tensor columns (N, *shape).
 
     Returns:
-        One row per part or sentinel: ``shard`` (str), ``part`` (str, empty for sentinels),
-        ``indices`` (int64 array of the part's row indices), ``total`` (int64, -1 for parts),
+        An Arrow table, one row per part or sentinel: ``shard`` (str), ``part`` (str, empty
+        for sentinels), ``indices`` (list<int64>: the part's row indices), ``total`` (int64, -1 for parts),
         ``shard_error`` (str or None: why reading the shard stopped early).
     """
     shards = np.asarray(batch["shard"], dtype=object)
@@ -116,9 +118,17 @@ def stage_batch(
         out["indices"].append(indices)
         out["total"].append(-1)
         out["shard_error"].append(None)
-    result = {k: np.array(v, dtype=object) for k, v in out.items() if k != "total"}
-    result["total"] = np.array(out["total"], dtype=np.int64)
-    return result
+    # An explicit schema: left to Ray, equal-length index lists would become a tensor column in
+    # one block and objects in another, which Ray cannot concatenate.
+    return pa.table(
+        {
+            "shard": pa.array(out["shard"], pa.string()),
+            "part": pa.array(out["part"], pa.string()),
+            "indices": pa.array([i.tolist() for i in out["indices"]], pa.list_(pa.int64())),
+            "total": pa.array(out["total"], pa.int64()),
+            "shard_error": pa.array(out["shard_error"], pa.string()),
+        }
+    )
 
 
 @dataclass
@@ -197,6 +207,7 @@ def commit_shard(
         tables.append(pq.read_table(pa.BufferReader(layout.read_bytes(part))))
     files: list[str] = []
     n_ok = n_err = 0
+    by_stage: dict[str, int] = {}
     if tables:
         table = pa.concat_tables(tables)
         # Keep each index once (a redone batch may have been staged twice), in input order.
@@ -212,6 +223,8 @@ def commit_shard(
         ok = table.filter(pc.invert(failed))
         err = table.filter(failed)
         n_ok, n_err = ok.num_rows, err.num_rows
+        for stage in err.column("stage").to_pylist():
+            by_stage[stage] = by_stage.get(stage, 0) + 1
         if n_ok:
             sink = SINKS.get(sink_name)
             path = layout.data_path(folder, shard, sink.extension)
@@ -241,6 +254,7 @@ def commit_shard(
         "samples": total,
         "ok": n_ok,
         "failed": n_err,
+        "failed_by_stage": by_stage,
         "files": [p[len(layout.root) + 1 :] for p in files],
         "fingerprint": fingerprint,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -2,6 +2,7 @@
 
 ```
 OUT/_manifest.json          run identity, resolved config, totals
+OUT/_inputs.parquet         the run's input shards: url, shard id
 OUT/<W>x<H>/<shard>.<ext>   data: one folder per latent shape (named for its source size)
 OUT/_shards/<shard>.json    commit marker: written last, after the shard's files are durable
 OUT/_errors/<shard>.parquet one row per failed sample
@@ -31,6 +32,7 @@ __all__ = ["OutputLayout", "data_folder"]
 logger = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
+INPUTS = "_inputs.parquet"
 MARKERS = "_shards"
 ERRORS = "_errors"
 STAGING = "_staging"
@@ -135,6 +137,29 @@ class OutputLayout:
     # -- state --------------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
         return self.read_json(self.manifest_path)
+
+    def write_inputs(self, shards: list[tuple[str, str]]) -> None:
+        """Records the run's ``(url, shard id)`` list (``status`` counts pending shards from it)."""
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        table = pa.table({"url": [u for u, _ in shards], "shard": [s for _, s in shards]})
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(self.join(INPUTS), buf.getvalue())
+
+    def read_inputs(self) -> list[tuple[str, str]]:
+        """The ``(url, shard id)`` list written by :meth:`write_inputs` (empty if absent)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(pa.BufferReader(self.read_bytes(self.join(INPUTS))))
+        except FileNotFoundError:
+            return []
+        return list(zip(table.column("url").to_pylist(), table.column("shard").to_pylist()))
 
     def read_markers(self) -> dict[str, dict[str, Any]]:
         """All commit markers, by shard id."""

@@ -7,15 +7,27 @@ container, so that the read stage stays cheap and bounded in memory.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol
 
 from latentize.config import InputConfig
 from latentize.errors import ConfigError
 from latentize.registry import Registry
 
-__all__ = ["RawSample", "Reader", "SOURCES", "infer_format"]
+__all__ = [
+    "RawSample",
+    "Reader",
+    "NOTES_SEPARATOR",
+    "SOURCES",
+    "caption_text",
+    "infer_format",
+    "join_notes",
+    "json_text",
+    "unsafe_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +42,11 @@ class RawSample:
         caption: caption text carried through, or ``None``.
         json: raw JSON metadata text carried through, or ``None``.
         error: a read-stage problem with this sample (``"no image member (expected one of:
-            jpg)"``, ``"duplicate key in shard: second occurrence"``, ``"null image"``);
-            ``None`` for a good sample.
+            jpg)"``, ``"duplicate key in shard: second occurrence"``, ``"null image"``,
+            ``"unsafe key: ..."``); ``None`` for a good sample.
+        notes: non-fatal findings about the sample's sidecars (a caption that is not UTF-8, a
+            json member that does not parse), joined with ``"; "``; ``None`` when there are
+            none. The sample still encodes; the note travels to the output's ``notes`` column.
     """
 
     key: str
@@ -39,6 +54,93 @@ class RawSample:
     caption: str | None = None
     json: str | None = None
     error: str | None = None
+    notes: str | None = None
+
+
+# --- shared per-sample checks of the readers ---------------------------------------------------
+
+#: Separator of several findings in one ``notes`` cell.
+NOTES_SEPARATOR = "; "
+# Keys become member names of WebDataset output (and may become file names in whatever a user
+# extracts them to): a backslash is a separator on Windows, so ".." is refused behind either.
+_KEY_PARTS = re.compile(r"[/\\]")
+# A reason quoted in a note is cut here: the note is for people, the sidecar is still carried.
+_REASON_CHARS = 120
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why ``key`` must not name anything on a filesystem, or ``None`` when it is safe.
+
+    Unsafe: empty, containing a NUL byte, absolute (starts with ``/``), or having a ``..``
+    path component (split on ``/`` and ``\\``). Ordinary sub-folders (``sub/dir/k1``) are safe:
+    img2dataset-style WebDataset keys may carry them.
+
+    Returns:
+        ``"unsafe key: <reason>"``, ready to be a read-stage error, or ``None``.
+    """
+    if not key:
+        return "unsafe key: empty"
+    if "\x00" in key:
+        return "unsafe key: contains a NUL byte"
+    if key.startswith("/"):
+        return "unsafe key: absolute path (starts with '/')"
+    if ".." in _KEY_PARTS.split(key):
+        return "unsafe key: has a '..' path component (would point outside the output folder)"
+    return None
+
+
+def join_notes(notes: Iterable[str | None]) -> str | None:
+    """Joins the non-empty findings with ``"; "``; ``None`` when there is none."""
+    found = [n for n in notes if n]
+    return NOTES_SEPARATOR.join(found) if found else None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def caption_text(data: bytes | None) -> tuple[str | None, str | None]:
+    """A caption member's bytes -> ``(text, note)``.
+
+    Invalid UTF-8 must not cost the sample: the text is kept with the bad bytes replaced
+    (U+FFFD) and the note says so.
+    """
+    if data is None:
+        return None, None
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return (
+            data.decode("utf-8", errors="replace"),
+            "caption is not valid UTF-8 (undecodable bytes replaced)",
+        )
+
+
+def json_text(data: bytes | str | None) -> tuple[str | None, str | None]:
+    """A json sidecar (bytes or text) -> ``(raw text, note)``.
+
+    The raw text is carried as it is (decoded with replacement when not UTF-8); when it is
+    not valid JSON the note names why, in a short reason (``"json sidecar is not valid JSON:
+    Expecting value: line 1 column 1 (char 0)"``), so a reader of the output can tell.
+    """
+    if data is None:
+        return None, None
+    if isinstance(data, str):
+        text = data
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            reason = f"not UTF-8 ({exc.reason} at byte {exc.start})"
+            return data.decode("utf-8", errors="replace"), f"json sidecar is not valid JSON: {reason}"
+    try:
+        json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        return text, f"json sidecar is not valid JSON: {_short(str(exc))}"
+    except RecursionError:
+        # Deeply nested arrays: valid JSON in principle, but not something anyone can load.
+        return text, "json sidecar is not valid JSON: nested too deeply to parse"
+    return text, None
 
 
 class Reader(Protocol):

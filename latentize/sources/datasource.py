@@ -38,6 +38,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("caption", pa.string()),
         ("json", pa.string()),
+        ("notes", pa.string()),
         ("error", pa.string()),
         ("stage", pa.string()),
         # -1 on sample rows; the number of samples on the shard's end sentinel row.
@@ -73,6 +74,7 @@ def read_shard(*, url: str, shard: str, fmt: str, config: InputConfig) -> Iterat
                             "image": sample.image,
                             "caption": sample.caption,
                             "json": sample.json,
+                            "notes": sample.notes,
                             "error": sample.error,
                             "stage": "read" if sample.error else None,
                             "total": -1,
@@ -105,6 +107,7 @@ def read_shard(*, url: str, shard: str, fmt: str, config: InputConfig) -> Iterat
             "image": None,
             "caption": None,
             "json": None,
+            "notes": None,
             "error": shard_error,
             "stage": "read" if shard_error else None,
             "total": index,

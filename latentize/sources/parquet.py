@@ -17,7 +17,14 @@ import pyarrow.parquet as pq
 
 from latentize.config import InputConfig
 from latentize.errors import ConfigError
-from latentize.sources.base import SOURCES, RawSample
+from latentize.sources.base import (
+    SOURCES,
+    RawSample,
+    caption_text,
+    join_notes,
+    json_text,
+    unsafe_key,
+)
 
 __all__ = ["read_parquet"]
 
@@ -29,6 +36,9 @@ _warned_lock = threading.Lock()
 
 # Converts one column of a record batch to Python values, chosen once per file from its type.
 _Column = Callable[[pa.Array], list[Any]]
+# The same for a sidecar column: (values, notes), a note (or None) per row saying what was
+# wrong with that row's value (see RawSample.notes).
+_NotedColumn = Callable[[pa.Array], tuple[list[Any], list[Any]]]
 
 
 def _warn_once(message: str) -> None:
@@ -90,6 +100,44 @@ def _text_column(tp: pa.DataType) -> _Column:
     return lambda arr: [_as_text(v) for v in arr.to_pylist()]
 
 
+def _unnoted(column: _Column) -> _NotedColumn:
+    return lambda arr: (column(arr), [None] * len(arr))
+
+
+def _binary_twin(tp: pa.DataType) -> pa.DataType:
+    """The binary type with the same memory layout as the string type ``tp``."""
+    if pa.types.is_large_string(tp):
+        return pa.large_binary()
+    if not pa.types.is_string(tp):
+        return pa.binary_view()  # string_view, the only other string type
+    return pa.binary()
+
+
+def _per_value(
+    check: Callable[[Any], tuple[str | None, str | None]], tp: pa.DataType
+) -> _NotedColumn:
+    """Runs ``check`` on each value's raw bytes.
+
+    A string column is viewed as binary first (zero-copy): Parquet writers do not all
+    validate UTF-8, and one bad cell would otherwise raise in ``to_pylist`` and end the shard.
+    """
+    twin = _binary_twin(tp) if _is_string(tp) else None
+
+    def read(arr: pa.Array) -> tuple[list[Any], list[Any]]:
+        raw = arr.view(twin) if twin is not None else arr
+        pairs = [check(v) for v in raw.to_pylist()]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    return read
+
+
+def _caption_column(tp: pa.DataType) -> _NotedColumn:
+    if _is_binary(tp) or _is_string(tp):
+        return _per_value(caption_text, tp)
+    # Numbers and other scalars: their text form, nothing to note.
+    return _unnoted(_text_column(tp))
+
+
 def _json_value(value: Any, *, is_map: bool) -> str | None:
     if value is None:
         return None
@@ -99,11 +147,13 @@ def _json_value(value: Any, *, is_map: bool) -> str | None:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _json_column(tp: pa.DataType) -> _Column:
+def _json_column(tp: pa.DataType) -> _NotedColumn:
     if _is_string(tp) or _is_binary(tp):
-        return _text_column(tp)
+        # Text as written by whoever made the shard: carried raw, checked that it parses.
+        return _per_value(json_text, tp)
+    # Structured columns (struct, map, list) are serialised here, so always valid JSON.
     is_map = pa.types.is_map(tp)
-    return lambda arr: [_json_value(v, is_map=is_map) for v in arr.to_pylist()]
+    return _unnoted(lambda arr: [_json_value(v, is_map=is_map) for v in arr.to_pylist()])
 
 
 def _optional(name: str | None, schema: pa.Schema, what: str) -> str | None:
@@ -124,7 +174,10 @@ def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSa
 
     The image column (``config.image_field``) may be binary or a Hugging Face Image struct
     (``{bytes, path}``). Keys come from ``config.key_field``; without that column a row's key is
-    its index in the file (``000000042``). Missing caption / json columns give ``None``.
+    its index in the file (``000000042``). Missing caption / json columns give ``None``. A null
+    key or image, or a key unsafe as a path (:func:`~latentize.sources.base.unsafe_key`), makes
+    an error row; a caption that is not UTF-8 or a json text that does not parse (or is not
+    UTF-8) is kept and recorded in ``notes``.
 
     Raises:
         ConfigError: the image column is missing or not binary (lists the available columns).
@@ -157,12 +210,16 @@ def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSa
         "image": (config.image_field, get_image),
         "path": (config.image_field, get_path) if get_path else None,
         "key": (key_col, _text_column(schema.field(key_col).type)) if key_col else None,
+    }
+    # The sidecar fields, whose getters also say what was wrong with each value.
+    sidecars: dict[str, tuple[str, _NotedColumn] | None] = {
         "caption": (
-            (caption_col, _text_column(schema.field(caption_col).type)) if caption_col else None
+            (caption_col, _caption_column(schema.field(caption_col).type)) if caption_col else None
         ),
         "json": (json_col, _json_column(schema.field(json_col).type)) if json_col else None,
     }
-    columns = list(dict.fromkeys(spec[0] for spec in readers.values() if spec))
+    specs = [*readers.values(), *sidecars.values()]
+    columns = list(dict.fromkeys(spec[0] for spec in specs if spec))
 
     row = 0
     for batch in pf.iter_batches(batch_size=config.rows_per_block, columns=columns):
@@ -171,8 +228,12 @@ def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSa
             field: spec[1](batch.column(spec[0])) if spec else [None] * n
             for field, spec in readers.items()
         }
+        noted = {
+            field: spec[1](batch.column(spec[0])) if spec else ([None] * n, [None] * n)
+            for field, spec in sidecars.items()
+        }
         images, paths, keys = values["image"], values["path"], values["key"]
-        captions, metas = values["caption"], values["json"]
+        (captions, caption_notes), (metas, json_notes) = noted["caption"], noted["json"]
         for i in range(n):
             key = keys[i]
             error: str | None = None
@@ -180,6 +241,8 @@ def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSa
                 if key_col is not None:
                     error = "null key"
                 key = f"{row + i:09d}"
+            else:
+                error = unsafe_key(key)
             image = images[i]
             if image is None and error is None:
                 error = "null image" + (f" (path only: {paths[i]})" if paths[i] else "")
@@ -189,5 +252,6 @@ def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSa
                 caption=captions[i],
                 json=metas[i],
                 error=error,
+                notes=join_notes([caption_notes[i], json_notes[i]]),
             )
         row += n

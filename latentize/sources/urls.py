@@ -30,6 +30,8 @@ _NO_GLOB_PROTOCOLS = ("http://", "https://")
 # From this many listed files in one folder on, one listing is cheaper than one HEAD each
 # (a brace range over 10k shards on S3 would otherwise cost 10k sequential requests).
 _LIST_THRESHOLD = 8
+# How many missing files a warning names; the count says how many there are in all.
+_SHOW_MISSING = 5
 _SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".pq")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -83,8 +85,12 @@ def _glob(url: str, storage_options: dict[str, Any]) -> list[str]:
     return [chain + fs.unstrip_protocol(p) for p in files]
 
 
-def _check_exist(urls: list[str], storage_options: dict[str, Any]) -> None:
-    """Raises a LatentizeError naming the first of ``urls`` that does not exist."""
+def _missing(urls: list[str], storage_options: dict[str, Any]) -> list[str]:
+    """The URLs of ``urls`` that do not exist, in the order of ``urls``.
+
+    Raises:
+        LatentizeError: the store cannot be reached at all (names the URL, never the options).
+    """
     groups: dict[tuple[AbstractFileSystem, str], list[tuple[str, str]]] = defaultdict(list)
     for url in urls:
         fs, path = _url_to_fs(url, storage_options)
@@ -102,14 +108,13 @@ def _check_exist(urls: list[str], storage_options: dict[str, Any]) -> None:
                 continue
             if not _access(url, lambda fs=fs, path=path: fs.exists(path)):
                 missing.add(url)
-    for url in urls:
-        if url in missing:
-            others = len(missing) - 1
-            more = f" (and {others} other listed file(s))" if others else ""
-            raise LatentizeError(
-                f"input.urls: {url!r} does not exist{more}; check the path and "
-                "input.storage_options"
-            )
+    return [url for url in urls if url in missing]
+
+
+def _describe(missing: list[str]) -> str:
+    shown = ", ".join(repr(u) for u in missing[:_SHOW_MISSING])
+    more = len(missing) - _SHOW_MISSING
+    return shown + (f" (and {more} more)" if more > 0 else "")
 
 
 def expand_urls(urls: str | list[str], *, storage_options: dict[str, Any]) -> list[str]:
@@ -120,9 +125,14 @@ def expand_urls(urls: str | list[str], *, storage_options: dict[str, Any]) -> li
     are kept as given (relative local paths stay relative) after checking they exist.
     Duplicates are dropped, keeping the first occurrence.
 
+    A listed file that does not exist, while others do, is logged as a warning and **kept**:
+    reading it fails, and the run records that shard as failed with its reason while the
+    other shards complete (one lost object must not stop a run over thousands of shards).
+
     Raises:
-        LatentizeError: no URLs, a glob matching nothing, a listed file missing, or an
-            unreachable store (the message names the URL and the back-end's error).
+        LatentizeError: no URLs, a glob matching nothing, none of the listed files existing
+            (nothing to do: surely a wrong path), or an unreachable store (the message names
+            the URL and the back-end's error).
     """
     items = [urls] if isinstance(urls, str) else list(urls)
     if not items:
@@ -142,7 +152,20 @@ def expand_urls(urls: str | list[str], *, storage_options: dict[str, Any]) -> li
                 out.append(match)
                 if not globbed:
                     listed.append(match)
-    _check_exist(listed, storage_options)
+    missing = _missing(listed, storage_options)
+    if missing and len(missing) == len(out):
+        others = len(missing) - 1
+        more = f" (and {others} other listed file(s))" if others else ""
+        raise LatentizeError(
+            f"input.urls: {missing[0]!r} does not exist{more}, and no input file does; check "
+            "the path and input.storage_options"
+        )
+    if missing:
+        logger.warning(
+            "input.urls: %d of %d listed file(s) do not exist: %s; they will be recorded as "
+            "failed shards, the others are encoded",
+            len(missing), len(out), _describe(missing),
+        )
     logger.info("input.urls: %d shard(s)", len(out))
     return out
 

@@ -23,7 +23,14 @@ from typing import BinaryIO, Iterator
 from webdataset.tariterators import base_plus_ext
 
 from latentize.config import InputConfig
-from latentize.sources.base import SOURCES, RawSample
+from latentize.sources.base import (
+    SOURCES,
+    RawSample,
+    caption_text,
+    join_notes,
+    json_text,
+    unsafe_key,
+)
 
 __all__ = ["read_webdataset"]
 
@@ -38,11 +45,6 @@ def _suffixes(field: str | None) -> list[str]:
     return [s.strip().lower().lstrip(".") for s in field.split(";") if s.strip()]
 
 
-def _text(data: bytes | None) -> str | None:
-    # A bad byte in a caption must not cost the sample: keep the text, mark the byte.
-    return None if data is None else data.decode("utf-8", errors="replace")
-
-
 class _Sample:
     """The members of one key collected so far (only the ones the config asks for)."""
 
@@ -53,28 +55,45 @@ class _Sample:
         self.found: list[str] = []
         self.repeated: list[str] = []
 
+    def _error(self, image: bytes | None, image_exts: list[str]) -> str | None:
+        """This sample's read-stage error, or ``None``.
+
+        The unsafe-key check comes first: whatever else is wrong, such a key must never name
+        an output.
+        """
+        unsafe = unsafe_key(self.key)
+        if unsafe is not None:
+            return unsafe
+        if self.occurrence > 1:
+            nth = _ORDINALS.get(self.occurrence)
+            if nth:
+                return f"duplicate key in shard: {nth} occurrence"
+            return f"duplicate key in shard: occurrence {self.occurrence}"
+        if self.repeated:
+            return f"duplicate member(s) in sample: {', '.join(sorted(set(self.repeated)))}"
+        if image is None:
+            found = ", ".join(self.found) or "none"
+            return f"no image member (expected one of: {', '.join(image_exts)}); found: {found}"
+        return None
+
     def finish(
         self, *, image_exts: list[str], caption_ext: str | None, json_ext: str | None
     ) -> RawSample:
-        caption = _text(self.members.get(caption_ext)) if caption_ext else None
-        meta = _text(self.members.get(json_ext)) if json_ext else None
+        # A bad sidecar must not cost the sample: its text is kept and the problem noted.
+        caption, caption_note = caption_text(self.members.get(caption_ext) if caption_ext else None)
+        meta, json_note = json_text(self.members.get(json_ext) if json_ext else None)
         image = next((self.members[e] for e in image_exts if e in self.members), None)
-        error: str | None = None
-        if self.occurrence > 1:
-            nth = _ORDINALS.get(self.occurrence)
-            error = (
-                f"duplicate key in shard: {nth} occurrence"
-                if nth
-                else f"duplicate key in shard: occurrence {self.occurrence}"
-            )
-        elif self.repeated:
-            error = f"duplicate member(s) in sample: {', '.join(sorted(set(self.repeated)))}"
-        elif image is None:
-            found = ", ".join(self.found) or "none"
-            error = f"no image member (expected one of: {', '.join(image_exts)}); found: {found}"
+        error = self._error(image, image_exts)
         if error is not None:
             image = None
-        return RawSample(key=self.key, image=image, caption=caption, json=meta, error=error)
+        return RawSample(
+            key=self.key,
+            image=image,
+            caption=caption,
+            json=meta,
+            error=error,
+            notes=join_notes([caption_note, json_note]),
+        )
 
 
 def _check_clean_end(tar: tarfile.TarFile) -> None:
@@ -100,8 +119,10 @@ def read_webdataset(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[Ra
     image suffixes in order of preference (``"jpg;png;webp"``); ``caption_field`` and
     ``json_field`` name the text members (``None``: not read). Non-regular members and names
     starting with ``__`` or ``.`` are skipped; members of other suffixes are skipped unread (so
-    nothing is ever unpickled). A key without an image member, or seen again after other keys,
-    becomes an error row.
+    ``.pth`` / ``.pkl`` / ``.pickle`` members are never unpickled, nor even read). A key without
+    an image member, seen again after other keys, or unsafe as a path (empty, NUL, absolute,
+    ``..``; see :func:`~latentize.sources.base.unsafe_key`) becomes an error row. A caption
+    that is not UTF-8 or a json member that does not parse is kept and recorded in ``notes``.
 
     Raises:
         tarfile.ReadError: not a tar, or truncated; raised after the complete samples before

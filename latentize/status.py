@@ -1,0 +1,96 @@
+"""What an output root holds: shards committed / failed / pending, samples, error reasons.
+
+Computed from the output alone (manifest, input list, markers, errors tables), so it works for
+a run in progress, a crashed run or a finished one, from any machine that can read the output.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from latentize.errors import LatentizeError
+from latentize.sinks.layout import ERRORS, OutputLayout
+
+__all__ = ["output_status", "format_status"]
+
+logger = logging.getLogger(__name__)
+
+#: Error reasons listed by ``status`` (the most frequent first).
+TOP_REASONS = 20
+
+
+def output_status(layout: OutputLayout) -> dict[str, Any]:
+    """Summarises the run in ``layout``.
+
+    Returns:
+        A JSON-ready dict: ``shards`` (total, committed, failed, pending, plus the failed and
+        pending shard ids with reasons), ``samples`` (ok, failed), ``errors`` (reason -> count,
+        most frequent first, and by stage), ``complete`` and the manifest's ``status``.
+
+    Raises:
+        LatentizeError: the root holds no latentize run.
+    """
+    manifest = layout.read_manifest()
+    if manifest is None:
+        raise LatentizeError(f"{layout.url} holds no latentize run (no _manifest.json)")
+    fp = manifest.get("fingerprint")
+    inputs = layout.read_inputs()
+    markers = {s: m for s, m in layout.read_markers().items() if m.get("fingerprint") == fp}
+    committed = [s for s, m in markers.items() if m.get("status") == "ok"]
+    failed = {s: m.get("error") for s, m in markers.items() if m.get("status") != "ok"}
+    pending = [shard for _, shard in inputs if shard not in markers]
+    ok = sum(int(m.get("ok", 0)) for m in markers.values())
+    bad = sum(int(m.get("failed", 0)) for m in markers.values())
+    reasons, stages = _error_counts(layout)
+    return {
+        "output": layout.url,
+        "status": manifest.get("status"),
+        "complete": not pending and not failed,
+        "shards": {
+            "total": len(inputs),
+            "committed": len(committed),
+            "failed": len(failed),
+            "pending": len(pending),
+            "failed_shards": failed,
+            "pending_shards": pending,
+        },
+        "samples": {"ok": ok, "failed": bad},
+        "errors": {"by_reason": reasons, "by_stage": stages},
+    }
+
+
+def _error_counts(layout: OutputLayout) -> tuple[dict[str, int], dict[str, int]]:
+    try:
+        paths = layout.fs.glob(layout.join(ERRORS, "*.parquet"))
+    except FileNotFoundError:
+        return {}, {}
+    reasons: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    for path in paths:
+        table = pq.read_table(pa.BufferReader(layout.read_bytes(path)), columns=["stage", "error"])
+        reasons.update(table.column("error").to_pylist())
+        stages.update(table.column("stage").to_pylist())
+    return dict(reasons.most_common(TOP_REASONS)), dict(stages.most_common())
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status as a few human-readable lines."""
+    sh, sa = status["shards"], status["samples"]
+    lines = [
+        f"output:   {status['output']}",
+        f"complete: {'yes' if status['complete'] else 'no'} (run status: {status['status']})",
+        f"shards:   {sh['committed']} committed, {sh['failed']} failed, {sh['pending']} pending, of {sh['total']}",
+        f"samples:  {sa['ok']} ok, {sa['failed']} failed",
+    ]
+    for shard, reason in list(sh["failed_shards"].items())[:10]:
+        lines.append(f"  failed shard {shard}: {reason}")
+    if status["errors"]["by_reason"]:
+        lines.append("error reasons:")
+        for reason, count in status["errors"]["by_reason"].items():
+            lines.append(f"  {count:>8}  {reason}")
+    return "\n".join(lines)
