@@ -11,7 +11,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["is_null", "text_column"]
+__all__ = ["TEXT_COLUMNS", "is_null", "normalize_text", "text_column"]
+
+#: The nullable string columns that travel between stages.
+TEXT_COLUMNS = ("key", "shard", "caption", "json", "notes", "error", "stage")
 
 
 def is_null(value: Any) -> bool:
@@ -24,4 +27,15 @@ def text_column(values: Iterable[Any] | None, n: int) -> np.ndarray:
     out = np.empty(n, dtype=object)
     if values is not None:
         out[:] = [None if is_null(v) else str(v) for v in values]
+    return out
+
+
+def normalize_text(batch: dict[str, Any]) -> dict[str, Any]:
+    """Returns ``batch`` with every present :data:`TEXT_COLUMNS` column as ``str``/``None``
+    objects, so that blocks Ray builds from it always type them as strings (an all-NaN float
+    column in one block and strings in the next cannot be concatenated)."""
+    out = dict(batch)
+    for name in TEXT_COLUMNS:
+        if name in out:
+            out[name] = text_column(out[name], len(out[name]))
     return out

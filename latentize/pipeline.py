@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from latentize import __version__
-from latentize.columns import text_column
+from latentize.columns import normalize_text, text_column
 from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.errors import LatentizeError
@@ -227,7 +227,7 @@ class EncodeActor:
             stages[rows[pos]] = "encode"
         out["error"] = errors
         out["stage"] = stages
-        return out
+        return normalize_text(out)
 
 
 def _init_ray(config: Config) -> None:

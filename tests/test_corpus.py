@@ -413,7 +413,9 @@ def _check(row: dict[str, Any], outcome: Outcome) -> None:
         assert row["notes"] is not None and outcome.note in row["notes"], (key, row["notes"])
 
 
-def run_kind(name: str, tmp_path: Path, config: PreprocessConfig | None = None) -> tuple[Kind, list[dict[str, Any]]]:
+def run_kind(
+    name: str, tmp_path: Path, config: PreprocessConfig | None = None
+) -> tuple[Kind, list[dict[str, Any]]]:
     """Builds kind ``name``, writes its shard, runs it through read + preprocess, checks the
     stated outcome of every sample; returns the kind and its rows."""
     kind = KINDS[name](tmp_path)
@@ -560,7 +562,8 @@ def test_decompression_bomb_over_the_configured_limit(tmp_path: Path) -> None:
 
 def test_sample_without_image_member_is_a_read_error(tmp_path: Path) -> None:
     _, (row,) = run_kind("no_image_member", tmp_path)
-    assert row["error"] == f"no image member (expected one of: {', '.join(IMAGE_FIELD.split(';'))}); found: json, txt"
+    expected = ", ".join(IMAGE_FIELD.split(";"))
+    assert row["error"] == f"no image member (expected one of: {expected}); found: json, txt"
     assert row["caption"] == "a photo: no_image_member"  # carried for the error row
 
 
@@ -637,7 +640,7 @@ def test_corpus_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None
     for kind in kinds:
         for key, outcome in kind.outcomes:
             expected.setdefault(key, []).append(outcome)
-    marker = tmp_path / "markers" / "unpickled"
+    (marker,) = [k.ref["marker"] for k in kinds if "marker" in k.ref]
 
     def config(out: Path, fmt: str) -> Any:
         return load_config(
@@ -670,7 +673,8 @@ def test_corpus_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None
     by_key: dict[str, list[tuple[str | None, str | None]]] = {k: [] for k in expected}
     for key in data_keys:
         by_key[key].append((None, None))
-    for key, stage, message in zip(error_keys, errors.column("stage").to_pylist(), errors.column("error").to_pylist()):
+    stages, messages = errors.column("stage").to_pylist(), errors.column("error").to_pylist()
+    for key, stage, message in zip(error_keys, stages, messages):
         by_key[key].append((stage, message))
     for key, outcomes in expected.items():
         got = sorted(by_key[key], key=lambda sm: (sm[0] or "", sm[1] or ""))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from latentize.columns import text_column
+from latentize.columns import normalize_text, text_column
 from latentize.config import PreprocessConfig
 from latentize.errors import LatentizeError, SampleError
 from latentize.preprocess.crop import CROPS, Cropped, resize_and_crop
@@ -169,4 +169,4 @@ def preprocess_batch(
     result["notes"] = notes
     result["pixels"] = pixels
     result.update(meta)
-    return result
+    return normalize_text(result)

@@ -85,8 +85,17 @@ def _glob(url: str, storage_options: dict[str, Any]) -> list[str]:
     return [chain + fs.unstrip_protocol(p) for p in files]
 
 
+def _exists_or_denied(fs: AbstractFileSystem, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except PermissionError:
+        # One unreadable shard is that shard's failure (recorded when it is read), not the
+        # run's; when every listed shard is unreadable the caller still stops the run.
+        return False
+
+
 def _missing(urls: list[str], storage_options: dict[str, Any]) -> list[str]:
-    """The URLs of ``urls`` that do not exist, in the order of ``urls``.
+    """The URLs of ``urls`` that do not exist or may not be read, in the order of ``urls``.
 
     Raises:
         LatentizeError: the store cannot be reached at all (names the URL, never the options).
@@ -106,7 +115,7 @@ def _missing(urls: list[str], storage_options: dict[str, Any]) -> list[str]:
         for url, path in members:
             if path.rstrip("/") in listed:
                 continue
-            if not _access(url, lambda fs=fs, path=path: fs.exists(path)):
+            if not _access(url, lambda fs=fs, path=path: _exists_or_denied(fs, path)):
                 missing.add(url)
     return [url for url in urls if url in missing]
 
@@ -157,12 +166,12 @@ def expand_urls(urls: str | list[str], *, storage_options: dict[str, Any]) -> li
         others = len(missing) - 1
         more = f" (and {others} other listed file(s))" if others else ""
         raise LatentizeError(
-            f"input.urls: {missing[0]!r} does not exist{more}, and no input file does; check "
-            "the path and input.storage_options"
+            f"input.urls: no input file can be read: {missing[0]!r} does not exist or access "
+            f"is denied{more}; check the path and input.storage_options"
         )
     if missing:
         logger.warning(
-            "input.urls: %d of %d listed file(s) do not exist: %s; they will be recorded as "
+            "input.urls: %d of %d listed file(s) do not exist or may not be read: %s; they will be recorded as "
             "failed shards, the others are encoded",
             len(missing), len(out), _describe(missing),
         )
