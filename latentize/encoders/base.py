@@ -194,17 +194,22 @@ class EncodeResult:
     errors: dict[int, str]
     chunk_size: int
     reencoded_fp32: int
+    #: Positions of the samples re-encoded in float32.
+    reencoded: list[int] = field(default_factory=list)
 
 
 class TorchEncoder:
-    """Base class: device handling, uint8 -> float on device, chunking, OOM and NaN policy.
+    """Base class: weight sources, device and dtype, chunking, OOM and NaN policy.
 
-    Subclasses set ``model_cls_name``/``input_range`` and implement :meth:`inspect`,
-    :meth:`_load` and :meth:`_forward`.
+    Where the weights come from is resolved here for every encoder type: a hub id or a local
+    diffusers folder loads with the subclass's ``diffusers_class``; a single weights file loads
+    with the type's entry in :data:`~latentize.encoders.files.FILE_LOADERS`. Subclasses set
+    ``diffusers_class`` and implement :meth:`spec_from` (geometry, columns, constants from a
+    model config) and :meth:`_forward`.
     """
 
-    #: ``"[-1, 1]"`` (Stable Diffusion convention) or ``"[0, 1]"`` (TAESD family).
-    input_range: ClassVar[str] = "[-1, 1]"
+    #: Name of the diffusers model class (``AutoencoderKL``...) for hub ids and folders.
+    diffusers_class: ClassVar[str] = ""
 
     def __init__(self, *, config: Config, spec: EncoderSpec, device: torch.device | None = None) -> None:
         self.config = config
@@ -217,7 +222,7 @@ class TorchEncoder:
             logger.warning("encoder.dtype float16 is not supported on CPU; computing in float32")
             dtype = torch.float32
         self.dtype = dtype
-        model = self._load()  # uses self.dtype
+        model = self._drop_decoder(self._load())
         self.model = model.to(self.device, dtype=self.dtype).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -226,11 +231,47 @@ class TorchEncoder:
 
     # -- subclass interface -------------------------------------------------------------
     @classmethod
-    def inspect(cls, config: Config) -> EncoderSpec:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:
+        """The spec of a model with this (diffusers-style) config."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
-    def _load(self) -> torch.nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @classmethod
+    def _diffusers_cls(cls) -> Any:
+        import diffusers
+
+        return getattr(diffusers, cls.diffusers_class)
+
+    @classmethod
+    def inspect(cls, config: Config) -> EncoderSpec:
+        """Reads the model's config (never its weights) and returns what encoding will produce."""
+        from latentize.encoders.files import FILE_LOADERS, is_single_file, sha256_file
+
+        enc = config.encoder
+        if is_single_file(enc.model):
+            path = Path(enc.model).expanduser().resolve()
+            model_config = FILE_LOADERS.get(enc.type).read_config(path, config)
+            identity = {"model": str(path), "source": "file", "sha256": sha256_file(path)}
+        else:
+            model_config, identity = load_model_config(
+                cls._diffusers_cls(), enc.model, subfolder=enc.subfolder, revision=enc.revision
+            )
+        return cls.spec_from(model_config, config, identity)
+
+    def _load(self) -> torch.nn.Module:
+        """The model with its weights, from wherever ``encoder.model`` points."""
+        from latentize.encoders.files import FILE_LOADERS, is_single_file
+
+        enc = self.config.encoder
+        if is_single_file(enc.model):
+            path = Path(enc.model).expanduser().resolve()
+            return FILE_LOADERS.get(enc.type).load(path, self.config, self.spec.model_config)
+        return _from_pretrained(self._diffusers_cls(), self.config, self.dtype)
+
+    def _drop_decoder(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Encoding never decodes: replacing the decoder halves the actor's weight memory."""
+        if isinstance(getattr(model, "decoder", None), torch.nn.Module):
+            model.decoder = torch.nn.Identity()
+        return model
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Encodes ``x`` (n, 3, H, W) in the model's dtype and input range.
@@ -243,7 +284,7 @@ class TorchEncoder:
     def _to_input(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """uint8 (n, H, W, 3) on any device -> (n, 3, H, W) ``dtype`` in the encoder's range."""
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        if self.input_range == "[-1, 1]":
+        if self.spec.input_range == "[-1, 1]":
             x = x * 2.0 - 1.0
         x = x.to(dtype)
         if self.device.type == "cuda":
@@ -299,14 +340,14 @@ class TorchEncoder:
         tensor = torch.as_tensor(np.asarray(pixels))
         out = self._run(self.model, self.dtype, tensor, keys)
         bad = self._nonfinite(out)
-        reencoded = 0
+        reencoded: list[int] = []
         if bad.any() and self.dtype != torch.float32:
             idx = torch.nonzero(bad).flatten()
             logger.warning("%d sample(s) gave non-finite latents in %s; re-encoding in float32", len(idx), self.dtype)
             redo = self._run(self._fp32_model(), torch.float32, tensor[idx], [keys[i] for i in idx.tolist()])
             for k in out:
                 out[k][idx] = redo[k].to(out[k].dtype)
-            reencoded = len(idx)
+            reencoded = idx.tolist()
             bad = self._nonfinite(out)
         errors = {int(i): "non-finite latent values (NaN or Inf) even in float32" for i in torch.nonzero(bad).flatten().tolist()}
         arrays: dict[str, np.ndarray] = {}
@@ -316,7 +357,7 @@ class TorchEncoder:
                 value = value.clone()
                 value[list(errors)] = 0
             arrays[name] = value.numpy().astype(dtype, copy=False)
-        return EncodeResult(arrays, errors, self.chunk_size, reencoded)
+        return EncodeResult(arrays, errors, self.chunk_size, len(reencoded), reencoded)
 
     @staticmethod
     def _nonfinite(out: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -333,3 +374,14 @@ class TorchEncoder:
 
     def _empty(self, n: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((n, *shape), dtype=dtype) for name, (shape, dtype) in self.spec.columns.items()}
+
+
+def _from_pretrained(model_cls: Any, config: Config, dtype: torch.dtype) -> torch.nn.Module:
+    """Loads diffusers weights in ``dtype``, from the local Hugging Face cache first, then the hub."""
+    enc = config.encoder
+    kwargs = {"subfolder": enc.subfolder, "revision": enc.revision, "torch_dtype": dtype}
+    try:
+        return model_cls.from_pretrained(enc.model, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        logger.info("%s not fully cached; fetching from the hub", enc.model)
+        return model_cls.from_pretrained(enc.model, **kwargs)

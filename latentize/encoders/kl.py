@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from latentize.config import Config
-from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, load_model_config, stable_seed
+from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, stable_seed
 from latentize.errors import ConfigError
 
 __all__ = ["KLEncoder", "kl_constants"]
@@ -66,42 +66,31 @@ class KLEncoder(TorchEncoder):
     so it does not depend on batch composition or on the worker.
     """
 
-    input_range = "[-1, 1]"
+    diffusers_class = "AutoencoderKL"
 
     @classmethod
-    def inspect(cls, config: Config) -> EncoderSpec:
-        from diffusers import AutoencoderKL
-
-        enc = config.encoder
-        model_config, identity = load_model_config(
-            AutoencoderKL, enc.model, subfolder=enc.subfolder, revision=enc.revision
-        )
+    def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:
         channels, factor, h, w = _latent_geometry(model_config, config)
-        names = ("mean", "logvar") if enc.sample == "moments" else ("latent",)
+        names = ("mean", "logvar") if config.encoder.sample == "moments" else ("latent",)
         return EncoderSpec(
             type="kl",
-            model_class="AutoencoderKL",
+            model_class=cls.diffusers_class,
             columns={name: ((channels, h, w), config.output.dtype) for name in names},
             constants=kl_constants(model_config, config),
             identity=identity,
-            input_range=cls.input_range,
+            input_range="[-1, 1]",
             downsample=factor,
             latent_channels=channels,
             model_config=model_config,
         )
 
     def _load(self) -> torch.nn.Module:
-        from diffusers import AutoencoderKL
-
-        model = _from_pretrained(AutoencoderKL, self.config, self.dtype)
-        # Encoding never decodes: drop the decoder to halve the actor's weight memory.
-        model.decoder = torch.nn.Identity()
         c = self.spec.constants
         self._scale = c["scaling_factor"]
         self._shift = c["shift_factor"]
         self._mean = torch.tensor(c["latents_mean"]).view(1, -1, 1, 1) if c["latents_mean"] else None
         self._std = torch.tensor(c["latents_std"]).view(1, -1, 1, 1) if c["latents_std"] else None
-        return model
+        return super()._load()
 
     def _noise(self, keys: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
         seed = self.config.encoder.seed
@@ -128,14 +117,3 @@ class KLEncoder(TorchEncoder):
             eps = self._noise(keys, tuple(mean.shape[1:])).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
         return {"latent": self.normalize(z)}
-
-
-def _from_pretrained(model_cls: Any, config: Config, dtype: torch.dtype) -> torch.nn.Module:
-    """Loads weights in ``dtype``, from the local Hugging Face cache first, then the hub."""
-    enc = config.encoder
-    kwargs = {"subfolder": enc.subfolder, "revision": enc.revision, "torch_dtype": dtype}
-    try:
-        return model_cls.from_pretrained(enc.model, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        logger.info("%s not fully cached; fetching from the hub", enc.model)
-        return model_cls.from_pretrained(enc.model, **kwargs)

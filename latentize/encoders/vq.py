@@ -7,14 +7,14 @@ codebook entry, so the stored indices equal ``model.quantize(h)``'s.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from latentize.config import Config
-from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, load_model_config
-from latentize.encoders.kl import _from_pretrained, _latent_geometry
+from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
+from latentize.encoders.kl import _latent_geometry
 
 __all__ = ["VQEncoder", "index_dtype"]
 
@@ -31,34 +31,23 @@ def index_dtype(codebook_size: int) -> str:
 class VQEncoder(TorchEncoder):
     """diffusers ``VQModel``: ``indices`` (H/f, W/f) in the smallest integer dtype."""
 
-    input_range = "[-1, 1]"
+    diffusers_class = "VQModel"
 
     @classmethod
-    def inspect(cls, config: Config) -> EncoderSpec:
-        from diffusers import VQModel
-
-        enc = config.encoder
-        model_config, identity = load_model_config(VQModel, enc.model, subfolder=enc.subfolder, revision=enc.revision)
+    def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:
         channels, factor, h, w = _latent_geometry(model_config, config)
         codes = int(model_config["num_vq_embeddings"])
         return EncoderSpec(
             type="vq",
-            model_class="VQModel",
+            model_class=cls.diffusers_class,
             columns={"indices": ((h, w), index_dtype(codes))},
             constants={"codebook_size": codes, "embed_dim": model_config.get("vq_embed_dim") or channels},
             identity=identity,
-            input_range=cls.input_range,
+            input_range="[-1, 1]",
             downsample=factor,
             latent_channels=channels,
             model_config=model_config,
         )
-
-    def _load(self) -> torch.nn.Module:
-        from diffusers import VQModel
-
-        model = _from_pretrained(VQModel, self.config, self.dtype)
-        model.decoder = torch.nn.Identity()
-        return model
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         h = model.encode(x).latents
