@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     enc = sub.add_parser("encode", help="encode image shards into latents (no config: the demo)")
     _add_encode_args(enc, config_flag=False)
     enc.set_defaults(fn=run_encode)
+    models = sub.add_parser("models", help="the encoder presets (encoder.preset) and their constants")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(fn=run_models)
     st = sub.add_parser("status", help="shards committed / failed / pending and error reasons of an output")
     st.add_argument("output", help="output root (local path or fsspec URL)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -122,6 +125,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.set_defaults(fn=run_status)
     args = parser.parse_args(argv)
     return _guarded(args.fn, args)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """``latentize models``: every preset with its weights, class, range, constants, geometry."""
+    import json
+
+    from latentize.presets import preset_table
+
+    rows = preset_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = f"{'preset':<19} {'type':<6} {'C':>4} {'f':>3} {'scale':>8} {'shift':>7} {'input':<8} {'det':<4} model"
+    print(header)
+    for r in rows:
+        scale = "-" if r["scaling_factor"] is None else f"{r['scaling_factor']:g}"
+        shift = "-" if r["shift_factor"] is None else f"{r['shift_factor']:g}"
+        where = r["model"] or "(set encoder.model to the file)"
+        if r["subfolder"]:
+            where += f" [{r['subfolder']}]"
+        print(f"{r['name']:<19} {r['type']:<6} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
+              f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}")
+    return 0
 
 
 def run_status(args: argparse.Namespace) -> int:

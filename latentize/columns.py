@@ -11,7 +11,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["TEXT_COLUMNS", "is_null", "normalize_text", "text_column"]
+__all__ = ["NOTES_SEPARATOR", "TEXT_COLUMNS", "is_null", "join_notes", "normalize_text", "text_column"]
+
+#: Joins the non-fatal findings of one sample in its ``notes`` column.
+NOTES_SEPARATOR = "; "
 
 #: The nullable string columns that travel between stages.
 TEXT_COLUMNS = ("key", "shard", "caption", "json", "notes", "error", "stage")
@@ -39,3 +42,9 @@ def normalize_text(batch: dict[str, Any]) -> dict[str, Any]:
         if name in out:
             out[name] = text_column(out[name], len(out[name]))
     return out
+
+
+def join_notes(notes: Iterable[str | None]) -> str | None:
+    """Joins the non-empty findings with ``"; "``; ``None`` when there is none."""
+    found = [n for n in notes if n]
+    return NOTES_SEPARATOR.join(found) if found else None

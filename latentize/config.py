@@ -95,18 +95,31 @@ class PreprocessConfig:
 
 @dataclass
 class EncoderConfig:
-    """Which autoencoder, and what to store from it."""
+    """Which autoencoder, and what to store from it.
 
-    #: ``kl`` (AutoencoderKL latents) or ``vq`` (VQModel codebook indices).
-    type: str = "kl"
-    #: Hub id or local diffusers folder.
-    model: str = "stabilityai/sd-vae-ft-mse"
+    ``preset`` names a known family (``latentize models`` lists them) and fills ``type``,
+    ``model``, ``subfolder`` and ``revision`` where they are left null. Without a preset, null
+    ``type``/``model`` mean ``kl`` and ``stabilityai/sd-vae-ft-mse``.
+    """
+
+    #: A known encoder family: ``sd15``, ``sdxl``, ``flux1``, ``taef2``, ``vqgan-f16-16384``...
+    preset: Union[str, None] = None
+    #: ``kl`` (AutoencoderKL), ``vq`` (VQModel indices), ``tiny`` (TAESD family), ``dc``
+    #: (AutoencoderDC), ``flux2`` (AutoencoderKLFlux2).
+    type: Union[str, None] = None
+    #: Hub id, local diffusers folder, or a single weights file (.safetensors, .ckpt, .pth).
+    model: Union[str, None] = None
     subfolder: Union[str, None] = None
     revision: Union[str, None] = None
+    #: ldm/taming YAML of a single-file checkpoint (null: a ``.yaml`` beside it, if any).
+    original_config: Union[str, None] = None
     #: ``mode`` (posterior mean), ``sample`` (seeded per key) or ``moments`` (raw mean, logvar).
     sample: str = "mode"
-    #: Compute dtype on the device: ``float32``, ``float16`` or ``bfloat16``.
+    #: Compute dtype on the device: ``float32``, ``float16``, ``bfloat16`` or ``auto`` (bf16 on
+    #: GPUs that support it, else fp16 for fp16-safe presets, else fp32; fp32 on CPU).
     dtype: str = "float32"
+    #: ``torch.compile`` the encoder once per actor (fixed input shape).
+    compile: bool = False
     #: Images per encoder call (also the Ray batch size of the encoder actors).
     batch_size: int = 16
     #: Seed of ``sample`` mode noise; the noise depends on this seed and the key only.
@@ -167,9 +180,11 @@ class Config:
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "input.format": (None, "webdataset", "parquet"),
     "preprocess.crop": ("center", "random", "none"),
-    "encoder.type": ("kl", "vq"),
+
+    # Mirrors the encoder registry (a test keeps them equal) so config stays free of torch.
+    "encoder.type": (None, "kl", "vq", "tiny", "dc", "flux2"),
     "encoder.sample": ("mode", "sample", "moments"),
-    "encoder.dtype": ("float32", "float16", "bfloat16"),
+    "encoder.dtype": ("float32", "float16", "bfloat16", "auto"),
     "encoder.device": (None, "cuda", "cpu"),
     "output.format": ("parquet", "webdataset"),
     "output.dtype": ("float16", "float32"),
@@ -249,7 +264,36 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+#: What an encoder section without preset, type or model means (the issue-2 default).
+DEFAULT_ENCODER_TYPE = "kl"
+DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
+
+
+def _resolve_preset(enc: EncoderConfig) -> None:
+    """Fills null ``type``/``model``/``subfolder``/``revision`` from ``enc.preset``."""
+    if enc.preset is None:
+        enc.type = enc.type or DEFAULT_ENCODER_TYPE
+        enc.model = enc.model or DEFAULT_MODEL
+        return
+    from latentize.presets import PRESETS
+
+    preset = PRESETS.get(enc.preset)
+    if enc.type is not None and enc.type != preset.type:
+        raise ConfigError(f"encoder.type: {enc.type!r} contradicts preset {preset.name!r} (type {preset.type!r})")
+    enc.type = preset.type
+    if enc.model is None:
+        if preset.model is None:
+            raise ConfigError(
+                f"encoder.model: preset {preset.name!r} has no public diffusers weights; set "
+                f"encoder.model to its weights file ({preset.notes})"
+            )
+        enc.model = preset.model
+        enc.subfolder = enc.subfolder if enc.subfolder is not None else preset.subfolder
+        enc.revision = enc.revision if enc.revision is not None else preset.revision
+
+
 def _validate(cfg: Config) -> None:
+    _resolve_preset(cfg.encoder)
     flat = config_to_dict(cfg)
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
@@ -270,10 +314,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("input.rows_per_block: must be >= 1")
     if cfg.output.rows_per_part < 1:
         raise ConfigError("output.rows_per_part: must be >= 1")
-    if cfg.encoder.type == "vq" and cfg.encoder.sample != "mode":
+    if cfg.encoder.type in ("vq", "tiny", "dc") and cfg.encoder.sample != "mode":
         raise ConfigError(
-            "encoder.sample: VQ encoders store codebook indices; only 'mode' applies "
-            f"(got {cfg.encoder.sample!r})"
+            f"encoder.sample: {cfg.encoder.type} encoders are deterministic (VQ stores codebook "
+            f"indices); only 'mode' applies (got {cfg.encoder.sample!r})"
         )
 
 
@@ -386,7 +430,7 @@ def fingerprint(cfg: Config) -> str:
     relevant = {
         "input": {k: v for k, v in data["input"].items() if k not in ("storage_options", "rows_per_block", "retries")},
         "preprocess": data["preprocess"],
-        "encoder": {k: v for k, v in data["encoder"].items() if k not in ("batch_size", "device")},
+        "encoder": {k: v for k, v in data["encoder"].items() if k not in ("batch_size", "device", "compile")},
         "output": {
             k: v for k, v in data["output"].items() if k not in ("path", "storage_options", "retries", "rows_per_part")
         },

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from latentize import __version__
-from latentize.columns import normalize_text, text_column
+from latentize.columns import join_notes, normalize_text, text_column
 from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.errors import LatentizeError
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 #: the first encoder actor to reach its second batch creates the file and kills its own process
 #: (as a GPU fault or OOM kill would), so tests can check that Ray's restart redoes the batch.
 CRASH_ONCE_ENV = "LATENTIZE_TEST_CRASH_ACTOR_ONCE"
+#: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
+REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
 #: Seconds between progress lines.
 PROGRESS_EVERY_S = 10.0
 
@@ -135,6 +137,8 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     fp = fingerprint(config)
 
     existing = layout.read_manifest()
+    if existing is not None and not overwrite:
+        _check_identity(existing, spec, layout.url)
     if existing is None:
         leftovers = layout.entries()
         if leftovers:
@@ -171,6 +175,21 @@ def _retryable(marker: dict[str, Any]) -> bool:
     properties of their bytes and would fail again, so they alone do not redo a shard.
     """
     return marker.get("status") != "ok" or bool(marker.get("failed_by_stage", {}).get("encode"))
+
+
+def _check_identity(manifest: dict[str, Any], spec: EncoderSpec, url: str) -> None:
+    """Refuses to add latents from other weights to an output (a stale or swapped checkpoint
+    with the same config would otherwise mix two encoders in one dataset)."""
+    before = manifest.get("encoder", {}).get("identity", {})
+    now = spec.identity
+    for field_name in ("sha256", "commit"):
+        old, new = before.get(field_name), now.get(field_name)
+        if old and new and old != new:
+            raise LatentizeError(
+                f"output.path {url} holds latents made by other weights ({field_name} {old[:12]} there, "
+                f"{new[:12]} now, model {now.get('model')}). Rerun with --overwrite to replace them, "
+                "or choose another output.path"
+            )
 
 
 class EncodeActor:
@@ -225,6 +244,11 @@ class EncodeActor:
         for pos, reason in result.errors.items():
             errors[rows[pos]] = reason
             stages[rows[pos]] = "encode"
+        if result.reencoded:
+            notes = text_column(batch.get("notes"), n)
+            for pos in result.reencoded:
+                notes[rows[pos]] = join_notes([notes[rows[pos]], REENCODED_NOTE])
+            out["notes"] = notes
         out["error"] = errors
         out["stage"] = stages
         return normalize_text(out)
@@ -420,7 +444,10 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
     committed, failed_shards, ok, failed = _totals(layout, p.shards, p.fingerprint)
     p.manifest["status"] = "complete" if committed == len(p.shards) and failed_shards == 0 else "incomplete"
     p.manifest["shards"] = {"total": len(p.shards), "committed": committed, "failed": failed_shards}
-    p.manifest["samples"] = {"ok": ok, "failed": failed}
+    p.manifest["samples"] = {
+        "ok": ok, "failed": failed,
+        "reencoded_fp32": sum(int(m.get("reencoded_fp32", 0)) for m in layout.read_markers().values()),
+    }
     p.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     layout.write_json(layout.manifest_path, p.manifest)
     return RunSummary(layout.url, len(p.shards), done_now, failed_shards, ok, failed, samples_now, seconds, False)

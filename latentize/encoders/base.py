@@ -34,6 +34,7 @@ __all__ = [
     "TorchEncoder",
     "load_model_config",
     "pick_device",
+    "resolve_dtype",
     "stable_seed",
 ]
 
@@ -58,6 +59,26 @@ def stable_seed(seed: int, key: str) -> int:
     """
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``encoder.dtype``, or for ``auto`` the policy of the precision issue.
+
+    ``auto``: bfloat16 on GPUs that support it (the range of float32: no overflow), else
+    float16 for presets known to be fp16-safe (fix-VAEs, the TAESD family), else float32;
+    always float32 on CPU.
+    """
+    name = config.encoder.dtype
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    from latentize.presets import PRESETS
+
+    preset = PRESETS.get(config.encoder.preset) if config.encoder.preset else None
+    return torch.float16 if preset is not None and preset.fp16_safe else torch.float32
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -136,7 +157,31 @@ def load_model_config(model_cls: Any, model: str, *, subfolder: str | None, revi
         parts = Path(cached).parts
         if "snapshots" in parts:
             identity["commit"] = parts[parts.index("snapshots") + 1]
+    identity.update(_hub_weights_identity(model, subfolder=subfolder, revision=revision, local_only=local_only))
     return dict(config), identity
+
+
+def _hub_weights_identity(model: str, *, subfolder: str | None, revision: str | None, local_only: bool) -> dict[str, Any]:
+    """sha256 of a hub model's weights file without downloading it: the cached copy's hash, or
+    the hub's LFS object id (which is the file's sha256) and the resolved commit."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    for name in _WEIGHT_FILES:
+        filename = f"{subfolder}/{name}" if subfolder else name
+        cached = try_to_load_from_cache(model, filename, revision=revision)
+        if isinstance(cached, str):
+            return {"weights_file": name, "sha256": _sha256(Path(cached))}
+        if local_only:
+            continue
+        try:
+            meta = get_hf_file_metadata(hf_hub_url(model, name, subfolder=subfolder, revision=revision))
+        except Exception:  # noqa: BLE001 - absent file or no access: try the next name
+            continue
+        found = {"weights_file": name, "commit": meta.commit_hash}
+        if meta.etag and len(meta.etag) == 64:
+            found["sha256"] = meta.etag
+        return found
+    return {}
 
 
 def _sha256(path: Path) -> str:
@@ -215,7 +260,7 @@ class TorchEncoder:
         self.config = config
         self.spec = spec
         self.device = device or pick_device(config.encoder.device)
-        dtype = _DTYPES[config.encoder.dtype]
+        dtype = resolve_dtype(config, self.device)
         if self.device.type == "cpu" and dtype == torch.float16:
             # Half-precision convolutions are slow or missing on CPU; results would not
             # improve by it, so compute in float32 there.
@@ -228,6 +273,26 @@ class TorchEncoder:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._model_fp32: torch.nn.Module | None = None
         self.chunk_size = config.encoder.batch_size
+        self._eager = self.model
+        self._compiled = False
+        if config.encoder.compile:
+            self.model = self._compile(self.model)
+        logger.info("encoder %s on %s in %s%s", type(self).__name__, self.device, self.dtype,
+                    " (compiled)" if self._compiled else "")
+
+    def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Compiles the encoder network once for a fixed input shape (chunks are padded to it)."""
+        import copy
+
+        compiled = copy.copy(model)  # a shallow copy: the eager model stays usable (fp32 redo)
+        target = "encoder" if isinstance(getattr(model, "encoder", None), torch.nn.Module) else None
+        if target is None:
+            compiled = torch.compile(model, dynamic=False)
+        else:
+            compiled._modules = dict(model._modules)
+            compiled._modules[target] = torch.compile(model._modules[target], dynamic=False)
+        self._compiled = True
+        return compiled
 
     # -- subclass interface -------------------------------------------------------------
     @classmethod
@@ -300,8 +365,15 @@ class TorchEncoder:
         while start < n:
             size = min(self.chunk_size, n - start)
             try:
-                x = self._to_input(pixels[start : start + size], dtype)
-                out = self._forward(model, x, keys[start : start + size])
+                chunk = pixels[start : start + size]
+                chunk_keys = list(keys[start : start + size])
+                if self._compiled and model is self.model and size < self.chunk_size:
+                    # One input shape for the compiled graph: pad with copies of the last image.
+                    pad = self.chunk_size - size
+                    chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
+                    chunk_keys += [chunk_keys[-1]] * pad
+                x = self._to_input(chunk, dtype)
+                out = {k: v[:size] for k, v in self._forward(model, x, chunk_keys).items()}
             except torch.cuda.OutOfMemoryError:
                 if self.chunk_size == 1:
                     raise
@@ -317,7 +389,7 @@ class TorchEncoder:
         if self._model_fp32 is None:
             import copy
 
-            self._model_fp32 = copy.deepcopy(self.model).to(torch.float32)
+            self._model_fp32 = copy.deepcopy(self._eager).to(torch.float32)
         return self._model_fp32
 
     # Inference mode for the whole call: ``_run`` returns inference tensors, and the float32

@@ -16,22 +16,49 @@ import torch
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, stable_seed
 from latentize.errors import ConfigError
+from latentize.presets import PRESETS
 
-__all__ = ["KLEncoder", "kl_constants"]
+__all__ = ["KLEncoder", "kl_constants", "latent_size"]
 
 logger = logging.getLogger(__name__)
 
 
 def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]:
-    """The normalisation constants to apply: config values override the model config's."""
+    """The normalisation constants to apply.
+
+    Precedence: ``encoder.scaling_factor``/``shift_factor`` > the model's own config > the
+    preset (single files carry no config). A model config that disagrees with the preset is
+    used, with a warning: the weights are what they are.
+
+    Raises:
+        ConfigError: a single file with neither preset nor explicit constants.
+    """
     enc = config.encoder
-    scaling = enc.scaling_factor if enc.scaling_factor is not None else model_config.get("scaling_factor")
-    shift = enc.shift_factor if enc.shift_factor is not None else model_config.get("shift_factor")
+    preset = PRESETS.get(enc.preset) if enc.preset else None
+    scaling = model_config.get("scaling_factor")
+    shift = model_config.get("shift_factor")
+    if preset is not None and scaling is not None and preset.scaling_factor is not None:
+        if abs(float(scaling) - preset.scaling_factor) > 1e-6 or float(shift or 0.0) != float(preset.shift_factor or 0.0):
+            logger.warning(
+                "the model config's constants (scale %s, shift %s) differ from preset %s's (%s, %s); "
+                "using the model's", scaling, shift, preset.name, preset.scaling_factor, preset.shift_factor,
+            )
+    if scaling is None and preset is not None:
+        scaling, shift = preset.scaling_factor, preset.shift_factor
+    if enc.scaling_factor is not None:
+        scaling = enc.scaling_factor
+    if enc.shift_factor is not None:
+        shift = enc.shift_factor
+    if scaling is None:
+        raise ConfigError(
+            f"encoder.scaling_factor: {enc.model} carries no constants; set encoder.preset "
+            "(e.g. sd15, sdxl, sd3, flux1) or encoder.scaling_factor / encoder.shift_factor"
+        )
     mean = model_config.get("latents_mean")
     std = model_config.get("latents_std")
     form = "latents_mean_std" if mean is not None and std is not None else "shift_scale"
     return {
-        "scaling_factor": float(scaling) if scaling is not None else 1.0,
+        "scaling_factor": float(scaling),
         "shift_factor": float(shift) if shift is not None else 0.0,
         "latents_mean": [float(v) for v in mean] if form == "latents_mean_std" else None,
         "latents_std": [float(v) for v in std] if form == "latents_mean_std" else None,
@@ -45,16 +72,22 @@ def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]
     }
 
 
-def _latent_geometry(model_config: dict[str, Any], config: Config) -> tuple[int, int, int, int]:
-    channels = int(model_config["latent_channels"])
-    factor = 2 ** (len(model_config["block_out_channels"]) - 1)
+def latent_size(config: Config, factor: int) -> tuple[int, int]:
+    """``(h, w)`` of the stored latent for the crop size and downsampling ``factor``."""
     width, height = config.preprocess.size
     if width % factor or height % factor:
         raise ConfigError(
             f"preprocess.resolution: {width}x{height} is not divisible by the model's "
             f"downsampling factor {factor}"
         )
-    return channels, factor, height // factor, width // factor
+    return height // factor, width // factor
+
+
+def _latent_geometry(model_config: dict[str, Any], config: Config) -> tuple[int, int, int, int]:
+    channels = int(model_config["latent_channels"])
+    factor = 2 ** (len(model_config["block_out_channels"]) - 1)
+    h, w = latent_size(config, factor)
+    return channels, factor, h, w
 
 
 @ENCODERS.register("kl")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from latentize.columns import normalize_text, text_column
+from latentize.columns import join_notes, normalize_text, text_column
 from latentize.config import PreprocessConfig
 from latentize.errors import LatentizeError, SampleError
 from latentize.preprocess.crop import CROPS, Cropped, resize_and_crop
@@ -32,13 +32,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Several findings in one ``notes`` cell are joined like this (as the readers do).
-_NOTES_SEPARATOR = "; "
-
-
-def _add_note(notes: str | None, note: str) -> str:
-    return note if not notes else f"{notes}{_NOTES_SEPARATOR}{note}"
-
-
 def upscale_note(cropped: Cropped) -> str | None:
     """The ``notes`` finding for a preprocessed image: ``"upscaled from {w}x{h}"`` or None."""
     if not cropped.upscaled:
@@ -154,7 +147,7 @@ def preprocess_batch(
         meta["crop_left"][i] = out.crop_left
         note = upscale_note(out)
         if note is not None:
-            notes[i] = _add_note(notes[i], note)
+            notes[i] = join_notes([notes[i], note])
 
     if failed:
         logger.debug("preprocess batch: %d of %d rows failed", failed, n)

@@ -206,7 +206,7 @@ def commit_shard(
     for part in parts:
         tables.append(pq.read_table(pa.BufferReader(layout.read_bytes(part))))
     files: list[str] = []
-    n_ok = n_err = 0
+    n_ok = n_err = reencoded = 0
     by_stage: dict[str, int] = {}
     if tables:
         table = pa.concat_tables(tables)
@@ -225,6 +225,7 @@ def commit_shard(
         n_ok, n_err = ok.num_rows, err.num_rows
         for stage in err.column("stage").to_pylist():
             by_stage[stage] = by_stage.get(stage, 0) + 1
+        reencoded = sum(1 for note in ok.column("notes").to_pylist() if note and "re-encoded in float32" in note)
         if n_ok:
             sink = SINKS.get(sink_name)
             path = layout.data_path(folder, shard, sink.extension)
@@ -255,6 +256,7 @@ def commit_shard(
         "ok": n_ok,
         "failed": n_err,
         "failed_by_stage": by_stage,
+        "reencoded_fp32": reencoded,
         "files": [p[len(layout.root) + 1 :] for p in files],
         "fingerprint": fingerprint,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

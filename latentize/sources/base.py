@@ -20,11 +20,9 @@ from latentize.registry import Registry
 __all__ = [
     "RawSample",
     "Reader",
-    "NOTES_SEPARATOR",
     "SOURCES",
     "caption_text",
     "infer_format",
-    "join_notes",
     "json_text",
     "unsafe_key",
 ]
@@ -59,8 +57,6 @@ class RawSample:
 
 # --- shared per-sample checks of the readers ---------------------------------------------------
 
-#: Separator of several findings in one ``notes`` cell.
-NOTES_SEPARATOR = "; "
 # Keys become member names of WebDataset output (and may become file names in whatever a user
 # extracts them to): a backslash is a separator on Windows, so ".." is refused behind either.
 _KEY_PARTS = re.compile(r"[/\\]")
@@ -89,10 +85,6 @@ def unsafe_key(key: str) -> str | None:
     return None
 
 
-def join_notes(notes: Iterable[str | None]) -> str | None:
-    """Joins the non-empty findings with ``"; "``; ``None`` when there is none."""
-    found = [n for n in notes if n]
-    return NOTES_SEPARATOR.join(found) if found else None
 
 
 def _short(text: str) -> str:

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from latentize.columns import join_notes
 from latentize.config import InputConfig
 from latentize.errors import ConfigError
 from latentize.sources.base import (
     SOURCES,
     RawSample,
     caption_text,
-    join_notes,
     json_text,
     unsafe_key,
 )

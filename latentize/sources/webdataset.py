@@ -22,12 +22,12 @@ from typing import BinaryIO, Iterator
 
 from webdataset.tariterators import base_plus_ext
 
+from latentize.columns import join_notes
 from latentize.config import InputConfig
 from latentize.sources.base import (
     SOURCES,
     RawSample,
     caption_text,
-    join_notes,
     json_text,
     unsafe_key,
 )

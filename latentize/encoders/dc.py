@@ -1,0 +1,44 @@
+"""DC-AE (diffusers ``AutoencoderDC``): deterministic, ``encode(x).latent * scaling_factor``."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from latentize.config import Config
+from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
+from latentize.encoders.kl import latent_size
+
+__all__ = ["DCEncoder"]
+
+
+@ENCODERS.register("dc")
+class DCEncoder(TorchEncoder):
+    """``latent`` (C, H/f, W/f) = ``encode(x).latent * scaling_factor``; f = 2^(levels - 1)."""
+
+    diffusers_class = "AutoencoderDC"
+
+    @classmethod
+    def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:
+        channels = int(model_config["latent_channels"])
+        factor = 2 ** (len(model_config["encoder_block_out_channels"]) - 1)
+        h, w = latent_size(config, factor)
+        scale = config.encoder.scaling_factor
+        if scale is None:
+            scale = model_config.get("scaling_factor", 1.0)
+        return EncoderSpec(
+            type="dc",
+            model_class=cls.diffusers_class,
+            columns={"latent": ((channels, h, w), config.output.dtype)},
+            constants={"scaling_factor": float(scale), "shift_factor": 0.0, "formula": "z * scaling_factor", "applied": True},
+            identity=identity,
+            input_range="[-1, 1]",
+            downsample=factor,
+            latent_channels=channels,
+            model_config=model_config,
+        )
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        z = model.encode(x).latent.float()
+        return {"latent": z * self.spec.constants["scaling_factor"]}
