@@ -137,8 +137,6 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     fp = fingerprint(config)
 
     existing = layout.read_manifest()
-    if existing is not None and not overwrite:
-        _check_identity(existing, spec, layout.url)
     if existing is None:
         leftovers = layout.entries()
         if leftovers:
@@ -146,16 +144,17 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
                 f"output.path {layout.url} is not empty and holds no latentize run "
                 f"(found: {', '.join(leftovers[:5])}); choose an empty or new folder"
             )
-    elif existing.get("fingerprint") != fp:
-        if not overwrite:
-            raise LatentizeError(
-                f"output.path {layout.url} holds a run made with a different configuration "
-                f"(fingerprint {existing.get('fingerprint')} there, {fp} now). Rerun with "
-                "--overwrite to replace it, or choose another output.path"
-            )
-        logger.warning("--overwrite: removing the earlier run in %s", layout.url)
-        layout.remove([layout.join(name) for name in layout.entries()])
-        existing = None
+    else:
+        conflict = _conflict(existing, spec, fp)
+        if conflict is not None:
+            if not overwrite:
+                raise LatentizeError(
+                    f"output.path {layout.url} holds a run made {conflict}. Rerun with --overwrite "
+                    "to replace it, or choose another output.path"
+                )
+            logger.warning("--overwrite: removing the earlier run in %s (made %s)", layout.url, conflict)
+            layout.remove([layout.join(name) for name in layout.entries()])
+            existing = None
 
     markers = layout.read_markers() if existing is not None else {}
     done = {
@@ -177,19 +176,20 @@ def _retryable(marker: dict[str, Any]) -> bool:
     return marker.get("status") != "ok" or bool(marker.get("failed_by_stage", {}).get("encode"))
 
 
-def _check_identity(manifest: dict[str, Any], spec: EncoderSpec, url: str) -> None:
-    """Refuses to add latents from other weights to an output (a stale or swapped checkpoint
-    with the same config would otherwise mix two encoders in one dataset)."""
+def _conflict(manifest: dict[str, Any], spec: EncoderSpec, fp: str) -> str | None:
+    """Why the run in an output root may not be continued by this one (None: it may).
+
+    A different configuration, or other weights under the same configuration (a checkpoint
+    overwritten in place, a moved hub revision), would mix two encodings in one dataset.
+    """
+    if manifest.get("fingerprint") != fp:
+        return f"with a different configuration (fingerprint {manifest.get('fingerprint')} there, {fp} now)"
     before = manifest.get("encoder", {}).get("identity", {})
-    now = spec.identity
     for field_name in ("sha256", "commit"):
-        old, new = before.get(field_name), now.get(field_name)
+        old, new = before.get(field_name), spec.identity.get(field_name)
         if old and new and old != new:
-            raise LatentizeError(
-                f"output.path {url} holds latents made by other weights ({field_name} {old[:12]} there, "
-                f"{new[:12]} now, model {now.get('model')}). Rerun with --overwrite to replace them, "
-                "or choose another output.path"
-            )
+            return f"by other weights ({field_name} {old[:12]} there, {new[:12]} now)"
+    return None
 
 
 class EncodeActor:

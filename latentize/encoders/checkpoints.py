@@ -169,10 +169,11 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor
     except LatentizeError:
         raise
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        found = re.search(r"Unsupported [^\n]*?(?= was not| Please|\n|$)", str(exc))
+        why = found.group(0) if found else type(exc).__name__
         raise LatentizeError(
-            f"encoder.model: {path} is refused: it is not a plain tensor checkpoint "
-            f"(torch.load(weights_only=True): {first})"
+            f"encoder.model: {path} is refused: it is not a plain tensor checkpoint and reading it "
+            f"could run code ({why}). Convert the weights to .safetensors on a machine you trust."
         ) from None
     except Exception as exc:  # corrupt zip, truncated file, safetensors header error...
         raise LatentizeError(f"encoder.model: cannot read {path}: {type(exc).__name__}: {exc}") from None
@@ -521,7 +522,7 @@ def _diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers names, with the pre-0.14 attention names (query/key/value/proj_attn) updated."""
     out = {}
     for k, v in state.items():
-        if ".attentions." in k or ".mid_block.attentions." in k:
+        if ".attentions." in k:
             for old, new in _LEGACY_ATTN:
                 k = k.replace(old, new)
             if v.ndim == 4 and v.shape[2:] == (1, 1):  # 1x1 conv attention weights -> linear
@@ -585,7 +586,9 @@ def _build_and_load(cls: Any, model_config: Mapping[str, Any], path: Path) -> to
         model.decoder = _MissingDecoder(path)
         if not any(k.startswith("post_quant_conv.") for k in converted):
             model.post_quant_conv = _MissingDecoder(path)
-    return model.to(device="cpu", dtype=torch.float32).eval()
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        torch.nn.Module.to(model, device="cpu", dtype=torch.float32)  # plain Module.to: no diffusers warning
+    return model.eval()
 
 
 # --- the loaders ------------------------------------------------------------------------------
@@ -686,7 +689,8 @@ class TamingVqLoader:
     def read_config(self, path: Path, config: Config) -> dict[str, Any]:
         path = Path(path)
         orig = _read_original(find_original_config(path, config, required=True))
-        if "gumbel" in orig.target.lower() or "ema" in orig.target.lower().rsplit(".", 1)[-1]:
+        cls_name = orig.target.rsplit(".", 1)[-1]
+        if "gumbel" in cls_name.lower() or cls_name.upper().startswith("EMA"):
             raise LatentizeError(
                 f"encoder.original_config: {orig.path}: {orig.target} uses a quantiser diffusers' "
                 "VQModel does not implement (only taming's VectorQuantizer / ldm's VQModel are supported)"
