@@ -104,7 +104,7 @@ def test_kl_mode_parity(variant: str, tmp_path: Path, tiny_models: dict[str, Pat
 
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["samples"] == {"ok": 10, "failed": 0}
+    assert manifest["samples"] == {"ok": 10, "failed": 0, "reencoded_fp32": 0}
     assert manifest["encoder"]["constants"]["scaling_factor"] == KL_SCALE
     assert manifest["encoder"]["identity"]["sha256"]
 
