@@ -353,3 +353,13 @@ def test_real_registries_know_their_components() -> None:
     assert SINKS.names() == ["parquet", "webdataset"]
     with pytest.raises(ConfigError, match="dc, flux2, kl, tiny, vq"):
         ENCODERS.get("dcae")
+
+
+def test_every_shipped_config_loads() -> None:
+    """configs/*.yaml are documentation users copy: each must validate as written."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.glob("*.yaml"))
+    assert {p.name for p in paths} >= {"demo.yaml", "laion-sd15-256.yaml", "sdxl-512.yaml", "vqgan-f16-256.yaml"}
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.encoder.type and cfg.encoder.model and cfg.output.path, path.name

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from latentize.config import Config
+from latentize.encoders.files import sha256_file
 from latentize.errors import LatentizeError
 from latentize.registry import Registry
 
@@ -127,7 +128,7 @@ def load_model_config(model_cls: Any, model: str, *, subfolder: str | None, revi
         for name in _WEIGHT_FILES:
             if (folder / name).exists():
                 identity["weights_file"] = name
-                identity["sha256"] = _sha256(folder / name)
+                identity["sha256"] = sha256_file(folder / name)
                 break
         return dict(config), identity
 
@@ -170,7 +171,7 @@ def _hub_weights_identity(model: str, *, subfolder: str | None, revision: str | 
         filename = f"{subfolder}/{name}" if subfolder else name
         cached = try_to_load_from_cache(model, filename, revision=revision)
         if isinstance(cached, str):
-            return {"weights_file": name, "sha256": _sha256(Path(cached))}
+            return {"weights_file": name, "sha256": sha256_file(Path(cached))}
         if local_only:
             continue
         try:
@@ -183,13 +184,6 @@ def _hub_weights_identity(model: str, *, subfolder: str | None, revision: str | 
         return found
     return {}
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -309,7 +303,7 @@ class TorchEncoder:
     @classmethod
     def inspect(cls, config: Config) -> EncoderSpec:
         """Reads the model's config (never its weights) and returns what encoding will produce."""
-        from latentize.encoders.files import FILE_LOADERS, is_single_file, sha256_file
+        from latentize.encoders.files import FILE_LOADERS, is_single_file
 
         enc = config.encoder
         if is_single_file(enc.model):
