@@ -104,7 +104,7 @@ def _manifest(config: Config, spec: EncoderSpec, fp: str, folder: str, shards: i
         "format_version": 1,
         "fingerprint": fp,
         "config": redact(config_to_dict(config)),
-        "encoder": spec.to_manifest(),
+        "encoder": {**spec.to_manifest(), "preset": config.encoder.preset, "dtype": config.encoder.dtype},
         "preprocess": {
             "size": list(config.preprocess.size),
             "crop": config.preprocess.crop,
@@ -125,7 +125,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
         LatentizeError: model, input or output problems, or a different run in the output root.
     """
     spec = ENCODERS.get(config.encoder.type).inspect(config)
-    sink = SINKS.get(config.output.format)
+    SINKS.get(config.output.format)  # an unknown format fails here, before any work
     urls = [_absolute(u) for u in expand_urls(config.input.urls, storage_options=config.input.storage_options)]
     fmt = config.input.format or infer_format(urls)
     SOURCES.get(fmt)
@@ -162,7 +162,6 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     }
     pending = [(url, shard) for url, shard in shards if shard not in done]
     manifest = existing or _manifest(config, spec, fp, folder, len(shards))
-    del sink
     return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest)
 
 

@@ -107,6 +107,7 @@ def test_kl_mode_parity(variant: str, tmp_path: Path, tiny_models: dict[str, Pat
     assert manifest["samples"] == {"ok": 10, "failed": 0, "reencoded_fp32": 0}
     assert manifest["encoder"]["constants"]["scaling_factor"] == KL_SCALE
     assert manifest["encoder"]["identity"]["sha256"]
+    assert manifest["encoder"]["model_class"] == "AutoencoderKL" and manifest["encoder"]["preset"] is None
 
 
 def test_kl_moments_are_raw(tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str, exact_photos: list[ShardSample]) -> None:
