@@ -87,10 +87,6 @@ class OutputLayout:
     def data_path(self, folder: str, shard: str, extension: str) -> str:
         return self.join(folder, f"{shard}.{extension}")
 
-    def url_of(self, path: str) -> str:
-        """A path of this filesystem as a URL a user can open."""
-        return self.fs.unstrip_protocol(path) if not self.is_local else path
-
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
