@@ -1,0 +1,1 @@
+"""Latent dataset QA: statistics, scale check, alignment, codebook usage, reconstructions."""
