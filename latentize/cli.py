@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from latentize.config import Config, load_config
 from latentize.errors import LatentizeError
 
-__all__ = ["DEMO_CONFIG", "encode_main", "main"]
+__all__ = ["DEMO_CONFIG", "encode_main", "main", "qa_main"]
 
 logger = logging.getLogger("latentize")
 
@@ -123,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("--storage-options", default="{}", metavar="YAML",
                     help="fsspec options for the output, e.g. '{anon: true}'")
     st.set_defaults(fn=run_status)
+    qa = sub.add_parser("qa", help="latent dataset QA report (statistics, scale check, alignment, reconstructions)")
+    _add_qa_args(qa)
     args = parser.parse_args(argv)
     return _guarded(args.fn, args)
 
@@ -163,6 +165,71 @@ def run_status(args: argparse.Namespace) -> int:
     status = output_status(OutputLayout(args.output, storage_options=options))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0 if status["complete"] else 1
+
+
+def _add_qa_args(parser: argparse.ArgumentParser) -> None:
+    from latentize.qa import QAOptions
+
+    d = QAOptions()
+    parser.add_argument("output", help="output root of `latentize encode` (local path or fsspec URL)")
+    parser.add_argument("--report", metavar="DIR", help="folder for report.html and report.json (default: OUTPUT/_qa)")
+    parser.add_argument("--sample", type=int, default=d.sample, metavar="N",
+                        help=f"latents decoded and compared with their source images (default {d.sample}; 0: none)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the reconstruction sample")
+    parser.add_argument("--outlier-std", type=float, default=d.outlier_std, metavar="K",
+                        help=f"values beyond K std of their channel are outliers (default {d.outlier_std:g})")
+    parser.add_argument("--scale-tolerance", type=float, default=d.scale_tolerance, metavar="T",
+                        help=f"allowed relative deviation of the normalised std from 1 (default {d.scale_tolerance:g})")
+    parser.add_argument("--shift-tolerance", type=float, default=d.shift_tolerance, metavar="T",
+                        help=f"allowed |mean| of the normalised latents (default {d.shift_tolerance:g})")
+    parser.add_argument("--min-psnr", type=float, default=d.min_psnr, metavar="DB",
+                        help=f"the reconstruction check fails below this mean PSNR (default {d.min_psnr:g} dB)")
+    parser.add_argument("--decoder", help="decoder weights, when not found beside the encoder's "
+                        "(e.g. a TAESD *_decoder.pth, or a diffusers folder / hub id)")
+    parser.add_argument("--device", help="decoder device (default: cuda when present)")
+    parser.add_argument("--storage-options", default="{}", metavar="YAML", help="fsspec options of the output root")
+    parser.add_argument("--input-storage-options", default="{}", metavar="YAML",
+                        help="fsspec options of the input shards (for the reconstruction's source images)")
+    parser.add_argument("--strict", action="store_true", help="warnings (outliers, duplicates) fail the report too")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--json", action="store_true", help="print report.json instead of the summary")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(fn=run_qa)
+
+
+def run_qa(args: argparse.Namespace) -> int:
+    """``latentize qa OUT``: exit code 0 when every check passes, 1 when one fails."""
+    import json
+
+    import yaml
+
+    from latentize.qa import QAOptions, run_qa as build_report
+
+    options = QAOptions(
+        sample=args.sample, seed=args.seed, outlier_std=args.outlier_std, scale_tolerance=args.scale_tolerance,
+        shift_tolerance=args.shift_tolerance, min_psnr=args.min_psnr, decoder=args.decoder, report=args.report,
+        storage_options=yaml.safe_load(args.storage_options) or {},
+        input_storage_options=yaml.safe_load(args.input_storage_options) or {},
+        device=args.device, strict=args.strict, ray_address=args.ray_address,
+    )
+    result = build_report(args.output, options=options)
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
+        print(f"latentize qa: {result.report['output']}")
+        for check in result.report["checks"]:
+            print(f"  {marks.get(check['status'], check['status'])}  {check['name']:<15} {check['message']}")
+        print(f"latentize qa: {'PASS' if result.passed else 'FAIL'}; report: {result.html_path}")
+    return 0 if result.passed else 1
+
+
+def qa_main(argv: Sequence[str] | None = None, *, prog: str = "qa_report.py") -> int:
+    """Entry point of ``jobs/qa_report.py`` (the same arguments as ``latentize qa``)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Latent dataset QA report on Ray.")
+    _add_qa_args(parser)
+    args = parser.parse_args(argv)
+    return _guarded(run_qa, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

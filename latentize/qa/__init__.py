@@ -1,1 +1,11 @@
-"""Latent dataset QA: statistics, scale check, alignment, codebook usage, reconstructions."""
+"""Latent dataset QA: "are these latents right?" as a report people read and pipelines gate on.
+
+Stages: :mod:`~latentize.qa.stats` (exact, mergeable statistics), :mod:`~latentize.qa.scan`
+(the Ray Data passes over every data row), :mod:`~latentize.qa.checks` (scale check, alignment,
+named pass/fail checks), :mod:`~latentize.qa.recon` (decoders, source images, PSNR/SSIM),
+:mod:`~latentize.qa.report` (report.html and report.json); :func:`run_qa` wires them.
+"""
+
+from latentize.qa.run import QAOptions, QAResult, run_qa
+
+__all__ = ["QAOptions", "QAResult", "run_qa"]

@@ -1,0 +1,352 @@
+"""The QA report's named checks, and the pure functions behind them.
+
+Every function here works on small, already-aggregated figures (statistics summaries, counts,
+the manifest), never on latents, so they test without Ray and run on the driver.
+
+Normalisation (design.md §2): a stored value ``s`` of channel ``c`` relates to the encoder's raw
+latent ``z`` by an affine map ``z = s * a[c] + b[c]`` whose constants the manifest records:
+
+* ``(z - shift_factor) * scaling_factor``: ``a = 1 / scaling_factor``, ``b = shift_factor``;
+* ``(z - latents_mean) * scaling_factor / latents_std``: ``a = latents_std / scaling_factor``,
+  ``b = latents_mean``;
+* ``z * scaling_factor`` (DC-AE): ``a = 1 / scaling_factor``, ``b = 0``;
+* stored raw (``moments``, constants not applied): ``a = 1``, ``b = 0``;
+* FLUX.2's BatchNorm statistics live in the checkpoint, not the manifest: no raw map.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = [
+    "Check",
+    "NormalizationMap",
+    "alignment_check",
+    "normalization_map",
+    "scale_check",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Check statuses, worst last.
+STATUSES = ("skip", "pass", "warn", "fail")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named pass/fail line of the report.
+
+    Attributes:
+        name: stable identifier (``scale``, ``finite``, ``keys_unique``...).
+        status: ``pass``, ``fail``, ``warn`` (a failed check of severity ``warning``) or
+            ``skip`` (not applicable to this output, with the reason as message).
+        severity: ``error`` (a failure fails the report) or ``warning`` (reported only).
+        message: one human-readable sentence with the figures behind the verdict.
+    """
+
+    name: str
+    status: str
+    severity: str
+    message: str
+
+    @classmethod
+    def judge(cls, name: str, ok: bool, message: str, *, severity: str = "error") -> "Check":
+        status = "pass" if ok else ("fail" if severity == "error" else "warn")
+        return cls(name, status, severity, message)
+
+    @classmethod
+    def skipped(cls, name: str, why: str, *, severity: str = "error") -> "Check":
+        return cls(name, "skip", severity, why)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NormalizationMap:
+    """``raw = stored * scale + offset`` per channel, and whether ``stored`` is normalised.
+
+    Attributes:
+        scale: (C,) float64, > 0.
+        offset: (C,) float64.
+        applied: True when the stored values are the normalised latents (False: raw moments).
+        form: ``shift_scale``, ``latents_mean_std``, ``scale`` or ``raw``.
+    """
+
+    scale: np.ndarray
+    offset: np.ndarray
+    applied: bool
+    form: str
+    constants: dict[str, Any] = field(default_factory=dict)
+
+
+def normalization_map(encoder: Mapping[str, Any], channels: int) -> NormalizationMap | None:
+    """The stored-to-raw map of a float latent column from the manifest's ``encoder`` entry.
+
+    Returns None when the manifest cannot say (VQ indices; FLUX.2, whose BatchNorm statistics
+    are in the checkpoint).
+    """
+    constants = dict(encoder.get("constants") or {})
+    if "scaling_factor" not in constants:
+        return None
+    scaling = float(constants["scaling_factor"])
+    if not scaling > 0:
+        return None
+    applied = bool(constants.get("applied", True))
+    mean, std = constants.get("latents_mean"), constants.get("latents_std")
+    if mean is not None and std is not None:
+        form = "latents_mean_std"
+        a = np.asarray(std, dtype=np.float64) / scaling
+        b = np.asarray(mean, dtype=np.float64)
+    else:
+        form = "shift_scale" if "shift_factor" in constants else "scale"
+        a = np.full(channels, 1.0 / scaling)
+        b = np.full(channels, float(constants.get("shift_factor") or 0.0))
+    if a.shape != (channels,) or b.shape != (channels,):
+        logger.warning("manifest constants have %d channels, the latents %d: no raw statistics", a.size, channels)
+        return None
+    if not applied:
+        return NormalizationMap(np.ones(channels), np.zeros(channels), False, form, constants)
+    return NormalizationMap(a, b, True, form, constants)
+
+
+def _pooled(channels: list[Mapping[str, Any]]) -> tuple[float, float]:
+    """Mean and std (ddof 0) of all values of all channels, from per-channel moments."""
+    counts = np.array([c["count"] or 0 for c in channels], dtype=np.float64)
+    means = np.array([c["mean"] if c["mean"] is not None else 0.0 for c in channels])
+    stds = np.array([c["std"] if c["std"] is not None else 0.0 for c in channels])
+    n = counts.sum()
+    if n == 0:
+        return math.nan, math.nan
+    mean = float((counts * means).sum() / n)
+    var = float((counts * (stds**2 + (means - mean) ** 2)).sum() / n)
+    return mean, math.sqrt(max(var, 0.0))
+
+
+def scale_check(
+    stored: Mapping[str, Any],
+    norm: NormalizationMap | None,
+    encoder: Mapping[str, Any],
+    *,
+    tolerance: float,
+    shift_tolerance: float,
+) -> tuple[dict[str, Any], Check]:
+    """Do the constants in the manifest make the latents unit-variance and centred?
+
+    Diffusion training assumes normalised latents with std about 1 and mean about 0; that is
+    what ``scaling_factor`` (``1 / std`` of raw latents) and ``shift_factor`` (their mean) are
+    for. Unscaled latents under a manifest that says 0.18215 have std ≈ 5.5, doubly scaled ones
+    ≈ 0.18, a forgotten shift moves the mean: all fall outside the tolerance.
+
+    Args:
+        stored: ``LatentStats.to_dict()`` of the stored column.
+        norm: its stored-to-raw map (None: only the stored values are judged).
+        encoder: the manifest's ``encoder`` entry (type, preset, constants).
+        tolerance: allowed relative deviation of the normalised std from 1 (0.35: 0.74..1.35).
+        shift_tolerance: allowed |mean| of the normalised latents.
+
+    Returns:
+        The report's ``scale`` section and the ``scale`` check.
+    """
+    channels = stored["channels"]
+    s_mean, s_std = _pooled(channels)
+    if norm is not None and not norm.applied:
+        # Raw moments: judge the latents the manifest's constants would produce.
+        base = normalization_map({"constants": {**norm.constants, "applied": True}}, len(channels))
+        inv = base if base is not None else norm
+        raw_mean, raw_std = s_mean, s_std
+        n_mean = [((c["mean"] or 0.0) - inv.offset[i]) / inv.scale[i] for i, c in enumerate(channels)]
+        n_std = [(c["std"] or 0.0) / inv.scale[i] for i, c in enumerate(channels)]
+        counts = [c["count"] for c in channels]
+        norm_mean, norm_std = _pooled([{"count": k, "mean": m, "std": s} for k, m, s in zip(counts, n_mean, n_std)])
+        per_channel_norm = list(zip(n_mean, n_std))
+    else:
+        norm_mean, norm_std = s_mean, s_std
+        per_channel_norm = [(c["mean"], c["std"]) for c in channels]
+        raw_mean = raw_std = math.nan
+        if norm is not None:
+            raw = [
+                {"count": c["count"], "mean": (c["mean"] or 0.0) * norm.scale[i] + norm.offset[i], "std": (c["std"] or 0.0) * norm.scale[i]}
+                for i, c in enumerate(channels)
+            ]
+            raw_mean, raw_std = _pooled(raw)
+    constants = dict(encoder.get("constants") or {})
+    manifest = {k: constants.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std") if k in constants}
+    recommended: dict[str, Any] = {}
+    form = norm.form if norm is not None else None
+    if norm is not None and math.isfinite(raw_std) and raw_std > 0:
+        if form == "latents_mean_std":
+            scaling = float(constants["scaling_factor"])
+            raw_ch = [
+                ((c["mean"] or 0.0) * (norm.scale[i] if norm.applied else 1) + (norm.offset[i] if norm.applied else 0),
+                 (c["std"] or 0.0) * (norm.scale[i] if norm.applied else 1))
+                for i, c in enumerate(channels)
+            ]
+            recommended = {
+                "latents_mean": [m for m, _ in raw_ch],
+                "latents_std": [s * scaling for _, s in raw_ch],
+            }
+        else:
+            recommended = {"scaling_factor": 1.0 / raw_std, "shift_factor": raw_mean if form == "shift_scale" else 0.0}
+    lo, hi = 1.0 / (1.0 + tolerance), 1.0 + tolerance
+    std_ok = math.isfinite(norm_std) and lo <= norm_std <= hi
+    mean_ok = math.isfinite(norm_mean) and abs(norm_mean) <= shift_tolerance
+    raw_by_design = encoder.get("type") == "tiny" and not constants.get("latents_mean") and float(
+        constants.get("scaling_factor", 1.0)) == 1.0 and float(constants.get("shift_factor") or 0.0) == 0.0
+    section = {
+        "applicable": True,
+        "form": form,
+        "manifest": manifest,
+        "recommended": recommended,
+        "stored_mean": s_mean,
+        "stored_std": s_std,
+        "normalized_mean": norm_mean,
+        "normalized_std": norm_std,
+        "raw_mean": raw_mean,
+        "raw_std": raw_std,
+        "ratio": norm_std,
+        "tolerance": tolerance,
+        "shift_tolerance": shift_tolerance,
+        "per_channel": [{"channel": i, "mean": m, "std": s} for i, (m, s) in enumerate(per_channel_norm)],
+    }
+    if std_ok and mean_ok:
+        message = f"normalised latents have std {norm_std:.3f} and mean {norm_mean:+.3f} (within {lo:.2f}..{hi:.2f} and ±{shift_tolerance:g})"
+    else:
+        problems = []
+        if not std_ok:
+            problems.append(f"std {norm_std:.4g} is outside {lo:.2f}..{hi:.2f}")
+            if math.isfinite(norm_std) and norm_std > 0:
+                guess = _scale_diagnosis(norm_std, constants)
+                if guess:
+                    problems.append(guess)
+        if not mean_ok:
+            problems.append(f"mean {norm_mean:+.4g} is beyond ±{shift_tolerance:g} (a missing or wrong shift_factor?)")
+        message = "normalised latents: " + "; ".join(problems)
+        if recommended.get("scaling_factor") is not None:
+            message += (
+                f". Recommended scaling_factor {recommended['scaling_factor']:.5g}, shift_factor "
+                f"{recommended['shift_factor']:.4g}; the manifest says {manifest.get('scaling_factor')}, {manifest.get('shift_factor')}"
+            )
+    severity = "error"
+    if raw_by_design:
+        # TAESD-family presets store raw latents on purpose; say what they would need, don't fail.
+        severity = "warning"
+        message += " (TAESD-family latents are stored raw by design)"
+    section["message"] = message
+    return section, Check.judge("scale", std_ok and mean_ok, message, severity=severity)
+
+
+def _scale_diagnosis(std: float, constants: Mapping[str, Any]) -> str | None:
+    """Names the likely mistake behind a normalised std far from 1."""
+    scaling = constants.get("scaling_factor")
+    if not scaling or scaling == 1.0:
+        return None
+    # Unscaled latents read through a manifest that says `scaling_factor` look 1/scaling times
+    # too wide; doubly scaled ones `scaling` times too narrow.
+    if abs(math.log(std * scaling)) < 0.5:
+        return f"looks unscaled: std × scaling_factor {scaling:g} = {std * scaling:.3f} ≈ 1"
+    if abs(math.log(std / scaling)) < 0.5:
+        return f"looks scaled twice: std / scaling_factor {scaling:g} = {std / scaling:.3f} ≈ 1"
+    return None
+
+
+def alignment_check(
+    *,
+    manifest: Mapping[str, Any],
+    inputs: list[tuple[str, str]],
+    markers: Mapping[str, Mapping[str, Any]],
+    data_rows: Mapping[str, int],
+    error_rows: Mapping[str, int],
+    orphans: list[str],
+    duplicate_keys: list[list[str]],
+) -> tuple[dict[str, Any], list[Check]]:
+    """Do data rows, error rows, commit markers and manifest totals tell one story?
+
+    Args:
+        manifest: ``_manifest.json``.
+        inputs: the run's ``(url, shard)`` list (``_inputs.parquet``).
+        markers: committed markers of this run's fingerprint, by shard.
+        data_rows: data rows counted in the data files, by shard.
+        error_rows: rows of ``_errors/<shard>.parquet``, by shard.
+        orphans: data or error files that no marker lists (a crashed commit's leftovers are
+            in ``_staging``, never here, so these should not exist).
+        duplicate_keys: groups of rows (data and error) that share a key.
+
+    Returns:
+        The report's ``alignment`` section and the checks ``complete``, ``counts`` and
+        ``keys_unique``.
+    """
+    shards = []
+    problems: list[str] = []
+    for _, shard in inputs:
+        m = markers.get(shard)
+        d, e = int(data_rows.get(shard, 0)), int(error_rows.get(shard, 0))
+        row = {
+            "shard": shard,
+            "status": (m or {}).get("status", "pending"),
+            "data_rows": d,
+            "error_rows": e,
+            "marker_ok": None if m is None else int(m.get("ok", 0)),
+            "marker_failed": None if m is None else int(m.get("failed", 0)),
+        }
+        shards.append(row)
+        if m is None:
+            if d or e:
+                problems.append(f"shard {shard}: {d} data and {e} error rows but no commit marker")
+            continue
+        if d != row["marker_ok"]:
+            problems.append(f"shard {shard}: {d} data rows, its marker says {row['marker_ok']} ok")
+        if e != row["marker_failed"]:
+            problems.append(f"shard {shard}: {e} error rows, its marker says {row['marker_failed']} failed")
+        if int(m.get("samples", d + e)) != d + e:
+            problems.append(f"shard {shard}: {d + e} rows in all, its marker says {m.get('samples')} samples read")
+    known = {shard for _, shard in inputs}
+    for shard in sorted(set(data_rows) - known):
+        problems.append(f"data rows of shard {shard}, which is not an input of this run")
+    for path in orphans:
+        problems.append(f"file {path} is listed by no commit marker")
+    samples = manifest.get("samples") or {}
+    totals = {
+        "data_rows": sum(int(v) for v in data_rows.values()),
+        "error_rows": sum(int(v) for v in error_rows.values()),
+        "marker_ok": sum(int(m.get("ok", 0)) for m in markers.values()),
+        "marker_failed": sum(int(m.get("failed", 0)) for m in markers.values()),
+        "manifest_ok": samples.get("ok"),
+        "manifest_failed": samples.get("failed"),
+        "shards_total": len(inputs),
+        "shards_committed": sum(1 for _, s in inputs if s in markers),
+        "shards_failed": sum(1 for _, s in inputs if s in markers and markers[s].get("status") != "ok"),
+    }
+    if samples and (samples.get("ok"), samples.get("failed")) != (totals["marker_ok"], totals["marker_failed"]):
+        problems.append(
+            f"the manifest says {samples.get('ok')} ok / {samples.get('failed')} failed, "
+            f"the markers {totals['marker_ok']} / {totals['marker_failed']}"
+        )
+    pending = [s for _, s in inputs if s not in markers]
+    failed = [s for _, s in inputs if s in markers and markers[s].get("status") != "ok"]
+    checks = []
+    if pending or failed:
+        msg = f"{len(pending)} shard(s) pending, {len(failed)} failed to read to the end, of {len(inputs)}"
+        if pending[:3] or failed[:3]:
+            msg += f" (e.g. {', '.join((failed + pending)[:3])}); `latentize status` has the reasons"
+        checks.append(Check.judge("complete", False, msg))
+    else:
+        checks.append(Check.judge("complete", True, f"all {len(inputs)} shard(s) committed"))
+    count_ok = not problems
+    checks.append(Check.judge(
+        "counts", count_ok,
+        f"data rows ({totals['data_rows']}), error rows ({totals['error_rows']}), commit markers and manifest agree"
+        if count_ok else f"{len(problems)} disagreement(s): " + "; ".join(problems[:3]),
+    ))
+    if duplicate_keys:
+        sample = "; ".join(", ".join(g[:3]) for g in duplicate_keys[:3])
+        checks.append(Check.judge("keys_unique", False, f"{len(duplicate_keys)} key(s) stored more than once: {sample}"))
+    else:
+        checks.append(Check.judge("keys_unique", True, "every key is one data row or one error row, once"))
+    section = {"totals": totals, "problems": problems, "shards": shards, "duplicate_keys": duplicate_keys[:100]}
+    return section, checks

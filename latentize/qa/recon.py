@@ -1,0 +1,622 @@
+"""Reconstruction QA: decode stored latents, fetch the same keys' sources, score the pair.
+
+The QA report decodes a seeded sample of *stored* rows with the model's own decoder (after
+undoing the normalisation the manifest says was applied), preprocesses the source images of
+the same keys exactly as encoding did, and scores the two with PSNR, SSIM and, when the
+``lpips`` package and its weights are available, LPIPS.
+
+Per encoder type (:data:`DECODERS`), stored columns -> raw latents -> images:
+
+* ``kl``: ``(z - shift) * scale`` -> ``z / scale + shift``; ``(z - mean) * scale / std`` ->
+  ``z * std / scale + mean`` (per channel); ``moments`` rows decode their raw ``mean``.
+  ``AutoencoderKL.decode`` (hub id, diffusers folder, or an ldm single file with a decoder).
+* ``vq``: indices -> codebook vectors (``quantize.get_codebook_entry``) -> ``VQModel.decode``
+  without re-quantising.
+* ``tiny``: ``z / scale + shift``; an original ``*_encoder.pth`` decodes with its sibling
+  ``*_decoder.pth`` (or ``--decoder``), a hub id / folder with ``AutoencoderTiny``.
+* ``dc``: ``z / scaling_factor`` -> ``AutoencoderDC.decode``.
+* ``flux2``: ``z * sqrt(bn.running_var + eps) + bn.running_mean``, :func:`unpatchify`, then
+  ``AutoencoderKLFlux2.decode``; ``moments`` rows decode their raw (unpatchified) ``mean``.
+
+Decoding runs in float32 under ``torch.inference_mode``, ``batch_size`` rows at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from latentize.config import Config, InputConfig, PreprocessConfig, config_from_dict
+from latentize.errors import LatentizeError, SampleError
+from latentize.registry import Registry
+
+__all__ = [
+    "DECODERS",
+    "Decoder",
+    "DecoderBuilder",
+    "TorchDecoder",
+    "fetch_sources",
+    "load_decoder",
+    "lpips_distance",
+    "psnr",
+    "ssim",
+    "unpatchify",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --- the decoder interface --------------------------------------------------------------------
+
+
+class Decoder(Protocol):
+    """Turns stored latent columns back into images."""
+
+    #: What decodes, e.g. ``"AutoencoderKL decoder of stabilityai/sd-vae-ft-mse"``.
+    description: str
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Decodes N stored rows.
+
+        Args:
+            arrays: the stored columns of N rows as read from the output, e.g.
+                ``{"latent": (N, C, h, w) float16}``, ``{"mean": ..., "logvar": ...}`` for
+                moments, ``{"indices": (N, h, w) uint8/int16/int32}`` for VQ. Extra columns
+                are ignored.
+
+        Returns:
+            (N, H, W, 3) float32 images in [0, 1].
+        """
+        ...
+
+
+#: The type's decode step: (model, stored columns as float32 / int64 tensors on the model's
+#: device) -> (n, 3, H, W) float32 images in [0, 1].
+DecodeFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class DecoderBuilder(Protocol):
+    """Loads one encoder type's decoder; registered in :data:`DECODERS`."""
+
+    def __call__(self, *, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+        """Returns ``(model in float32 on the CPU, decode step, description)``.
+
+        Args:
+            encoder: the manifest's ``encoder`` section (type, constants, identity, columns).
+            config: the run's resolved config.
+            decoder: the user's override of where the decoder weights are, or None.
+
+        Raises:
+            LatentizeError: no decoder can be found or loaded; the message says how to fix it.
+        """
+        ...
+
+
+#: Decoder builders by ``encoder.type``.
+DECODERS: Registry[DecoderBuilder] = Registry("decoder", config_key="encoder.type")
+
+
+class TorchDecoder:
+    """A loaded decoder model plus its type's decode step; implements :class:`Decoder`.
+
+    Args:
+        model: the decoder-carrying module (float32).
+        step: the type's :data:`DecodeFn`.
+        description: what decodes, for the report.
+        device: where to run.
+        batch_size: rows per forward pass (bounds memory).
+    """
+
+    def __init__(self, *, model: torch.nn.Module, step: DecodeFn, description: str, device: torch.device, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        self.model = model.to(device=device, dtype=torch.float32).eval()
+        self.step = step
+        self.description = description
+        self.device = device
+        self.batch_size = batch_size
+
+    def _tensor(self, value: np.ndarray) -> torch.Tensor:
+        array = np.asarray(value)
+        # Stored floats are float16/float32 (computed in float32 here); indices become int64,
+        # the dtype embedding lookups take.
+        dtype = torch.float32 if np.issubdtype(array.dtype, np.floating) else torch.int64
+        return torch.as_tensor(np.ascontiguousarray(array)).to(self.device, dtype=dtype)
+
+    @torch.inference_mode()
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """See :meth:`Decoder.decode`: (N, H, W, 3) float32 images in [0, 1]."""
+        # Only numeric columns can be latents; keys or captions passed along are left alone.
+        numeric = {k: np.asarray(v) for k, v in arrays.items() if np.asarray(v).dtype.kind in "biuf"}
+        lengths = {len(v) for v in numeric.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"expected numeric columns of one length, got {({k: v.shape for k, v in numeric.items()})}")
+        (n,) = lengths
+        outputs: list[np.ndarray] = []
+        for start in range(0, n, self.batch_size):
+            chunk = {k: self._tensor(v[start : start + self.batch_size]) for k, v in numeric.items()}
+            images = self.step(self.model, chunk).float().clamp(0, 1)
+            outputs.append(images.permute(0, 2, 3, 1).cpu().numpy())
+        if not outputs:
+            return np.zeros((0, 0, 0, 3), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def load_decoder(manifest: dict, *, decoder: str | None = None, device: str | None = None, batch_size: int = 8) -> Decoder:
+    """The decoder of the run described by ``manifest``.
+
+    Args:
+        manifest: the parsed ``OUT/_manifest.json``: ``config`` (the resolved config) and
+            ``encoder`` (type, constants, identity, columns).
+        decoder: where the decoder weights are when not beside the encoder's: a diffusers
+            folder or hub id (kl, vq, dc, flux2, tiny) or a single file (an ldm/taming
+            checkpoint for kl/vq, a TAESD ``*_decoder.pth`` for tiny).
+        device: ``cuda``, ``cpu`` or None (CUDA when present).
+        batch_size: rows per forward pass.
+
+    Raises:
+        LatentizeError: no decoder can be found or loaded (the message says how to fix it).
+    """
+    from latentize.encoders.base import pick_device
+
+    try:
+        encoder = manifest["encoder"]
+        config = config_from_dict(manifest["config"])
+    except KeyError as exc:
+        raise LatentizeError(f"the manifest lacks {exc}; is this a latentize output root?") from None
+    build = DECODERS.get(str(encoder["type"]))
+    model, step, description = build(encoder=encoder, config=config, decoder=decoder)
+    result = TorchDecoder(model=model, step=step, description=description, device=pick_device(device), batch_size=batch_size)
+    logger.info("reconstructions with the %s on %s", description, result.device)
+    return result
+
+
+# --- shared pieces ----------------------------------------------------------------------------
+
+
+def unpatchify(z: torch.Tensor, patch: tuple[int, int] = (2, 2)) -> torch.Tensor:
+    """Inverse of :func:`latentize.encoders.flux2.patchify`: (n, C·p·q, h, w) -> (n, C, h·p, w·q).
+
+    The channel order is diffusers' ``Flux2Pipeline._unpatchify_latents``'s (channel-major,
+    then the p×q offsets).
+    """
+    n, cpq, h, w = z.shape
+    p, q = patch
+    c = cpq // (p * q)
+    z = z.reshape(n, c, p, q, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(n, c, h * p, w * q)
+
+
+def _unit(signed: torch.Tensor) -> torch.Tensor:
+    """diffusers decoders' [-1, 1] images -> [0, 1], clamped."""
+    return ((signed + 1) / 2).clamp(0, 1)
+
+
+def _stored_column(encoder: Mapping[str, Any]) -> str:
+    """The stored column that decodes: ``latent``, or the raw ``mean`` of ``moments`` rows."""
+    columns = encoder.get("columns") or {}
+    for name in ("latent", "mean"):
+        if name in columns:
+            return name
+    raise LatentizeError(f"the manifest's encoder columns ({', '.join(columns) or 'none'}) hold no latent to decode")
+
+
+def _normalised(encoder: Mapping[str, Any], column: str) -> bool:
+    # ``moments`` store raw mean/logvar; only a ``latent`` column carries the normalisation.
+    return column == "latent" and bool(encoder.get("constants", {}).get("applied", True))
+
+
+def _encoder_source(encoder: Mapping[str, Any], config: Config) -> str:
+    """Where the encoder's weights were: the resolved path of a single file, else the model."""
+    identity = encoder.get("identity") or {}
+    if identity.get("source") == "file" and identity.get("model"):
+        return str(identity["model"])
+    return str(config.encoder.model)
+
+
+def _hub_failure() -> str | None:
+    """Why the hub cannot be asked now, or None when it can."""
+    from latentize.encoders.base import _hub_reachable
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    if not _hub_reachable():
+        return "the Hugging Face hub is unreachable"
+    return None
+
+
+def _from_pretrained(class_name: str, model: str, *, subfolder: str | None, revision: str | None) -> torch.nn.Module:
+    """A full diffusers model (decoder included) in float32: local folder, HF cache, then hub."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    kwargs: dict[str, Any] = {"subfolder": subfolder, "revision": revision, "torch_dtype": torch.float32}
+    fix = "pass --decoder with a local diffusers folder (config.json and diffusion_pytorch_model.safetensors)"
+    try:
+        return cls.from_pretrained(model, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        if Path(model).expanduser().exists():
+            raise LatentizeError(f"cannot load the {class_name} decoder from {model}: {exc}; {fix}") from None
+    why = _hub_failure()
+    if why is not None:
+        raise LatentizeError(f"the decoder {model!r} is not in the local Hugging Face cache and {why}; {fix}")
+    try:
+        return cls.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LatentizeError(f"cannot load the {class_name} decoder of {model!r}: {exc}; {fix}") from None
+
+
+def _require_decoder(model: torch.nn.Module, path: Path) -> None:
+    """Raises when a single file was encoder-only (its loader put stand-ins on the decoder side)."""
+    from latentize.encoders.checkpoints import _MissingDecoder
+
+    if any(isinstance(getattr(model, name, None), _MissingDecoder) for name in ("decoder", "post_quant_conv")):
+        raise LatentizeError(
+            f"{path} holds no decoder weights (an encoder-only checkpoint); pass --decoder with the "
+            "full autoencoder (a diffusers folder, a hub id or a checkpoint that includes the decoder)"
+        )
+
+
+def _load_diffusers(typ: str, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> tuple[torch.nn.Module, str]:
+    """The full model of an encoder type with a diffusers class: ``(model, description)``.
+
+    Single files load through the type's :data:`~latentize.encoders.files.FILE_LOADERS` entry;
+    hub ids and folders through diffusers (``override`` replaces the encoder's model, its
+    subfolder and revision).
+    """
+    from latentize.encoders import ENCODERS
+    from latentize.encoders.files import FILE_LOADERS, is_single_file
+
+    class_name = ENCODERS.get(typ).diffusers_class
+    source = override if override is not None else _encoder_source(encoder, config)
+    if is_single_file(source):
+        if typ not in FILE_LOADERS:
+            raise LatentizeError(
+                f"{source}: {typ} decoders load from diffusers folders or hub ids only; pass --decoder with one"
+            )
+        path = Path(source).expanduser().resolve()
+        loader = FILE_LOADERS.get(typ)
+        model = loader.load(path, config, loader.read_config(path, config))
+        _require_decoder(model, path)
+        return model, f"{class_name} decoder of {path}"
+    subfolder = None if override is not None else config.encoder.subfolder
+    revision = None if override is not None else config.encoder.revision
+    model = _from_pretrained(class_name, source, subfolder=subfolder, revision=revision)
+    where = f"{source} (subfolder {subfolder})" if subfolder else source
+    return model, f"{class_name} decoder of {where}"
+
+
+def _channel_view(values: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
+
+
+# --- the decoders -----------------------------------------------------------------------------
+
+
+def _undo_kl(z: torch.Tensor, constants: Mapping[str, Any]) -> torch.Tensor:
+    """Raw latents from stored ``z`` (n, C, h, w): the inverse of :func:`latentize.encoders.kl.kl_constants`' formula."""
+    scale = float(constants["scaling_factor"])
+    if constants.get("latents_mean") is not None and constants.get("latents_std") is not None:
+        return z * _channel_view(constants["latents_std"], z) / scale + _channel_view(constants["latents_mean"], z)
+    return z / scale + float(constants.get("shift_factor") or 0.0)
+
+
+@DECODERS.register("kl")
+def _kl_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+    model, description = _load_diffusers("kl", encoder=encoder, config=config, override=decoder)
+    column = _stored_column(encoder)
+    normalised = _normalised(encoder, column)
+    constants = dict(encoder.get("constants") or {})
+
+    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        z = columns[column]
+        raw = _undo_kl(z, constants) if normalised else z
+        return _unit(model.decode(raw).sample)
+
+    return model, step, description
+
+
+@DECODERS.register("vq")
+def _vq_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+    model, description = _load_diffusers("vq", encoder=encoder, config=config, override=decoder)
+
+    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        indices = columns["indices"]  # (n, h, w) int64
+        n, h, w = indices.shape
+        shape = (n, h, w, model.quantize.embedding.embedding_dim)
+        if model.config.lookup_from_codebook:
+            # VQModel.decode looks the indices up itself when configured to.
+            return _unit(model.decode(indices, force_not_quantize=True, shape=shape).sample)
+        quant = model.quantize.get_codebook_entry(indices.reshape(-1), shape)  # (n, D, h, w)
+        # force_not_quantize: the codebook vectors are already quantised; decode them as they are.
+        return _unit(model.decode(quant, force_not_quantize=True).sample)
+
+    return model, step, description
+
+
+@DECODERS.register("dc")
+def _dc_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+    model, description = _load_diffusers("dc", encoder=encoder, config=config, override=decoder)
+    column = _stored_column(encoder)
+    scale = float((encoder.get("constants") or {}).get("scaling_factor", 1.0))
+
+    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return _unit(model.decode(columns[column] / scale).sample)
+
+    return model, step, description
+
+
+@DECODERS.register("flux2")
+def _flux2_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+    model, description = _load_diffusers("flux2", encoder=encoder, config=config, override=decoder)
+    column = _stored_column(encoder)
+    normalised = _normalised(encoder, column)
+    constants = dict(encoder.get("constants") or {})
+    patch = tuple(constants.get("patch_size") or model.config.patch_size)
+    eps = float(constants.get("batch_norm_eps", model.config.batch_norm_eps))
+
+    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        z = columns[column]
+        if normalised:
+            # The checkpoint's BatchNorm running statistics, as diffusers' Flux2 pipeline undoes them.
+            mean = model.bn.running_mean.float().view(1, -1, 1, 1)
+            std = torch.sqrt(model.bn.running_var.float().view(1, -1, 1, 1) + eps)
+            z = unpatchify(z * std + mean, patch)  # type: ignore[arg-type]
+        return _unit(model.decode(z).sample)
+
+    return model, step, description
+
+
+@DECODERS.register("tiny")
+def _tiny_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+    from latentize.encoders.files import is_single_file
+    from latentize.encoders.taesd import decoder_path_for, load_tiny_decoder
+
+    identity = encoder.get("identity") or {}
+    source = decoder
+    if source is None:
+        encoder_source = _encoder_source(encoder, config)
+        if identity.get("source") == "file" or is_single_file(encoder_source):
+            sibling = decoder_path_for(encoder_source)
+            if sibling is None:
+                path = Path(encoder_source)
+                expected = path.with_name(path.stem.removesuffix("_encoder") + "_decoder" + path.suffix)
+                raise LatentizeError(
+                    f"no TAESD decoder found for the encoder file {encoder_source} (looked for {expected}); "
+                    "pass --decoder /path/to/NAME_decoder.pth (the decoder file released with the encoder)"
+                )
+            source = str(sibling)
+        else:
+            source = encoder_source
+    column = _stored_column(encoder)
+    constants = dict(encoder.get("constants") or {})
+    scale = float(constants.get("scaling_factor", 1.0))
+    shift = float(constants.get("shift_factor") or 0.0)
+    channels = encoder.get("latent_channels")
+
+    def raw(z: torch.Tensor) -> torch.Tensor:
+        return z / scale + shift if (scale, shift) != (1.0, 0.0) else z
+
+    if is_single_file(source):
+        path = Path(source).expanduser().resolve()
+        module = load_tiny_decoder(path)
+        if channels is not None and module.latent_channels != int(channels):
+            raise LatentizeError(
+                f"--decoder {path} takes {module.latent_channels}-channel latents but the stored ones have "
+                f"{channels}; pass the decoder released with the encoder"
+            )
+
+        def file_step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return model(raw(columns[column]))  # TaesdDecoder: raw latents -> [0, 1]
+
+        return module, file_step, f"TAESD decoder {path}"
+
+    subfolder = None if decoder is not None else config.encoder.subfolder
+    revision = None if decoder is not None else config.encoder.revision
+    model = _from_pretrained("AutoencoderTiny", source, subfolder=subfolder, revision=revision)
+
+    def tiny_step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # AutoencoderTiny.decode returns [-1, 1] (DecoderTiny maps its [0, 1] output there).
+        return _unit(model.decode(raw(columns[column])).sample)
+
+    where = f"{source} (subfolder {subfolder})" if subfolder else source
+    return model, tiny_step, f"AutoencoderTiny decoder of {where}"
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"expected two (N, H, W, 3) arrays of one shape, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Peak signal-to-noise ratio per image.
+
+    Args:
+        a, b: (N, H, W, 3) float images in [0, 1].
+
+    Returns:
+        (N,) float64 dB, ``10 log10(1 / MSE)``; ``inf`` where the images are identical.
+    """
+    a, b = _pair(a, b)
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.where(mse > 0, 10.0 * np.log10(1.0 / np.maximum(mse, np.finfo(np.float64).tiny)), np.inf)
+
+
+#: SSIM's Gaussian window (Wang et al. 2004): sigma 1.5 truncated at 3.5 sigma -> 11 taps.
+_SSIM_SIGMA = 1.5
+_SSIM_RADIUS = int(3.5 * _SSIM_SIGMA + 0.5)
+_SSIM_K1 = 0.01
+_SSIM_K2 = 0.03
+
+
+def _gaussian_taps() -> torch.Tensor:
+    x = torch.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (x / _SSIM_SIGMA) ** 2)
+    return taps / taps.sum()
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Structural similarity per image: mean over channels of each channel's mean SSIM.
+
+    Gaussian-weighted statistics (sigma 1.5, 11×11 window), population covariances, K1 0.01,
+    K2 0.03, data range 1: the values of ``skimage.metrics.structural_similarity(...,
+    channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=1.0)``. skimage filters with reflected borders and then drops the 5-pixel
+    strip the padding touched, so only windows wholly inside the image count: exactly a
+    "valid" convolution, which is what this computes.
+
+    Args:
+        a, b: (N, H, W, 3) float images in [0, 1], H and W at least 11.
+
+    Returns:
+        (N,) float64 in [-1, 1]; 1 for identical images.
+    """
+    a, b = _pair(a, b)
+    size = 2 * _SSIM_RADIUS + 1
+    if min(a.shape[1:3]) < size:
+        raise ValueError(f"SSIM needs images of at least {size}x{size} pixels, got {a.shape[2]}x{a.shape[1]}")
+    taps = _gaussian_taps()
+    rows, cols = taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)
+    c1 = _SSIM_K1**2
+    c2 = _SSIM_K2**2
+    out = np.empty(len(a), dtype=np.float64)
+    # One image at a time: the five float64 statistic maps of a large batch would not fit.
+    for i in range(len(a)):
+        x = torch.from_numpy(a[i]).permute(2, 0, 1).unsqueeze(1)  # (3, 1, H, W)
+        y = torch.from_numpy(b[i]).permute(2, 0, 1).unsqueeze(1)
+        stack = torch.cat([x, y, x * x, y * y, x * y])  # (15, 1, H, W)
+        filtered = torch.nn.functional.conv2d(torch.nn.functional.conv2d(stack, rows), cols)
+        ux, uy, uxx, uyy, uxy = filtered.split(3)
+        vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+        out[i] = float(s.flatten(1).mean(dim=1).mean())
+    return out
+
+
+_LPIPS: dict[str, Any] = {}
+
+
+def _lpips_model() -> Any:
+    """The LPIPS (AlexNet) model, or None when it cannot be had; tried once per process."""
+    if "model" not in _LPIPS:
+        model = None
+        try:
+            import lpips
+
+            model = lpips.LPIPS(net="alex", verbose=False).eval()
+        except Exception as exc:  # noqa: BLE001 - any failure (missing package, no weights) means "no LPIPS"
+            logger.info("LPIPS is not reported: %s: %s", type(exc).__name__, exc)
+        _LPIPS["model"] = model
+    return _LPIPS["model"]
+
+
+def lpips_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """LPIPS (AlexNet) distance per image, or None when ``lpips`` or its weights are unavailable.
+
+    Args:
+        a, b: (N, H, W, 3) float images in [0, 1].
+
+    Returns:
+        (N,) float64 (0 for identical images, larger is more different) or None.
+    """
+    a, b = _pair(a, b)
+    model = _lpips_model()
+    if model is None:
+        return None
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(a), 8):
+            x = torch.from_numpy(a[start : start + 8]).permute(0, 3, 1, 2).float()
+            y = torch.from_numpy(b[start : start + 8]).permute(0, 3, 1, 2).float()
+            out.append(model(x, y, normalize=True).flatten().double().numpy())  # normalize: [0, 1] in
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def fetch_sources(
+    *,
+    shards: dict[str, str],
+    wanted: dict[str, list[str]],
+    fmt: str,
+    input_config: InputConfig,
+    preprocess_config: PreprocessConfig,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The pixels the encoder saw for some keys, re-read from the input shards.
+
+    Each shard with wanted keys is streamed once with
+    :func:`~latentize.sources.datasource.read_shard` and reading stops as soon as all its
+    wanted keys are found; each found image is preprocessed with
+    :func:`~latentize.preprocess.preprocess_sample` and ``preprocess_config``.
+
+    Args:
+        shards: shard id -> input URL.
+        wanted: shard id -> keys to fetch from it.
+        fmt: the input format (``webdataset`` or ``parquet``).
+        input_config: the run's input section (fields, storage options).
+        preprocess_config: the run's preprocess section.
+
+    Returns:
+        ``(pixels, missing)``: key -> (H, W, 3) uint8 pixels (0..255) exactly as encoded, and
+        key -> why it could not be fetched or decoded.
+
+    Raises:
+        LatentizeError: a run-level problem (e.g. an unknown format or crop mode).
+    """
+    from latentize.preprocess import preprocess_sample
+    from latentize.sources.datasource import read_shard
+
+    pixels: dict[str, np.ndarray] = {}
+    missing: dict[str, str] = {}
+    for shard, keys in wanted.items():
+        remaining = {str(k) for k in keys}
+        if not remaining:
+            continue
+        url = shards.get(shard)
+        if url is None:
+            for key in remaining:
+                missing[key] = f"shard {shard!r} is not among the run's input shards"
+            continue
+        shard_error = None
+        with contextlib.closing(read_shard(url=url, shard=shard, fmt=fmt, config=input_config)) as blocks:
+            for table in blocks:
+                row_keys = table.column("key").to_pylist()
+                for i, key in enumerate(row_keys):
+                    if key is None:  # the end-of-shard sentinel
+                        shard_error = table.column("error")[i].as_py()
+                        continue
+                    if key not in remaining:
+                        continue
+                    remaining.discard(key)
+                    error = table.column("error")[i].as_py()
+                    image = table.column("image")[i].as_py()
+                    if error is not None:
+                        missing[key] = f"read: {error}"
+                    elif image is None:
+                        missing[key] = "read: the sample has no image"
+                    else:
+                        try:
+                            pixels[key] = preprocess_sample(image, key=key, config=preprocess_config).pixels
+                        except SampleError as exc:
+                            missing[key] = f"{exc.stage}: {exc.message}"
+                if not remaining:
+                    break  # closing the generator closes the shard: no need to read on
+        for key in remaining:
+            tail = f" (reading stopped: {shard_error})" if shard_error else ""
+            missing[key] = f"key not found in shard {shard} ({url}){tail}"
+    logger.info("fetched %d source image(s); %d could not be fetched", len(pixels), len(missing))
+    return pixels, missing

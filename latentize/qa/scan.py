@@ -1,0 +1,545 @@
+"""The distributed passes of the QA report over every data row, on Ray Data.
+
+1. **Statistics** (``Dataset.aggregate``): per tensor column a mergeable
+   :class:`~latentize.qa.stats.LatentStats` (float latents) or
+   :class:`~latentize.qa.stats.CodeUsage` (VQ indices), rows per shard, and the seeded
+   reconstruction sample (the ``k`` keys of smallest ``stable_seed(seed, key)``: a bottom-k
+   sample is mergeable and does not depend on how rows are split over workers). Accumulators
+   travel as bytes, so Ray merges them in its own tree without pickling numpy state.
+2. **Findings** (``map_batches`` then ``groupby``): per row a content digest, and for float
+   latents the values beyond ``outlier_std`` standard deviations of their channel (known from
+   pass 1); rows are grouped on ``d:<digest>`` and ``k:<key>`` (error rows join the key groups),
+   and only groups of more than one row (identical latents, repeated keys), outlier rows and the
+   sampled rows (with their stored arrays) come back to the driver.
+
+Both passes read only the key and tensor columns of the data files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import logging
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from latentize.qa.stats import CodeUsage, LatentStats
+from latentize.registry import Registry
+from latentize.sinks.base import tensor_array, tensor_numpy
+from latentize.sinks.layout import OutputLayout
+
+__all__ = [
+    "DataFile",
+    "DataFilesDatasource",
+    "Findings",
+    "ScanState",
+    "TensorColumn",
+    "find_rows",
+    "read_data_file",
+    "scan_statistics",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Rows per block read from a data file.
+ROWS_PER_BLOCK = 1024
+#: Outlier rows returned to the driver (the most extreme first); the count is always exact.
+OUTLIER_LIMIT = 100
+#: Groups of identical latents / repeated keys listed in the report.
+GROUP_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One committed data file: its path under the output's filesystem and its shard id."""
+
+    path: str
+    shard: str
+
+
+@dataclass(frozen=True)
+class TensorColumn:
+    """A stored tensor column: name, per-row shape, numpy dtype name, and whether it holds
+    VQ codebook indices (then ``codebook_size`` is set)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    codebook_size: int | None = None
+
+    @property
+    def is_index(self) -> bool:
+        return self.codebook_size is not None
+
+
+# --- reading the data files ---------------------------------------------------------------
+
+DataReader = Callable[[OutputLayout, DataFile, list[TensorColumn]], Iterator[pa.Table]]
+
+#: Data file readers by ``output.format``.
+DATA_READERS: Registry[DataReader] = Registry("output format", config_key="output.format")
+
+
+def _block(keys: list[str], shard: str, arrays: dict[str, np.ndarray]) -> pa.Table:
+    columns: dict[str, pa.Array] = {"key": pa.array(keys, pa.string()), "shard": pa.array([shard] * len(keys), pa.string())}
+    for name, values in arrays.items():
+        columns[name] = tensor_array(values)
+    return pa.table(columns)
+
+
+@DATA_READERS.register("parquet")
+def _read_parquet(layout: OutputLayout, data: DataFile, columns: list[TensorColumn]) -> Iterator[pa.Table]:
+    with layout.fs.open(data.path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=ROWS_PER_BLOCK, columns=["key", *(c.name for c in columns)]):
+            table = pa.Table.from_batches([batch])
+            yield _block(
+                table.column("key").to_pylist(), data.shard, {c.name: tensor_numpy(table.column(c.name)) for c in columns}
+            )
+
+
+@DATA_READERS.register("webdataset")
+def _read_tar(layout: OutputLayout, data: DataFile, columns: list[TensorColumn]) -> Iterator[pa.Table]:
+    # Keys may contain dots, so members are matched on the known ``.<column>.npy`` suffixes
+    # rather than split at the first dot as generic WebDataset readers do.
+    suffixes = {f".{c.name}.npy": c.name for c in columns}
+    keys: list[str] = []
+    values: dict[str, list[np.ndarray]] = {c.name: [] for c in columns}
+    pending: dict[str, dict[str, np.ndarray]] = {}
+
+    def flush() -> Iterator[pa.Table]:
+        if keys:
+            yield _block(list(keys), data.shard, {c.name: np.stack(values[c.name]) for c in columns})
+            keys.clear()
+            for v in values.values():
+                v.clear()
+
+    with layout.fs.open(data.path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            for suffix, name in suffixes.items():
+                if member.name.endswith(suffix):
+                    key = member.name[: -len(suffix)]
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    row = pending.setdefault(key, {})
+                    row[name] = np.load(io.BytesIO(extracted.read()), allow_pickle=False)
+                    if len(row) == len(columns):
+                        del pending[key]
+                        keys.append(key)
+                        for c in columns:
+                            values[c.name].append(row[c.name])
+                        if len(keys) >= ROWS_PER_BLOCK:
+                            yield from flush()
+                    break
+    yield from flush()
+    if pending:
+        logger.warning("%s: %d key(s) lack some tensor members: %s", data.path, len(pending), sorted(pending)[:5])
+
+
+def read_data_file(layout: OutputLayout, data: DataFile, *, fmt: str, columns: list[TensorColumn]) -> Iterator[pa.Table]:
+    """Streams a data file as Arrow blocks: ``key``, ``shard`` and the tensor columns
+    (canonical ``arrow.fixed_shape_tensor``), at most :data:`ROWS_PER_BLOCK` rows each."""
+    return DATA_READERS.get(fmt)(layout, data, columns)
+
+
+def _datasource_class() -> type:
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class _DataFilesDatasource(Datasource):
+        """One read task per committed data file."""
+
+        def __init__(self, *, layout: OutputLayout, files: list[DataFile], fmt: str, columns: list[TensorColumn]) -> None:
+            self._layout = layout
+            self._files = files
+            self._fmt = fmt
+            self._columns = columns
+
+        def get_name(self) -> str:
+            return "LatentizeOutput"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
+            tasks = []
+            for data in self._files:
+                def read(data: DataFile = data) -> Iterator[pa.Table]:
+                    return read_data_file(self._layout, data, fmt=self._fmt, columns=self._columns)
+
+                meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[data.path], exec_stats=None)
+                tasks.append(ReadTask(read, meta))
+            return tasks
+
+    return _DataFilesDatasource
+
+
+def DataFilesDatasource(*, layout: OutputLayout, files: list[DataFile], fmt: str, columns: list[TensorColumn]) -> Any:
+    """A Ray Data datasource over an output's committed data files (Ray is imported lazily so
+    that this module imports without Ray)."""
+    return _datasource_class()(layout=layout, files=files, fmt=fmt, columns=columns)
+
+
+# --- pass 1: statistics ---------------------------------------------------------------------
+
+
+def sample_priority(seed: int, key: str) -> int:
+    """The reconstruction sample is the keys of smallest priority: a seeded hash of the key, so
+    the same seed picks the same keys however the rows are split over workers."""
+    digest = hashlib.sha256(f"qa\0{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class ScanState:
+    """Mergeable result of pass 1 (see the module docstring)."""
+
+    def __init__(self, *, columns: list[TensorColumn], sample: int, seed: int) -> None:
+        self.columns = columns
+        self.sample = sample
+        self.seed = seed
+        self.stats: dict[str, LatentStats | CodeUsage] = {}
+        for c in columns:
+            if c.is_index:
+                self.stats[c.name] = CodeUsage(codebook_size=int(c.codebook_size or 0))
+            else:
+                self.stats[c.name] = LatentStats(channels=int(c.shape[0]))
+        self.rows: dict[str, int] = {}
+        # Max-heap by priority (negated) of the ``sample`` smallest (priority, key, shard).
+        self._heap: list[tuple[int, str, str]] = []
+
+    def update(self, block: pa.Table) -> "ScanState":
+        keys = [str(k) for k in block.column("key").to_pylist()]
+        shards = block.column("shard").to_pylist()
+        for c in self.columns:
+            values = tensor_numpy(block.column(c.name))
+            stats = self.stats[c.name]
+            if isinstance(stats, CodeUsage):
+                stats.update(values)
+            else:
+                stats.update(values, keys)
+        for shard in shards:
+            self.rows[shard] = self.rows.get(shard, 0) + 1
+        for key, shard in zip(keys, shards):
+            self._offer(sample_priority(self.seed, key), key, shard)
+        return self
+
+    def _offer(self, priority: int, key: str, shard: str) -> None:
+        if self.sample <= 0:
+            return
+        item = (-priority, key, shard)
+        if len(self._heap) < self.sample:
+            heapq.heappush(self._heap, item)
+        elif item > self._heap[0]:
+            heapq.heapreplace(self._heap, item)
+
+    @property
+    def sampled(self) -> list[tuple[str, str]]:
+        """The sampled ``(key, shard)`` pairs, by priority."""
+        return [(k, s) for _, k, s in sorted(self._heap, reverse=True)]
+
+    def merge(self, other: "ScanState") -> "ScanState":
+        for name, stats in self.stats.items():
+            stats.merge(other.stats[name])  # type: ignore[arg-type]
+        for shard, n in other.rows.items():
+            self.rows[shard] = self.rows.get(shard, 0) + n
+        for neg, key, shard in other._heap:
+            self._offer(-neg, key, shard)
+        return self
+
+    def to_bytes(self) -> bytes:
+        import json
+
+        head = {
+            "rows": self.rows,
+            "heap": [[-neg, k, s] for neg, k, s in self._heap],
+            "stats": {name: s.to_bytes().hex() for name, s in self.stats.items()},
+        }
+        return json.dumps(head).encode()
+
+    def load(self, data: bytes) -> "ScanState":
+        import json
+
+        if not data:
+            return self
+        head = json.loads(data)
+        self.rows = {k: int(v) for k, v in head["rows"].items()}
+        self._heap = [(-int(p), k, s) for p, k, s in head["heap"]]
+        heapq.heapify(self._heap)
+        for name, hexed in head["stats"].items():
+            self.stats[name] = type(self.stats[name]).from_bytes(bytes.fromhex(hexed))
+        return self
+
+
+def _aggregate_class() -> type:
+    from ray.data.aggregate import AggregateFnV2
+
+    class _ScanAggregate(AggregateFnV2):
+        def __init__(self, *, columns: list[TensorColumn], sample: int, seed: int) -> None:
+            self._make = lambda: ScanState(columns=columns, sample=sample, seed=seed)
+            super().__init__("latentize_qa", zero_factory=lambda: b"", on=None, ignore_nulls=False)
+
+        def aggregate_block(self, block: Any) -> bytes:
+            from ray.data.block import BlockAccessor
+
+            table = BlockAccessor.for_block(block).to_arrow()
+            return self._make().update(table).to_bytes()
+
+        def combine(self, current: bytes, new: bytes) -> bytes:
+            if not current:
+                return new
+            if not new:
+                return current
+            return self._make().load(current).merge(self._make().load(new)).to_bytes()
+
+    return _ScanAggregate
+
+
+def scan_statistics(ds: Any, *, columns: list[TensorColumn], sample: int, seed: int) -> ScanState:
+    """Pass 1 over ``ds`` (a dataset of :func:`read_data_file` blocks)."""
+    agg = _aggregate_class()(columns=columns, sample=sample, seed=seed)
+    result = ds.aggregate(agg)
+    data = result["latentize_qa"] if isinstance(result, dict) else result
+    return ScanState(columns=columns, sample=sample, seed=seed).load(data or b"")
+
+
+# --- pass 2: findings -----------------------------------------------------------------------
+
+FINDINGS_SCHEMA = pa.schema(
+    [
+        ("group", pa.string()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("outliers", pa.int64()),
+        ("column", pa.string()),
+        ("channel", pa.int32()),
+        ("value", pa.float64()),
+        ("z", pa.float64()),
+        ("sampled", pa.bool_()),
+        # The row's stored arrays (an .npz), only on sampled rows.
+        ("payload", pa.binary()),
+    ]
+)
+
+
+def _digest(arrays: list[np.ndarray], i: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a[i]).tobytes())
+    return h.hexdigest()
+
+
+def _npz(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def row_findings(
+    block: pa.Table,
+    *,
+    columns: list[TensorColumn],
+    mean: Mapping[str, list[float]],
+    std: Mapping[str, list[float]],
+    outlier_std: float,
+    sampled: frozenset[str],
+) -> pa.Table:
+    """Per data row: a digest group row and a key group row (see :data:`FINDINGS_SCHEMA`).
+
+    A value is an outlier when ``|x - mean[c]| > outlier_std * std[c]`` for its channel ``c``
+    (non-finite values are reported by pass 1, not here); ``z`` and ``value`` describe the
+    row's most extreme value.
+    """
+    keys = [str(k) for k in block.column("key").to_pylist()]
+    shards = block.column("shard").to_pylist()
+    arrays = {c.name: tensor_numpy(block.column(c.name)) for c in columns}
+    n = len(keys)
+    outliers = np.zeros(n, dtype=np.int64)
+    zmax = np.zeros(n)
+    zcol: list[str | None] = [None] * n
+    zch = np.full(n, -1, dtype=np.int32)
+    zval = np.full(n, np.nan)
+    for c in columns:
+        if c.is_index or c.name not in mean:
+            continue
+        x = arrays[c.name].astype(np.float64).reshape(n, c.shape[0], -1)
+        mu = np.asarray(mean[c.name], dtype=np.float64)[None, :, None]
+        sd = np.asarray(std[c.name], dtype=np.float64)[None, :, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.abs(x - mu) / np.where(sd > 0, sd, np.inf)
+        z = np.where(np.isfinite(z), z, 0.0)
+        outliers += (z > outlier_std).reshape(n, -1).sum(axis=1)
+        flat = z.reshape(n, -1)
+        arg = flat.argmax(axis=1)
+        best = flat[np.arange(n), arg]
+        better = best > zmax
+        for i in np.flatnonzero(better):
+            zmax[i] = best[i]
+            zcol[i] = c.name
+            zch[i] = arg[i] // x.shape[2]
+            zval[i] = x[i].reshape(-1)[arg[i]]
+    flat_arrays = [arrays[c.name] for c in columns]
+    rows: dict[str, list[Any]] = {name: [] for name in FINDINGS_SCHEMA.names}
+    for i, key in enumerate(keys):
+        is_sampled = key in sampled
+        payload = _npz({c.name: arrays[c.name][i] for c in columns}) if is_sampled else None
+        for group in (f"d:{_digest(flat_arrays, i)}", f"k:{key}"):
+            rows["group"].append(group)
+            rows["key"].append(key)
+            rows["shard"].append(shards[i])
+            rows["outliers"].append(int(outliers[i]))
+            rows["column"].append(zcol[i])
+            rows["channel"].append(int(zch[i]))
+            rows["value"].append(float(zval[i]))
+            rows["z"].append(float(zmax[i]))
+            # Outliers and the sample travel on the key row only, so each row is reported once.
+            is_key = group.startswith("k:")
+            rows["sampled"].append(is_sampled and is_key)
+            rows["payload"].append(payload if is_key else None)
+    return pa.table(rows, schema=FINDINGS_SCHEMA)
+
+
+def error_key_rows(keys: list[str], shards: list[str]) -> pa.Table:
+    """Key group rows for the error rows, so a key that is both data and error is caught."""
+    n = len(keys)
+    return pa.table(
+        {
+            "group": [f"k:{k}" for k in keys],
+            "key": keys,
+            "shard": shards,
+            "outliers": [0] * n,
+            "column": [None] * n,
+            "channel": [-1] * n,
+            "value": [None] * n,
+            "z": [0.0] * n,
+            "sampled": [False] * n,
+            "payload": [None] * n,
+        },
+        schema=FINDINGS_SCHEMA,
+    )
+
+
+def keep_interesting(group: pa.Table) -> pa.Table:
+    """``map_groups`` body: the whole group when it has several rows, else the row only if it
+    is an outlier or sampled."""
+    if group.num_rows > 1:
+        return group
+    import pyarrow.compute as pc
+
+    mask = pc.or_(pc.greater(group.column("outliers"), 0), group.column("sampled"))
+    return group.filter(mask)
+
+
+@dataclass
+class Findings:
+    """What pass 2 found. ``outlier_rows`` / ``outlier_values`` are exact counts."""
+
+    duplicate_latents: list[list[tuple[str, str]]]
+    duplicate_keys: list[list[str]]
+    outlier_rows: int
+    outlier_values: int
+    worst: list[dict[str, Any]]
+    samples: dict[str, tuple[str, dict[str, np.ndarray]]]
+    duplicate_rows: int
+
+
+def find_rows(
+    ds: Any,
+    errors: pa.Table | None,
+    *,
+    columns: list[TensorColumn],
+    mean: Mapping[str, list[float]],
+    std: Mapping[str, list[float]],
+    outlier_std: float,
+    sampled: frozenset[str],
+    partitions: int = 1,
+) -> Findings:
+    """Pass 2 over ``ds``; ``errors`` (``key``, ``shard``) joins the key groups; ``partitions``:
+    of the shuffle on the group column."""
+    import ray
+
+    found = ds.map_batches(
+        row_findings,
+        fn_kwargs={"columns": columns, "mean": dict(mean), "std": dict(std), "outlier_std": outlier_std, "sampled": sampled},
+        batch_format="pyarrow",
+        batch_size=None,
+    )
+    if errors is not None and errors.num_rows:
+        found = found.union(ray.data.from_arrow(error_key_rows(errors.column("key").to_pylist(), errors.column("shard").to_pylist())))
+    kept = found.groupby("group", num_partitions=partitions).map_groups(keep_interesting, batch_format="pyarrow")
+    dup_latents: dict[str, list[tuple[str, str]]] = {}
+    dup_keys: dict[str, list[str]] = {}
+    worst: list[tuple[float, int, dict[str, Any]]] = []
+    outlier_rows = outlier_values = 0
+    samples: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
+    tie = 0
+    for batch in kept.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            group = row["group"]
+            if group.startswith("d:"):
+                dup_latents.setdefault(group[2:], []).append((row["key"], row["shard"]))
+                continue
+            dup_keys.setdefault(row["key"], []).append(row["shard"])
+            if row["sampled"] and row["payload"] is not None and row["key"] not in samples:
+                with np.load(io.BytesIO(row["payload"]), allow_pickle=False) as npz:
+                    samples[row["key"]] = (row["shard"], {name: npz[name] for name in npz.files})
+            if row["outliers"] > 0 and len(dup_keys[row["key"]]) == 1:
+                outlier_rows += 1
+                outlier_values += int(row["outliers"])
+                item = {k: row[k] for k in ("key", "shard", "column", "channel", "value", "z", "outliers")}
+                tie += 1
+                entry = (float(row["z"]), -tie, item)
+                if len(worst) < OUTLIER_LIMIT:
+                    heapq.heappush(worst, entry)
+                elif entry > worst[0]:
+                    heapq.heapreplace(worst, entry)
+    groups = [sorted(v) for v in dup_latents.values() if len(v) > 1]
+    groups.sort(key=lambda g: (-len(g), g))
+    repeated = sorted(k for k, shards in dup_keys.items() if len(shards) > 1)
+    return Findings(
+        duplicate_latents=groups,
+        duplicate_keys=[[k, *sorted(dup_keys[k])] for k in repeated],
+        outlier_rows=outlier_rows,
+        outlier_values=outlier_values,
+        worst=[item for _, _, item in sorted(worst, key=lambda e: (-e[0], -e[1]))],
+        samples=samples,
+        duplicate_rows=sum(len(g) for g in groups),
+    )
+
+
+def list_files(layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]], data_folders: list[str], extension: str) -> tuple[list[DataFile], list[str], dict[str, str]]:
+    """Committed data files and error files by marker, and files no marker lists.
+
+    Returns:
+        ``(data files, orphan paths relative to the root, shard -> errors file path)``.
+    """
+    data: list[DataFile] = []
+    errors: dict[str, str] = {}
+    listed: set[str] = set()
+    for shard in sorted(markers):
+        for rel in markers[shard].get("files", []):
+            listed.add(rel)
+            path = layout.join(rel)
+            if rel.startswith("_errors/"):
+                errors[shard] = path
+            else:
+                data.append(DataFile(path=path, shard=shard))
+    orphans: list[str] = []
+    for folder in [*data_folders, "_errors"]:
+        try:
+            found = layout.fs.ls(layout.join(folder), detail=False)
+        except FileNotFoundError:
+            continue
+        for p in found:
+            rel = posixpath.relpath(p, layout.root)
+            if rel not in listed and not posixpath.basename(p).startswith("."):
+                orphans.append(rel)
+    return data, sorted(orphans), errors

@@ -1,0 +1,284 @@
+"""The QA report end to end: Ray passes over real output roots (local and S3), the scale check,
+findings with their keys, VQ usage, the CLI and the job entry point.
+
+Outputs are built two ways: by the real job (tiny random models on real photos) and with planted
+latents in the exact output layout (``tests/qa_outputs.py``), which is how unscaled latents,
+NaNs and duplicates get in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from latentize.qa import QAOptions, run_qa
+from latentize.qa.checks import normalization_map, scale_check
+from latentize.qa.stats import LatentStats
+from qa_outputs import kl_constants, sd_like_raw, write_output
+
+REPO = Path(__file__).resolve().parents[1]
+SD_SCALE = 0.18215
+
+
+def _check(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [c for c in report["checks"] if c["name"] == name]
+    assert len(found) == 1, report["checks"]
+    return found[0]
+
+
+# --- the scale check as a pure function -------------------------------------------------
+
+
+def _stored_summary(stored: np.ndarray) -> dict[str, Any]:
+    stats = LatentStats(channels=stored.shape[1])
+    stats.update(stored, [str(i) for i in range(len(stored))])
+    return stats.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("name", "stored_from_raw", "passes", "says"),
+    [
+        ("correct", lambda raw: raw * SD_SCALE, True, "within"),
+        ("unscaled", lambda raw: raw, False, "looks unscaled"),
+        ("scaled twice", lambda raw: raw * SD_SCALE * SD_SCALE, False, "looks scaled twice"),
+        ("wrong shift", lambda raw: (raw + 5.0) * SD_SCALE, False, "shift_factor"),
+    ],
+)
+def test_scale_check_catches_unscaled_doubly_scaled_and_shifted_latents(
+    name: str, stored_from_raw: Any, passes: bool, says: str
+) -> None:
+    raw = sd_like_raw(64)
+    encoder = {"type": "kl", "constants": kl_constants(SD_SCALE)}
+    stored = stored_from_raw(raw)
+    section, check = scale_check(
+        _stored_summary(stored), normalization_map(encoder, 4), encoder, tolerance=0.35, shift_tolerance=0.5
+    )
+    assert (check.status == "pass") is passes, check
+    assert says in check.message, check.message
+    # The recommendation is 1 / std and the mean of the raw latents the manifest implies.
+    implied_raw = stored / SD_SCALE
+    assert section["recommended"]["scaling_factor"] == pytest.approx(1 / implied_raw.std(), rel=1e-9)
+    assert section["recommended"]["shift_factor"] == pytest.approx(implied_raw.mean(), rel=1e-9)
+
+
+def test_scale_check_of_latents_mean_std_form_and_raw_moments() -> None:
+    raw = sd_like_raw(32)
+    mean, std = raw.mean(axis=(0, 2, 3)), raw.std(axis=(0, 2, 3))
+    constants = {"scaling_factor": 0.5, "shift_factor": 0.0, "latents_mean": mean.tolist(), "latents_std": std.tolist(),
+                 "applied": True}
+    encoder = {"type": "kl", "constants": constants}
+    stored = (raw - mean[:, None, None]) * 0.5 / std[:, None, None]
+    section, check = scale_check(_stored_summary(stored), normalization_map(encoder, 4), encoder, tolerance=0.35, shift_tolerance=0.5)
+    # std 0.5 by construction of the constants (Playground's scaling_factor is 0.5 too).
+    assert check.status == "fail" and section["normalized_std"] == pytest.approx(0.5, rel=1e-6)
+    np.testing.assert_allclose(section["recommended"]["latents_mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(section["recommended"]["latents_std"], std * 0.5, rtol=1e-9)
+
+    # Raw moments (constants not applied) are judged after applying the manifest's formula.
+    moments = {"type": "kl", "constants": {**kl_constants(SD_SCALE), "applied": False}}
+    section, check = scale_check(_stored_summary(raw), normalization_map(moments, 4), moments, tolerance=0.35, shift_tolerance=0.5)
+    assert check.status == "pass", check
+    assert section["raw_std"] == pytest.approx(raw.std(), rel=1e-9)
+
+
+# --- Ray passes over planted outputs ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_statistics_equal_numpy_and_a_correct_output_passes(tmp_path: Path) -> None:
+    raw = sd_like_raw(150)
+    stored = (raw * SD_SCALE).astype(np.float16)
+    write_output(str(tmp_path / "out"), "latent", stored, constants=kl_constants(SD_SCALE), shards=3,
+                 errors={"00001": ["bad-a", "bad-b"]})
+    result = run_qa(str(tmp_path / "out"), options=QAOptions(sample=0))
+    report = result.report
+    assert result.passed, report["checks"]
+    assert _check(report, "scale")["status"] == "pass"
+    assert _check(report, "counts")["status"] == "pass"
+
+    # Exactly numpy's figures on the whole output, read back by plain pyarrow.
+    table = pq.read_table(tmp_path / "out")
+    data = table.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float64)
+    per_channel = data.transpose(1, 0, 2, 3).reshape(4, -1)
+    channels = report["statistics"]["latent"]["stored"]["channels"]
+    for c, got in enumerate(channels):
+        assert got["count"] == per_channel[c].size
+        assert got["min"] == per_channel[c].min() and got["max"] == per_channel[c].max()
+        assert got["mean"] == pytest.approx(per_channel[c].mean(), rel=1e-12)
+        assert got["std"] == pytest.approx(per_channel[c].std(), rel=1e-12)
+    pooled = report["statistics"]["latent"]["stored"]["all"]
+    assert pooled["count"] == data.size and pooled["mean"] == pytest.approx(data.mean(), rel=1e-12)
+    # Raw statistics undo the stored normalisation with the manifest's constants.
+    raw_channels = report["statistics"]["latent"]["raw"]["channels"]
+    assert raw_channels[0]["mean"] == pytest.approx(per_channel[0].mean() / SD_SCALE, rel=1e-12)
+    assert raw_channels[0]["std"] == pytest.approx(per_channel[0].std() / SD_SCALE, rel=1e-12)
+    assert report["alignment"]["totals"]["error_rows"] == 2
+    assert {s["shard"]: s["data_rows"] for s in report["alignment"]["shards"]} == {"00000": 50, "00001": 50, "00002": 50}
+
+    written = json.loads(Path(result.json_path).read_text())
+    assert written["passed"] is True and Path(result.html_path).stat().st_size > 10_000
+    assert Path(result.json_path).parent == tmp_path / "out" / "_qa"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_unscaled_latents_under_a_manifest_that_says_0_18215_fail(tmp_path: Path) -> None:
+    raw = sd_like_raw(60).astype(np.float16)
+    write_output(str(tmp_path / "out"), "latent", raw, constants=kl_constants(SD_SCALE))
+    result = run_qa(str(tmp_path / "out"), options=QAOptions(sample=0, report=str(tmp_path / "rep")))
+    scale = _check(result.report, "scale")
+    assert scale["status"] == "fail" and "looks unscaled" in scale["message"], scale
+    assert not result.passed
+    assert result.report["scale"]["recommended"]["scaling_factor"] == pytest.approx(
+        1 / (raw.astype(np.float64) / SD_SCALE).std(), rel=1e-6)
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_nan_latent_duplicate_latent_and_repeated_key_are_reported_with_keys(tmp_path: Path) -> None:
+    stored = (sd_like_raw(40) * SD_SCALE).astype(np.float32)
+    keys = [f"k{i:03d}" for i in range(40)]
+    stored[7, 2, 3, 3] = np.nan
+    stored[31] = stored[12]  # the latents of k012 stored again under k031
+    stored[20, 1, 0, 0] = 40.0  # an outlier far beyond 6 std
+    keys[25] = "k005"  # the same key in two shards (shards hold rows 0-19 and 20-39)
+    write_output(str(tmp_path / "out"), "latent", stored, constants=kl_constants(SD_SCALE), keys=keys,
+                 errors={"00000": ["k039"]})
+    report = run_qa(str(tmp_path / "out"), options=QAOptions(sample=0)).report
+    finite = _check(report, "finite")
+    assert finite["status"] == "fail" and "k007" in finite["message"]
+    assert report["nonfinite"]["keys"] == ["k007"] and report["nonfinite"]["rows"] == 1
+    assert report["statistics"]["latent"]["stored"]["channels"][2]["nonfinite"] == 1
+    dup = _check(report, "duplicates")
+    assert dup["status"] == "warn" and "k012" in dup["message"] and "k031" in dup["message"]
+    assert report["duplicates"]["examples"][0]["keys"] == ["k012", "k031"]
+    unique = _check(report, "keys_unique")
+    assert unique["status"] == "fail" and "k005" in unique["message"]
+    # k039 is both a data row (shard 00001) and an error row (shard 00000).
+    assert {g[0] for g in report["alignment"]["duplicate_keys"]} == {"k005", "k039"}
+    outliers = report["outliers"]
+    assert outliers["worst"][0]["key"] == "k020" and outliers["worst"][0]["channel"] == 1
+    assert outliers["worst"][0]["value"] == pytest.approx(40.0)
+    assert _check(report, "outliers")["status"] == "warn"
+    assert not report["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_vq_usage_and_perplexity_equal_a_numpy_count(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    codes = 1024
+    # Zipf-like usage with a dead tail: codes 0..599 only.
+    p = 1.0 / np.arange(1, 601) ** 1.1
+    indices = rng.choice(600, size=(90, 16, 16), p=p / p.sum()).astype(np.int16)
+    write_output(str(tmp_path / "out"), "indices", indices, encoder_type="vq",
+                 constants={"codebook_size": codes, "embed_dim": 4})
+    report = run_qa(str(tmp_path / "out"), options=QAOptions(sample=0)).report
+    book = report["codebook"]
+    values, counts = np.unique(indices, return_counts=True)
+    full = np.zeros(codes, dtype=np.int64)
+    full[values] = counts
+    assert book["counts"] == full.tolist()
+    assert book["used"] == len(values) and book["dead"] == codes - len(values)
+    prob = counts / counts.sum()
+    assert book["perplexity"] == pytest.approx(float(np.exp(-(prob * np.log(prob)).sum())), rel=1e-12)
+    assert book["top"][0]["code"] == int(values[np.argmax(counts)])
+    assert report["scale"] == {"applicable": False}
+    assert _check(report, "codebook_range")["status"] == "pass"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_qa_of_an_output_on_s3(s3: dict[str, Any]) -> None:
+    from conftest import S3_BUCKET
+
+    url = f"s3://{S3_BUCKET}/qa-out"
+    stored = (sd_like_raw(30) * SD_SCALE).astype(np.float16)
+    write_output(url, "latent", stored, constants=kl_constants(SD_SCALE), storage_options=s3)
+    result = run_qa(url, options=QAOptions(sample=0, storage_options=s3))
+    assert result.passed, result.report["checks"]
+    assert result.html_path == f"{S3_BUCKET}/qa-out/_qa/report.html"
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3)
+    assert json.loads(fs.cat_file(result.json_path))["rows"]["data"] == 30
+
+
+# --- the real job's outputs --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], ray_session: None) -> Path:
+    """A real output of the job: the tiny KL model on two shards of real photos (one corrupt)."""
+    from latentize.config import load_config
+    from latentize.demo import corrupt_samples, photo_samples, write_webdataset_shard
+    from latentize.pipeline import run
+
+    root = tmp_path_factory.mktemp("qa_job")
+    photos = [p for p in photo_samples(resolution=64) if p.key]
+    write_webdataset_shard(str(root / "in" / "00000.tar"), photos[:10])
+    write_webdataset_shard(str(root / "in" / "00001.tar"), photos[10:] + corrupt_samples(shard=1)[:2])
+    cfg = load_config(base={
+        "input": {"urls": str(root / "in" / "{00000..00001}.tar")},
+        "preprocess": {"resolution": 64},
+        "encoder": {"type": "kl", "model": str(tiny_models["kl"]), "batch_size": 8},
+        "output": {"path": str(root / "out")},
+    })
+    summary = run(cfg)
+    assert summary.samples_failed >= 1
+    return root / "out"
+
+
+@pytest.mark.slow
+def test_cli_qa_of_a_real_output_decodes_the_sample(encoded: Path, tmp_path: Path) -> None:
+    from latentize.cli import main
+
+    code = main(["qa", str(encoded), "--sample", "4", "--report", str(tmp_path / "rep"), "--min-psnr", "0"])
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    recon = report["reconstruction"]
+    assert recon["sample"] == 4 and len(recon["samples"]) == 4
+    psnrs = [s["psnr"] for s in recon["samples"]]
+    assert psnrs == sorted(psnrs)  # worst first
+    assert "AutoencoderKL" in recon["decoder"]
+    # The counts agree with the markers, the corrupt samples are error rows, nothing repeats.
+    for name in ("counts", "keys_unique", "complete", "finite"):
+        assert _check(report, name)["status"] == "pass", report["checks"]
+    # Random weights give latents far from unit variance: the scale check fails, so does the run.
+    assert _check(report, "scale")["status"] == "fail"
+    assert code == 1
+
+    # The same sample for the same seed.
+    again = run_qa(str(encoded), options=QAOptions(sample=4, report=str(tmp_path / "rep2"), min_psnr=0)).report
+    assert [s["key"] for s in again["reconstruction"]["samples"]] == [s["key"] for s in recon["samples"]]
+
+
+@pytest.mark.slow
+def test_job_entry_point_joins_the_cluster_and_exits_nonzero_on_failure(encoded: Path, tmp_path: Path) -> None:
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "qa_report.py"), str(encoded), "--sample", "0",
+         "--report", str(tmp_path / "rep"), "--json"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["rows"]["data"] >= 1 and not report["passed"]
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
+def test_qa_of_a_folder_without_a_run_says_so(tmp_path: Path) -> None:
+    from latentize.cli import main
+
+    assert main(["qa", str(tmp_path)]) == 2
