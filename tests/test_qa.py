@@ -282,3 +282,72 @@ def test_qa_of_a_folder_without_a_run_says_so(tmp_path: Path) -> None:
     from latentize.cli import main
 
     assert main(["qa", str(tmp_path)]) == 2
+
+
+# --- real TAEF2 weights: reconstruction of real photos, and the report in a browser ---------
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
+needs_taef2 = pytest.mark.skipif(
+    not (WEIGHTS / "taef2_encoder.pth").exists() or not (WEIGHTS / "taef2_decoder.pth").exists(),
+    reason=f"no TAEF2 weights in {WEIGHTS}",
+)
+
+
+@pytest.fixture(scope="module")
+def taef2_report(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Any:
+    from latentize.config import load_config
+    from latentize.demo import photo_samples, write_webdataset_shard
+    from latentize.pipeline import run
+
+    root = tmp_path_factory.mktemp("qa_taef2")
+    photos = [p for p in photo_samples() if p.key][:10]
+    write_webdataset_shard(str(root / "in" / "00000.tar"), photos[:5])
+    write_webdataset_shard(str(root / "in" / "00001.tar"), photos[5:])
+    cfg = load_config(base={
+        "input": {"urls": str(root / "in" / "{00000..00001}.tar")},
+        "preprocess": {"resolution": 256},
+        "encoder": {"preset": "taef2", "model": str(WEIGHTS / "taef2_encoder.pth"), "batch_size": 4},
+        "output": {"path": str(root / "out")},
+    })
+    assert run(cfg).samples_ok == len(photos)
+    # The decoder is found beside the encoder file (taef2_decoder.pth).
+    return run_qa(str(root / "out"), options=QAOptions(sample=8, seed=1))
+
+
+@pytest.mark.slow
+@needs_taef2
+def test_taef2_reconstruction_psnr_of_real_photos_is_reported(taef2_report: Any) -> None:
+    recon = taef2_report.report["reconstruction"]
+    assert recon["sample"] == 8 and "taef2_decoder.pth" in recon["decoder"]
+    assert recon["metrics"]["psnr"]["mean"] >= 24.0, recon["metrics"]
+    assert 0.5 < recon["metrics"]["ssim"]["mean"] <= 1.0
+    assert _check(taef2_report.report, "reconstruction")["status"] == "pass"
+    assert not recon["failed"]
+
+
+@pytest.mark.slow
+@needs_taef2
+def test_real_report_opens_in_headless_chromium(taef2_report: Any, tmp_path: Path) -> None:
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH (Debian package `chromium`; .ci/run installs it)")
+    html = Path(taef2_report.html_path)
+    n_images = html.read_text().count("<img")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    dom = subprocess.run(
+        [browser, *flags, f"--user-data-dir={tmp_path / 'profile-dom'}", "--virtual-time-budget=5000", "--dump-dom",
+         html.as_uri()], capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert f'data-images-loaded="{n_images}/{n_images}"' in dom and n_images >= 6, dom[:300]
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [browser, *flags, f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}", "--window-size=1280,2000",
+         html.as_uri()], capture_output=True, timeout=120,
+    )
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000

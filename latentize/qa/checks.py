@@ -209,7 +209,6 @@ def scale_check(
         "normalized_std": norm_std,
         "raw_mean": raw_mean,
         "raw_std": raw_std,
-        "ratio": norm_std,
         "tolerance": tolerance,
         "shift_tolerance": shift_tolerance,
         "per_channel": [{"channel": i, "mean": m, "std": s} for i, (m, s) in enumerate(per_channel_norm)],
@@ -236,7 +235,8 @@ def scale_check(
     if raw_by_design:
         # TAESD-family presets store raw latents on purpose; say what they would need, don't fail.
         severity = "warning"
-        message += " (TAESD-family latents are stored raw by design)"
+        if not (std_ok and mean_ok):
+            message += " (TAESD-family latents are stored raw by design)"
     section["message"] = message
     return section, Check.judge("scale", std_ok and mean_ok, message, severity=severity)
 

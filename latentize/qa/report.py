@@ -493,7 +493,9 @@ def _scale_plot(scale: Mapping[str, Any]) -> _Html | None:
     manifest, recommended = _dict(scale.get("manifest")), _dict(scale.get("recommended"))
     factors = ("scaling_factor", "shift_factor")
     have_factors = any(_finite(d.get(f)) for d in (manifest, recommended) for f in factors)
-    std, mean = scale.get("stored_std"), scale.get("stored_mean")
+    # The check judges the normalised latents (for raw moments, after applying the constants).
+    std = scale.get("normalized_std", scale.get("stored_std"))
+    mean = scale.get("normalized_mean", scale.get("stored_mean"))
     panels = [p for p, ok in (("factors", have_factors), ("std", _finite(std)), ("mean", _finite(mean))) if ok]
     if not panels:
         return None
@@ -521,8 +523,10 @@ def _scale_plot(scale: Mapping[str, Any]) -> _Html | None:
             inside = True
             if _finite(tol):
                 tol = abs(float(tol))
-                ax.axvspan(target - tol, target + tol, color=_GREEN, alpha=0.15, label=f"target ± {_fmt(tol)}")
-                inside = abs(value - target) <= tol
+                # The std band is a ratio band (1/(1+t) .. 1+t): too wide and too narrow alike.
+                lo, hi = (1.0 / (1.0 + tol), 1.0 + tol) if panel == "std" else (target - tol, target + tol)
+                ax.axvspan(lo, hi, color=_GREEN, alpha=0.15, label=f"accepted {_fmt(lo)} .. {_fmt(hi)}")
+                inside = lo <= value <= hi
             ax.barh([0], [value], height=0.5, color=_GREEN if inside else _RED)
             ax.axvline(target, color="black", linestyle="--", linewidth=1, label=f"target {_fmt(target)}")
             ax.text(value, 0.3, _fmt(value), ha="center", va="bottom", fontsize=8,
@@ -534,7 +538,7 @@ def _scale_plot(scale: Mapping[str, Any]) -> _Html | None:
                 ax.set_xlim(target - span, target + span)
             ax.set_ylim(-0.6, 0.7)
             ax.set_yticks([])
-            ax.set_title(f"stored {'std' if panel == 'std' else 'mean'} vs target {_fmt(target)}", fontsize=9)
+            ax.set_title(f"normalised {'std' if panel == 'std' else 'mean'} vs target {_fmt(target)}", fontsize=9)
             ax.legend(fontsize=7, loc="lower right")
         ax.tick_params(labelsize=8)
     return _figure_img(fig, alt="scale check: constants and stored std/mean against their targets")
@@ -747,12 +751,14 @@ def _scale_section(report: Mapping[str, Any]) -> str | None:
         out += _table(["constant", "manifest", "recommended"], rows)
     out += _kv_table(
         (k, scale.get(k))
-        for k in ("stored_std", "stored_mean", "ratio", "tolerance", "shift_tolerance")
+        for k in ("normalized_std", "normalized_mean", "stored_std", "stored_mean", "raw_std", "raw_mean",
+                  "tolerance", "shift_tolerance")
         if k in scale
     )
     out += (
         '<p class="note">Normalised latents should have std ≈ 1 and mean ≈ 0; the shaded bands are '
-        "target ± tolerance.</p>"
+        "what the check accepts: std within 1/(1 + tolerance) .. 1 + tolerance, |mean| within the shift "
+        "tolerance.</p>"
     )
     return out
 
