@@ -351,3 +351,34 @@ def test_real_report_opens_in_headless_chromium(taef2_report: Any, tmp_path: Pat
 
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000
+
+
+def test_webdataset_and_parquet_outputs_read_back_the_same_rows(tmp_path: Path) -> None:
+    """The QA reader of WebDataset output matches members on the known ``.<column>.npy``
+    suffixes, so keys with dots survive; both formats give the same blocks."""
+    import pyarrow as pa
+
+    from latentize.qa.scan import ROWS_PER_BLOCK, DataFile, TensorColumn, read_data_file
+    from latentize.sinks import SINKS, OutputLayout
+    from latentize.sinks.base import tensor_array, tensor_numpy
+
+    rng = np.random.default_rng(0)
+    n = ROWS_PER_BLOCK + 5  # two blocks
+    latent = rng.normal(size=(n, 4, 2, 2)).astype(np.float16)
+    keys = [f"img.{i:05d}.v2" for i in range(n)]
+    table = pa.table({
+        "key": keys, "latent": tensor_array(latent), "caption": [f"c{i}" for i in range(n)], "json": [None] * n,
+        "notes": [None] * n, "width": [64] * n, "height": [64] * n, "crop_top": [0] * n, "crop_left": [0] * n,
+    })
+    layout = OutputLayout(str(tmp_path))
+    columns = [TensorColumn(name="latent", shape=(4, 2, 2), dtype="float16")]
+    for fmt in ("parquet", "webdataset"):
+        sink = SINKS.get(fmt)
+        path = layout.join(f"00000.{sink.extension}")
+        layout.write_bytes(path, sink.serialize(table, tensor_columns=["latent"], compression="zstd"))
+        blocks = list(read_data_file(layout, DataFile(path=path, shard="00000"), fmt=fmt, columns=columns))
+        assert [b.num_rows for b in blocks] == [ROWS_PER_BLOCK, 5], fmt
+        got = pa.concat_tables(blocks)
+        assert got.column("key").to_pylist() == keys
+        assert set(got.column("shard").to_pylist()) == {"00000"}
+        np.testing.assert_array_equal(tensor_numpy(got.column("latent")), latent)
