@@ -50,6 +50,20 @@ def build_models(root: Path) -> dict[str, Path]:
     return paths
 
 
+def tiny_dc() -> Any:
+    """A tiny random ``AutoencoderDC`` (8 latent channels, f4) with Sana's scaling factor."""
+    import torch
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(0)
+    return AutoencoderDC(
+        latent_channels=8, encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
+        attention_head_dim=8, scaling_factor=0.41407,
+    ).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_models(tmp_path_factory.mktemp("models"))

@@ -124,6 +124,21 @@ def _wait_for_port(port: int, timeout_s: float) -> bool:
     return False
 
 
+def _submit(ray_cli: str, dashboard: int, env: dict[str, str], command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``ray job submit`` of ``command``; retried while the head's job agent is still starting
+    (the dashboard port opens before the agent can take jobs: HTTP 500 "No available agent")."""
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run(
+            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+             "--", *command],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_models: dict[str, Path]) -> None:
     if shutil.which("ray", path=str(BIN)) is None:
@@ -137,21 +152,31 @@ def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_mod
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--num-gpus=1",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # The session's own Ray holds the agents' default ports (52365...); a second node on this
+         # machine needs others, or its job agent never starts ("No available agent").
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     try:
         assert _wait_for_port(dashboard, 180), "the Ray head's dashboard did not come up"
         cfg = _write_config(tmp_path / "cfg.yaml", shards, tmp_path / "out", tiny_models["kl"])
-        submit = subprocess.run(
-            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--", "python", "jobs/encode_laion.py", "--config", str(cfg)],
-            capture_output=True, text=True, env=env, timeout=600,
-        )
+        submit = _submit(ray_cli, dashboard, env, ["python", "jobs/encode_laion.py", "--config", str(cfg)])
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         assert "6 samples ok, 0 failed" in submit.stdout
         assert "succeeded" in submit.stdout
         assert pq.read_table(tmp_path / "out").num_rows == 6
+
+        # The QA report as a job on the same cluster (tolerances opened up: random weights).
+        qa = _submit(ray_cli, dashboard, env, [
+            "python", "jobs/qa_report.py", str(tmp_path / "out"), "--sample", "2", "--min-psnr", "0",
+            "--scale-tolerance", "1000", "--shift-tolerance", "1000", "--report", str(tmp_path / "qa"),
+        ])
+        assert qa.returncode == 0, (qa.stdout + qa.stderr)[-4000:]
+        assert "latentize qa: PASS" in qa.stdout and "succeeded" in qa.stdout
+        report = json.loads((tmp_path / "qa" / "report.json").read_text())
+        assert report["rows"]["data"] == 6 and report["reconstruction"]["sample"] == 2
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import tiny_dc
 import torch
 
 from latentize.config import load_config
@@ -151,15 +152,7 @@ def _encode(typ: str, model: Path, **encoder: Any) -> np.ndarray:
 
 
 def test_dc_ae_parity(tmp_path: Path) -> None:
-    from diffusers import AutoencoderDC
-
-    torch.manual_seed(0)
-    dc = AutoencoderDC(
-        latent_channels=8, encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
-        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
-        attention_head_dim=8, scaling_factor=0.41407,
-    ).eval()
+    dc = tiny_dc()
     dc.save_pretrained(tmp_path / "dc")
     got = _encode("dc", tmp_path / "dc")
     with torch.no_grad():

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import tiny_dc
 import torch
 from PIL import Image, ImageFilter
 
@@ -340,15 +341,7 @@ def test_vq_indices_decode_like_diffusers_quantise_then_decode(tiny_models: dict
 
 
 def test_dc_decoder_divides_by_the_scaling_factor(tmp_path: Path) -> None:
-    from diffusers import AutoencoderDC
-
-    torch.manual_seed(0)
-    dc = AutoencoderDC(
-        latent_channels=8, encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
-        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
-        attention_head_dim=8, scaling_factor=0.41407,
-    ).eval()
+    dc = tiny_dc()
     dc.save_pretrained(tmp_path / "dc")
     pixels, keys = photos()
     manifest, arrays = encode_run(make_config(type="dc", model=str(tmp_path / "dc")), pixels, keys)
