@@ -201,6 +201,28 @@ def _scan(layout: OutputLayout, manifest: dict[str, Any], options: QAOptions, co
     return state, findings
 
 
+def _fetch_in_parallel(*, shards: dict[str, str], wanted: dict[str, list[str]], **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """:func:`latentize.qa.recon.fetch_sources`, one Ray task per shard: a random sample of a
+    large dataset touches about as many shards as it has keys, each read up to its keys."""
+    import ray
+
+    from latentize.qa.recon import fetch_sources
+
+    fetch = ray.remote(num_cpus=1, max_retries=2)(fetch_sources)
+    refs = [
+        fetch.remote(shards={shard: shards[shard]} if shard in shards else {}, wanted={shard: keys}, **kwargs)
+        for shard, keys in wanted.items()
+    ]
+    pixels: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
+    for done, ref in enumerate(refs, 1):
+        got, missing = ray.get(ref)
+        pixels.update(got)
+        failed.update(missing)
+        logger.info("qa: source images: %d of %d shard(s) read", done, len(refs))
+    return pixels, failed
+
+
 def _reconstruction(
     manifest: dict[str, Any], inputs: list[tuple[str, str]], state: ScanState, findings: Findings,
     columns: list[TensorColumn], options: QAOptions,
@@ -233,7 +255,7 @@ def _reconstruction(
         wanted.setdefault(shard, []).append(key)
     fmt = cfg.input.format or infer_format([u for u, _ in inputs])
     logger.info("qa: reconstruction of %d sampled latents (%s)", len(order), decoder.description)
-    pixels, failed = recon.fetch_sources(
+    pixels, failed = _fetch_in_parallel(
         shards=urls, wanted=wanted, fmt=fmt, input_config=input_cfg, preprocess_config=cfg.preprocess
     )
     section["failed"] = dict(failed)
@@ -241,7 +263,8 @@ def _reconstruction(
     if not keys:
         section["skipped"] = "no source image of the sample could be fetched"
         return section, {}, Check.judge("reconstruction", False, "no source image of the sampled keys could be fetched "
-                                        f"({len(failed)} failed; e.g. {next(iter(failed.values()), '')})")
+                                        f"({len(failed)} failed; e.g. {next(iter(failed.values()), '')}); "
+                                        "pass --input-storage-options for private buckets, or --sample 0 to skip")
     arrays = {c.name: np.stack([findings.samples[k][1][c.name] for k in keys]) for c in columns}
     decoded = decoder.decode(arrays)
     originals = np.stack([pixels[k] for k in keys]).astype(np.float32) / 255.0

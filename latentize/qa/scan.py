@@ -99,10 +99,9 @@ def _read_parquet(layout: OutputLayout, data: DataFile, columns: list[TensorColu
     with layout.fs.open(data.path, "rb") as f:
         pf = pq.ParquetFile(f)
         for batch in pf.iter_batches(batch_size=ROWS_PER_BLOCK, columns=["key", *(c.name for c in columns)]):
+            # The tensor columns are canonical fixed-shape tensors already: pass them through.
             table = pa.Table.from_batches([batch])
-            yield _block(
-                table.column("key").to_pylist(), data.shard, {c.name: tensor_numpy(table.column(c.name)) for c in columns}
-            )
+            yield table.append_column("shard", pa.array([data.shard] * table.num_rows, pa.string()))
 
 
 @DATA_READERS.register("webdataset")
