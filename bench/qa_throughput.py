@@ -55,7 +55,7 @@ def main() -> None:
     manifest = layout.read_manifest()
     columns = _columns(manifest["encoder"])
     markers = layout.read_markers()
-    files, _, _ = list_files(layout, markers, ["64x64"], "parquet")
+    files, _, _ = list_files(layout, markers, ["64x64"])
     mb = sum(layout.fs.size(f.path) for f in files) / 1e6
     print(f"{args.rows} rows of 4x32x32 float16 in {len(files)} Parquet files ({mb:.0f} MB), "
           f"{int(ray.cluster_resources()['CPU'])} Ray CPUs")

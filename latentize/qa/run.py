@@ -33,7 +33,7 @@ from latentize.qa.scan import (
     scan_statistics,
 )
 from latentize.qa.stats import CodeUsage, LatentStats, affine_summary
-from latentize.sinks import SINKS, OutputLayout
+from latentize.sinks import OutputLayout
 
 __all__ = ["QAOptions", "QAResult", "run_qa"]
 
@@ -321,8 +321,7 @@ def run_qa(output: str, *, options: QAOptions | None = None) -> QAResult:
     fp = manifest.get("fingerprint")
     markers = {s: m for s, m in layout.read_markers().items() if m.get("fingerprint") == fp}
     out_cfg = manifest.get("output") or {}
-    extension = SINKS.get(str(out_cfg.get("format") or "parquet")).extension
-    files, orphans, error_paths = list_files(layout, markers, list(out_cfg.get("data_folders") or []), extension)
+    files, orphans, error_paths = list_files(layout, markers, list(out_cfg.get("data_folders") or []))
     errors = _read_errors(layout, error_paths)
     error_rows: dict[str, int] = {}
     for shard in errors.column("shard").to_pylist():

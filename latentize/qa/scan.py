@@ -514,7 +514,7 @@ def find_rows(
     )
 
 
-def list_files(layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]], data_folders: list[str], extension: str) -> tuple[list[DataFile], list[str], dict[str, str]]:
+def list_files(layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]], data_folders: list[str]) -> tuple[list[DataFile], list[str], dict[str, str]]:
     """Committed data files and error files by marker, and files no marker lists.
 
     Returns:
