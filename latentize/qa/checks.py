@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from latentize.qa.stats import affine_summary
+
 __all__ = [
     "Check",
     "NormalizationMap",
@@ -115,19 +117,6 @@ def normalization_map(encoder: Mapping[str, Any], channels: int) -> Normalizatio
     return NormalizationMap(a, b, True, form, constants)
 
 
-def _pooled(channels: list[Mapping[str, Any]]) -> tuple[float, float]:
-    """Mean and std (ddof 0) of all values of all channels, from per-channel moments."""
-    counts = np.array([c["count"] or 0 for c in channels], dtype=np.float64)
-    means = np.array([c["mean"] if c["mean"] is not None else 0.0 for c in channels])
-    stds = np.array([c["std"] if c["std"] is not None else 0.0 for c in channels])
-    n = counts.sum()
-    if n == 0:
-        return math.nan, math.nan
-    mean = float((counts * means).sum() / n)
-    var = float((counts * (stds**2 + (means - mean) ** 2)).sum() / n)
-    return mean, math.sqrt(max(var, 0.0))
-
-
 def scale_check(
     stored: Mapping[str, Any],
     norm: NormalizationMap | None,
@@ -153,43 +142,34 @@ def scale_check(
     Returns:
         The report's ``scale`` section and the ``scale`` check.
     """
-    channels = stored["channels"]
-    s_mean, s_std = _pooled(channels)
+    def pooled(summary: Mapping[str, Any]) -> tuple[float, float]:
+        figures = summary["all"]
+        return tuple(math.nan if figures[k] is None else float(figures[k]) for k in ("mean", "std"))  # type: ignore[return-value]
+
+    s_mean, s_std = pooled(stored)
+    raw: Mapping[str, Any] | None = None
+    normalized: Mapping[str, Any] = stored
     if norm is not None and not norm.applied:
         # Raw moments: judge the latents the manifest's constants would produce.
-        base = normalization_map({"constants": {**norm.constants, "applied": True}}, len(channels))
-        inv = base if base is not None else norm
-        raw_mean, raw_std = s_mean, s_std
-        n_mean = [((c["mean"] or 0.0) - inv.offset[i]) / inv.scale[i] for i, c in enumerate(channels)]
-        n_std = [(c["std"] or 0.0) / inv.scale[i] for i, c in enumerate(channels)]
-        counts = [c["count"] for c in channels]
-        norm_mean, norm_std = _pooled([{"count": k, "mean": m, "std": s} for k, m, s in zip(counts, n_mean, n_std)])
-        per_channel_norm = list(zip(n_mean, n_std))
-    else:
-        norm_mean, norm_std = s_mean, s_std
-        per_channel_norm = [(c["mean"], c["std"]) for c in channels]
-        raw_mean = raw_std = math.nan
-        if norm is not None:
-            raw = [
-                {"count": c["count"], "mean": (c["mean"] or 0.0) * norm.scale[i] + norm.offset[i], "std": (c["std"] or 0.0) * norm.scale[i]}
-                for i, c in enumerate(channels)
-            ]
-            raw_mean, raw_std = _pooled(raw)
+        raw = stored
+        base = normalization_map({"constants": {**norm.constants, "applied": True}}, len(stored["channels"]))
+        if base is not None:
+            normalized = affine_summary(stored, 1.0 / base.scale, -base.offset / base.scale)
+    elif norm is not None:
+        raw = affine_summary(stored, norm.scale, norm.offset)
+    norm_mean, norm_std = pooled(normalized)
+    raw_mean, raw_std = pooled(raw) if raw is not None else (math.nan, math.nan)
+    per_channel_norm = [(c["mean"], c["std"]) for c in normalized["channels"]]
     constants = dict(encoder.get("constants") or {})
     manifest = {k: constants.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std") if k in constants}
     recommended: dict[str, Any] = {}
     form = norm.form if norm is not None else None
-    if norm is not None and math.isfinite(raw_std) and raw_std > 0:
+    if raw is not None and math.isfinite(raw_std) and raw_std > 0:
         if form == "latents_mean_std":
             scaling = float(constants["scaling_factor"])
-            raw_ch = [
-                ((c["mean"] or 0.0) * (norm.scale[i] if norm.applied else 1) + (norm.offset[i] if norm.applied else 0),
-                 (c["std"] or 0.0) * (norm.scale[i] if norm.applied else 1))
-                for i, c in enumerate(channels)
-            ]
             recommended = {
-                "latents_mean": [m for m, _ in raw_ch],
-                "latents_std": [s * scaling for _, s in raw_ch],
+                "latents_mean": [c["mean"] for c in raw["channels"]],
+                "latents_std": [c["std"] * scaling for c in raw["channels"]],
             }
         else:
             recommended = {"scaling_factor": 1.0 / raw_std, "shift_factor": raw_mean if form == "shift_scale" else 0.0}
