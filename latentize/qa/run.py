@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,12 +136,6 @@ def _read_errors(layout: OutputLayout, paths: dict[str, str]) -> pa.Table:
     if not tables:
         return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
     return pa.concat_tables(tables)
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _statistics(state: ScanState, columns: list[TensorColumn], encoder: dict[str, Any]) -> dict[str, Any]:
@@ -275,10 +268,11 @@ def _reconstruction(
     samples = []
     for i, key in enumerate(keys):
         samples.append({
-            "key": key, "shard": shard_of[key], "psnr": _nan_to_none(float(psnr[i])), "ssim": float(ssim[i]),
+            "key": key, "shard": shard_of[key], "psnr": float(psnr[i]), "ssim": float(ssim[i]),
             "lpips": None if lpips is None else float(lpips[i]),
         })
-    samples.sort(key=lambda s: (s["psnr"] if s["psnr"] is not None else math.inf, s["key"]))
+    # Worst first; identical images (infinite PSNR) last. json_ready writes inf as null.
+    samples.sort(key=lambda s: (s["psnr"], s["key"]))
 
     def summary(values: np.ndarray | None) -> dict[str, float] | None:
         if values is None:
@@ -296,7 +290,7 @@ def _reconstruction(
         "reconstruction", mean_psnr >= options.min_psnr,
         f"mean PSNR {mean_psnr:.2f} dB, SSIM {section['metrics']['ssim']['mean']:.3f} over {len(keys)} sampled latents "
         f"decoded by the model's decoder (threshold {options.min_psnr:g} dB; worst {samples[0]['key']}: "
-        f"{samples[0]['psnr'] if samples[0]['psnr'] is not None else float('inf'):.2f} dB)",
+        f"{samples[0]['psnr']:.2f} dB)",
     )
     return section, images, check
 
