@@ -38,11 +38,11 @@ def main() -> None:
 
     import numpy as np
     import ray
+    from qa_outputs import kl_constants, sd_like_raw, write_output
 
     from latentize.qa import QAOptions, run_qa
     from latentize.qa.run import _columns
     from latentize.qa.scan import DataFilesDatasource, find_rows, list_files, scan_statistics
-    from qa_outputs import kl_constants, sd_like_raw, write_output
 
     root = Path(tempfile.mkdtemp(prefix="latentize-qa-bench-"))
     stored = (sd_like_raw(args.rows, shape=(4, 32, 32)) * 0.18215).astype(np.float16)
@@ -57,8 +57,10 @@ def main() -> None:
     markers = layout.read_markers()
     files, _, _ = list_files(layout, markers, ["64x64"])
     mb = sum(layout.fs.size(f.path) for f in files) / 1e6
-    print(f"{args.rows} rows of 4x32x32 float16 in {len(files)} Parquet files ({mb:.0f} MB), "
-          f"{int(ray.cluster_resources()['CPU'])} Ray CPUs")
+    print(
+        f"{args.rows} rows of 4x32x32 float16 in {len(files)} Parquet files ({mb:.0f} MB), "
+        f"{int(ray.cluster_resources()['CPU'])} Ray CPUs"
+    )
 
     def dataset():
         return ray.data.read_datasource(
@@ -78,8 +80,16 @@ def main() -> None:
 
     def find() -> None:
         s = state.stats["latent"]
-        found = find_rows(dataset(), None, columns=columns, mean={"latent": s.mean.tolist()},
-                          std={"latent": s.std.tolist()}, outlier_std=6.0, sampled=frozenset(), partitions=1)
+        found = find_rows(
+            dataset(),
+            None,
+            columns=columns,
+            mean={"latent": s.mean.tolist()},
+            std={"latent": s.std.tolist()},
+            outlier_std=6.0,
+            sampled=frozenset(),
+            partitions=1,
+        )
         assert not found.duplicate_keys
 
     def report() -> None:

@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-
     from conftest import build_models
+
     from latentize.config import load_config
     from latentize.demo import ShardSample, photo_samples, write_webdataset_shard
     from latentize.pipeline import run
@@ -58,10 +58,14 @@ def main() -> None:
         write_webdataset_shard(str(root / "in" / f"{i:05d}.tar"), samples)
 
     def config(urls: str, out: Path):
-        return load_config(base={
-            "input": {"urls": urls}, "preprocess": {"resolution": args.resolution},
-            "encoder": {"model": str(model), "batch_size": 8}, "output": {"path": str(out)},
-        })
+        return load_config(
+            base={
+                "input": {"urls": urls},
+                "preprocess": {"resolution": args.resolution},
+                "encoder": {"model": str(model), "batch_size": 8},
+                "output": {"path": str(out)},
+            }
+        )
 
     ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, log_to_driver=False)
     fresh_urls = str(root / "in" / f"{{00000..{k - 1:05d}}}.tar")
@@ -86,15 +90,18 @@ def main() -> None:
         ratio = resumed.images_per_second / fresh.images_per_second
         ratios.append(ratio)
         print(
-            f"repeat {rep}: fresh {fresh.samples_now} img in {fresh.seconds:.2f}s = {fresh.images_per_second:.1f} img/s; "
+            f"repeat {rep}: fresh {fresh.samples_now} img in {fresh.seconds:.2f}s = "
+            f"{fresh.images_per_second:.1f} img/s; "
             f"resumed {resumed.samples_now} img in {resumed.seconds:.2f}s = {resumed.images_per_second:.1f} img/s "
             f"(ledger of {2 * k} shards, {k} committed); ratio {ratio:.3f} [{time.time() - t0:.1f}s]"
         )
         shutil.rmtree(fresh_out)
         shutil.rmtree(resumed_out)
     median = statistics.median(ratios)
-    print(f"resumed/fresh throughput, median of {len(ratios)}: {median:.3f} "
-          f"({'meets' if median >= 0.95 else 'misses'} the >= 0.95 target)")
+    print(
+        f"resumed/fresh throughput, median of {len(ratios)}: {median:.3f} "
+        f"({'meets' if median >= 0.95 else 'misses'} the >= 0.95 target)"
+    )
     ray.shutdown()
     shutil.rmtree(root)
 

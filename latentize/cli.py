@@ -11,7 +11,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from latentize.config import Config, load_config
 from latentize.errors import LatentizeError
@@ -47,7 +48,11 @@ def _add_encode_args(parser: argparse.ArgumentParser, *, config_flag: bool) -> N
     else:
         parser.add_argument("config", nargs="?", help="YAML config file; omitted: the embedded demo")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set encoder.batch_size=64 (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run made with another config")
@@ -84,8 +89,10 @@ def run_encode(args: argparse.Namespace) -> int:
         )
     print(f"latentize: output holds {summary.samples_ok} samples ok, {summary.samples_failed} failed")
     if summary.shards_failed:
-        print(f"latentize: {summary.shards_failed} shard(s) could not be read to the end; "
-              f"`latentize status {summary.output}` lists them; rerun with --retry-failed")
+        print(
+            f"latentize: {summary.shards_failed} shard(s) could not be read to the end; "
+            f"`latentize status {summary.output}` lists them; rerun with --retry-failed"
+        )
     print(f"latentize: latents in {summary.output}")
     return 0 if summary.complete else 1
 
@@ -120,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     st = sub.add_parser("status", help="shards committed / failed / pending and error reasons of an output")
     st.add_argument("output", help="output root (local path or fsspec URL)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument("--storage-options", default="{}", metavar="YAML",
-                    help="fsspec options for the output, e.g. '{anon: true}'")
+    st.add_argument(
+        "--storage-options", default="{}", metavar="YAML", help="fsspec options for the output, e.g. '{anon: true}'"
+    )
     st.set_defaults(fn=run_status)
     qa = sub.add_parser("qa", help="latent dataset QA report (statistics, scale check, alignment, reconstructions)")
     _add_qa_args(qa)
@@ -147,8 +155,10 @@ def run_models(args: argparse.Namespace) -> int:
         where = r["model"] or "(set encoder.model to the file)"
         if r["subfolder"]:
             where += f" [{r['subfolder']}]"
-        print(f"{r['name']:<19} {r['type']:<6} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
-              f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}")
+        print(
+            f"{r['name']:<19} {r['type']:<6} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
+            f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}"
+        )
     return 0
 
 
@@ -173,23 +183,55 @@ def _add_qa_args(parser: argparse.ArgumentParser) -> None:
     d = QAOptions()
     parser.add_argument("output", help="output root of `latentize encode` (local path or fsspec URL)")
     parser.add_argument("--report", metavar="DIR", help="folder for report.html and report.json (default: OUTPUT/_qa)")
-    parser.add_argument("--sample", type=int, default=d.sample, metavar="N",
-                        help=f"latents decoded and compared with their source images (default {d.sample}; 0: none)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=d.sample,
+        metavar="N",
+        help=f"latents decoded and compared with their source images (default {d.sample}; 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the reconstruction sample")
-    parser.add_argument("--outlier-std", type=float, default=d.outlier_std, metavar="K",
-                        help=f"values beyond K std of their channel are outliers (default {d.outlier_std:g})")
-    parser.add_argument("--scale-tolerance", type=float, default=d.scale_tolerance, metavar="T",
-                        help=f"allowed relative deviation of the normalised std from 1 (default {d.scale_tolerance:g})")
-    parser.add_argument("--shift-tolerance", type=float, default=d.shift_tolerance, metavar="T",
-                        help=f"allowed |mean| of the normalised latents (default {d.shift_tolerance:g})")
-    parser.add_argument("--min-psnr", type=float, default=d.min_psnr, metavar="DB",
-                        help=f"the reconstruction check fails below this mean PSNR (default {d.min_psnr:g} dB)")
-    parser.add_argument("--decoder", help="decoder weights, when not found beside the encoder's "
-                        "(e.g. a TAESD *_decoder.pth, or a diffusers folder / hub id)")
+    parser.add_argument(
+        "--outlier-std",
+        type=float,
+        default=d.outlier_std,
+        metavar="K",
+        help=f"values beyond K std of their channel are outliers (default {d.outlier_std:g})",
+    )
+    parser.add_argument(
+        "--scale-tolerance",
+        type=float,
+        default=d.scale_tolerance,
+        metavar="T",
+        help=f"allowed relative deviation of the normalised std from 1 (default {d.scale_tolerance:g})",
+    )
+    parser.add_argument(
+        "--shift-tolerance",
+        type=float,
+        default=d.shift_tolerance,
+        metavar="T",
+        help=f"allowed |mean| of the normalised latents (default {d.shift_tolerance:g})",
+    )
+    parser.add_argument(
+        "--min-psnr",
+        type=float,
+        default=d.min_psnr,
+        metavar="DB",
+        help=f"the reconstruction check fails below this mean PSNR (default {d.min_psnr:g} dB)",
+    )
+    parser.add_argument(
+        "--decoder",
+        help="decoder weights, when not found beside the encoder's "
+        "(e.g. a TAESD *_decoder.pth, or a diffusers folder / hub id)",
+    )
     parser.add_argument("--device", help="decoder device (default: cuda when present)")
     parser.add_argument("--storage-options", default="{}", metavar="YAML", help="fsspec options of the output root")
-    parser.add_argument("--input-storage-options", default="{}", metavar="YAML",
-                        help="fsspec options of the input shards (for the reconstruction's source images)")
+    parser.add_argument(
+        "--input-storage-options",
+        default="{}",
+        metavar="YAML",
+        help="fsspec options of the input shards (for the reconstruction's source images)",
+    )
     parser.add_argument("--strict", action="store_true", help="warnings (outliers, duplicates) fail the report too")
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--json", action="store_true", help="print report.json instead of the summary")
@@ -203,14 +245,23 @@ def run_qa(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from latentize.qa import QAOptions, run_qa as build_report
+    from latentize.qa import QAOptions
+    from latentize.qa import run_qa as build_report
 
     options = QAOptions(
-        sample=args.sample, seed=args.seed, outlier_std=args.outlier_std, scale_tolerance=args.scale_tolerance,
-        shift_tolerance=args.shift_tolerance, min_psnr=args.min_psnr, decoder=args.decoder, report=args.report,
+        sample=args.sample,
+        seed=args.seed,
+        outlier_std=args.outlier_std,
+        scale_tolerance=args.scale_tolerance,
+        shift_tolerance=args.shift_tolerance,
+        min_psnr=args.min_psnr,
+        decoder=args.decoder,
+        report=args.report,
         storage_options=yaml.safe_load(args.storage_options) or {},
         input_storage_options=yaml.safe_load(args.input_storage_options) or {},
-        device=args.device, strict=args.strict, ray_address=args.ray_address,
+        device=args.device,
+        strict=args.strict,
+        ray_address=args.ray_address,
     )
     result = build_report(args.output, options=options)
     if args.json:

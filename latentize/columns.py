@@ -7,7 +7,8 @@ these helpers so that "no value" means ``None`` everywhere.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,11 @@ TEXT_COLUMNS = ("key", "shard", "caption", "json", "notes", "error", "stage")
 
 def is_null(value: Any) -> bool:
     """True for ``None``, float NaN and the empty string."""
-    return value is None or (isinstance(value, (float, np.floating)) and value != value) or (isinstance(value, str) and value == "")
+    return (
+        value is None
+        or (isinstance(value, (float, np.floating)) and value != value)
+        or (isinstance(value, str) and value == "")
+    )
 
 
 def text_column(values: Iterable[Any] | None, n: int) -> np.ndarray:

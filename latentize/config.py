@@ -14,9 +14,10 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import yaml
 
@@ -50,17 +51,17 @@ class InputConfig:
     (``s3://b/shards/*.tar``) and brace ranges (``{00000..00099}``).
     """
 
-    urls: Union[str, list[str]] = field(default_factory=list)
+    urls: str | list[str] = field(default_factory=list)
     #: ``webdataset`` or ``parquet``; ``None`` infers it from the URLs' extensions.
-    format: Union[str, None] = None
+    format: str | None = None
     #: WebDataset: member suffixes tried in order (``"jpg;png;webp"``); Parquet: the column.
     image_field: str = "jpg"
     #: Parquet: the column holding the sample key (WebDataset keys come from member names).
     key_field: str = "key"
     #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none.
-    caption_field: Union[str, None] = "txt"
+    caption_field: str | None = "txt"
     #: WebDataset member suffix or Parquet column carried through as raw ``json`` text.
-    json_field: Union[str, None] = "json"
+    json_field: str | None = "json"
     #: Passed to fsspec when opening the shards (credentials, endpoint_url, ...).
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Samples per block emitted by a read task; bounds read-side memory.
@@ -76,13 +77,13 @@ class PreprocessConfig:
     ``resolution`` is one int (square) or ``[width, height]``.
     """
 
-    resolution: Union[int, list[int]] = 256
+    resolution: int | list[int] = 256
     #: ``center``, ``random`` (seeded per key) or ``none`` (resize to exactly the resolution).
     crop: str = "center"
     #: Seed of the ``random`` crop; the offset depends on this seed and the key only.
     seed: int = 0
     #: Images with more pixels are refused as decompression bombs; null disables the check.
-    max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     @property
     def size(self) -> tuple[int, int]:
@@ -103,16 +104,16 @@ class EncoderConfig:
     """
 
     #: A known encoder family: ``sd15``, ``sdxl``, ``flux1``, ``taef2``, ``vqgan-f16-16384``...
-    preset: Union[str, None] = None
+    preset: str | None = None
     #: ``kl`` (AutoencoderKL), ``vq`` (VQModel indices), ``tiny`` (TAESD family), ``dc``
     #: (AutoencoderDC), ``flux2`` (AutoencoderKLFlux2).
-    type: Union[str, None] = None
+    type: str | None = None
     #: Hub id, local diffusers folder, or a single weights file (.safetensors, .ckpt, .pth).
-    model: Union[str, None] = None
-    subfolder: Union[str, None] = None
-    revision: Union[str, None] = None
+    model: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None
     #: ldm/taming YAML of a single-file checkpoint (null: a ``.yaml`` beside it, if any).
-    original_config: Union[str, None] = None
+    original_config: str | None = None
     #: ``mode`` (posterior mean), ``sample`` (seeded per key) or ``moments`` (raw mean, logvar).
     sample: str = "mode"
     #: Compute dtype on the device: ``float32``, ``float16``, ``bfloat16`` or ``auto`` (bf16 on
@@ -125,11 +126,11 @@ class EncoderConfig:
     #: Seed of ``sample`` mode noise; the noise depends on this seed and the key only.
     seed: int = 0
     #: null: take the model config's value.
-    scaling_factor: Union[float, None] = None
+    scaling_factor: float | None = None
     #: null: take the model config's value (0 when it has none).
-    shift_factor: Union[float, None] = None
+    shift_factor: float | None = None
     #: ``cuda``, ``cpu`` or null (CUDA when present).
-    device: Union[str, None] = None
+    device: str | None = None
 
 
 @dataclass
@@ -157,7 +158,7 @@ class RayConfig:
     """How the job runs on Ray."""
 
     #: null: connect to the cluster of ``ray job submit`` / RAY_ADDRESS, else start local Ray.
-    address: Union[str, None] = None
+    address: str | None = None
     #: Encoder actors (one model replica each); on a GPU cluster, usually the number of GPUs.
     actors: int = 1
     gpus_per_actor: float = 1.0
@@ -180,7 +181,6 @@ class Config:
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "input.format": (None, "webdataset", "parquet"),
     "preprocess.crop": ("center", "random", "none"),
-
     # Mirrors the encoder registry (a test keeps them equal) so config stays free of torch.
     "encoder.type": (None, "kl", "vq", "tiny", "dc", "flux2"),
     "encoder.sample": ("mode", "sample", "moments"),
@@ -367,10 +367,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(
-    path: Union[str, Path, None] = None,
-    overrides: Union[list[str], None] = None,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
     *,
-    base: Union[Mapping[str, Any], None] = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Config:
     """Loads a YAML config file (or ``base`` data), applies ``--set`` overrides, validates.
 

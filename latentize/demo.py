@@ -12,9 +12,10 @@ import functools
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 from PIL import Image, ImageOps
@@ -83,8 +84,7 @@ def _package_files(package: str, names: tuple[str, ...]) -> dict[str, bytes]:
         root = resources.files(package)
     except ModuleNotFoundError as exc:
         raise LatentizeError(
-            f"the demo photos need {package.split('.')[0]} ({exc.name} is not installed); "
-            "pip install 'latentize[demo]'"
+            f"the demo photos need {package.split('.')[0]} ({exc.name} is not installed); pip install 'latentize[demo]'"
         ) from exc
     out: dict[str, bytes] = {}
     for name in names:
@@ -100,9 +100,7 @@ def _photo_files() -> tuple[tuple[str, bytes], ...]:
     files = _package_files("skimage.data", _SKIMAGE_PHOTOS)
     files.update(_package_files("sklearn.datasets.images", _SKLEARN_PHOTOS))
     if not files:
-        raise LatentizeError(
-            "no demo photos found in scikit-image / scikit-learn; pip install 'latentize[demo]'"
-        )
+        raise LatentizeError("no demo photos found in scikit-image / scikit-learn; pip install 'latentize[demo]'")
     return tuple(sorted(files.items()))
 
 
@@ -204,10 +202,7 @@ def corrupt_samples(*, shard: int = 0) -> list[ShardSample]:
     names = [name for name, _ in _photo_files()]
     start = len(names)
     jpeg = _photo_jpeg(names[0], None)[0]
-    html = (
-        b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
-        b"<body><h1>Not Found</h1></body></html>\n"
-    )
+    html = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
     broken = [
         ("truncated jpeg", jpeg[: int(len(jpeg) * 0.6)]),
         ("empty file", b""),
@@ -261,9 +256,7 @@ def write_webdataset_shard(
     return path
 
 
-def write_parquet_shard(
-    path: str, samples: list[ShardSample], *, storage_options: dict[str, Any] | None = None
-) -> str:
+def write_parquet_shard(path: str, samples: list[ShardSample], *, storage_options: dict[str, Any] | None = None) -> str:
     """Writes ``samples`` in img2dataset's parquet layout: ``key``, ``jpg``, ``txt``, ``json``.
 
     The image bytes go to the ``jpg`` column whatever their ``ext``. Returns ``path``.

@@ -129,7 +129,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     urls = [_absolute(u) for u in expand_urls(config.input.urls, storage_options=config.input.storage_options)]
     fmt = config.input.format or infer_format(urls)
     SOURCES.get(fmt)
-    shards = list(zip(urls, shard_ids(urls)))
+    shards = list(zip(urls, shard_ids(urls), strict=False))
     layout = OutputLayout(
         config.output.path, storage_options=config.output.storage_options, retries=config.output.retries
     )
@@ -158,7 +158,9 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
 
     markers = layout.read_markers() if existing is not None else {}
     done = {
-        shard for shard, marker in markers.items() if marker.get("fingerprint") == fp and not (retry_failed and _retryable(marker))
+        shard
+        for shard, marker in markers.items()
+        if marker.get("fingerprint") == fp and not (retry_failed and _retryable(marker))
     }
     pending = [(url, shard) for url, shard in shards if shard not in done]
     manifest = existing or _manifest(config, spec, fp, folder, len(shards))
@@ -373,7 +375,11 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
 
     logger.info(
         "%d of %d shards to encode into %s (%s, %s)",
-        len(p.pending), len(p.shards), layout.url, config.encoder.type, config.encoder.model,
+        len(p.pending),
+        len(p.shards),
+        layout.url,
+        config.encoder.type,
+        config.encoder.model,
     )
     if not layout.read_inputs():
         layout.write_inputs(p.shards)
@@ -416,9 +422,16 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
             parts, total, shard_error = tracker.pop(shard)
             in_flight.append(
                 commit.remote(
-                    layout=layout, shard=shard, url=urls[shard], parts=parts, total=total,
-                    shard_error=shard_error, tensor_columns=list(p.spec.columns), folder=p.folder,
-                    sink_name=config.output.format, compression=config.output.compression,
+                    layout=layout,
+                    shard=shard,
+                    url=urls[shard],
+                    parts=parts,
+                    total=total,
+                    shard_error=shard_error,
+                    tensor_columns=list(p.spec.columns),
+                    folder=p.folder,
+                    sink_name=config.output.format,
+                    compression=config.output.compression,
                     fingerprint=p.fingerprint,
                 )
             )
@@ -430,13 +443,18 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
             elapsed = last_log - started
             logger.info(
                 "progress: %d/%d shards committed, %d samples, %.1f img/s",
-                done_now, len(p.pending), samples_now, samples_now / max(elapsed, 1e-9),
+                done_now,
+                len(p.pending),
+                samples_now,
+                samples_now / max(elapsed, 1e-9),
             )
     finish(in_flight)
     left = tracker.incomplete()
     if left:
         # Every shard ends with a sentinel, so this means rows were lost in Ray: never commit.
-        raise LatentizeError(f"the pipeline ended with incomplete shards (rows seen, total): {left}; rerun to redo them")
+        raise LatentizeError(
+            f"the pipeline ended with incomplete shards (rows seen, total): {left}; rerun to redo them"
+        )
 
     layout.prune_staging()
     seconds = time.time() - started
@@ -444,7 +462,8 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
     p.manifest["status"] = "complete" if committed == len(p.shards) and failed_shards == 0 else "incomplete"
     p.manifest["shards"] = {"total": len(p.shards), "committed": committed, "failed": failed_shards}
     p.manifest["samples"] = {
-        "ok": ok, "failed": failed,
+        "ok": ok,
+        "failed": failed,
         "reencoded_fp32": sum(int(m.get("reencoded_fp32", 0)) for m in layout.read_markers().values()),
     }
     p.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

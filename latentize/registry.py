@@ -6,7 +6,8 @@ Components are looked up by the name written in the config; an unknown name rais
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from latentize.errors import ConfigError
 
@@ -49,9 +50,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             valid = ", ".join(sorted(self._items)) or "(none registered)"
-            raise ConfigError(
-                f"unknown {self.kind} {name!r} for {self.config_key}; valid values: {valid}"
-            ) from None
+            raise ConfigError(f"unknown {self.kind} {name!r} for {self.config_key}; valid values: {valid}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

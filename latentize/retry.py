@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 __all__ = ["is_transient", "backoff_delay", "retry_call"]
 
@@ -22,14 +23,30 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _TRANSIENT_TYPES = (ConnectionError, TimeoutError)
 # Exception class names of aiohttp / botocore / urllib3 that mean "the connection broke".
 _TRANSIENT_NAMES = {
-    "ClientConnectionError", "ClientOSError", "ServerDisconnectedError", "ClientPayloadError",
-    "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-    "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError", "ProtocolError",
+    "ClientConnectionError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "ServerTimeoutError",
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "ProtocolError",
 }
 # Error codes / messages of S3-compatible stores that ask the client to try again.
 _TRANSIENT_TEXT = (
-    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl",
-    "RequestLimitExceeded", "503", "Connection reset", "Server disconnected",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttl",
+    "RequestLimitExceeded",
+    "503",
+    "Connection reset",
+    "Server disconnected",
 )
 
 
@@ -63,7 +80,14 @@ def retry_call(fn: Callable[[], T], *, attempts: int, what: str, base_s: float =
             if attempt == attempts or not is_transient(exc):
                 raise
             delay = backoff_delay(attempt, base_s=base_s)
-            logger.warning("%s: transient error (%s: %s); retry %d/%d in %.1fs",
-                           what, type(exc).__name__, exc, attempt + 1, attempts, delay)
+            logger.warning(
+                "%s: transient error (%s: %s); retry %d/%d in %.1fs",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt + 1,
+                attempts,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover

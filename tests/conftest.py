@@ -7,8 +7,9 @@ loading paths run, and given non-default constants so a forgotten shift or scale
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -57,10 +58,15 @@ def tiny_dc() -> Any:
 
     torch.manual_seed(0)
     return AutoencoderDC(
-        latent_channels=8, encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
-        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
-        attention_head_dim=8, scaling_factor=0.41407,
+        latent_channels=8,
+        encoder_block_out_channels=(8, 16, 16),
+        decoder_block_out_channels=(8, 16, 16),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()),
+        decoder_qkv_multiscales=((), (), ()),
+        attention_head_dim=8,
+        scaling_factor=0.41407,
     ).eval()
 
 
@@ -98,8 +104,11 @@ def s3() -> Iterator[dict[str, Any]]:
             host, port = server.get_host_and_port()
             endpoint = f"http://{host}:{port}"
             boto3.client(
-                "s3", endpoint_url=endpoint, region_name="us-east-1",
-                aws_access_key_id="testing", aws_secret_access_key="testing",
+                "s3",
+                endpoint_url=endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
             ).create_bucket(Bucket=S3_BUCKET)
             yield {
                 "key": "testing",

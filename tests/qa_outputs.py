@@ -21,8 +21,12 @@ FINGERPRINT = "synthetic-fp"
 
 def kl_constants(scaling: float, shift: float = 0.0) -> dict[str, Any]:
     return {
-        "scaling_factor": scaling, "shift_factor": shift, "latents_mean": None, "latents_std": None,
-        "formula": "(z - shift_factor) * scaling_factor", "applied": True,
+        "scaling_factor": scaling,
+        "shift_factor": shift,
+        "latents_mean": None,
+        "latents_std": None,
+        "formula": "(z - shift_factor) * scaling_factor",
+        "applied": True,
     }
 
 
@@ -52,19 +56,21 @@ def write_output(
     errors = errors or {}
     sink = SINKS.get("parquet")
     ok_total = failed_total = 0
-    for (url_s, shard), rows in zip(inputs, split):
+    for (url_s, shard), rows in zip(inputs, split, strict=False):
         m = len(rows)
-        table = pa.table({
-            "key": pa.array([keys[i] for i in rows], pa.string()),
-            column: tensor_array(values[rows]),
-            "caption": pa.array([None] * m, pa.string()),
-            "json": pa.array([None] * m, pa.string()),
-            "notes": pa.array([None] * m, pa.string()),
-            "width": pa.array([64] * m, pa.int32()),
-            "height": pa.array([64] * m, pa.int32()),
-            "crop_top": pa.array([0] * m, pa.int32()),
-            "crop_left": pa.array([0] * m, pa.int32()),
-        })
+        table = pa.table(
+            {
+                "key": pa.array([keys[i] for i in rows], pa.string()),
+                column: tensor_array(values[rows]),
+                "caption": pa.array([None] * m, pa.string()),
+                "json": pa.array([None] * m, pa.string()),
+                "notes": pa.array([None] * m, pa.string()),
+                "width": pa.array([64] * m, pa.int32()),
+                "height": pa.array([64] * m, pa.int32()),
+                "crop_top": pa.array([0] * m, pa.int32()),
+                "crop_left": pa.array([0] * m, pa.int32()),
+            }
+        )
         files = []
         data_path = layout.data_path(folder, shard, "parquet")
         layout.write_bytes(data_path, sink.serialize(table, tensor_columns=[column], compression="zstd"))
@@ -72,37 +78,65 @@ def write_output(
         bad = errors.get(shard, [])
         if bad:
             buf = io.BytesIO()
-            pq.write_table(pa.table({
-                "key": bad, "shard": [shard] * len(bad), "index": list(range(m, m + len(bad))),
-                "stage": ["decode"] * len(bad), "error": ["cannot identify image file"] * len(bad),
-            }, schema=ERROR_SCHEMA), buf)
+            pq.write_table(
+                pa.table(
+                    {
+                        "key": bad,
+                        "shard": [shard] * len(bad),
+                        "index": list(range(m, m + len(bad))),
+                        "stage": ["decode"] * len(bad),
+                        "error": ["cannot identify image file"] * len(bad),
+                    },
+                    schema=ERROR_SCHEMA,
+                ),
+                buf,
+            )
             layout.write_bytes(layout.errors_path(shard), buf.getvalue())
             files.append(f"_errors/{shard}.parquet")
-        layout.write_json(layout.marker_path(shard), {
-            "shard": shard, "url": url_s, "status": "ok", "error": None, "samples": m + len(bad), "ok": m,
-            "failed": len(bad), "failed_by_stage": {"decode": len(bad)} if bad else {}, "reencoded_fp32": 0,
-            "files": files, "fingerprint": FINGERPRINT,
-        })
+        layout.write_json(
+            layout.marker_path(shard),
+            {
+                "shard": shard,
+                "url": url_s,
+                "status": "ok",
+                "error": None,
+                "samples": m + len(bad),
+                "ok": m,
+                "failed": len(bad),
+                "failed_by_stage": {"decode": len(bad)} if bad else {},
+                "reencoded_fp32": 0,
+                "files": files,
+                "fingerprint": FINGERPRINT,
+            },
+        )
         ok_total += m
         failed_total += len(bad)
     layout.write_inputs(inputs)
     dtype = str(values.dtype)
-    layout.write_json(layout.manifest_path, {
-        "format_version": 1,
-        "fingerprint": FINGERPRINT,
-        "config": config_to_dict(cfg),
-        "encoder": {
-            "type": encoder_type, "model_class": "synthetic", "input_range": "[-1, 1]", "downsample_factor": 8,
-            "latent_channels": int(values.shape[1]) if values.ndim == 4 else 0,
-            "constants": constants, "identity": {"model": "synthetic"},
-            "columns": {column: {"shape": list(values.shape[1:]), "dtype": dtype}},
-            "preset": None, "dtype": "float32",
+    layout.write_json(
+        layout.manifest_path,
+        {
+            "format_version": 1,
+            "fingerprint": FINGERPRINT,
+            "config": config_to_dict(cfg),
+            "encoder": {
+                "type": encoder_type,
+                "model_class": "synthetic",
+                "input_range": "[-1, 1]",
+                "downsample_factor": 8,
+                "latent_channels": int(values.shape[1]) if values.ndim == 4 else 0,
+                "constants": constants,
+                "identity": {"model": "synthetic"},
+                "columns": {column: {"shape": list(values.shape[1:]), "dtype": dtype}},
+                "preset": None,
+                "dtype": "float32",
+            },
+            "output": {"format": "parquet", "dtype": dtype, "data_folders": [folder]},
+            "status": "complete",
+            "shards": {"total": shards, "committed": shards, "failed": 0},
+            "samples": {"ok": ok_total, "failed": failed_total, "reencoded_fp32": 0},
         },
-        "output": {"format": "parquet", "dtype": dtype, "data_folders": [folder]},
-        "status": "complete",
-        "shards": {"total": shards, "committed": shards, "failed": 0},
-        "samples": {"ok": ok_total, "failed": failed_total, "reencoded_fp32": 0},
-    })
+    )
     return layout
 
 

@@ -110,9 +110,16 @@ def kl_model(tiny_models: dict[str, Path]) -> Any:
 def kl_ldm(kl_model: Any) -> dict[str, torch.Tensor]:
     state = to_ldm(kl_model.state_dict(), len(kl_model.config.block_out_channels))
     # Hand-picked original names: the mapping above really produces ldm naming.
-    for key in ("encoder.down.0.block.0.norm1.weight", "encoder.mid.attn_1.q.weight", "quant_conv.weight",
-                "encoder.norm_out.weight", "decoder.up.3.block.1.conv2.weight", "encoder.down.1.block.0.nin_shortcut.weight",
-                "decoder.up.1.upsample.conv.weight", "encoder.down.0.downsample.conv.weight"):
+    for key in (
+        "encoder.down.0.block.0.norm1.weight",
+        "encoder.mid.attn_1.q.weight",
+        "quant_conv.weight",
+        "encoder.norm_out.weight",
+        "decoder.up.3.block.1.conv2.weight",
+        "encoder.down.1.block.0.nin_shortcut.weight",
+        "decoder.up.1.upsample.conv.weight",
+        "encoder.down.0.downsample.conv.weight",
+    ):
         assert key in state, key
     assert state["encoder.mid.attn_1.q.weight"].ndim == 4
     return state
@@ -143,7 +150,9 @@ def test_registered() -> None:
     assert isinstance(FILE_LOADERS.get("vq"), TamingVqLoader)
 
 
-def test_ldm_safetensors_vae(tmp_path: Path, kl_model: Any, kl_ldm: dict[str, torch.Tensor], photos: torch.Tensor) -> None:
+def test_ldm_safetensors_vae(
+    tmp_path: Path, kl_model: Any, kl_ldm: dict[str, torch.Tensor], photos: torch.Tensor
+) -> None:
     path = tmp_path / "vae.safetensors"
     save_file(kl_ldm, str(path))
     loader = LdmVaeLoader()
@@ -193,13 +202,31 @@ def test_diffusers_named_file_and_encoder_only(tmp_path: Path, kl_model: Any, ph
 
 
 def _sd_yaml(path: Path, **dd: Any) -> Path:
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 8,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0, **dd}
-    data = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
-        "scale_factor": 0.18215,
-        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
-                               "params": {"embed_dim": 4, "ddconfig": ddconfig}},
-    }}}
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 8,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+        **dd,
+    }
+    data = {
+        "model": {
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {
+                "scale_factor": 0.18215,
+                "first_stage_config": {
+                    "target": "ldm.models.autoencoder.AutoencoderKL",
+                    "params": {"embed_dim": 4, "ddconfig": ddconfig},
+                },
+            },
+        }
+    }
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -220,7 +247,9 @@ def test_kl_yaml(tmp_path: Path, kl_ldm: dict[str, torch.Tensor]) -> None:
     assert loader.read_config(path, _config(original_config=str(yml)))["norm_num_groups"] == 4
     # A YAML that does not describe the weights is refused, naming the field.
     bad = _sd_yaml(tmp_path / "bad.yaml", ch=16)
-    with pytest.raises(LatentizeError, match="block_out_channels: YAML \\[16, 32, 64, 64\\] vs weights \\[8, 16, 32, 32\\]"):
+    with pytest.raises(
+        LatentizeError, match="block_out_channels: YAML \\[16, 32, 64, 64\\] vs weights \\[8, 16, 32, 32\\]"
+    ):
         loader.read_config(path, _config(original_config=str(bad)))
     with pytest.raises(LatentizeError, match="does not exist"):
         loader.read_config(path, _config(original_config=str(tmp_path / "missing.yaml")))
@@ -235,16 +264,36 @@ def test_norm_groups_inference() -> None:
 
 # --- VQ -------------------------------------------------------------------------------------
 
-VQ_DDCONFIG = {"double_z": False, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 8,
-               "ch_mult": [1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [8], "dropout": 0.0}
+VQ_DDCONFIG = {
+    "double_z": False,
+    "z_channels": 4,
+    "resolution": 64,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 8,
+    "ch_mult": [1, 2, 2, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [8],
+    "dropout": 0.0,
+}
 
 
 def _vq_yaml(path: Path, *, embed_dim: int = 3, n_embed: int = 300, **dd: Any) -> Path:
-    data = {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.vqgan.VQModel", "params": {
-        "embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": {**VQ_DDCONFIG, **dd},
-        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                       "params": {"disc_start": 250001, "disc_weight": 0.8}},
-    }}}
+    data = {
+        "model": {
+            "base_learning_rate": 4.5e-6,
+            "target": "taming.models.vqgan.VQModel",
+            "params": {
+                "embed_dim": embed_dim,
+                "n_embed": n_embed,
+                "ddconfig": {**VQ_DDCONFIG, **dd},
+                "lossconfig": {
+                    "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                    "params": {"disc_start": 250001, "disc_weight": 0.8},
+                },
+            },
+        }
+    }
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -260,7 +309,11 @@ def vq_model() -> Any:
         block_out_channels=(8, 16, 16, 32),
         down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
         up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
-        layers_per_block=2, latent_channels=4, vq_embed_dim=3, num_vq_embeddings=300, norm_num_groups=8,
+        layers_per_block=2,
+        latent_channels=4,
+        vq_embed_dim=3,
+        num_vq_embeddings=300,
+        norm_num_groups=8,
     ).eval()
     # A codebook on the scale of the pre-quantisation latents, so the indices vary.
     with torch.no_grad():
@@ -285,12 +338,18 @@ def _taming_ckpt(path: Path, state: dict[str, torch.Tensor], monkeypatch: pytest
         _FakeModelCheckpoint.__module__ = name
         _FakeModelCheckpoint.__qualname__ = _FakeModelCheckpoint.__name__ = "ModelCheckpoint"
         sys.modules[name].ModelCheckpoint = _FakeModelCheckpoint
-        torch.save({
-            "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.0.8",
-            "callbacks": {_FakeModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
-            "optimizer_states": [{"state": {}}], "lr_schedulers": [],
-            "state_dict": {**state, **junk},
-        }, path)
+        torch.save(
+            {
+                "epoch": 3,
+                "global_step": 1000,
+                "pytorch-lightning_version": "1.0.8",
+                "callbacks": {_FakeModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
+                "optimizer_states": [{"state": {}}],
+                "lr_schedulers": [],
+                "state_dict": {**state, **junk},
+            },
+            path,
+        )
     return path
 
 
@@ -302,9 +361,15 @@ def _indices(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_taming_vqgan(tmp_path: Path, vq_model: Any, photos: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     state = to_ldm(vq_model.state_dict(), 4)
-    for key in ("encoder.down.3.attn.0.q.weight", "encoder.down.3.attn.1.proj_out.weight",
-                "decoder.up.3.attn.2.k.weight", "encoder.mid.attn_1.v.weight", "quantize.embedding.weight",
-                "encoder.down.1.block.0.nin_shortcut.weight", "decoder.up.3.block.2.conv1.weight"):
+    for key in (
+        "encoder.down.3.attn.0.q.weight",
+        "encoder.down.3.attn.1.proj_out.weight",
+        "decoder.up.3.attn.2.k.weight",
+        "encoder.mid.attn_1.v.weight",
+        "quantize.embedding.weight",
+        "encoder.down.1.block.0.nin_shortcut.weight",
+        "decoder.up.3.block.2.conv1.weight",
+    ):
         assert key in state, key
     assert not any(".attn." in k for k in state if k.startswith(("encoder.down.0", "decoder.up.0")))
     ckpt = _taming_ckpt(tmp_path / "last.ckpt", state, monkeypatch)
@@ -336,8 +401,9 @@ def test_taming_vq_without_level_attention(tmp_path: Path, tiny_models: dict[str
     original = VQModel.from_pretrained(tiny_models["vq"]).eval()
     path = tmp_path / "vq.ckpt"
     torch.save({"state_dict": to_ldm(original.state_dict(), 4)}, path)
-    yml = _vq_yaml(tmp_path / "elsewhere.yaml", embed_dim=4, ch_mult=[1, 2, 4, 4], num_res_blocks=1,
-                   attn_resolutions=[])
+    yml = _vq_yaml(
+        tmp_path / "elsewhere.yaml", embed_dim=4, ch_mult=[1, 2, 4, 4], num_res_blocks=1, attn_resolutions=[]
+    )
     config = _config(type="vq", original_config=str(yml))
     cfg = TamingVqLoader().read_config(path, config)
     assert cfg["down_block_types"] == ["DownEncoderBlock2D"] * 4 and cfg["num_vq_embeddings"] == 300

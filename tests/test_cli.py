@@ -69,7 +69,11 @@ def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> No
     started = time.time()
     result = subprocess.run(
         [sys.executable, str(JOB), "--set", f"output.path={tmp_path / 'out'}"],
-        capture_output=True, text=True, env=_env(HF_HOME=str(tmp_path / "hf")), cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=_env(HF_HOME=str(tmp_path / "hf")),
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "stabilityai/sd-vae-ft-mse" in result.stderr
@@ -84,7 +88,11 @@ def test_demo_with_local_model_runs_end_to_end(tmp_path: Path, tiny_models: dict
     """The README's demo command path: no config, embedded default, local model override."""
     result = subprocess.run(
         [sys.executable, str(JOB), "--set", f"encoder.model={tiny_models['kl']}", "--set", "preprocess.resolution=64"],
-        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "demo_data" / "latents"
@@ -130,9 +138,21 @@ def _submit(ray_cli: str, dashboard: int, env: dict[str, str], command: list[str
     deadline = time.time() + 120
     while True:
         proc = subprocess.run(
-            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--", *command],
-            capture_output=True, text=True, env=env, timeout=600,
+            [
+                ray_cli,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dashboard}",
+                "--working-dir",
+                str(REPO),
+                "--",
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
         )
         if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
             return proc
@@ -150,14 +170,31 @@ def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_mod
     # --block keeps the head in the foreground of its own process group, so the test stops
     # exactly this cluster (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--num-gpus=1",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         # The session's own Ray holds the agents' default ports (52365...); a second node on this
-         # machine needs others, or its job agent never starts ("No available agent").
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--num-gpus=1",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            # The session's own Ray holds the agents' default ports (52365...); a second node on this
+            # machine needs others, or its job agent never starts ("No available agent").
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     try:
         assert _wait_for_port(dashboard, 180), "the Ray head's dashboard did not come up"
@@ -169,10 +206,26 @@ def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_mod
         assert pq.read_table(tmp_path / "out").num_rows == 6
 
         # The QA report as a job on the same cluster (tolerances opened up: random weights).
-        qa = _submit(ray_cli, dashboard, env, [
-            "python", "jobs/qa_report.py", str(tmp_path / "out"), "--sample", "2", "--min-psnr", "0",
-            "--scale-tolerance", "1000", "--shift-tolerance", "1000", "--report", str(tmp_path / "qa"),
-        ])
+        qa = _submit(
+            ray_cli,
+            dashboard,
+            env,
+            [
+                "python",
+                "jobs/qa_report.py",
+                str(tmp_path / "out"),
+                "--sample",
+                "2",
+                "--min-psnr",
+                "0",
+                "--scale-tolerance",
+                "1000",
+                "--shift-tolerance",
+                "1000",
+                "--report",
+                str(tmp_path / "qa"),
+            ],
+        )
         assert qa.returncode == 0, (qa.stdout + qa.stderr)[-4000:]
         assert "latentize qa: PASS" in qa.stdout and "succeeded" in qa.stdout
         report = json.loads((tmp_path / "qa" / "report.json").read_text())

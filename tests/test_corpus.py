@@ -22,9 +22,10 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -213,9 +214,7 @@ def animated_gif(tmp: Path) -> Kind:
 
 def animated_webp(tmp: Path) -> Kind:
     first, second = _frames()
-    data = _encode(
-        first, "WEBP", save_all=True, append_images=[second], duration=100, loop=0, lossless=True
-    )
+    data = _encode(first, "WEBP", save_all=True, append_images=[second], duration=100, loop=0, lossless=True)
     assert Image.open(io.BytesIO(data)).n_frames == 2
     return _one("animated_webp", data, OK, ext="webp", first=first, second=second)
 
@@ -287,7 +286,10 @@ def decompression_bomb(tmp: Path) -> Kind:
     # (preprocess.max_pixels = 178956970): refused from the header, before any allocation.
     data = _claims_size(_encode(_rgb("chelsea"), "PNG"), 20_000, 20_000)
     return _one(
-        "decompression_bomb", data, Outcome("decode", "preprocess.max_pixels"), ext="png",
+        "decompression_bomb",
+        data,
+        Outcome("decode", "preprocess.max_pixels"),
+        ext="png",
         real=_encode(_rgb("astronaut"), "PNG"),
     )
 
@@ -330,7 +332,7 @@ def unsafe_keys(tmp: Path) -> Kind:
     data = _jpeg(_rgb("gravel"))
     reasons = ("has a '..' path component", "absolute path", "contains a NUL byte")
     return Kind(
-        outcomes=[(k, Outcome("read", f"unsafe key: {r}")) for k, r in zip(UNSAFE_KEYS, reasons)],
+        outcomes=[(k, Outcome("read", f"unsafe key: {r}")) for k, r in zip(UNSAFE_KEYS, reasons, strict=False)],
         members=[(f"{k}.jpg", data) for k in UNSAFE_KEYS],
     )
 
@@ -344,10 +346,29 @@ def directory_key(tmp: Path) -> Kind:
 KINDS: dict[str, Callable[[Path], Kind]] = {
     fn.__name__: fn
     for fn in (
-        cmyk_jpeg, png_16bit, grayscale, palette_transparency, rgba, exif_rotated, animated_gif,
-        animated_webp, progressive_jpeg, tiny_upscaled, caption_not_utf8, json_corrupt,
-        json_not_utf8, truncated_jpeg, zero_bytes, random_bytes, html_as_jpg, decompression_bomb,
-        no_image_member, duplicate_key, pickle_members, unsafe_keys, directory_key,
+        cmyk_jpeg,
+        png_16bit,
+        grayscale,
+        palette_transparency,
+        rgba,
+        exif_rotated,
+        animated_gif,
+        animated_webp,
+        progressive_jpeg,
+        tiny_upscaled,
+        caption_not_utf8,
+        json_corrupt,
+        json_not_utf8,
+        truncated_jpeg,
+        zero_bytes,
+        random_bytes,
+        html_as_jpg,
+        decompression_bomb,
+        no_image_member,
+        duplicate_key,
+        pickle_members,
+        unsafe_keys,
+        directory_key,
     )
 }
 
@@ -386,9 +407,7 @@ def _through_pipeline(url: str, config: PreprocessConfig | None = None) -> list[
 
     from latentize.sources.datasource import read_shard
 
-    blocks = list(
-        read_shard(url=url, shard="corpus", fmt="webdataset", config=InputConfig(image_field=IMAGE_FIELD))
-    )
+    blocks = list(read_shard(url=url, shard="corpus", fmt="webdataset", config=InputConfig(image_field=IMAGE_FIELD)))
     batch = BlockAccessor.for_block(pa.concat_tables(blocks)).to_batch_format("numpy")
     out = preprocess_batch(batch, config=config or PreprocessConfig(resolution=RES))
     rows = [{name: column[i] for name, column in out.items()} for i in range(len(out["key"]))]
@@ -413,16 +432,14 @@ def _check(row: dict[str, Any], outcome: Outcome) -> None:
         assert row["notes"] is not None and outcome.note in row["notes"], (key, row["notes"])
 
 
-def run_kind(
-    name: str, tmp_path: Path, config: PreprocessConfig | None = None
-) -> tuple[Kind, list[dict[str, Any]]]:
+def run_kind(name: str, tmp_path: Path, config: PreprocessConfig | None = None) -> tuple[Kind, list[dict[str, Any]]]:
     """Builds kind ``name``, writes its shard, runs it through read + preprocess, checks the
     stated outcome of every sample; returns the kind and its rows."""
     kind = KINDS[name](tmp_path)
     url = _write_kind(kind, tmp_path / f"{name}.tar")
     rows = _through_pipeline(url, config)
     assert [r["key"] for r in rows] == [k for k, _ in kind.outcomes]
-    for row, (_, outcome) in zip(rows, kind.outcomes):
+    for row, (_, outcome) in zip(rows, kind.outcomes, strict=False):
         _check(row, outcome)
     return kind, rows
 
@@ -674,12 +691,12 @@ def test_corpus_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None
     for key in data_keys:
         by_key[key].append((None, None))
     stages, messages = errors.column("stage").to_pylist(), errors.column("error").to_pylist()
-    for key, stage, message in zip(error_keys, stages, messages):
+    for key, stage, message in zip(error_keys, stages, messages, strict=False):
         by_key[key].append((stage, message))
     for key, outcomes in expected.items():
         got = sorted(by_key[key], key=lambda sm: (sm[0] or "", sm[1] or ""))
         want = sorted(outcomes, key=lambda o: (o.stage or "", o.reason or ""))
-        for (stage, message), outcome in zip(got, want):
+        for (stage, message), outcome in zip(got, want, strict=False):
             assert stage == outcome.stage, (key, stage, message)
             if outcome.stage is not None:
                 assert outcome.reason in message, (key, message)
@@ -689,7 +706,7 @@ def test_corpus_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None
     table = pq.read_table(out_pq)
     assert table.schema.field("notes").type == pa.string()
     assert table.column_names.index("notes") == table.column_names.index("json") + 1
-    notes = dict(zip(table.column("key").to_pylist(), table.column("notes").to_pylist()))
+    notes = dict(zip(table.column("key").to_pylist(), table.column("notes").to_pylist(), strict=False))
     assert len(notes) == n_ok  # one data row per encoded sample (the duplicate: its first)
     for key, note in notes.items():
         want_note = next(o.note for o in expected[key] if o.stage is None)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import KL_MEAN, KL_SCALE, KL_SHIFT, KL_STD, VQ_CODES
 from PIL import Image
 
-from conftest import KL_MEAN, KL_SCALE, KL_SHIFT, KL_STD, VQ_CODES
-from latentize.config import Config, PreprocessConfig, load_config
+from latentize.config import Config, load_config
 from latentize.demo import photo_samples
 from latentize.encoders import ENCODERS, KLEncoder, TorchEncoder, VQEncoder, stable_seed
 from latentize.encoders.base import load_model_config
@@ -327,7 +327,15 @@ def test_vq_spec(vq) -> None:
 
 @pytest.mark.parametrize(
     ("codes", "dtype"),
-    [(2, "uint8"), (256, "uint8"), (257, "int16"), (32768, "int16"), (32769, "int32"), (2**31, "int32"), (2**31 + 1, "int64")],
+    [
+        (2, "uint8"),
+        (256, "uint8"),
+        (257, "int16"),
+        (32768, "int16"),
+        (32769, "int32"),
+        (2**31, "int32"),
+        (2**31 + 1, "int64"),
+    ],
 )
 def test_index_dtype_is_the_smallest_that_holds_the_codebook(codes: int, dtype: str) -> None:
     assert index_dtype(codes) == dtype

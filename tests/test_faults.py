@@ -18,9 +18,9 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import S3_BUCKET
 from faults import FaultRule, FaultyProxy
+
 from latentize.cli import main as cli_main
 from latentize.config import Config, load_config
 from latentize.demo import ShardSample, photo_samples, write_webdataset_shard
@@ -32,7 +32,9 @@ RES = 64
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(inputs: str, out: str, model: Path, storage: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Config:
+def _config(
+    inputs: str, out: str, model: Path, storage: dict[str, Any] | None = None, **sections: dict[str, Any]
+) -> Config:
     base: dict[str, Any] = {
         "input": {"urls": inputs, "storage_options": storage or {}},
         "preprocess": {"resolution": RES},
@@ -53,7 +55,12 @@ def _samples(n_shards: int, per_shard: int) -> list[list[ShardSample]]:
     shards = []
     for i in range(n_shards):
         chunk = [photos[(i * per_shard + j) % len(photos)] for j in range(per_shard)]
-        shards.append([ShardSample(key=f"{i:05d}{j:04d}", image=s.image, caption=s.caption, meta=s.meta) for j, s in enumerate(chunk)])
+        shards.append(
+            [
+                ShardSample(key=f"{i:05d}{j:04d}", image=s.image, caption=s.caption, meta=s.meta)
+                for j, s in enumerate(chunk)
+            ]
+        )
     return shards
 
 
@@ -123,9 +130,19 @@ def test_unreadable_shards_fail_alone_then_retry_failed_redoes_only_them(
         assert cli_main(["encode", str(cfg_path)]) == 1  # non-zero: shards failed
 
         status = subprocess.run(
-            [sys.executable, "-m", "latentize.cli", "status", f"{prefix}/out", "--json",
-             "--storage-options", json.dumps(storage)],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "latentize.cli",
+                "status",
+                f"{prefix}/out",
+                "--json",
+                "--storage-options",
+                json.dumps(storage),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert status.returncode == 1
         report = json.loads(status.stdout)
@@ -140,8 +157,16 @@ def test_unreadable_shards_fail_alone_then_retry_failed_redoes_only_them(
     # Fix the bucket, then redo only the failed shards.
     fs.pipe(f"{prefix}/in/00001.tar", full)
     write_webdataset_shard(f"{prefix}/in/00002.tar", shards[2], storage_options=s3)
-    summary = run(load_config(base={**cfg, "input": {**cfg["input"], "storage_options": s3},
-                                    "output": {**cfg["output"], "storage_options": s3}}), retry_failed=True)
+    summary = run(
+        load_config(
+            base={
+                **cfg,
+                "input": {**cfg["input"], "storage_options": s3},
+                "output": {**cfg["output"], "storage_options": s3},
+            }
+        ),
+        retry_failed=True,
+    )
     assert summary.complete
     assert (summary.shards_done_now, summary.samples_now) == (3, 15)
     assert fs.info(f"{prefix}/out/_shards/00000.json")["LastModified"] == marker0
@@ -149,7 +174,9 @@ def test_unreadable_shards_fail_alone_then_retry_failed_redoes_only_them(
     _keys_once(table, [], [s.key for shard in shards for s in shard])
 
 
-def test_encoder_actor_killed_mid_run_redoes_its_batch(tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encoder_actor_killed_mid_run_redoes_its_batch(
+    tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     shards = _samples(3, 6)
     for i, samples in enumerate(shards):
         write_webdataset_shard(str(tmp_path / "in" / f"{i:05d}.tar"), samples)
@@ -175,13 +202,17 @@ def test_driver_killed_mid_run_then_same_command_finishes(tmp_path: Path, tiny_m
         write_webdataset_shard(str(tmp_path / "in" / f"{i:05d}.tar"), samples)
     out = tmp_path / "out"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "input": {"urls": str(tmp_path / "in" / "*.tar")},
-        "preprocess": {"resolution": RES},
-        "encoder": {"model": str(tiny_models["kl"]), "batch_size": 1},
-        "output": {"path": str(out), "rows_per_part": 2},
-        "ray": {"commit_parallelism": 1},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"urls": str(tmp_path / "in" / "*.tar")},
+                "preprocess": {"resolution": RES},
+                "encoder": {"model": str(tiny_models["kl"]), "batch_size": 1},
+                "output": {"path": str(out), "rows_per_part": 2},
+                "ray": {"commit_parallelism": 1},
+            }
+        )
+    )
     cmd = [sys.executable, str(REPO / "jobs" / "encode_laion.py"), "--config", str(cfg)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import KL_MEAN, KL_SCALE, KL_SHIFT, KL_STD, S3_BUCKET
 from PIL import Image
 
-from conftest import KL_MEAN, KL_SCALE, KL_SHIFT, KL_STD, S3_BUCKET
 from latentize.config import Config, load_config
 from latentize.demo import (
     ShardSample,
@@ -59,7 +59,7 @@ def _pixels(samples: list[ShardSample]) -> torch.Tensor:
 
 def _by_key(table: Any, column: str) -> dict[str, np.ndarray]:
     values = table.column(column).combine_chunks().to_numpy_ndarray()
-    return dict(zip(table.column("key").to_pylist(), values))
+    return dict(zip(table.column("key").to_pylist(), values, strict=False))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,9 @@ def wds_shards(tmp_path_factory: pytest.TempPathFactory, exact_photos: list[Shar
 
 
 @pytest.mark.parametrize("variant", ["shift_scale", "latents_mean_std"])
-def test_kl_mode_parity(variant: str, tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str, exact_photos: list[ShardSample]) -> None:
+def test_kl_mode_parity(
+    variant: str, tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str, exact_photos: list[ShardSample]
+) -> None:
     from diffusers import AutoencoderKL
 
     model = tiny_models["kl" if variant == "shift_scale" else "kl_meanstd"]
@@ -110,7 +112,9 @@ def test_kl_mode_parity(variant: str, tmp_path: Path, tiny_models: dict[str, Pat
     assert manifest["encoder"]["model_class"] == "AutoencoderKL" and manifest["encoder"]["preset"] is None
 
 
-def test_kl_moments_are_raw(tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str, exact_photos: list[ShardSample]) -> None:
+def test_kl_moments_are_raw(
+    tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str, exact_photos: list[ShardSample]
+) -> None:
     from diffusers import AutoencoderKL
 
     run(_config(wds_shards, str(tmp_path / "out"), tiny_models["kl"], encoder={"sample": "moments"}))
@@ -126,11 +130,17 @@ def test_kl_moments_are_raw(tmp_path: Path, tiny_models: dict[str, Path], wds_sh
     assert manifest["encoder"]["constants"]["applied"] is False
 
 
-def test_sample_mode_is_reproducible_across_runs_and_batch_sizes(tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str) -> None:
+def test_sample_mode_is_reproducible_across_runs_and_batch_sizes(
+    tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str
+) -> None:
     outs = []
     for name, batch in (("a", 4), ("b", 4), ("c", 3)):
         out = tmp_path / name
-        run(_config(wds_shards, str(out), tiny_models["kl"], encoder={"sample": "sample", "batch_size": batch, "seed": 7}))
+        run(
+            _config(
+                wds_shards, str(out), tiny_models["kl"], encoder={"sample": "sample", "batch_size": batch, "seed": 7}
+            )
+        )
         outs.append(_by_key(pq.read_table(out), "latent"))
     mode_out = tmp_path / "mode"
     run(_config(wds_shards, str(mode_out), tiny_models["kl"]))
@@ -141,7 +151,9 @@ def test_sample_mode_is_reproducible_across_runs_and_batch_sizes(tmp_path: Path,
         assert not np.array_equal(value, mode[key])
 
 
-def test_vq_indices_to_webdataset(tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str, exact_photos: list[ShardSample]) -> None:
+def test_vq_indices_to_webdataset(
+    tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str, exact_photos: list[ShardSample]
+) -> None:
     import webdataset as wds
     from diffusers import VQModel
 
@@ -151,7 +163,7 @@ def test_vq_indices_to_webdataset(tmp_path: Path, tiny_models: dict[str, Path], 
     assert [t.name for t in tars] == ["00000.tar", "00001.tar"]
     samples = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == [p.key for p in exact_photos]
-    assert all(s["txt"] == p.caption for s, p in zip(samples, exact_photos))
+    assert all(s["txt"] == p.caption for s, p in zip(samples, exact_photos, strict=False))
     vq = VQModel.from_pretrained(tiny_models["vq"])
     with torch.no_grad():
         h = vq.encode(_pixels(exact_photos)).latents
@@ -173,7 +185,9 @@ def _shards_with_corruption(root: Path, fmt: str) -> tuple[str, list[str]]:
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
-def test_corrupt_samples_are_error_rows_and_plain_pyarrow_reads(fmt: str, tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+def test_corrupt_samples_are_error_rows_and_plain_pyarrow_reads(
+    fmt: str, tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
     inputs, keys = _shards_with_corruption(tmp_path / "in", fmt)
     out = tmp_path / "out"
     cfg = _config(inputs, str(out), tiny_models["kl"], input={"image_field": "jpg", "format": fmt})
@@ -187,7 +201,7 @@ def test_corrupt_samples_are_error_rows_and_plain_pyarrow_reads(fmt: str, tmp_pa
         import json, sys
         import pyarrow.parquet as pq
         data = pq.read_table({str(out)!r})
-        errors = pq.read_table({str(out / '_errors')!r})
+        errors = pq.read_table({str(out / "_errors")!r})
         latent = data.column("latent").combine_chunks().to_numpy_ndarray()
         print(json.dumps({{
             "data": data.column("key").to_pylist(),
@@ -199,7 +213,9 @@ def test_corrupt_samples_are_error_rows_and_plain_pyarrow_reads(fmt: str, tmp_pa
         }}))
         """
     )
-    result = json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
+    result = json.loads(
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    )
     assert result["ray_imported"] is False
     assert sorted(result["data"] + result["errors"]) == sorted(keys)
     assert len(set(result["data"]) & set(result["errors"])) == 0
@@ -213,7 +229,9 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
 
 
-def test_rerun_writes_nothing_and_other_config_is_refused(tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str) -> None:
+def test_rerun_writes_nothing_and_other_config_is_refused(
+    tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str
+) -> None:
     out = tmp_path / "out"
     cfg = _config(wds_shards, str(out), tiny_models["kl"])
     first = run(cfg)
@@ -253,7 +271,9 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path: Path, tiny_models: dict
     assert again.column("key").to_pylist() == first.column("key").to_pylist()
 
 
-def test_s3_in_and_out(s3: dict[str, Any], tiny_models: dict[str, Path], exact_photos: list[ShardSample], caplog: pytest.LogCaptureFixture) -> None:
+def test_s3_in_and_out(
+    s3: dict[str, Any], tiny_models: dict[str, Path], exact_photos: list[ShardSample], caplog: pytest.LogCaptureFixture
+) -> None:
     import glob
 
     import fsspec
@@ -265,8 +285,11 @@ def test_s3_in_and_out(s3: dict[str, Any], tiny_models: dict[str, Path], exact_p
     write_webdataset_shard(f"{prefix}/in/00000.tar", exact_photos[:5], storage_options=creds)
     write_webdataset_shard(f"{prefix}/in/00001.tar", exact_photos[5:], storage_options=creds)
     cfg = _config(
-        f"{prefix}/in/*.tar", f"{prefix}/out", tiny_models["kl"],
-        input={"storage_options": creds}, output={"storage_options": creds},
+        f"{prefix}/in/*.tar",
+        f"{prefix}/out",
+        tiny_models["kl"],
+        input={"storage_options": creds},
+        output={"storage_options": creds},
     )
     with caplog.at_level("INFO"), caplog.at_level("DEBUG", logger="latentize"):
         summary = run(cfg)
@@ -275,8 +298,12 @@ def test_s3_in_and_out(s3: dict[str, Any], tiny_models: dict[str, Path], exact_p
     fs = fsspec.filesystem("s3", **creds)
     names = sorted(p.split("/e2e/out/")[1] for p in fs.find(f"{S3_BUCKET}/e2e/out"))
     assert names == [
-        f"{RES}x{RES}/00000.parquet", f"{RES}x{RES}/00001.parquet",
-        "_inputs.parquet", "_manifest.json", "_shards/00000.json", "_shards/00001.json",
+        f"{RES}x{RES}/00000.parquet",
+        f"{RES}x{RES}/00001.parquet",
+        "_inputs.parquet",
+        "_manifest.json",
+        "_shards/00000.json",
+        "_shards/00001.json",
     ]
     table = pq.read_table(f"{S3_BUCKET}/e2e/out", filesystem=fs)
     assert sorted(table.column("key").to_pylist()) == sorted(p.key for p in exact_photos)

@@ -348,14 +348,9 @@ def test_random_crop_reproducible_per_seed_and_key() -> None:
 
 
 def test_random_crop_rng_is_stable_across_processes() -> None:
-    code = (
-        "from latentize.preprocess.crop import crop_rng;"
-        "print(crop_rng(3, 'shard-9/key').integers(0, 2**62))"
-    )
+    code = "from latentize.preprocess.crop import crop_rng;print(crop_rng(3, 'shard-9/key').integers(0, 2**62))"
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    other = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(other.stdout) == int(crop_rng(3, "shard-9/key").integers(0, 2**62))
 
 
@@ -503,8 +498,18 @@ def test_preprocess_batch_notes_merge_with_upscale() -> None:
     }
     with_notes = _read_only({**base, "notes": _obj([sidecar, sidecar, None, sidecar, None])})
     out = preprocess_batch(with_notes, config=config)
-    assert list(out) == ["key", "error", "stage", "total", "notes", "pixels", "width", "height",
-                         "crop_top", "crop_left"]
+    assert list(out) == [
+        "key",
+        "error",
+        "stage",
+        "total",
+        "notes",
+        "pixels",
+        "width",
+        "height",
+        "crop_top",
+        "crop_left",
+    ]
     assert list(out["notes"]) == [
         sidecar,
         f"{sidecar}; upscaled from 12x9",

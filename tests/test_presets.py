@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import tiny_dc
 import torch
+from conftest import tiny_dc
 
 from latentize.config import load_config
 from latentize.encoders import ENCODERS
@@ -87,7 +87,10 @@ def test_unknown_preset_lists_the_valid_ones() -> None:
 def test_preset_fills_what_is_left_null_and_explicit_keys_win(tiny_models: dict[str, Path]) -> None:
     cfg = load_config(base={"encoder": {"preset": "sd3"}, "output": {"path": "x"}})
     assert (cfg.encoder.type, cfg.encoder.model, cfg.encoder.subfolder) == (
-        "kl", "stabilityai/stable-diffusion-3-medium-diffusers", "vae")
+        "kl",
+        "stabilityai/stable-diffusion-3-medium-diffusers",
+        "vae",
+    )
     cfg = load_config(base={"encoder": {"preset": "sdxl", "model": str(tiny_models["kl"])}, "output": {"path": "x"}})
     assert cfg.encoder.model == str(tiny_models["kl"]) and cfg.encoder.subfolder is None
     with pytest.raises(ConfigError, match="taef2_encoder.pth"):
@@ -99,15 +102,21 @@ def test_preset_fills_what_is_left_null_and_explicit_keys_win(tiny_models: dict[
 
 
 def test_models_command_prints_every_preset() -> None:
-    out = subprocess.run([sys.executable, "-m", "latentize.cli", "models", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "latentize.cli", "models", "--json"], capture_output=True, text=True, check=True
+    )
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert set(rows) == set(PRESETS.names())
     assert rows["sdxl"]["scaling_factor"] == 0.13025 and rows["flux1"]["shift_factor"] == 0.1159
-    table = subprocess.run([sys.executable, "-m", "latentize.cli", "models"], capture_output=True, text=True, check=True).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "latentize.cli", "models"], capture_output=True, text=True, check=True
+    ).stdout
     assert all(name in table for name in PRESETS.names())
 
 
-def test_hub_id_loads_from_the_local_cache_offline_with_its_identity(tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_loads_from_the_local_cache_offline_with_its_identity(
+    tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A hub id whose files are in the Hugging Face cache loads with HF_HUB_OFFLINE set; the
     identity names the resolved commit and the weights' sha256."""
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -122,7 +131,9 @@ def test_hub_id_loads_from_the_local_cache_offline_with_its_identity(tmp_path: P
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    cfg = load_config(base={"encoder": {"model": "acme/tiny-vae"}, "preprocess": {"resolution": 64}, "output": {"path": "x"}})
+    cfg = load_config(
+        base={"encoder": {"model": "acme/tiny-vae"}, "preprocess": {"resolution": 64}, "output": {"path": "x"}}
+    )
     spec = ENCODERS.get("kl").inspect(cfg)
     import hashlib
 
@@ -139,13 +150,20 @@ def _pixels(n: int = 3, size: int = 64) -> tuple[np.ndarray, torch.Tensor]:
 
     from latentize.demo import photo_samples
 
-    arrays = np.stack([np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in photo_samples(resolution=size)[:n]])
+    arrays = np.stack(
+        [np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in photo_samples(resolution=size)[:n]]
+    )
     return arrays, torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255 * 2 - 1
 
 
 def _encode(typ: str, model: Path, **encoder: Any) -> np.ndarray:
-    cfg = load_config(base={"encoder": {"type": typ, "model": str(model), **encoder}, "preprocess": {"resolution": 64},
-                            "output": {"path": "x", "dtype": "float32"}})
+    cfg = load_config(
+        base={
+            "encoder": {"type": typ, "model": str(model), **encoder},
+            "preprocess": {"resolution": 64},
+            "output": {"path": "x", "dtype": "float32"},
+        }
+    )
     spec = ENCODERS.get(typ).inspect(cfg)
     pixels, _ = _pixels()
     return ENCODERS.get(typ)(config=cfg, spec=spec).encode(pixels, ["a", "b", "c"]).arrays["latent"]
@@ -205,12 +223,20 @@ def test_rerun_with_other_weights_is_refused(tmp_path: Path, tiny_models: dict[s
     model = tmp_path / "vae"
     shutil.copytree(tiny_models["kl"], model)
     write_webdataset_shard(str(tmp_path / "in" / "00000.tar"), photo_samples(resolution=64)[:3])
-    cfg = load_config(base={"input": {"urls": str(tmp_path / "in" / "00000.tar")}, "preprocess": {"resolution": 64},
-                            "encoder": {"model": str(model)}, "output": {"path": str(tmp_path / "out")}})
+    cfg = load_config(
+        base={
+            "input": {"urls": str(tmp_path / "in" / "00000.tar")},
+            "preprocess": {"resolution": 64},
+            "encoder": {"model": str(model)},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
     first = run(cfg)
     assert first.samples_ok == 3
     # Same config, same path, other weights (a checkpoint overwritten in place).
-    shutil.copy(tiny_models["kl_meanstd"] / "diffusion_pytorch_model.safetensors", model / "diffusion_pytorch_model.safetensors")
+    shutil.copy(
+        tiny_models["kl_meanstd"] / "diffusion_pytorch_model.safetensors", model / "diffusion_pytorch_model.safetensors"
+    )
     with pytest.raises(LatentizeError, match="other weights"):
         run(cfg)
     replaced = run(cfg, overwrite=True)

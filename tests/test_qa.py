@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from qa_outputs import kl_constants, sd_like_raw, write_output
 
 from latentize.qa import QAOptions, run_qa
 from latentize.qa.checks import normalization_map, scale_check
 from latentize.qa.stats import LatentStats
-from qa_outputs import kl_constants, sd_like_raw, write_output
 
 REPO = Path(__file__).resolve().parents[1]
 SD_SCALE = 0.18215
@@ -72,11 +72,18 @@ def test_scale_check_catches_unscaled_doubly_scaled_and_shifted_latents(
 def test_scale_check_of_latents_mean_std_form_and_raw_moments() -> None:
     raw = sd_like_raw(32)
     mean, std = raw.mean(axis=(0, 2, 3)), raw.std(axis=(0, 2, 3))
-    constants = {"scaling_factor": 0.5, "shift_factor": 0.0, "latents_mean": mean.tolist(), "latents_std": std.tolist(),
-                 "applied": True}
+    constants = {
+        "scaling_factor": 0.5,
+        "shift_factor": 0.0,
+        "latents_mean": mean.tolist(),
+        "latents_std": std.tolist(),
+        "applied": True,
+    }
     encoder = {"type": "kl", "constants": constants}
     stored = (raw - mean[:, None, None]) * 0.5 / std[:, None, None]
-    section, check = scale_check(_stored_summary(stored), normalization_map(encoder, 4), encoder, tolerance=0.35, shift_tolerance=0.5)
+    section, check = scale_check(
+        _stored_summary(stored), normalization_map(encoder, 4), encoder, tolerance=0.35, shift_tolerance=0.5
+    )
     # std 0.5 by construction of the constants (Playground's scaling_factor is 0.5 too).
     assert check.status == "fail" and section["normalized_std"] == pytest.approx(0.5, rel=1e-6)
     np.testing.assert_allclose(section["recommended"]["latents_mean"], mean, rtol=1e-9)
@@ -84,7 +91,9 @@ def test_scale_check_of_latents_mean_std_form_and_raw_moments() -> None:
 
     # Raw moments (constants not applied) are judged after applying the manifest's formula.
     moments = {"type": "kl", "constants": {**kl_constants(SD_SCALE), "applied": False}}
-    section, check = scale_check(_stored_summary(raw), normalization_map(moments, 4), moments, tolerance=0.35, shift_tolerance=0.5)
+    section, check = scale_check(
+        _stored_summary(raw), normalization_map(moments, 4), moments, tolerance=0.35, shift_tolerance=0.5
+    )
     assert check.status == "pass", check
     assert section["raw_std"] == pytest.approx(raw.std(), rel=1e-9)
 
@@ -97,8 +106,14 @@ def test_scale_check_of_latents_mean_std_form_and_raw_moments() -> None:
 def test_statistics_equal_numpy_and_a_correct_output_passes(tmp_path: Path) -> None:
     raw = sd_like_raw(150)
     stored = (raw * SD_SCALE).astype(np.float16)
-    write_output(str(tmp_path / "out"), "latent", stored, constants=kl_constants(SD_SCALE), shards=3,
-                 errors={"00001": ["bad-a", "bad-b"]})
+    write_output(
+        str(tmp_path / "out"),
+        "latent",
+        stored,
+        constants=kl_constants(SD_SCALE),
+        shards=3,
+        errors={"00001": ["bad-a", "bad-b"]},
+    )
     result = run_qa(str(tmp_path / "out"), options=QAOptions(sample=0))
     report = result.report
     assert result.passed, report["checks"]
@@ -122,7 +137,11 @@ def test_statistics_equal_numpy_and_a_correct_output_passes(tmp_path: Path) -> N
     assert raw_channels[0]["mean"] == pytest.approx(per_channel[0].mean() / SD_SCALE, rel=1e-12)
     assert raw_channels[0]["std"] == pytest.approx(per_channel[0].std() / SD_SCALE, rel=1e-12)
     assert report["alignment"]["totals"]["error_rows"] == 2
-    assert {s["shard"]: s["data_rows"] for s in report["alignment"]["shards"]} == {"00000": 50, "00001": 50, "00002": 50}
+    assert {s["shard"]: s["data_rows"] for s in report["alignment"]["shards"]} == {
+        "00000": 50,
+        "00001": 50,
+        "00002": 50,
+    }
 
     written = json.loads(Path(result.json_path).read_text())
     assert written["passed"] is True and Path(result.html_path).stat().st_size > 10_000
@@ -139,7 +158,8 @@ def test_unscaled_latents_under_a_manifest_that_says_0_18215_fail(tmp_path: Path
     assert scale["status"] == "fail" and "looks unscaled" in scale["message"], scale
     assert not result.passed
     assert result.report["scale"]["recommended"]["scaling_factor"] == pytest.approx(
-        1 / (raw.astype(np.float64) / SD_SCALE).std(), rel=1e-6)
+        1 / (raw.astype(np.float64) / SD_SCALE).std(), rel=1e-6
+    )
     assert (tmp_path / "rep" / "report.html").exists()
 
 
@@ -152,8 +172,9 @@ def test_nan_latent_duplicate_latent_and_repeated_key_are_reported_with_keys(tmp
     stored[31] = stored[12]  # the latents of k012 stored again under k031
     stored[20, 1, 0, 0] = 40.0  # an outlier far beyond 6 std
     keys[25] = "k005"  # the same key in two shards (shards hold rows 0-19 and 20-39)
-    write_output(str(tmp_path / "out"), "latent", stored, constants=kl_constants(SD_SCALE), keys=keys,
-                 errors={"00000": ["k039"]})
+    write_output(
+        str(tmp_path / "out"), "latent", stored, constants=kl_constants(SD_SCALE), keys=keys, errors={"00000": ["k039"]}
+    )
     report = run_qa(str(tmp_path / "out"), options=QAOptions(sample=0)).report
     finite = _check(report, "finite")
     assert finite["status"] == "fail" and "k007" in finite["message"]
@@ -181,8 +202,9 @@ def test_vq_usage_and_perplexity_equal_a_numpy_count(tmp_path: Path) -> None:
     # Zipf-like usage with a dead tail: codes 0..599 only.
     p = 1.0 / np.arange(1, 601) ** 1.1
     indices = rng.choice(600, size=(90, 16, 16), p=p / p.sum()).astype(np.int16)
-    write_output(str(tmp_path / "out"), "indices", indices, encoder_type="vq",
-                 constants={"codebook_size": codes, "embed_dim": 4})
+    write_output(
+        str(tmp_path / "out"), "indices", indices, encoder_type="vq", constants={"codebook_size": codes, "embed_dim": 4}
+    )
     report = run_qa(str(tmp_path / "out"), options=QAOptions(sample=0)).report
     book = report["codebook"]
     values, counts = np.unique(indices, return_counts=True)
@@ -228,12 +250,14 @@ def encoded(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Pat
     photos = [p for p in photo_samples(resolution=64) if p.key]
     write_webdataset_shard(str(root / "in" / "00000.tar"), photos[:10])
     write_webdataset_shard(str(root / "in" / "00001.tar"), photos[10:] + corrupt_samples(shard=1)[:2])
-    cfg = load_config(base={
-        "input": {"urls": str(root / "in" / "{00000..00001}.tar")},
-        "preprocess": {"resolution": 64},
-        "encoder": {"type": "kl", "model": str(tiny_models["kl"]), "batch_size": 8},
-        "output": {"path": str(root / "out")},
-    })
+    cfg = load_config(
+        base={
+            "input": {"urls": str(root / "in" / "{00000..00001}.tar")},
+            "preprocess": {"resolution": 64},
+            "encoder": {"type": "kl", "model": str(tiny_models["kl"]), "batch_size": 8},
+            "output": {"path": str(root / "out")},
+        }
+    )
     summary = run(cfg)
     assert summary.samples_failed >= 1
     return root / "out"
@@ -268,9 +292,21 @@ def test_job_entry_point_joins_the_cluster_and_exits_nonzero_on_failure(encoded:
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "qa_report.py"), str(encoded), "--sample", "0",
-         "--report", str(tmp_path / "rep"), "--json"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            str(REPO / "jobs" / "qa_report.py"),
+            str(encoded),
+            "--sample",
+            "0",
+            "--report",
+            str(tmp_path / "rep"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -303,12 +339,14 @@ def taef2_report(tmp_path_factory: pytest.TempPathFactory, ray_session: None) ->
     photos = [p for p in photo_samples() if p.key][:10]
     write_webdataset_shard(str(root / "in" / "00000.tar"), photos[:5])
     write_webdataset_shard(str(root / "in" / "00001.tar"), photos[5:])
-    cfg = load_config(base={
-        "input": {"urls": str(root / "in" / "{00000..00001}.tar")},
-        "preprocess": {"resolution": 256},
-        "encoder": {"preset": "taef2", "model": str(WEIGHTS / "taef2_encoder.pth"), "batch_size": 4},
-        "output": {"path": str(root / "out")},
-    })
+    cfg = load_config(
+        base={
+            "input": {"urls": str(root / "in" / "{00000..00001}.tar")},
+            "preprocess": {"resolution": 256},
+            "encoder": {"preset": "taef2", "model": str(WEIGHTS / "taef2_encoder.pth"), "batch_size": 4},
+            "output": {"path": str(root / "out")},
+        }
+    )
     assert run(cfg).samples_ok == len(photos)
     # The decoder is found beside the encoder file (taef2_decoder.pth).
     return run_qa(str(root / "out"), options=QAOptions(sample=8, seed=1))
@@ -335,17 +373,42 @@ def test_real_report_opens_in_headless_chromium(taef2_report: Any, tmp_path: Pat
         pytest.skip("no chromium on PATH (Debian package `chromium`; .ci/run installs it)")
     html = Path(taef2_report.html_path)
     n_images = html.read_text().count("<img")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     dom = subprocess.run(
-        [browser, *flags, f"--user-data-dir={tmp_path / 'profile-dom'}", "--virtual-time-budget=5000", "--dump-dom",
-         html.as_uri()], capture_output=True, text=True, timeout=120,
+        [
+            browser,
+            *flags,
+            f"--user-data-dir={tmp_path / 'profile-dom'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     assert f'data-images-loaded="{n_images}/{n_images}"' in dom and n_images >= 6, dom[:300]
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [browser, *flags, f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}", "--window-size=1280,2000",
-         html.as_uri()], capture_output=True, timeout=120,
+        [
+            browser,
+            *flags,
+            f"--user-data-dir={tmp_path / 'profile-shot'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,2000",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
     )
     from PIL import Image
 
@@ -366,10 +429,19 @@ def test_webdataset_and_parquet_outputs_read_back_the_same_rows(tmp_path: Path) 
     n = ROWS_PER_BLOCK + 5  # two blocks
     latent = rng.normal(size=(n, 4, 2, 2)).astype(np.float16)
     keys = [f"img.{i:05d}.v2" for i in range(n)]
-    table = pa.table({
-        "key": keys, "latent": tensor_array(latent), "caption": [f"c{i}" for i in range(n)], "json": [None] * n,
-        "notes": [None] * n, "width": [64] * n, "height": [64] * n, "crop_top": [0] * n, "crop_left": [0] * n,
-    })
+    table = pa.table(
+        {
+            "key": keys,
+            "latent": tensor_array(latent),
+            "caption": [f"c{i}" for i in range(n)],
+            "json": [None] * n,
+            "notes": [None] * n,
+            "width": [64] * n,
+            "height": [64] * n,
+            "crop_top": [0] * n,
+            "crop_left": [0] * n,
+        }
+    )
     layout = OutputLayout(str(tmp_path))
     columns = [TensorColumn(name="latent", shape=(4, 2, 2), dtype="float16")]
     for fmt in ("parquet", "webdataset"):

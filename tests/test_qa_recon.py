@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import tiny_dc
 import torch
+from conftest import tiny_dc
 from PIL import Image, ImageFilter
 
 from latentize.config import Config, config_to_dict, load_config
@@ -47,11 +47,13 @@ ATOL = 1e-4
 
 def make_config(resolution: int = 64, **encoder: Any) -> Config:
     """A CPU config storing float32 latents (so only the normalisation, not fp16 rounding, counts)."""
-    return load_config(base={
-        "encoder": {"device": "cpu", **encoder},
-        "preprocess": {"resolution": resolution},
-        "output": {"path": "unused", "dtype": "float32"},
-    })
+    return load_config(
+        base={
+            "encoder": {"device": "cpu", **encoder},
+            "preprocess": {"resolution": resolution},
+            "output": {"path": "unused", "dtype": "float32"},
+        }
+    )
 
 
 def photos(resolution: int = 64, n: int = 3) -> tuple[np.ndarray, list[str]]:
@@ -136,10 +138,17 @@ def test_ssim_matches_scikit_image_on_real_photos() -> None:
             ref = as_unit(image)
             refs.append(ref)
             dists.append(distorted)
-            want.append(structural_similarity(
-                ref.astype(np.float64), distorted.astype(np.float64), channel_axis=-1, gaussian_weights=True,
-                sigma=1.5, use_sample_covariance=False, data_range=1.0,
-            ))
+            want.append(
+                structural_similarity(
+                    ref.astype(np.float64),
+                    distorted.astype(np.float64),
+                    channel_axis=-1,
+                    gaussian_weights=True,
+                    sigma=1.5,
+                    use_sample_covariance=False,
+                    data_range=1.0,
+                )
+            )
     got = ssim(np.stack(refs), np.stack(dists))
     np.testing.assert_allclose(got, np.array(want), atol=1e-4)
     assert np.ptp(want) > 0.2  # the distortions span a real range of scores
@@ -151,8 +160,9 @@ def test_ssim_of_non_square_images_matches_scikit_image() -> None:
     rng = np.random.default_rng(1)
     a = rng.random((1, 23, 40, 3))
     b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
-    want = structural_similarity(a[0], b[0], channel_axis=-1, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False, data_range=1.0)
+    want = structural_similarity(
+        a[0], b[0], channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+    )
     np.testing.assert_allclose(ssim(a, b), [want], atol=1e-6)
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(a[:, :10], b[:, :10])
@@ -167,8 +177,9 @@ def test_lpips_is_an_array_or_none_never_an_error() -> None:
     assert (out is None) == (again is None)  # decided once per process
 
 
-def test_lpips_without_the_package_is_none_and_logged_once(monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_lpips_without_the_package_is_none_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import sys
 
     monkeypatch.setattr(recon, "_LPIPS", {})
@@ -234,9 +245,12 @@ def test_uncached_hub_model_offline_says_to_pass_decoder(monkeypatch: pytest.Mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manifest = {
         "config": config_to_dict(make_config(model="latentize-test/not-a-cached-model")),
-        "encoder": {"type": "kl", "constants": {"scaling_factor": 0.18215, "applied": True},
-                    "identity": {"model": "latentize-test/not-a-cached-model"},
-                    "columns": {"latent": {"shape": [4, 8, 8], "dtype": "float16"}}},
+        "encoder": {
+            "type": "kl",
+            "constants": {"scaling_factor": 0.18215, "applied": True},
+            "identity": {"model": "latentize-test/not-a-cached-model"},
+            "columns": {"latent": {"shape": [4, 8, 8], "dtype": "float16"}},
+        },
     }
     with pytest.raises(LatentizeError, match="--decoder"):
         load_decoder(manifest, device="cpu")
@@ -307,7 +321,9 @@ def test_kl_single_file_with_and_without_decoder(tiny_models: dict[str, Path], t
     assert decoder.description == f"AutoencoderKL decoder of {full.resolve()}"
     np.testing.assert_allclose(decoder.decode(arrays), want, atol=ATOL)
 
-    manifest, arrays = encode_run(make_config(model=str(encoder_only), scaling_factor=0.5, shift_factor=0.1), pixels, keys)
+    manifest, arrays = encode_run(
+        make_config(model=str(encoder_only), scaling_factor=0.5, shift_factor=0.1), pixels, keys
+    )
     with pytest.raises(LatentizeError, match="no decoder weights.*--decoder"):
         load_decoder(manifest, device="cpu")
     # --decoder points at the full model (here its diffusers folder).
@@ -319,7 +335,9 @@ def test_kl_single_file_with_and_without_decoder(tiny_models: dict[str, Path], t
 
 
 @pytest.mark.parametrize("index_dtype", [None, "int32"])
-def test_vq_indices_decode_like_diffusers_quantise_then_decode(tiny_models: dict[str, Path], index_dtype: str | None) -> None:
+def test_vq_indices_decode_like_diffusers_quantise_then_decode(
+    tiny_models: dict[str, Path], index_dtype: str | None
+) -> None:
     from diffusers import VQModel
 
     pixels, keys = photos()
@@ -378,8 +396,9 @@ def test_autoencoder_tiny_folder_decodes_to_unit_range(tmp_path: Path) -> None:
             p.mul_(1.5)  # default init decodes to near-constant images
     tiny.save_pretrained(tmp_path / "tiny")
     pixels, keys = photos()
-    manifest, arrays = encode_run(make_config(type="tiny", model=str(tmp_path / "tiny"), scaling_factor=2.0,
-                                              shift_factor=0.25), pixels, keys)
+    manifest, arrays = encode_run(
+        make_config(type="tiny", model=str(tmp_path / "tiny"), scaling_factor=2.0, shift_factor=0.25), pixels, keys
+    )
     decoder = load_decoder(manifest, device="cpu")
     assert decoder.description == f"AutoencoderTiny decoder of {tmp_path / 'tiny'}"
     got = decoder.decode(arrays)
@@ -489,7 +508,12 @@ def test_fetch_sources_stops_reading_once_all_keys_are_found(tmp_path: Path, mon
             yield table
 
     monkeypatch.setattr(datasource, "read_shard", counting)
-    pixels, missing = fetch_sources(shards={"00000": url}, wanted={"00000": [samples[1].key]}, fmt="webdataset",
-                                    input_config=cfg.input, preprocess_config=cfg.preprocess)
+    pixels, missing = fetch_sources(
+        shards={"00000": url},
+        wanted={"00000": [samples[1].key]},
+        fmt="webdataset",
+        input_config=cfg.input,
+        preprocess_config=cfg.preprocess,
+    )
     assert list(pixels) == [samples[1].key] and not missing
     assert blocks == [2]  # the first block held the key; the other three were never read

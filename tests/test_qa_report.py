@@ -40,7 +40,7 @@ SCALING = 0.18215
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float]:
-    return {f"{q:g}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))}
+    return {f"{q:g}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=False)}
 
 
 def latent_stats(x: np.ndarray, keys: list[str]) -> dict[str, Any]:
@@ -51,18 +51,34 @@ def latent_stats(x: np.ndarray, keys: list[str]) -> dict[str, Any]:
     for ch in range(c):
         v = per_channel[ch]
         fin = v[np.isfinite(v)]
-        channels.append({
-            "channel": ch, "count": int(fin.size), "mean": float(fin.mean()), "std": float(fin.std()),
-            "min": float(fin.min()), "max": float(fin.max()), "nonfinite": int(v.size - fin.size),
-            "percentiles": _percentiles(fin),
-        })
+        channels.append(
+            {
+                "channel": ch,
+                "count": int(fin.size),
+                "mean": float(fin.mean()),
+                "std": float(fin.std()),
+                "min": float(fin.min()),
+                "max": float(fin.max()),
+                "nonfinite": int(v.size - fin.size),
+                "percentiles": _percentiles(fin),
+            }
+        )
     fin = x[np.isfinite(x)]
     bad_rows = [keys[i] for i in range(n) if not np.isfinite(x[i]).all()]
     return {
         "channels": channels,
-        "all": {"count": int(fin.size), "mean": float(fin.mean()), "std": float(fin.std()),
-                "min": float(fin.min()), "max": float(fin.max()), "percentiles": _percentiles(fin)},
-        "rows": n, "nonfinite_rows": len(bad_rows), "nonfinite_keys": bad_rows, "nonfinite_keys_truncated": False,
+        "all": {
+            "count": int(fin.size),
+            "mean": float(fin.mean()),
+            "std": float(fin.std()),
+            "min": float(fin.min()),
+            "max": float(fin.max()),
+            "percentiles": _percentiles(fin),
+        },
+        "rows": n,
+        "nonfinite_rows": len(bad_rows),
+        "nonfinite_keys": bad_rows,
+        "nonfinite_keys_truncated": False,
     }
 
 
@@ -118,24 +134,36 @@ def reconstruction(photos: list[tuple[str, np.ndarray]], count: int) -> tuple[di
     from skimage.metrics import structural_similarity
 
     images, samples = {}, []
-    for i, (name, original) in enumerate(photos[:count]):
+    for i, (_name, original) in enumerate(photos[:count]):
         key = EVIL_KEY if i == 3 else f"0000{i // 8}{i % 8:04d}"
         radius = 0.6 + (i % 5) * 0.6
         decoded = np.asarray(Image.fromarray(original).filter(ImageFilter.GaussianBlur(radius)))
         images[key] = (original, decoded)
-        samples.append({
-            "key": key, "shard": f"0000{i // 8}", "psnr": round(psnr(original, decoded), 3),
-            "ssim": round(float(structural_similarity(original, decoded, channel_axis=-1, data_range=255)), 4),
-            "lpips": None,
-        })
+        samples.append(
+            {
+                "key": key,
+                "shard": f"0000{i // 8}",
+                "psnr": round(psnr(original, decoded), 3),
+                "ssim": round(float(structural_similarity(original, decoded, channel_axis=-1, data_range=255)), 4),
+                "lpips": None,
+            }
+        )
     samples.sort(key=lambda s: s["psnr"])
     metrics = {
         m: {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v))}
-        for m in ("psnr", "ssim") for v in [[s[m] for s in samples]]
+        for m in ("psnr", "ssim")
+        for v in [[s[m] for s in samples]]
     }
     metrics["lpips"] = None
-    section = {"sample": count + 1, "seed": 0, "decoder": "TAESD decoder /x/taef2_decoder.pth", "metrics": metrics,
-               "samples": samples, "failed": {"000010007": "not found in shard 00001"}, "skipped": None}
+    section = {
+        "sample": count + 1,
+        "seed": 0,
+        "decoder": "TAESD decoder /x/taef2_decoder.pth",
+        "metrics": metrics,
+        "samples": samples,
+        "failed": {"000010007": "not found in shard 00001"},
+        "skipped": None,
+    }
     return section, images
 
 
@@ -150,8 +178,14 @@ def checks(passed: bool, std: float) -> list[dict[str, Any]]:
 
 
 def shard_row(shard: str, status: str, rows: int, errors: int, marker_ok: int) -> dict[str, Any]:
-    return {"shard": shard, "status": status, "data_rows": rows, "error_rows": errors, "marker_ok": marker_ok,
-            "marker_failed": errors}
+    return {
+        "shard": shard,
+        "status": status,
+        "data_rows": rows,
+        "error_rows": errors,
+        "marker_ok": marker_ok,
+        "marker_failed": errors,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -171,26 +205,62 @@ def kl_case(photos: list[tuple[str, np.ndarray]]) -> tuple[dict[str, Any], dict[
     recon, images = reconstruction(photos, 12)
     constants = {"scaling_factor": SCALING, "shift_factor": 0.0, "formula": "(z - shift_factor) * scaling_factor"}
     report = {
-        "format_version": 1, "output": "s3://bucket/latents", "generated_at": "2026-11-23T10:00:00Z",
-        "latentize_version": "0.1.0", "passed": False, "checks": checks(False, std),
-        "encoder": {"type": "kl", "model": "stabilityai/sd-vae-ft-mse", "preset": "sd15",
-                    "model_class": "AutoencoderKL", "constants": constants,
-                    "columns": {"latent": {"shape": [4, 32, 32], "dtype": "float16"}}},
+        "format_version": 1,
+        "output": "s3://bucket/latents",
+        "generated_at": "2026-11-23T10:00:00Z",
+        "latentize_version": "0.1.0",
+        "passed": False,
+        "checks": checks(False, std),
+        "encoder": {
+            "type": "kl",
+            "model": "stabilityai/sd-vae-ft-mse",
+            "preset": "sd15",
+            "model_class": "AutoencoderKL",
+            "constants": constants,
+            "columns": {"latent": {"shape": [4, 32, 32], "dtype": "float16"}},
+        },
         "rows": {"data": rows, "errors": 3, "shards": 2},
-        "statistics": {"latent": {"stored": stored_stats, "raw": latent_stats(raw, keys),
-                                  "histogram": histogram(stored)}},
-        "outliers": {"threshold_std": 6.0, "rows": 1, "values": 1, "truncated": False,
-                     "worst": [{"key": keys[9], "channel": 2, "value": 31.5, "z": round((31.5 - mean) / std, 2)}]},
-        "scale": {"applicable": True, "manifest": {"scaling_factor": SCALING, "shift_factor": 0.0},
-                  "recommended": {"scaling_factor": SCALING / std, "shift_factor": mean / std * SCALING},
-                  "stored_std": std, "stored_mean": mean, "ratio": std, "tolerance": 0.35, "shift_tolerance": 0.5,
-                  "message": f"stored std {std:.2f}: the latents look unscaled"},
-        "duplicates": {"groups": 1, "rows": 2, "truncated": False,
-                       "examples": [{"digest": "ab12cd34ef56ab12cd34ef56", "keys": [keys[3], keys[26]]}]},
-        "alignment": {"totals": {"data_rows": rows, "error_rows": 3, "marker_ok": rows, "marker_failed": 3,
-                                 "manifest_ok": rows, "manifest_failed": 3, "shards_total": 2, "shards_committed": 2},
-                      "problems": ["shard 00001: marker says 61 rows, data holds 60"],
-                      "shards": [shard_row("00000", "ok", 60, 1, 60), shard_row("00001", "mismatch", 60, 2, 61)]},
+        "statistics": {
+            "latent": {"stored": stored_stats, "raw": latent_stats(raw, keys), "histogram": histogram(stored)}
+        },
+        "outliers": {
+            "threshold_std": 6.0,
+            "rows": 1,
+            "values": 1,
+            "truncated": False,
+            "worst": [{"key": keys[9], "channel": 2, "value": 31.5, "z": round((31.5 - mean) / std, 2)}],
+        },
+        "scale": {
+            "applicable": True,
+            "manifest": {"scaling_factor": SCALING, "shift_factor": 0.0},
+            "recommended": {"scaling_factor": SCALING / std, "shift_factor": mean / std * SCALING},
+            "stored_std": std,
+            "stored_mean": mean,
+            "ratio": std,
+            "tolerance": 0.35,
+            "shift_tolerance": 0.5,
+            "message": f"stored std {std:.2f}: the latents look unscaled",
+        },
+        "duplicates": {
+            "groups": 1,
+            "rows": 2,
+            "truncated": False,
+            "examples": [{"digest": "ab12cd34ef56ab12cd34ef56", "keys": [keys[3], keys[26]]}],
+        },
+        "alignment": {
+            "totals": {
+                "data_rows": rows,
+                "error_rows": 3,
+                "marker_ok": rows,
+                "marker_failed": 3,
+                "manifest_ok": rows,
+                "manifest_failed": 3,
+                "shards_total": 2,
+                "shards_committed": 2,
+            },
+            "problems": ["shard 00001: marker says 61 rows, data holds 60"],
+            "shards": [shard_row("00000", "ok", 60, 1, 60), shard_row("00001", "mismatch", 60, 2, 61)],
+        },
         "codebook": None,
         "reconstruction": recon,
     }
@@ -210,25 +280,54 @@ def vq_case() -> tuple[dict[str, Any], dict[str, Any]]:
     dead_codes = np.flatnonzero(counts == 0)
     top = np.argsort(-counts, kind="stable")[:10]
     report = {
-        "format_version": 1, "output": "/data/vq-latents", "generated_at": "2026-11-23T11:00:00Z",
-        "latentize_version": "0.1.0", "passed": True, "checks": checks(True, 1.01),
-        "encoder": {"type": "vq", "model": "taming/vqgan-f16-1024", "preset": None, "model_class": "VQModel",
-                    "constants": {"num_vq_embeddings": size},
-                    "columns": {"indices": {"shape": [16, 16], "dtype": "int16"}}},
+        "format_version": 1,
+        "output": "/data/vq-latents",
+        "generated_at": "2026-11-23T11:00:00Z",
+        "latentize_version": "0.1.0",
+        "passed": True,
+        "checks": checks(True, 1.01),
+        "encoder": {
+            "type": "vq",
+            "model": "taming/vqgan-f16-1024",
+            "preset": None,
+            "model_class": "VQModel",
+            "constants": {"num_vq_embeddings": size},
+            "columns": {"indices": {"shape": [16, 16], "dtype": "int16"}},
+        },
         "rows": {"data": 1000, "errors": 0, "shards": 25},
-        "statistics": None, "outliers": None,
+        "statistics": None,
+        "outliers": None,
         "scale": {"applicable": False, "message": "VQ indices carry no scale"},
         "duplicates": {"groups": 0, "rows": 0, "examples": [], "truncated": False},
-        "alignment": {"totals": {"data_rows": 1000, "error_rows": 0, "shards_total": 25, "shards_committed": 25},
-                      "problems": [], "shards": [shard_row(f"{i:05d}", "ok", 40, 0, 40) for i in range(25)]},
+        "alignment": {
+            "totals": {"data_rows": 1000, "error_rows": 0, "shards_total": 25, "shards_committed": 25},
+            "problems": [],
+            "shards": [shard_row(f"{i:05d}", "ok", 40, 0, 40) for i in range(25)],
+        },
         # numpy values on purpose (np.float64 fractions, np.int64 counts): json_ready must convert them.
-        "codebook": {"codebook_size": size, "total": total, "out_of_range": 0, "used": np.int64((counts > 0).sum()),
-                     "usage": (counts > 0).mean(), "dead": int(dead_codes.size), "dead_codes": dead_codes,
-                     "dead_codes_truncated": False, "perplexity": math.exp(entropy),
-                     "entropy_bits": entropy / math.log(2), "counts": counts,
-                     "top": [{"code": int(c), "count": counts[c], "fraction": counts[c] / total} for c in top]},
-        "reconstruction": {"sample": 16, "seed": 0, "decoder": None, "metrics": None, "samples": [], "failed": None,
-                           "skipped": "no decoder for VQ indices configured"},
+        "codebook": {
+            "codebook_size": size,
+            "total": total,
+            "out_of_range": 0,
+            "used": np.int64((counts > 0).sum()),
+            "usage": (counts > 0).mean(),
+            "dead": int(dead_codes.size),
+            "dead_codes": dead_codes,
+            "dead_codes_truncated": False,
+            "perplexity": math.exp(entropy),
+            "entropy_bits": entropy / math.log(2),
+            "counts": counts,
+            "top": [{"code": int(c), "count": counts[c], "fraction": counts[c] / total} for c in top],
+        },
+        "reconstruction": {
+            "sample": 16,
+            "seed": 0,
+            "decoder": None,
+            "metrics": None,
+            "samples": [],
+            "failed": None,
+            "skipped": "no decoder for VQ indices configured",
+        },
     }
     return report, {}
 
@@ -282,7 +381,7 @@ def img_srcs(document: str) -> list[str]:
 def decode_png(src: str) -> Image.Image:
     prefix = "data:image/png;base64,"
     assert src.startswith(prefix), src[:60]
-    data = base64.b64decode(src[len(prefix):], validate=True)
+    data = base64.b64decode(src[len(prefix) :], validate=True)
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     Image.open(io.BytesIO(data)).verify()  # checks chunk CRCs; the object is unusable after
     image = Image.open(io.BytesIO(data))
@@ -350,8 +449,16 @@ def test_sections_in_order(kl_html: str, vq_html: str) -> None:
     def order(document: str) -> list[str]:
         return [a["id"] for t, a in parse(document).tags if t in ("section", "header") and "id" in a]
 
-    assert order(kl_html) == ["summary", "encoder", "scale", "statistics", "nonfinite", "duplicates", "alignment",
-                              "reconstruction"]
+    assert order(kl_html) == [
+        "summary",
+        "encoder",
+        "scale",
+        "statistics",
+        "nonfinite",
+        "duplicates",
+        "alignment",
+        "reconstruction",
+    ]
     assert order(vq_html) == ["summary", "encoder", "scale", "duplicates", "alignment", "codebook", "reconstruction"]
     assert '<div class="verdict v-fail">FAIL</div>' in kl_html
     assert '<div class="verdict v-pass">PASS</div>' in vq_html
@@ -387,7 +494,8 @@ def test_keys_are_escaped(kl_html: str) -> None:
 
     hostile = '"><img src=x onerror=alert(1)>'
     report = {
-        "output": hostile, "passed": "maybe",
+        "output": hostile,
+        "passed": "maybe",
         "checks": [{"name": hostile, "status": hostile, "severity": hostile, "message": hostile}],
         "encoder": {"type": hostile, "constants": {hostile: hostile}, "columns": {hostile: {"shape": hostile}}},
         "duplicates": {"groups": 1, "rows": 2, "examples": [{"digest": hostile, "keys": [hostile, EVIL_KEY]}]},
@@ -407,8 +515,21 @@ def test_keys_are_escaped(kl_html: str) -> None:
 def test_missing_and_null_sections() -> None:
     assert "UNKNOWN" in render_html({})
     everything_null = dict.fromkeys(
-        ["output", "generated_at", "passed", "checks", "encoder", "rows", "statistics", "outliers", "scale",
-         "duplicates", "alignment", "codebook", "reconstruction"]
+        [
+            "output",
+            "generated_at",
+            "passed",
+            "checks",
+            "encoder",
+            "rows",
+            "statistics",
+            "outliers",
+            "scale",
+            "duplicates",
+            "alignment",
+            "codebook",
+            "reconstruction",
+        ]
     )
     document = render_html(everything_null)
     assert [a.get("id") for t, a in parse(document).tags if t == "section"] == []
@@ -416,12 +537,22 @@ def test_missing_and_null_sections() -> None:
 
     numbers_null = {
         "checks": "not a list",
-        "scale": {"applicable": True, "manifest": None, "recommended": {"scaling_factor": None},
-                  "stored_std": None, "stored_mean": float("nan"), "tolerance": None},
-        "statistics": {"latent": {"stored": {"channels": [{"channel": 0, "mean": None, "percentiles": None}],
-                                             "all": None, "rows": None},
-                                  "raw": None, "histogram": {"edges": [0, 1], "counts": [[None]]}},
-                       "broken": [1, 2]},
+        "scale": {
+            "applicable": True,
+            "manifest": None,
+            "recommended": {"scaling_factor": None},
+            "stored_std": None,
+            "stored_mean": float("nan"),
+            "tolerance": None,
+        },
+        "statistics": {
+            "latent": {
+                "stored": {"channels": [{"channel": 0, "mean": None, "percentiles": None}], "all": None, "rows": None},
+                "raw": None,
+                "histogram": {"edges": [0, 1], "counts": [[None]]},
+            },
+            "broken": [1, 2],
+        },
         "outliers": {"worst": [None, {"key": None}]},
         "codebook": {"codebook_size": None, "counts": [None, 3, 0], "top": [{"code": 1}], "dead_codes": [2]},
         "alignment": {"totals": None, "shards": [{"shard": "00000"}]},
@@ -446,8 +577,18 @@ def test_malformed_image_is_reported_not_fatal(kl_case: tuple[dict[str, Any], di
 
 def test_key_lists_are_capped() -> None:
     keys = [f"key-{i:04d}" for i in range(120)]
-    report = {"statistics": {"latent": {"stored": {"rows": 1000, "nonfinite_rows": 300, "nonfinite_keys": keys,
-                                                   "nonfinite_keys_truncated": True}}}}
+    report = {
+        "statistics": {
+            "latent": {
+                "stored": {
+                    "rows": 1000,
+                    "nonfinite_rows": 300,
+                    "nonfinite_keys": keys,
+                    "nonfinite_keys_truncated": True,
+                }
+            }
+        }
+    }
     document = render_html(report)
     section = document.split('<section id="nonfinite">')[1].split("</section>")[0]
     assert section.count("<code>key-") == KEY_LIST_CAP
@@ -467,13 +608,30 @@ def test_alignment_collapses_many_shards(kl_html: str, vq_html: str) -> None:
 
 def test_json_ready() -> None:
     value = {
-        "a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": np.float32(2.5), "d": np.int64(7),
-        "e": np.array([[1.0, np.nan]], dtype=np.float16), "f": (np.bool_(True), None, "x"), np.int64(3): "k",
-        float("nan"): 1, "g": {"h": np.float64("nan")}, "i": Path("/tmp/x"),
+        "a": float("nan"),
+        "b": [float("inf"), -float("inf"), 1.5],
+        "c": np.float32(2.5),
+        "d": np.int64(7),
+        "e": np.array([[1.0, np.nan]], dtype=np.float16),
+        "f": (np.bool_(True), None, "x"),
+        np.int64(3): "k",
+        float("nan"): 1,
+        "g": {"h": np.float64("nan")},
+        "i": Path("/tmp/x"),
     }
     out = json_ready(value)
-    assert out == {"a": None, "b": [None, None, 1.5], "c": 2.5, "d": 7, "e": [[1.0, None]], "f": [True, None, "x"],
-                   3: "k", "nan": 1, "g": {"h": None}, "i": "/tmp/x"}
+    assert out == {
+        "a": None,
+        "b": [None, None, 1.5],
+        "c": 2.5,
+        "d": 7,
+        "e": [[1.0, None]],
+        "f": [True, None, "x"],
+        3: "k",
+        "nan": 1,
+        "g": {"h": None},
+        "i": "/tmp/x",
+    }
     assert type(out["c"]) is float and type(out["d"]) is int and type(out["f"][0]) is bool
     json.dumps(out, allow_nan=False)
     assert math.isnan(value["a"])  # the input is untouched
@@ -481,8 +639,11 @@ def test_json_ready() -> None:
 
 def test_write_report(tmp_path: Path, kl_case: tuple[dict[str, Any], dict[str, Any]]) -> None:
     report, images = kl_case
-    report = {**report, "scale": {**report["scale"], "ratio": float("nan"), "stored_std": np.float32(np.inf)},
-              "extra": np.array([1.0, np.nan])}
+    report = {
+        **report,
+        "scale": {**report["scale"], "ratio": float("nan"), "stored_std": np.float32(np.inf)},
+        "extra": np.array([1.0, np.nan]),
+    }
     fs = fsspec.filesystem("file")
     directory = str(tmp_path / "qa" / "nested")
     json_path, html_path = write_report(report, fs=fs, directory=directory, images=images)
@@ -524,9 +685,19 @@ def _chromium_path() -> str:
 def _chromium(exe: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
     profile.mkdir()
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", *args]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
     return proc

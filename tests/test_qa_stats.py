@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def per_channel(x: np.ndarray) -> np.ndarray:
 def block_stats(x: np.ndarray, keys: Sequence[str], cuts: Sequence[int], **kw: object) -> list[LatentStats]:
     """One accumulator per block, each sent through bytes as a worker would."""
     parts = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
+    for a, b in zip(cuts[:-1], cuts[1:], strict=False):
         s = LatentStats(channels=x.shape[1], **kw)  # type: ignore[arg-type]
         s.update(x[a:b], keys[a:b])
         parts.append(LatentStats.from_bytes(s.to_bytes()))
@@ -303,7 +304,7 @@ def test_code_usage_matches_numpy(dtype: type) -> None:
     counts, oor, ppl = direct_usage(idx, k)
 
     parts = []
-    for a, b in zip([0, 3, 4, 11], [3, 4, 11, 20]):
+    for a, b in zip([0, 3, 4, 11], [3, 4, 11, 20], strict=False):
         u = CodeUsage(codebook_size=k)
         u.update(idx[a:b])
         parts.append(CodeUsage.from_bytes(u.to_bytes()))

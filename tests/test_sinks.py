@@ -36,8 +36,15 @@ def latent_of(shard: str, index: int) -> np.ndarray:
     return rng.standard_normal(SHAPE).astype(np.float16)
 
 
-def sample(shard: str, index: int, *, error: str | None = None, stage: str | None = None,
-           caption: bool = True, notes: str | None = None) -> dict[str, Any]:
+def sample(
+    shard: str,
+    index: int,
+    *,
+    error: str | None = None,
+    stage: str | None = None,
+    caption: bool = True,
+    notes: str | None = None,
+) -> dict[str, Any]:
     """One encoded sample row (an error row carries zero tensors, as the encoder actor makes)."""
     key = f"{shard}{index:04d}"
     failed = error is not None
@@ -62,15 +69,31 @@ def sample(shard: str, index: int, *, error: str | None = None, stage: str | Non
 def sentinel(shard: str, total: int, error: str | None = None) -> dict[str, Any]:
     """The end-of-shard row: no key, index -1, ``total`` samples read."""
     return {
-        "key": None, "shard": shard, "index": -1, "caption": None, "json": None, "notes": None,
-        "error": error, "stage": "read" if error else None, "total": total,
-        "width": -1, "height": -1, "crop_top": -1, "crop_left": -1,
+        "key": None,
+        "shard": shard,
+        "index": -1,
+        "caption": None,
+        "json": None,
+        "notes": None,
+        "error": error,
+        "stage": "read" if error else None,
+        "total": total,
+        "width": -1,
+        "height": -1,
+        "crop_top": -1,
+        "crop_left": -1,
         "latent": np.zeros(SHAPE, np.float16),
     }
 
 
-_INTS = {"index": np.int64, "total": np.int64, "width": np.int32, "height": np.int32,
-         "crop_top": np.int32, "crop_left": np.int32}
+_INTS = {
+    "index": np.int64,
+    "total": np.int64,
+    "width": np.int32,
+    "height": np.int32,
+    "crop_top": np.int32,
+    "crop_left": np.int32,
+}
 
 
 def batch_of(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -108,16 +131,34 @@ def reports(staged: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     ]
 
 
-def commit(layout: OutputLayout, shard: str, parts: list[str], total: int, shard_error: str | None = None,
-           *, sink: str = "parquet", tensor_columns: tuple[str, ...] = ("latent",)) -> dict[str, Any]:
+def commit(
+    layout: OutputLayout,
+    shard: str,
+    parts: list[str],
+    total: int,
+    shard_error: str | None = None,
+    *,
+    sink: str = "parquet",
+    tensor_columns: tuple[str, ...] = ("latent",),
+) -> dict[str, Any]:
     return commit_shard(
-        layout=layout, shard=shard, url=f"s3://bucket/{shard}.tar", parts=parts, total=total,
-        shard_error=shard_error, tensor_columns=list(tensor_columns), folder=FOLDER, sink_name=sink,
-        compression="zstd", fingerprint=FINGERPRINT,
+        layout=layout,
+        shard=shard,
+        url=f"s3://bucket/{shard}.tar",
+        parts=parts,
+        total=total,
+        shard_error=shard_error,
+        tensor_columns=list(tensor_columns),
+        folder=FOLDER,
+        sink_name=sink,
+        compression="zstd",
+        fingerprint=FINGERPRINT,
     )
 
 
-def stage_and_track(layout: OutputLayout, *batches: list[dict[str, Any]]) -> dict[str, tuple[list[str], int, str | None]]:
+def stage_and_track(
+    layout: OutputLayout, *batches: list[dict[str, Any]]
+) -> dict[str, tuple[list[str], int, str | None]]:
     """Stages batches, feeds every report to a tracker, pops shards as they complete."""
     tracker = ShardTracker()
     done = {}
@@ -188,17 +229,25 @@ def test_json_round_trip_and_markers(layout: OutputLayout) -> None:
 
 
 def test_stage_batch_writes_one_part_per_shard(layout: OutputLayout, tmp_path: Path) -> None:
-    rows = [sample("00000", 0), sample("00001", 0), sample("00000", 1), sample("00001", 1),
-            sample("00000", 2, error="cannot identify image file", stage="decode"), sentinel("00001", 2)]
+    rows = [
+        sample("00000", 0),
+        sample("00001", 0),
+        sample("00000", 1),
+        sample("00001", 1),
+        sample("00000", 2, error="cannot identify image file", stage="decode"),
+        sentinel("00001", 2),
+    ]
     out = stage(layout, rows)
 
     assert set(out) == {"shard", "part", "indices", "total", "shard_error"}
-    got = {(str(s), p != "", tuple(int(i) for i in ix), int(t)) for s, p, ix, t in
-           zip(out["shard"], out["part"], out["indices"], out["total"])}
+    got = {
+        (str(s), p != "", tuple(int(i) for i in ix), int(t))
+        for s, p, ix, t in zip(out["shard"], out["part"], out["indices"], out["total"], strict=False)
+    }
     assert got == {("00000", True, (0, 1, 2), -1), ("00001", True, (0, 1), -1), ("00001", False, (), 2)}
     assert list(out["shard_error"]) == [None, None, None]
 
-    parts = {str(s): str(p) for s, p in zip(out["shard"], out["part"]) if p}
+    parts = {str(s): str(p) for s, p in zip(out["shard"], out["part"], strict=False) if p}
     for shard, part in parts.items():
         assert Path(part).parent == tmp_path / "out" / "_staging" / shard
     table = pq.read_table(parts["00000"])
@@ -248,8 +297,13 @@ def test_restaging_the_same_rows_reuses_the_part_name(layout: OutputLayout, tmp_
 
 
 def report(shard: str, indices: list[int], part: str | None = None) -> dict[str, Any]:
-    return {"shard": shard, "part": part or f"p-{shard}-{indices}", "indices": np.array(indices, np.int64),
-            "total": -1, "shard_error": None}
+    return {
+        "shard": shard,
+        "part": part or f"p-{shard}-{indices}",
+        "indices": np.array(indices, np.int64),
+        "total": -1,
+        "shard_error": None,
+    }
 
 
 def end(shard: str, total: int, error: str | None = None) -> dict[str, Any]:
@@ -313,11 +367,20 @@ def test_tracker_keeps_the_shard_error() -> None:
 def test_commit_merges_parts_into_one_row_per_index(layout: OutputLayout, tmp_path: Path) -> None:
     out = tmp_path / "out"
     layout.write_json(layout.manifest_path, {"fingerprint": FINGERPRINT})
-    batch1 = [sample("00000", 0), sample("00000", 1),
-              sample("00000", 2, error="cannot identify image file", stage="decode"), sample("00000", 3)]
+    batch1 = [
+        sample("00000", 0),
+        sample("00000", 1),
+        sample("00000", 2, error="cannot identify image file", stage="decode"),
+        sample("00000", 3),
+    ]
     # A redone batch overlapping the first one (indices 2 and 3 staged twice).
-    batch2 = [sample("00000", 5), sample("00000", 2, error="cannot identify image file", stage="decode"),
-              sample("00000", 3), sample("00000", 4), sentinel("00000", 6)]
+    batch2 = [
+        sample("00000", 5),
+        sample("00000", 2, error="cannot identify image file", stage="decode"),
+        sample("00000", 3),
+        sample("00000", 4),
+        sentinel("00000", 6),
+    ]
     done = stage_and_track(layout, batch1, batch2)
     parts, total, shard_error = done["00000"]
     assert len(parts) == 2 and total == 6
@@ -336,15 +399,17 @@ def test_commit_merges_parts_into_one_row_per_index(layout: OutputLayout, tmp_pa
     latent = table.column("latent")
     assert latent.type.extension_name == "arrow.fixed_shape_tensor"
     assert latent.type.shape == list(SHAPE) and latent.type.value_type == pa.float16()
-    np.testing.assert_array_equal(latent.combine_chunks().to_numpy_ndarray(),
-                                  np.stack([latent_of("00000", i) for i in ok]))
+    np.testing.assert_array_equal(
+        latent.combine_chunks().to_numpy_ndarray(), np.stack([latent_of("00000", i) for i in ok])
+    )
     assert pq.read_table(out / FOLDER / "00000.parquet").num_rows == 5
 
     # The failed sample is an error row only, once.
     errors = pq.read_table(out / "_errors" / "00000.parquet")
     assert errors.schema == ERROR_SCHEMA
-    assert errors.to_pylist() == [{"key": "000000002", "shard": "00000", "index": 2, "stage": "decode",
-                                   "error": "cannot identify image file"}]
+    assert errors.to_pylist() == [
+        {"key": "000000002", "shard": "00000", "index": 2, "stage": "decode", "error": "cannot identify image file"}
+    ]
 
     on_disk = json.loads((out / "_shards" / "00000.json").read_text())
     assert on_disk == marker
@@ -353,8 +418,7 @@ def test_commit_merges_parts_into_one_row_per_index(layout: OutputLayout, tmp_pa
     assert marker["files"] == [f"{FOLDER}/00000.parquet", "_errors/00000.parquet"]
     assert marker["fingerprint"] == FINGERPRINT and marker["url"] == "s3://bucket/00000.tar"
     assert not (out / "_staging" / "00000").exists()
-    assert files_under(out) == ["64x64/00000.parquet", "_errors/00000.parquet", "_manifest.json",
-                                "_shards/00000.json"]
+    assert files_under(out) == ["64x64/00000.parquet", "_errors/00000.parquet", "_manifest.json", "_shards/00000.json"]
 
 
 def test_shards_with_and_without_captions_read_as_one_table(layout: OutputLayout, tmp_path: Path) -> None:
@@ -379,9 +443,12 @@ def test_notes_reach_the_parquet_output(layout: OutputLayout, tmp_path: Path) ->
     # batch) still writes a string column, so both files read as one table.
     done = stage_and_track(
         layout,
-        [sample("00000", 0, notes="upscaled from 12x9"), sample("00000", 1),
-         sample("00000", 2, notes="caption is not valid UTF-8 (undecodable bytes replaced)"),
-         sentinel("00000", 3)],
+        [
+            sample("00000", 0, notes="upscaled from 12x9"),
+            sample("00000", 1),
+            sample("00000", 2, notes="caption is not valid UTF-8 (undecodable bytes replaced)"),
+            sentinel("00000", 3),
+        ],
         [sample("00001", 0), sentinel("00001", 1)],
     )
     for shard, (parts, total, error) in done.items():
@@ -390,7 +457,10 @@ def test_notes_reach_the_parquet_output(layout: OutputLayout, tmp_path: Path) ->
     assert table.column_names == DATA_COLUMNS
     assert table.schema.field("notes").type == pa.string()
     assert table.column("notes").to_pylist() == [
-        "upscaled from 12x9", None, "caption is not valid UTF-8 (undecodable bytes replaced)", None,
+        "upscaled from 12x9",
+        None,
+        "caption is not valid UTF-8 (undecodable bytes replaced)",
+        None,
     ]
 
 
@@ -403,8 +473,9 @@ def test_failed_shard_keeps_rows_read_before_the_failure(layout: OutputLayout, t
 
 
 def test_all_failed_and_empty_shards(layout: OutputLayout, tmp_path: Path) -> None:
-    done = stage_and_track(layout, [sample("00003", 0, error="boom", stage="encode"), sentinel("00003", 1),
-                                    sentinel("00004", 0)])
+    done = stage_and_track(
+        layout, [sample("00003", 0, error="boom", stage="encode"), sentinel("00003", 1), sentinel("00004", 0)]
+    )
     failed = commit(layout, "00003", *done["00003"])
     assert failed["files"] == ["_errors/00003.parquet"] and (failed["ok"], failed["failed"]) == (0, 1)
     empty = commit(layout, "00004", *done["00004"])
@@ -430,8 +501,9 @@ def test_several_tensor_columns(layout: OutputLayout, tmp_path: Path) -> None:
     marker = commit(layout, "00000", [str(out["part"][0])], 2, tensor_columns=("mean", "logvar"))
     table = pq.read_table(tmp_path / "out" / marker["files"][0])
     assert table.column_names[:3] == ["key", "mean", "logvar"]
-    np.testing.assert_array_equal(table.column("logvar").combine_chunks().to_numpy_ndarray()[1],
-                                  latent_of("00000", 1) * 2)
+    np.testing.assert_array_equal(
+        table.column("logvar").combine_chunks().to_numpy_ndarray()[1], latent_of("00000", 1) * 2
+    )
 
 
 # --- commit: webdataset ----------------------------------------------------------------------
@@ -440,8 +512,12 @@ def test_several_tensor_columns(layout: OutputLayout, tmp_path: Path) -> None:
 def test_webdataset_sink(layout: OutputLayout, tmp_path: Path) -> None:
     import webdataset as wds
 
-    rows = [sample("00000", 0), sample("00000", 1, caption=False),
-            sample("00000", 2, error="bad", stage="decode"), sample("00000", 3)]
+    rows = [
+        sample("00000", 0),
+        sample("00000", 1, caption=False),
+        sample("00000", 2, error="bad", stage="decode"),
+        sample("00000", 3),
+    ]
     done = stage_and_track(layout, rows[::-1] + [sentinel("00000", 4)])
     marker = commit(layout, "00000", *done["00000"], sink="webdataset")
     path = tmp_path / "out" / FOLDER / "00000.tar"
@@ -451,12 +527,19 @@ def test_webdataset_sink(layout: OutputLayout, tmp_path: Path) -> None:
         names = tar.getnames()
     # Samples in input order, each one's members contiguous; no member for a missing caption.
     assert [n.split(".", 1)[0] for n in names] == ["000000000"] * 3 + ["000000001"] + ["000000003"] * 3
-    assert set(names) == {"000000000.latent.npy", "000000000.txt", "000000000.json", "000000001.latent.npy",
-                          "000000003.latent.npy", "000000003.txt", "000000003.json"}
+    assert set(names) == {
+        "000000000.latent.npy",
+        "000000000.txt",
+        "000000000.json",
+        "000000001.latent.npy",
+        "000000003.latent.npy",
+        "000000003.txt",
+        "000000003.json",
+    }
 
     samples = list(wds.WebDataset(str(path), shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000003"]
-    for s, i in zip(samples, [0, 1, 3]):
+    for s, i in zip(samples, [0, 1, 3], strict=False):
         assert s["latent.npy"].dtype == np.float16
         np.testing.assert_array_equal(s["latent.npy"], latent_of("00000", i))
     assert samples[0]["txt"] == "a photo 000000000"

@@ -13,14 +13,14 @@ import random
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import S3_BUCKET
+
 from latentize.config import InputConfig
 from latentize.demo import (
     ShardSample,
@@ -43,9 +43,7 @@ def _touch(path: Path) -> str:
     return str(path)
 
 
-def _read(
-    fmt: str, url: str, storage_options: dict[str, Any] | None = None, **cfg: Any
-) -> list[RawSample]:
+def _read(fmt: str, url: str, storage_options: dict[str, Any] | None = None, **cfg: Any) -> list[RawSample]:
     config = InputConfig(**cfg)
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
         return list(SOURCES.get(fmt)(f, config=config))
@@ -326,9 +324,7 @@ def test_build_demo_shards_is_idempotent(tmp_path: Path) -> None:
     keys = [s.key for u in urls for s in _read("webdataset", u)]
     assert len(keys) == len(photo_images())
     assert keys[0] == "000000000" and any(k.startswith("00002") for k in keys)
-    (purl,) = build_demo_shards(
-        str(tmp_path / "pq"), shards=1, fmt="parquet", include_corrupt=True, resolution=16
-    )
+    (purl,) = build_demo_shards(str(tmp_path / "pq"), shards=1, fmt="parquet", include_corrupt=True, resolution=16)
     rows = _read("parquet", purl)
     assert len(rows) == len(photo_images()) + 3
     assert len({r.key for r in rows}) == len(rows)
@@ -343,7 +339,7 @@ def test_webdataset_round_trip(tmp_path: Path, small_photos: list[ShardSample]) 
     url = write_webdataset_shard(str(tmp_path / "00000.tar"), small_photos)
     rows = _read("webdataset", url)
     assert [r.key for r in rows] == [s.key for s in small_photos]
-    for row, sample in zip(rows, small_photos):
+    for row, sample in zip(rows, small_photos, strict=False):
         assert row.error is None
         assert row.image == sample.image
         assert row.caption == sample.caption
@@ -379,9 +375,7 @@ def test_webdataset_image_field_fallback_order(tmp_path: Path, small_photos: lis
     assert _read("webdataset", str(both), image_field=" JPG ; png")[0].image == b"J"
 
 
-def test_webdataset_missing_image_and_duplicate_key(
-    tmp_path: Path, small_photos: list[ShardSample]
-) -> None:
+def test_webdataset_missing_image_and_duplicate_key(tmp_path: Path, small_photos: list[ShardSample]) -> None:
     a, b, c = small_photos[:3]
     no_image = ShardSample(key="000009999", image=None, caption="lost", meta={"key": "000009999"})
     duplicate = ShardSample(key=a.key, image=c.image, caption="again")
@@ -465,10 +459,16 @@ def test_webdataset_sidecar_problems_are_notes(tmp_path: Path) -> None:
     _write_tar(
         path,
         [
-            ("k1.jpg", b"img1"), ("k1.txt", b"caption \xff\xfe"), ("k1.json", b'{"a": 1'),
-            ("k2.jpg", b"img2"), ("k2.json", b'{"caption": "caf\xe9"}'),
-            ("k3.jpg", b"img3"), ("k3.txt", "d\u00e9j\u00e0 vu".encode()), ("k3.json", b'{"w": 3}'),
-            ("k4.jpg", b"img4"), ("k4.json", b""),
+            ("k1.jpg", b"img1"),
+            ("k1.txt", b"caption \xff\xfe"),
+            ("k1.json", b'{"a": 1'),
+            ("k2.jpg", b"img2"),
+            ("k2.json", b'{"caption": "caf\xe9"}'),
+            ("k3.jpg", b"img3"),
+            ("k3.txt", "d\u00e9j\u00e0 vu".encode()),
+            ("k3.json", b'{"w": 3}'),
+            ("k4.jpg", b"img4"),
+            ("k4.json", b""),
         ],
     )
     rows = {r.key: r for r in _read("webdataset", str(path))}
@@ -480,9 +480,7 @@ def test_webdataset_sidecar_problems_are_notes(tmp_path: Path) -> None:
         "JSON: Expecting ',' delimiter: line 1 column 8 (char 7)"
     )
     assert rows["k2"].json == '{"caption": "caf\ufffd"}'
-    assert rows["k2"].notes is not None and rows["k2"].notes.startswith(
-        "json sidecar is not valid JSON: not UTF-8"
-    )
+    assert rows["k2"].notes is not None and rows["k2"].notes.startswith("json sidecar is not valid JSON: not UTF-8")
     assert (rows["k3"].caption, rows["k3"].json, rows["k3"].notes) == ("d\u00e9j\u00e0 vu", '{"w": 3}', None)
     assert rows["k4"].notes == "json sidecar is not valid JSON: Expecting value: line 1 column 1 (char 0)"
 
@@ -514,9 +512,7 @@ def test_webdataset_truncated_in_data_raises_after_earlier_samples(
     assert all(r.error is None for r in rows)
 
 
-def test_webdataset_truncated_at_member_boundary_is_detected(
-    tmp_path: Path, small_photos: list[ShardSample]
-) -> None:
+def test_webdataset_truncated_at_member_boundary_is_detected(tmp_path: Path, small_photos: list[ShardSample]) -> None:
     data = Path(write_webdataset_shard(str(tmp_path / "s.tar"), small_photos)).read_bytes()
     header, _ = _member_offsets(data)[f"{small_photos[3].key}.jpg"]
     for cut in (header, header + 100):
@@ -540,7 +536,7 @@ def test_parquet_round_trip_img2dataset_layout(tmp_path: Path, small_photos: lis
     assert schema.names == ["key", "jpg", "txt", "json"]
     rows = _read("parquet", url)
     assert [r.key for r in rows] == [s.key for s in small_photos]
-    for row, sample in zip(rows, small_photos):
+    for row, sample in zip(rows, small_photos, strict=False):
         assert (row.image, row.caption, row.error) == (sample.image, sample.caption, None)
         assert row.json is not None and json.loads(row.json) == sample.meta
 
@@ -567,9 +563,7 @@ def test_parquet_streams_in_batches(tmp_path: Path, small_photos: list[ShardSamp
     assert reader.bytes_read < len(data) / 2
 
 
-def test_parquet_hf_image_struct_without_key_column(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_parquet_hf_image_struct_without_key_column(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table(
         {
@@ -583,17 +577,20 @@ def test_parquet_hf_image_struct_without_key_column(
                 image_type,
             ),
             "text": ["zero", "one", None, "three"],
-            "meta": pa.array(
-                [{"w": 1}, {"w": 2}, None, {"w": 4}], pa.struct([("w", pa.int64())])
-            ),
+            "meta": pa.array([{"w": 1}, {"w": 2}, None, {"w": 4}], pa.struct([("w", pa.int64())])),
         }
     )
     path = tmp_path / "hf.parquet"
     pq.write_table(table, path)
     with caplog.at_level(logging.WARNING, logger="latentize.sources.parquet"):
         rows = _read(
-            "parquet", str(path), image_field="image", key_field="id_not_here", caption_field="text",
-            json_field="meta", rows_per_block=3,
+            "parquet",
+            str(path),
+            image_field="image",
+            key_field="id_not_here",
+            caption_field="text",
+            json_field="meta",
+            rows_per_block=3,
         )
     assert [r.key for r in rows] == ["000000000", "000000001", "000000002", "000000003"]
     assert "id_not_here" in caplog.text
@@ -687,9 +684,7 @@ _BUCKET = S3_BUCKET
 
 def test_s3_expand_and_read_webdataset(s3: dict[str, Any], small_photos: list[ShardSample]) -> None:
     urls = [
-        write_webdataset_shard(
-            f"s3://{_BUCKET}/wds/{i:05d}.tar", small_photos[i * 2 : i * 2 + 2], storage_options=s3
-        )
+        write_webdataset_shard(f"s3://{_BUCKET}/wds/{i:05d}.tar", small_photos[i * 2 : i * 2 + 2], storage_options=s3)
         for i in range(2)
     ]
     assert expand_urls(f"s3://{_BUCKET}/wds/{{00000..00001}}.tar", storage_options=s3) == urls
@@ -714,9 +709,7 @@ def test_s3_expand_errors(s3: dict[str, Any], small_photos: list[ShardSample]) -
         expand_urls(f"s3://{_BUCKET}/errs/{{00001..00002}}.tar", storage_options=s3)
 
 
-def test_s3_brace_range_over_many_shards(
-    s3: dict[str, Any], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_s3_brace_range_over_many_shards(s3: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     tiny = [ShardSample(key="000000000", image=b"x")]
     for i in range(10):
         if i != 6:

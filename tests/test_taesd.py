@@ -115,10 +115,17 @@ def stride2_indices(seq: torch.nn.Sequential) -> list[int]:
     ],
     ids=["taef2-encoder", "taef2-decoder", "taesana-encoder"],
 )
-def test_pth_loads_strictly_with_inferred_layout(path: Path, role: str, variant: str, channels: int, factor: int, layers: int, tmp_path: Path) -> None:
+def test_pth_loads_strictly_with_inferred_layout(
+    path: Path, role: str, variant: str, channels: int, factor: int, layers: int, tmp_path: Path
+) -> None:
     state = load_state_dict(path)
     layout = detect_layout(state, role)
-    assert (layout.variant, layout.latent_channels, layout.factor, layout.image_channels) == (variant, channels, factor, 3)
+    assert (layout.variant, layout.latent_channels, layout.factor, layout.image_channels) == (
+        variant,
+        channels,
+        factor,
+        3,
+    )
 
     module = load_tiny_encoder(path) if role == "encoder" else load_tiny_decoder(path)
     seq = getattr(module, role)
@@ -228,7 +235,11 @@ def test_taef2_reconstructs_real_photos(taef2_round_trip: dict[str, Any]) -> Non
     result: EncodeResult = taef2_round_trip["right"]
     scores = taef2_round_trip["psnr"]["right"]
     names = taef2_round_trip["names"]
-    print("TAEF2 PSNR [0, 1] input:", {n: round(float(s), 2) for n, s in zip(names, scores)}, f"mean {scores.mean():.2f} dB")
+    print(
+        "TAEF2 PSNR [0, 1] input:",
+        {n: round(float(s), 2) for n, s in zip(names, scores, strict=False)},
+        f"mean {scores.mean():.2f} dB",
+    )
     assert not result.errors
     latent = result.arrays["latent"]
     assert latent.shape == (len(names), 32, 32, 32) and latent.dtype == np.float16

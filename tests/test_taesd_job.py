@@ -40,12 +40,14 @@ def reconstruction_psnr(latents: np.ndarray, originals: np.ndarray) -> float:
 def test_taef2_preset_through_the_job_reconstructs_real_photos(tmp_path: Path) -> None:
     photos = [p for p in photo_samples() if p.key][:8]
     write_webdataset_shard(str(tmp_path / "in" / "00000.tar"), photos)
-    cfg = load_config(base={
-        "input": {"urls": str(tmp_path / "in" / "00000.tar")},
-        "preprocess": {"resolution": 256},
-        "encoder": {"preset": "taef2", "model": str(WEIGHTS / "taef2_encoder.pth"), "batch_size": 4},
-        "output": {"path": str(tmp_path / "out")},
-    })
+    cfg = load_config(
+        base={
+            "input": {"urls": str(tmp_path / "in" / "00000.tar")},
+            "preprocess": {"resolution": 256},
+            "encoder": {"preset": "taef2", "model": str(WEIGHTS / "taef2_encoder.pth"), "batch_size": 4},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
     summary = run(cfg)
     assert summary.samples_ok == len(photos)
 

@@ -11,6 +11,14 @@ from latentize.encoders.taesd import TinyEncoder
 from latentize.encoders.vq import VQEncoder
 
 __all__ = [
-    "ENCODERS", "DCEncoder", "EncodeResult", "EncoderSpec", "Flux2Encoder", "KLEncoder",
-    "TinyEncoder", "TorchEncoder", "VQEncoder", "stable_seed",
+    "ENCODERS",
+    "DCEncoder",
+    "EncodeResult",
+    "EncoderSpec",
+    "Flux2Encoder",
+    "KLEncoder",
+    "TinyEncoder",
+    "TorchEncoder",
+    "VQEncoder",
+    "stable_seed",
 ]

@@ -15,9 +15,10 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -42,7 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Encoder classes by ``encoder.type``.
-ENCODERS: Registry[type["TorchEncoder"]] = Registry("encoder type", config_key="encoder.type")
+ENCODERS: Registry[type[TorchEncoder]] = Registry("encoder type", config_key="encoder.type")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -107,7 +108,9 @@ def _is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
 
 
-def load_model_config(model_cls: Any, model: str, *, subfolder: str | None, revision: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_model_config(
+    model_cls: Any, model: str, *, subfolder: str | None, revision: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Loads a diffusers model config (no weights) from a local folder or a hub id.
 
     Returns ``(config, identity)``; identity holds what names the weights (model, subfolder,
@@ -148,9 +151,7 @@ def load_model_config(model_cls: Any, model: str, *, subfolder: str | None, revi
             "pipeline folder), or download it first on a machine with network access."
         )
     try:
-        config = model_cls.load_config(
-            model, subfolder=subfolder, revision=revision, local_files_only=local_only
-        )
+        config = model_cls.load_config(model, subfolder=subfolder, revision=revision, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise LatentizeError(f"encoder.model: cannot load the config of {model!r}: {exc}") from None
     if local_only:
@@ -162,7 +163,9 @@ def load_model_config(model_cls: Any, model: str, *, subfolder: str | None, revi
     return dict(config), identity
 
 
-def _hub_weights_identity(model: str, *, subfolder: str | None, revision: str | None, local_only: bool) -> dict[str, Any]:
+def _hub_weights_identity(
+    model: str, *, subfolder: str | None, revision: str | None, local_only: bool
+) -> dict[str, Any]:
     """sha256 of a hub model's weights file without downloading it: the cached copy's hash, or
     the hub's LFS object id (which is the file's sha256) and the resolved commit."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
@@ -183,7 +186,6 @@ def _hub_weights_identity(model: str, *, subfolder: str | None, revision: str | 
             found["sha256"] = meta.etag
         return found
     return {}
-
 
 
 @dataclass(frozen=True)
@@ -271,8 +273,13 @@ class TorchEncoder:
         self._compiled = False
         if config.encoder.compile:
             self.model = self._compile(self.model)
-        logger.info("encoder %s on %s in %s%s", type(self).__name__, self.device, self.dtype,
-                    " (compiled)" if self._compiled else "")
+        logger.info(
+            "encoder %s on %s in %s%s",
+            type(self).__name__,
+            self.device,
+            self.dtype,
+            " (compiled)" if self._compiled else "",
+        )
 
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
         """Compiles the encoder network once for a fixed input shape (chunks are padded to it)."""
@@ -351,7 +358,9 @@ class TorchEncoder:
         return x
 
     @torch.inference_mode()
-    def _run(self, model: torch.nn.Module, dtype: torch.dtype, pixels: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _run(
+        self, model: torch.nn.Module, dtype: torch.dtype, pixels: torch.Tensor, keys: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         """Runs the model over ``pixels`` in chunks; halves the chunk on CUDA OOM and retries."""
         outputs: list[dict[str, torch.Tensor]] = []
         start = 0
@@ -415,7 +424,10 @@ class TorchEncoder:
                 out[k][idx] = redo[k].to(out[k].dtype)
             reencoded = idx.tolist()
             bad = self._nonfinite(out)
-        errors = {int(i): "non-finite latent values (NaN or Inf) even in float32" for i in torch.nonzero(bad).flatten().tolist()}
+        errors = {
+            int(i): "non-finite latent values (NaN or Inf) even in float32"
+            for i in torch.nonzero(bad).flatten().tolist()
+        }
         arrays: dict[str, np.ndarray] = {}
         for name, (_, dtype) in self.spec.columns.items():
             value = out[name]

@@ -54,9 +54,10 @@ import logging
 import math
 import pickle
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -215,7 +216,7 @@ class _Layout:
 
 def _detect_layout(keys: Sequence[str], path: Path) -> _Layout:
     for prefix in (*VAE_PREFIXES, ""):
-        sub = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        sub = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
         if "encoder.conv_in.weight" not in sub:
             continue
         if any(k.startswith("encoder.down_blocks.") for k in sub):
@@ -360,7 +361,9 @@ def _common_config(geo: _Geometry, groups_override: int | None, path: Path) -> d
                 "%s: widths %s are not all multiples of 32 (ldm/taming's GroupNorm groups); "
                 "assuming norm_num_groups=%d. Set ddconfig.norm_num_groups in encoder.original_config "
                 "if that is wrong.",
-                path, geo.block_out_channels, groups,
+                path,
+                geo.block_out_channels,
+                groups,
             )
     return {
         "in_channels": geo.in_channels,
@@ -471,8 +474,11 @@ def _cross_check(orig: _Original, geo: _Geometry, extra: Mapping[str, tuple[Any,
         "dec_attn": geo.dec_attn,
         "out_channels": geo.out_channels,
     }
-    labels = {"enc_attn": "encoder attention levels", "dec_attn": "decoder attention levels (up_blocks order)",
-              "mid_attn": "mid-block attention"}
+    labels = {
+        "enc_attn": "encoder attention levels",
+        "dec_attn": "decoder attention levels (up_blocks order)",
+        "mid_attn": "mid-block attention",
+    }
     diffs = []
     for key, want in expected.items():
         have = found[key]
@@ -484,9 +490,7 @@ def _cross_check(orig: _Original, geo: _Geometry, extra: Mapping[str, tuple[Any,
         if want is not None and have != want:
             diffs.append(f"{key}: YAML {want} vs weights {have}")
     if diffs:
-        raise LatentizeError(
-            f"encoder.original_config: {orig.path} does not describe {path}: " + "; ".join(diffs)
-        )
+        raise LatentizeError(f"encoder.original_config: {orig.path} does not describe {path}: " + "; ".join(diffs))
 
 
 # --- key conversion and strict loading --------------------------------------------------------
@@ -637,10 +641,15 @@ class LdmVaeLoader:
         orig = _read_original(orig_path) if orig_path else None
         if orig is not None:
             embed = orig.params.get("embed_dim")
-            _cross_check(orig, geo, {
-                "z_channels": (orig.ddconfig.get("z_channels"), latent),
-                "embed_dim": (embed if geo.quant_conv is not None else None, latent),
-            }, path)
+            _cross_check(
+                orig,
+                geo,
+                {
+                    "z_channels": (orig.ddconfig.get("z_channels"), latent),
+                    "embed_dim": (embed if geo.quant_conv is not None else None, latent),
+                },
+                path,
+            )
         model_config = {
             "_class_name": "AutoencoderKL",
             **_common_config(geo, _groups_override(orig), path),
@@ -718,14 +727,20 @@ class TamingVqLoader:
             )
         if geo.quant_conv is None:
             raise LatentizeError(f"encoder.model: {path} lacks 'quant_conv.weight', which a VQModel needs")
-        _cross_check(orig, geo, {
-            "z_channels": (int(orig.ddconfig["z_channels"]), geo.enc_out),
-            "embed_dim": (int(orig.params["embed_dim"]), int(geo.codebook[1])),
-            "n_embed": (int(orig.params["n_embed"]), int(geo.codebook[0])),
-            "quant_conv (embed_dim x z_channels)": (
-                (int(orig.params["embed_dim"]), int(orig.ddconfig["z_channels"])), tuple(geo.quant_conv[:2])
-            ),
-        }, path)
+        _cross_check(
+            orig,
+            geo,
+            {
+                "z_channels": (int(orig.ddconfig["z_channels"]), geo.enc_out),
+                "embed_dim": (int(orig.params["embed_dim"]), int(geo.codebook[1])),
+                "n_embed": (int(orig.params["n_embed"]), int(geo.codebook[0])),
+                "quant_conv (embed_dim x z_channels)": (
+                    (int(orig.params["embed_dim"]), int(orig.ddconfig["z_channels"])),
+                    tuple(geo.quant_conv[:2]),
+                ),
+            },
+            path,
+        )
         model_config = {
             "_class_name": "VQModel",
             **_common_config(geo, _groups_override(orig), path),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,7 +32,12 @@ class DCEncoder(TorchEncoder):
             type="dc",
             model_class=cls.diffusers_class,
             columns={"latent": ((channels, h, w), config.output.dtype)},
-            constants={"scaling_factor": float(scale), "shift_factor": 0.0, "formula": "z * scaling_factor", "applied": True},
+            constants={
+                "scaling_factor": float(scale),
+                "shift_factor": 0.0,
+                "formula": "z * scaling_factor",
+                "applied": True,
+            },
             identity=identity,
             input_range="[-1, 1]",
             downsample=factor,

@@ -6,7 +6,7 @@ Exactly what diffusers' Flux2 pipeline does to image latents (``_patchify_latent
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

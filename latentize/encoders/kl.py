@@ -9,7 +9,8 @@ is a diagonal Gaussian whose ``mode`` is its mean; normalisation is
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -38,10 +39,16 @@ def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]
     scaling = model_config.get("scaling_factor")
     shift = model_config.get("shift_factor")
     if preset is not None and scaling is not None and preset.scaling_factor is not None:
-        if abs(float(scaling) - preset.scaling_factor) > 1e-6 or float(shift or 0.0) != float(preset.shift_factor or 0.0):
+        if abs(float(scaling) - preset.scaling_factor) > 1e-6 or float(shift or 0.0) != float(
+            preset.shift_factor or 0.0
+        ):
             logger.warning(
-                "the model config's constants (scale %s, shift %s) differ from preset %s's (%s, %s); "
-                "using the model's", scaling, shift, preset.name, preset.scaling_factor, preset.shift_factor,
+                "the model config's constants (scale %s, shift %s) differ from preset %s's (%s, %s); using the model's",
+                scaling,
+                shift,
+                preset.name,
+                preset.scaling_factor,
+                preset.shift_factor,
             )
     if scaling is None and preset is not None:
         scaling, shift = preset.scaling_factor, preset.shift_factor
@@ -77,8 +84,7 @@ def latent_size(config: Config, factor: int) -> tuple[int, int]:
     width, height = config.preprocess.size
     if width % factor or height % factor:
         raise ConfigError(
-            f"preprocess.resolution: {width}x{height} is not divisible by the model's "
-            f"downsampling factor {factor}"
+            f"preprocess.resolution: {width}x{height} is not divisible by the model's downsampling factor {factor}"
         )
     return height // factor, width // factor
 

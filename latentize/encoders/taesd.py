@@ -19,8 +19,9 @@ shapes, never from its name.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,9 +88,7 @@ class TaesdBlock(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, *, global_branch: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            _conv3(n_in, n_out), nn.ReLU(), _conv3(n_out, n_out), nn.ReLU(), _conv3(n_out, n_out)
-        )
+        self.conv = nn.Sequential(_conv3(n_in, n_out), nn.ReLU(), _conv3(n_out, n_out), nn.ReLU(), _conv3(n_out, n_out))
         self.skip: nn.Module = _conv1(n_in, n_out) if n_in != n_out else nn.Identity()
         self.fuse = nn.ReLU()
         self.pool: nn.Module | None = None
@@ -133,7 +132,9 @@ def _f32_encoder(latent_channels: int, image_channels: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _upsampling_decoder(latent_channels: int, image_channels: int, widths: Sequence[int], global_branch: bool) -> nn.Sequential:
+def _upsampling_decoder(
+    latent_channels: int, image_channels: int, widths: Sequence[int], global_branch: bool
+) -> nn.Sequential:
     # SoftClamp, conv, ReLU, then per stage (3 blocks, nearest x2 upsample, bias-free conv to the
     # next width), then one block and the image conv. f8: widths 64,64,64 (20 layers; TAEF2's
     # global branches in the first stage's blocks 3, 4, 5); f32: 256,128,64,64,64 (30 layers).
@@ -215,7 +216,7 @@ def _normalise_keys(state: Mapping[str, torch.Tensor], role: str) -> dict[str, t
     out = {}
     for key, value in state.items():
         if key.startswith(prefix):
-            index, _, tail = key[len(prefix):].partition(".")
+            index, _, tail = key[len(prefix) :].partition(".")
             out[f"{int(index) + shift}.{tail}"] = value
     return out
 
@@ -362,7 +363,9 @@ class TaesdPthLoader:
 
     def load(self, path: Path, config: Config, model_config: dict[str, Any]) -> nn.Module:
         module = load_tiny_encoder(path)
-        if module.variant != model_config.get("variant") or module.latent_channels != model_config.get("latent_channels"):
+        if module.variant != model_config.get("variant") or module.latent_channels != model_config.get(
+            "latent_channels"
+        ):
             raise LatentizeError(f"encoder.model: {path} changed since it was inspected")
         return module
 
@@ -419,8 +422,7 @@ class TinyEncoder(TorchEncoder):
         width, height = config.preprocess.size
         if width % factor or height % factor:
             raise ConfigError(
-                f"preprocess.resolution: {width}x{height} is not divisible by the model's "
-                f"downsampling factor {factor}"
+                f"preprocess.resolution: {width}x{height} is not divisible by the model's downsampling factor {factor}"
             )
         # Only the original files run without diffusers' internal [-1, 1] -> [0, 1] rescale.
         input_range = str(model_config.get("input_range", "[-1, 1]"))

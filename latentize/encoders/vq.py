@@ -7,7 +7,8 @@ codebook entry, so the stored indices equal ``model.quantize(h)``'s.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -31,6 +31,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 # Several findings in one ``notes`` cell are joined like this (as the readers do).
 def upscale_note(cropped: Cropped) -> str | None:
     """The ``notes`` finding for a preprocessed image: ``"upscaled from {w}x{h}"`` or None."""
@@ -59,9 +60,7 @@ def preprocess_sample(data: bytes, *, key: str, config: PreprocessConfig) -> Cro
     img = decode_image(data, max_pixels=config.max_pixels)
     try:
         rgb = to_rgb(img)
-        return resize_and_crop(
-            rgb, size=config.size, crop=config.crop, key=key, seed=config.seed
-        )
+        return resize_and_crop(rgb, size=config.size, crop=config.crop, key=key, seed=config.seed)
     except (SampleError, LatentizeError):
         raise
     except Exception as exc:
@@ -77,9 +76,7 @@ def _as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def preprocess_batch(
-    batch: dict[str, np.ndarray], *, config: PreprocessConfig
-) -> dict[str, np.ndarray]:
+def preprocess_batch(batch: dict[str, np.ndarray], *, config: PreprocessConfig) -> dict[str, np.ndarray]:
     """Ray Data batch function: encoded images in, fixed-size pixels out, one row per row.
 
     Input columns (all length N): ``key`` (object, str), ``image`` (object, bytes or None),
@@ -113,10 +110,7 @@ def preprocess_batch(
     total = np.asarray(batch["total"]) if "total" in batch else np.full(n, -1, np.int64)
 
     pixels = np.zeros((n, height_px, width_px, 3), dtype=np.uint8)
-    meta = {
-        name: np.full(n, -1, dtype=np.int32)
-        for name in ("width", "height", "crop_top", "crop_left")
-    }
+    meta = {name: np.full(n, -1, dtype=np.int32) for name in ("width", "height", "crop_top", "crop_left")}
 
     failed = 0
     for i in range(n):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -76,23 +76,19 @@ def crop_rng(seed: int, key: str) -> np.random.Generator:
 
     Python's ``hash()`` is salted per process, so a stable digest is used instead.
     """
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 @CROPS.register("center")
-def _center(
-    img: Image.Image, size: tuple[int, int], key: str, seed: int
-) -> tuple[Image.Image, int, int]:
+def _center(img: Image.Image, size: tuple[int, int], key: str, seed: int) -> tuple[Image.Image, int, int]:
     resized = _resize(img, _cover_size(img.size, size))
     nw, nh = resized.size
     return resized, (nh - size[1]) // 2, (nw - size[0]) // 2
 
 
 @CROPS.register("random")
-def _random(
-    img: Image.Image, size: tuple[int, int], key: str, seed: int
-) -> tuple[Image.Image, int, int]:
+def _random(img: Image.Image, size: tuple[int, int], key: str, seed: int) -> tuple[Image.Image, int, int]:
     resized = _resize(img, _cover_size(img.size, size))
     nw, nh = resized.size
     rng = crop_rng(seed, key)
@@ -102,15 +98,11 @@ def _random(
 
 
 @CROPS.register("none")
-def _stretch(
-    img: Image.Image, size: tuple[int, int], key: str, seed: int
-) -> tuple[Image.Image, int, int]:
+def _stretch(img: Image.Image, size: tuple[int, int], key: str, seed: int) -> tuple[Image.Image, int, int]:
     return _resize(img, size), 0, 0
 
 
-def resize_and_crop(
-    img: Image.Image, *, size: tuple[int, int], crop: str, key: str, seed: int
-) -> Cropped:
+def resize_and_crop(img: Image.Image, *, size: tuple[int, int], crop: str, key: str, seed: int) -> Cropped:
     """Resizes ``img`` to cover ``size`` and cuts it out with the crop mode ``crop``.
 
     Args:
@@ -140,9 +132,7 @@ def resize_and_crop(
         resized, top, left = crop_fn(img, (tw, th), key, seed)
     arr = np.asarray(resized)[top : top + th, left : left + tw]
     if arr.shape != (th, tw, 3):
-        raise ValueError(
-            f"crop {crop!r} produced {arr.shape[1]}x{arr.shape[0]}, expected {tw}x{th}"
-        )
+        raise ValueError(f"crop {crop!r} produced {arr.shape[1]}x{arr.shape[0]}, expected {tw}x{th}")
     # np.array copies: the slice is a strided, read-only view into Pillow's buffer.
     pixels = np.array(arr, dtype=np.uint8, order="C", copy=True)
     # Judged on the resized image, not the crop mode, so every mode (and a new one) agrees.

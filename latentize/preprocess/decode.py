@@ -11,8 +11,8 @@ import io
 import logging
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,14 +32,14 @@ _WHITE = (255, 255, 255, 255)
 _LIMIT_LOCK = threading.Lock()
 
 
-def _pillow_hard_limit() -> Union[int, None]:
+def _pillow_hard_limit() -> int | None:
     """Pixels above which Pillow itself raises ``DecompressionBombError``; None: no limit."""
     limit = Image.MAX_IMAGE_PIXELS
     return None if limit is None else 2 * int(limit)
 
 
 @contextmanager
-def _pillow_limit_at_least(max_pixels: Union[int, None]) -> Iterator[None]:
+def _pillow_limit_at_least(max_pixels: int | None) -> Iterator[None]:
     """Lets Pillow open images up to ``max_pixels`` (None: any size) inside the block.
 
     Pillow's global is only touched when its own hard limit would refuse images that the
@@ -58,7 +58,7 @@ def _pillow_limit_at_least(max_pixels: Union[int, None]) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def _bomb_message(width: int, height: int, max_pixels: Union[int, None]) -> str:
+def _bomb_message(width: int, height: int, max_pixels: int | None) -> str:
     return (
         f"image is {width}x{height} = {width * height} pixels, more than "
         f"preprocess.max_pixels = {max_pixels} (decompression bomb guard); raise "
@@ -66,7 +66,7 @@ def _bomb_message(width: int, height: int, max_pixels: Union[int, None]) -> str:
     )
 
 
-def _pillow_bomb_message(exc: Exception, max_pixels: Union[int, None]) -> str:
+def _pillow_bomb_message(exc: Exception, max_pixels: int | None) -> str:
     # Pillow's message carries the image's pixel count; ours adds the limit and the key.
     return (
         f"{exc} (preprocess.max_pixels = {max_pixels}); raise preprocess.max_pixels, or set "
@@ -74,7 +74,7 @@ def _pillow_bomb_message(exc: Exception, max_pixels: Union[int, None]) -> str:
     )
 
 
-def _open_and_load(data: bytes, max_pixels: Union[int, None]) -> Image.Image:
+def _open_and_load(data: bytes, max_pixels: int | None) -> Image.Image:
     """Opens ``data``, checks its size against ``max_pixels``, then decodes frame 0's pixels."""
     # Between Pillow's soft and hard limits it only warns; the size check below is ours.
     with warnings.catch_warnings():
@@ -108,9 +108,7 @@ def _open_and_load(data: bytes, max_pixels: Union[int, None]) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise SampleError("decode", _pillow_bomb_message(exc, max_pixels)) from None
         except Exception as exc:
-            raise SampleError(
-                "decode", f"truncated or corrupt image data ({type(exc).__name__}: {exc})"
-            ) from None
+            raise SampleError("decode", f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
     return img
 
 
@@ -126,7 +124,7 @@ def _upright(img: Image.Image) -> Image.Image:
     return img if out is None else out
 
 
-def decode_image(data: bytes, *, max_pixels: Union[int, None]) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int | None) -> Image.Image:
     """Decodes raw encoded image bytes into an upright RGB image.
 
     Args:
@@ -153,9 +151,7 @@ def decode_image(data: bytes, *, max_pixels: Union[int, None]) -> Image.Image:
     except (SampleError, LatentizeError):
         raise
     except Exception as exc:
-        raise SampleError(
-            "decode", f"cannot convert mode {img.mode} to RGB ({type(exc).__name__}: {exc})"
-        ) from None
+        raise SampleError("decode", f"cannot convert mode {img.mode} to RGB ({type(exc).__name__}: {exc})") from None
 
 
 # --- mode -> RGB converters -------------------------------------------------------------------

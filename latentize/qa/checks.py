@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -57,12 +58,12 @@ class Check:
     message: str
 
     @classmethod
-    def judge(cls, name: str, ok: bool, message: str, *, severity: str = "error") -> "Check":
+    def judge(cls, name: str, ok: bool, message: str, *, severity: str = "error") -> Check:
         status = "pass" if ok else ("fail" if severity == "error" else "warn")
         return cls(name, status, severity, message)
 
     @classmethod
-    def skipped(cls, name: str, why: str, *, severity: str = "error") -> "Check":
+    def skipped(cls, name: str, why: str, *, severity: str = "error") -> Check:
         return cls(name, "skip", severity, why)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +143,7 @@ def scale_check(
     Returns:
         The report's ``scale`` section and the ``scale`` check.
     """
+
     def pooled(summary: Mapping[str, Any]) -> tuple[float, float]:
         figures = summary["all"]
         return tuple(math.nan if figures[k] is None else float(figures[k]) for k in ("mean", "std"))  # type: ignore[return-value]
@@ -161,7 +163,9 @@ def scale_check(
     raw_mean, raw_std = pooled(raw) if raw is not None else (math.nan, math.nan)
     per_channel_norm = [(c["mean"], c["std"]) for c in normalized["channels"]]
     constants = dict(encoder.get("constants") or {})
-    manifest = {k: constants.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std") if k in constants}
+    manifest = {
+        k: constants.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std") if k in constants
+    }
     recommended: dict[str, Any] = {}
     form = norm.form if norm is not None else None
     if raw is not None and math.isfinite(raw_std) and raw_std > 0:
@@ -176,8 +180,12 @@ def scale_check(
     lo, hi = 1.0 / (1.0 + tolerance), 1.0 + tolerance
     std_ok = math.isfinite(norm_std) and lo <= norm_std <= hi
     mean_ok = math.isfinite(norm_mean) and abs(norm_mean) <= shift_tolerance
-    raw_by_design = encoder.get("type") == "tiny" and not constants.get("latents_mean") and float(
-        constants.get("scaling_factor", 1.0)) == 1.0 and float(constants.get("shift_factor") or 0.0) == 0.0
+    raw_by_design = (
+        encoder.get("type") == "tiny"
+        and not constants.get("latents_mean")
+        and float(constants.get("scaling_factor", 1.0)) == 1.0
+        and float(constants.get("shift_factor") or 0.0) == 0.0
+    )
     section = {
         "applicable": True,
         "form": form,
@@ -194,7 +202,10 @@ def scale_check(
         "per_channel": [{"channel": i, "mean": m, "std": s} for i, (m, s) in enumerate(per_channel_norm)],
     }
     if std_ok and mean_ok:
-        message = f"normalised latents have std {norm_std:.3f} and mean {norm_mean:+.3f} (within {lo:.2f}..{hi:.2f} and ±{shift_tolerance:g})"
+        message = (
+            f"normalised latents have std {norm_std:.3f} and mean {norm_mean:+.3f} "
+            f"(within {lo:.2f}..{hi:.2f} and ±{shift_tolerance:g})"
+        )
     else:
         problems = []
         if not std_ok:
@@ -209,7 +220,8 @@ def scale_check(
         if recommended.get("scaling_factor") is not None:
             message += (
                 f". Recommended scaling_factor {recommended['scaling_factor']:.5g}, shift_factor "
-                f"{recommended['shift_factor']:.4g}; the manifest says {manifest.get('scaling_factor')}, {manifest.get('shift_factor')}"
+                f"{recommended['shift_factor']:.4g}; the manifest says "
+                f"{manifest.get('scaling_factor')}, {manifest.get('shift_factor')}"
             )
     severity = "error"
     if raw_by_design:
@@ -318,14 +330,20 @@ def alignment_check(
     else:
         checks.append(Check.judge("complete", True, f"all {len(inputs)} shard(s) committed"))
     count_ok = not problems
-    checks.append(Check.judge(
-        "counts", count_ok,
-        f"data rows ({totals['data_rows']}), error rows ({totals['error_rows']}), commit markers and manifest agree"
-        if count_ok else f"{len(problems)} disagreement(s): " + "; ".join(problems[:3]),
-    ))
+    checks.append(
+        Check.judge(
+            "counts",
+            count_ok,
+            f"data rows ({totals['data_rows']}), error rows ({totals['error_rows']}), commit markers and manifest agree"
+            if count_ok
+            else f"{len(problems)} disagreement(s): " + "; ".join(problems[:3]),
+        )
+    )
     if duplicate_keys:
         sample = "; ".join(", ".join(g[:3]) for g in duplicate_keys[:3])
-        checks.append(Check.judge("keys_unique", False, f"{len(duplicate_keys)} key(s) stored more than once: {sample}"))
+        checks.append(
+            Check.judge("keys_unique", False, f"{len(duplicate_keys)} key(s) stored more than once: {sample}")
+        )
     else:
         checks.append(Check.judge("keys_unique", True, "every key is one data row or one error row, once"))
     section = {"totals": totals, "problems": problems, "shards": shards, "duplicate_keys": duplicate_keys[:100]}

@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -84,7 +85,9 @@ DecodeFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 class DecoderBuilder(Protocol):
     """Loads one encoder type's decoder; registered in :data:`DECODERS`."""
 
-    def __call__(self, *, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+    def __call__(
+        self, *, encoder: Mapping[str, Any], config: Config, decoder: str | None
+    ) -> tuple[torch.nn.Module, DecodeFn, str]:
         """Returns ``(model in float32 on the CPU, decode step, description)``.
 
         Args:
@@ -113,7 +116,9 @@ class TorchDecoder:
         batch_size: rows per forward pass (bounds memory).
     """
 
-    def __init__(self, *, model: torch.nn.Module, step: DecodeFn, description: str, device: torch.device, batch_size: int) -> None:
+    def __init__(
+        self, *, model: torch.nn.Module, step: DecodeFn, description: str, device: torch.device, batch_size: int
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         self.model = model.to(device=device, dtype=torch.float32).eval()
@@ -136,7 +141,9 @@ class TorchDecoder:
         numeric = {k: np.asarray(v) for k, v in arrays.items() if np.asarray(v).dtype.kind in "biuf"}
         lengths = {len(v) for v in numeric.values()}
         if len(lengths) != 1:
-            raise ValueError(f"expected numeric columns of one length, got {({k: v.shape for k, v in numeric.items()})}")
+            raise ValueError(
+                f"expected numeric columns of one length, got { ({k: v.shape for k, v in numeric.items()}) }"
+            )
         (n,) = lengths
         outputs: list[np.ndarray] = []
         for start in range(0, n, self.batch_size):
@@ -148,7 +155,9 @@ class TorchDecoder:
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
 
-def load_decoder(manifest: dict, *, decoder: str | None = None, device: str | None = None, batch_size: int = 8) -> Decoder:
+def load_decoder(
+    manifest: dict, *, decoder: str | None = None, device: str | None = None, batch_size: int = 8
+) -> Decoder:
     """The decoder of the run described by ``manifest``.
 
     Args:
@@ -172,7 +181,9 @@ def load_decoder(manifest: dict, *, decoder: str | None = None, device: str | No
         raise LatentizeError(f"the manifest lacks {exc}; is this a latentize output root?") from None
     build = DECODERS.get(str(encoder["type"]))
     model, step, description = build(encoder=encoder, config=config, decoder=decoder)
-    result = TorchDecoder(model=model, step=step, description=description, device=pick_device(device), batch_size=batch_size)
+    result = TorchDecoder(
+        model=model, step=step, description=description, device=pick_device(device), batch_size=batch_size
+    )
     logger.info("reconstructions with the %s on %s", description, result.device)
     return result
 
@@ -263,7 +274,9 @@ def _require_decoder(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _load_diffusers(typ: str, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> tuple[torch.nn.Module, str]:
+def _load_diffusers(
+    typ: str, *, encoder: Mapping[str, Any], config: Config, override: str | None
+) -> tuple[torch.nn.Module, str]:
     """The full model of an encoder type with a diffusers class: ``(model, description)``.
 
     Single files load through the type's :data:`~latentize.encoders.files.FILE_LOADERS` entry;
@@ -300,7 +313,10 @@ def _channel_view(values: Any, like: torch.Tensor) -> torch.Tensor:
 
 
 def _undo_kl(z: torch.Tensor, constants: Mapping[str, Any]) -> torch.Tensor:
-    """Raw latents from stored ``z`` (n, C, h, w): the inverse of :func:`latentize.encoders.kl.kl_constants`' formula."""
+    """Raw latents from stored ``z`` (n, C, h, w).
+
+    The inverse of :func:`latentize.encoders.kl.kl_constants`' formula.
+    """
     scale = float(constants["scaling_factor"])
     if constants.get("latents_mean") is not None and constants.get("latents_std") is not None:
         return z * _channel_view(constants["latents_std"], z) / scale + _channel_view(constants["latents_mean"], z)
@@ -308,7 +324,9 @@ def _undo_kl(z: torch.Tensor, constants: Mapping[str, Any]) -> torch.Tensor:
 
 
 @DECODERS.register("kl")
-def _kl_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+def _kl_decoder(
+    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
+) -> tuple[torch.nn.Module, DecodeFn, str]:
     model, description = _load_diffusers("kl", encoder=encoder, config=config, override=decoder)
     column = _stored_column(encoder)
     normalised = _normalised(encoder, column)
@@ -323,7 +341,9 @@ def _kl_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | No
 
 
 @DECODERS.register("vq")
-def _vq_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+def _vq_decoder(
+    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
+) -> tuple[torch.nn.Module, DecodeFn, str]:
     model, description = _load_diffusers("vq", encoder=encoder, config=config, override=decoder)
 
     def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -341,7 +361,9 @@ def _vq_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | No
 
 
 @DECODERS.register("dc")
-def _dc_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+def _dc_decoder(
+    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
+) -> tuple[torch.nn.Module, DecodeFn, str]:
     model, description = _load_diffusers("dc", encoder=encoder, config=config, override=decoder)
     column = _stored_column(encoder)
     scale = float((encoder.get("constants") or {}).get("scaling_factor", 1.0))
@@ -353,7 +375,9 @@ def _dc_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | No
 
 
 @DECODERS.register("flux2")
-def _flux2_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+def _flux2_decoder(
+    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
+) -> tuple[torch.nn.Module, DecodeFn, str]:
     model, description = _load_diffusers("flux2", encoder=encoder, config=config, override=decoder)
     column = _stored_column(encoder)
     normalised = _normalised(encoder, column)
@@ -374,7 +398,9 @@ def _flux2_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str |
 
 
 @DECODERS.register("tiny")
-def _tiny_decoder(*, encoder: Mapping[str, Any], config: Config, decoder: str | None) -> tuple[torch.nn.Module, DecodeFn, str]:
+def _tiny_decoder(
+    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
+) -> tuple[torch.nn.Module, DecodeFn, str]:
     from latentize.encoders.files import is_single_file
     from latentize.encoders.taesd import decoder_path_for, load_tiny_decoder
 

@@ -24,7 +24,8 @@ import json
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -320,7 +321,7 @@ def render_html(
     for sid, title_, body in sections:
         parts.append(f'<section id="{sid}">\n<h2>{_esc(title_)}</h2>\n{body}\n</section>')
     parts += [
-        f'<footer>latentize QA report, format {_esc(_fmt(report.get("format_version")))}; '
+        f"<footer>latentize QA report, format {_esc(_fmt(report.get('format_version')))}; "
         "a self-contained page: every image is embedded, nothing is loaded from elsewhere.</footer>",
         "</main>",
         f"<script>{_IMAGE_CHECK_SCRIPT}</script>",
@@ -479,8 +480,7 @@ def _figure_img(fig: Figure, *, alt: str) -> _Html:
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None}, facecolor="white")
     width, height = (int(round(v)) for v in fig.get_size_inches() * _DPI)
     return _Html(
-        f'<img class="plot" src="{_png_data_uri(buf.getvalue())}" alt="{_esc(alt)}" '
-        f'width="{width}" height="{height}">'
+        f'<img class="plot" src="{_png_data_uri(buf.getvalue())}" alt="{_esc(alt)}" width="{width}" height="{height}">'
     )
 
 
@@ -501,11 +501,11 @@ def _scale_plot(scale: Mapping[str, Any]) -> _Html | None:
         return None
     fig = _figure(4.2 * len(panels), 2.9)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=False):
         if panel == "factors":
             x = np.arange(len(factors))
             for offset, (label, source, colour) in zip(
-                (-0.2, 0.2), (("manifest", manifest, _GREY), ("recommended", recommended, _BLUE))
+                (-0.2, 0.2), (("manifest", manifest, _GREY), ("recommended", recommended, _BLUE)), strict=False
             ):
                 values = [_num(source.get(f)) for f in factors]
                 bars = ax.bar(x + offset, np.nan_to_num(values), width=0.38, label=label, color=colour)
@@ -529,8 +529,15 @@ def _scale_plot(scale: Mapping[str, Any]) -> _Html | None:
                 inside = lo <= value <= hi
             ax.barh([0], [value], height=0.5, color=_GREEN if inside else _RED)
             ax.axvline(target, color="black", linestyle="--", linewidth=1, label=f"target {_fmt(target)}")
-            ax.text(value, 0.3, _fmt(value), ha="center", va="bottom", fontsize=8,
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+            ax.text(
+                value,
+                0.3,
+                _fmt(value),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+            )
             span = max(abs(value - target), abs(tol) if _finite(tol) else 0.0, 0.5) * 1.25
             if panel == "std":  # a std is never negative: the axis starts at 0
                 ax.set_xlim(min(0.0, value), target + span)
@@ -555,8 +562,16 @@ def _mean_std_plot(channels: list[Mapping[str, Any]], *, title: str, colour: str
     ax = fig.subplots()
     x = np.arange(n)
     ax.bar(x, np.nan_to_num(means), color=colour, alpha=0.8, label="mean")
-    ax.errorbar(x, means, yerr=np.where(np.isfinite(stds), stds, 0), fmt="none", ecolor="black",
-                elinewidth=1, capsize=3 if n <= 48 else 0, label="± std")
+    ax.errorbar(
+        x,
+        means,
+        yerr=np.where(np.isfinite(stds), stds, 0),
+        fmt="none",
+        ecolor="black",
+        elinewidth=1,
+        capsize=3 if n <= 48 else 0,
+        label="± std",
+    )
     ax.axhline(0, color="black", linewidth=0.6)
     if targets:
         # The targets of normalised latents: the band a correctly scaled channel sits in.
@@ -751,8 +766,16 @@ def _scale_section(report: Mapping[str, Any]) -> str | None:
         out += _table(["constant", "manifest", "recommended"], rows)
     out += _kv_table(
         (k, scale.get(k))
-        for k in ("normalized_std", "normalized_mean", "stored_std", "stored_mean", "raw_std", "raw_mean",
-                  "tolerance", "shift_tolerance")
+        for k in (
+            "normalized_std",
+            "normalized_mean",
+            "stored_std",
+            "stored_mean",
+            "raw_std",
+            "raw_mean",
+            "tolerance",
+            "shift_tolerance",
+        )
         if k in scale
     )
     out += (
@@ -768,15 +791,38 @@ def _stats_rows(part: Mapping[str, Any]) -> tuple[list[list[Any]], list[str]]:
     channels = [c for c in _list(part.get("channels")) if isinstance(c, Mapping)]
     for i, c in enumerate(channels):
         p = c.get("percentiles")
-        rows.append([c.get("channel", i), c.get("count"), c.get("mean"), c.get("std"), c.get("min"), c.get("max"),
-                     _percentile(p, 1), _percentile(p, 50), _percentile(p, 99), c.get("nonfinite")])
+        rows.append(
+            [
+                c.get("channel", i),
+                c.get("count"),
+                c.get("mean"),
+                c.get("std"),
+                c.get("min"),
+                c.get("max"),
+                _percentile(p, 1),
+                _percentile(p, 50),
+                _percentile(p, 99),
+                c.get("nonfinite"),
+            ]
+        )
         classes.append("")
     total = _dict(part.get("all"))
     if total:
         p = total.get("percentiles")
-        rows.append(["all", total.get("count"), total.get("mean"), total.get("std"), total.get("min"),
-                     total.get("max"), _percentile(p, 1), _percentile(p, 50), _percentile(p, 99),
-                     total.get("nonfinite")])
+        rows.append(
+            [
+                "all",
+                total.get("count"),
+                total.get("mean"),
+                total.get("std"),
+                total.get("min"),
+                total.get("max"),
+                _percentile(p, 1),
+                _percentile(p, 50),
+                _percentile(p, 99),
+                total.get("nonfinite"),
+            ]
+        )
         classes.append("all")
     return rows, classes
 
@@ -812,7 +858,9 @@ def _statistics_section(report: Mapping[str, Any]) -> str | None:
                 )
             if channels:
                 plot = _mean_std_plot(
-                    channels, title=f"{column}: per-channel mean ± std, {title}", colour=colour,
+                    channels,
+                    title=f"{column}: per-channel mean ± std, {title}",
+                    colour=colour,
                     targets=kind == "stored",
                 )
                 out += plot or ""
@@ -848,8 +896,11 @@ def _nonfinite_section(report: Mapping[str, Any]) -> str | None:
     outliers = _dict(report.get("outliers"))
     if outliers:
         out = "<h3>Outliers</h3>\n" + _kv_table(
-            [("threshold (std)", outliers.get("threshold_std")), ("rows", outliers.get("rows")),
-             ("values", outliers.get("values"))]
+            [
+                ("threshold (std)", outliers.get("threshold_std")),
+                ("rows", outliers.get("rows")),
+                ("values", outliers.get("values")),
+            ]
         )
         worst = [w for w in _list(outliers.get("worst")) if isinstance(w, Mapping)]
         if worst:
@@ -899,9 +950,11 @@ def _alignment_section(report: Mapping[str, Any]) -> str | None:
         out += "<h3>Totals</h3>\n" + _kv_table(totals.items())
     problems = _list(align.get("problems"))
     if problems:
-        out += '<h3 class="bad">Problems</h3>\n<ul class="problems">' + "".join(
-            f"<li>{_esc(p)}</li>" for p in problems
-        ) + "</ul>"
+        out += (
+            '<h3 class="bad">Problems</h3>\n<ul class="problems">'
+            + "".join(f"<li>{_esc(p)}</li>" for p in problems)
+            + "</ul>"
+        )
     elif "problems" in align:
         out += '<p class="good">No alignment problems: every sample is one data row or one error row.</p>'
     shards = [s for s in _list(align.get("shards")) if isinstance(s, Mapping)]
@@ -1002,12 +1055,14 @@ def _reconstruction_section(
             continue
         s = by_key.get(key, {})
         caption = " · ".join(
-            part for part in (
+            part
+            for part in (
                 f"PSNR {_fmt(s.get('psnr'))} dB" if "psnr" in s else "",
                 f"SSIM {_fmt(s.get('ssim'))}" if "ssim" in s else "",
                 f"LPIPS {_fmt(s.get('lpips'))}" if s.get("lpips") is not None else "",
                 f"shard {s.get('shard')}" if s.get("shard") is not None else "",
-            ) if part
+            )
+            if part
         )
         pairs.append(
             '<figure class="pair">'

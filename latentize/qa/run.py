@@ -108,7 +108,9 @@ def _columns(encoder: dict[str, Any]) -> list[TensorColumn]:
         codes = int(constants["codebook_size"]) if is_index and "codebook_size" in constants else None
         if is_index and codes is None:
             raise LatentizeError(f"the manifest's integer column {name!r} has no codebook_size in encoder.constants")
-        out.append(TensorColumn(name=name, shape=tuple(int(s) for s in spec["shape"]), dtype=dtype, codebook_size=codes))
+        out.append(
+            TensorColumn(name=name, shape=tuple(int(s) for s in spec["shape"]), dtype=dtype, codebook_size=codes)
+        )
     if not out:
         raise LatentizeError("the manifest lists no stored columns (encoder.columns)")
     return out
@@ -163,8 +165,14 @@ def _statistics(state: ScanState, columns: list[TensorColumn], encoder: dict[str
     return out
 
 
-def _scan(layout: OutputLayout, manifest: dict[str, Any], options: QAOptions, columns: list[TensorColumn],
-          files: list[Any], errors: pa.Table) -> tuple[ScanState, Findings | None]:
+def _scan(
+    layout: OutputLayout,
+    manifest: dict[str, Any],
+    options: QAOptions,
+    columns: list[TensorColumn],
+    files: list[Any],
+    errors: pa.Table,
+) -> tuple[ScanState, Findings | None]:
     import ray
 
     fmt = str((manifest.get("output") or {}).get("format") or "parquet")
@@ -186,7 +194,12 @@ def _scan(layout: OutputLayout, manifest: dict[str, Any], options: QAOptions, co
     started = time.time()
     logger.info("qa: pass 2/2, outliers, identical latents and repeated keys")
     findings = find_rows(
-        ds, errors, columns=columns, mean=mean, std=std, outlier_std=options.outlier_std,
+        ds,
+        errors,
+        columns=columns,
+        mean=mean,
+        std=std,
+        outlier_std=options.outlier_std,
         sampled=frozenset(k for k, _ in state.sampled),
         partitions=min(512, 1 + sum(state.rows.values()) // ROWS_PER_PARTITION),
     )
@@ -194,7 +207,9 @@ def _scan(layout: OutputLayout, manifest: dict[str, Any], options: QAOptions, co
     return state, findings
 
 
-def _fetch_in_parallel(*, shards: dict[str, str], wanted: dict[str, list[str]], **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _fetch_in_parallel(
+    *, shards: dict[str, str], wanted: dict[str, list[str]], **kwargs: Any
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """:func:`latentize.qa.recon.fetch_sources`, one Ray task per shard: a random sample of a
     large dataset touches about as many shards as it has keys, each read up to its keys."""
     import ray
@@ -217,15 +232,26 @@ def _fetch_in_parallel(*, shards: dict[str, str], wanted: dict[str, list[str]], 
 
 
 def _reconstruction(
-    manifest: dict[str, Any], inputs: list[tuple[str, str]], state: ScanState, findings: Findings,
-    columns: list[TensorColumn], options: QAOptions,
+    manifest: dict[str, Any],
+    inputs: list[tuple[str, str]],
+    state: ScanState,
+    findings: Findings,
+    columns: list[TensorColumn],
+    options: QAOptions,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]], Check]:
     """Decodes the sampled latents and scores them against their preprocessed sources."""
     from latentize.qa import recon
     from latentize.sources import infer_format
 
-    section: dict[str, Any] = {"sample": 0, "seed": options.seed, "decoder": None, "metrics": None,
-                               "samples": [], "failed": {}, "skipped": None}
+    section: dict[str, Any] = {
+        "sample": 0,
+        "seed": options.seed,
+        "decoder": None,
+        "metrics": None,
+        "samples": [],
+        "failed": {},
+        "skipped": None,
+    }
     order = [(k, s) for k, s in state.sampled if k in findings.samples]
     if options.sample <= 0 or not order:
         why = "--sample 0" if options.sample <= 0 else "no data rows"
@@ -255,9 +281,17 @@ def _reconstruction(
     keys = [k for k, _ in order if k in pixels]
     if not keys:
         section["skipped"] = "no source image of the sample could be fetched"
-        return section, {}, Check.judge("reconstruction", False, "no source image of the sampled keys could be fetched "
-                                        f"({len(failed)} failed; e.g. {next(iter(failed.values()), '')}); "
-                                        "pass --input-storage-options for private buckets, or --sample 0 to skip")
+        return (
+            section,
+            {},
+            Check.judge(
+                "reconstruction",
+                False,
+                "no source image of the sampled keys could be fetched "
+                f"({len(failed)} failed; e.g. {next(iter(failed.values()), '')}); "
+                "pass --input-storage-options for private buckets, or --sample 0 to skip",
+            ),
+        )
     arrays = {c.name: np.stack([findings.samples[k][1][c.name] for k in keys]) for c in columns}
     decoded = decoder.decode(arrays)
     originals = np.stack([pixels[k] for k in keys]).astype(np.float32) / 255.0
@@ -267,10 +301,15 @@ def _reconstruction(
     shard_of = dict(order)
     samples = []
     for i, key in enumerate(keys):
-        samples.append({
-            "key": key, "shard": shard_of[key], "psnr": float(psnr[i]), "ssim": float(ssim[i]),
-            "lpips": None if lpips is None else float(lpips[i]),
-        })
+        samples.append(
+            {
+                "key": key,
+                "shard": shard_of[key],
+                "psnr": float(psnr[i]),
+                "ssim": float(ssim[i]),
+                "lpips": None if lpips is None else float(lpips[i]),
+            }
+        )
     # Worst first; identical images (infinite PSNR) last. json_ready writes inf as null.
     samples.sort(key=lambda s: (s["psnr"], s["key"]))
 
@@ -278,16 +317,27 @@ def _reconstruction(
         if values is None:
             return None
         finite = np.where(np.isfinite(values), values, 100.0)  # identical images: cap inf PSNR
-        return {"mean": float(finite.mean()), "median": float(np.median(finite)), "min": float(finite.min()), "max": float(finite.max())}
+        return {
+            "mean": float(finite.mean()),
+            "median": float(np.median(finite)),
+            "min": float(finite.min()),
+            "max": float(finite.max()),
+        }
 
-    section.update({"sample": len(keys), "metrics": {"psnr": summary(psnr), "ssim": summary(ssim), "lpips": summary(lpips)},
-                    "samples": samples})
+    section.update(
+        {
+            "sample": len(keys),
+            "metrics": {"psnr": summary(psnr), "ssim": summary(ssim), "lpips": summary(lpips)},
+            "samples": samples,
+        }
+    )
     images = {
         key: (pixels[key], np.clip(np.rint(decoded[i] * 255.0), 0, 255).astype(np.uint8)) for i, key in enumerate(keys)
     }
     mean_psnr = section["metrics"]["psnr"]["mean"]
     check = Check.judge(
-        "reconstruction", mean_psnr >= options.min_psnr,
+        "reconstruction",
+        mean_psnr >= options.min_psnr,
         f"mean PSNR {mean_psnr:.2f} dB, SSIM {section['metrics']['ssim']['mean']:.3f} over {len(keys)} sampled latents "
         f"decoded by the model's decoder (threshold {options.min_psnr:g} dB; worst {samples[0]['key']}: "
         f"{samples[0]['psnr']:.2f} dB)",
@@ -308,7 +358,9 @@ def run_qa(output: str, *, options: QAOptions | None = None) -> QAResult:
     layout = OutputLayout(output, storage_options=options.storage_options)
     manifest = layout.read_manifest()
     if manifest is None:
-        raise LatentizeError(f"{layout.url} holds no latentize run (no _manifest.json); give the output root of `latentize encode`")
+        raise LatentizeError(
+            f"{layout.url} holds no latentize run (no _manifest.json); give the output root of `latentize encode`"
+        )
     encoder = manifest.get("encoder") or {}
     columns = _columns(encoder)
     inputs = layout.read_inputs()
@@ -320,7 +372,13 @@ def run_qa(output: str, *, options: QAOptions | None = None) -> QAResult:
     error_rows: dict[str, int] = {}
     for shard in errors.column("shard").to_pylist():
         error_rows[shard] = error_rows.get(shard, 0) + 1
-    logger.info("qa: %s: %d committed shard(s), %d data file(s), %d error row(s)", layout.url, len(markers), len(files), errors.num_rows)
+    logger.info(
+        "qa: %s: %d committed shard(s), %d data file(s), %d error row(s)",
+        layout.url,
+        len(markers),
+        len(files),
+        errors.num_rows,
+    )
 
     checks: list[Check] = []
     report: dict[str, Any] = {
@@ -348,8 +406,13 @@ def run_qa(output: str, *, options: QAOptions | None = None) -> QAResult:
     data_rows = dict(state.rows) if state else {}
     report["rows"] = {"data": sum(data_rows.values()), "errors": errors.num_rows, "shards": len(inputs)}
     alignment, align_checks = alignment_check(
-        manifest=manifest, inputs=inputs, markers=markers, data_rows=data_rows, error_rows=error_rows,
-        orphans=orphans, duplicate_keys=findings.duplicate_keys if findings else [],
+        manifest=manifest,
+        inputs=inputs,
+        markers=markers,
+        data_rows=data_rows,
+        error_rows=error_rows,
+        orphans=orphans,
+        duplicate_keys=findings.duplicate_keys if findings else [],
     )
     report["alignment"] = alignment
     checks += align_checks
@@ -372,43 +435,62 @@ def run_qa(output: str, *, options: QAOptions | None = None) -> QAResult:
             keys_truncated = keys_truncated or stats.nonfinite_keys_truncated
         values = {c.name: int(np.sum(state.stats[c.name].nonfinite)) for c in float_columns}  # type: ignore[union-attr]
         report["nonfinite"] = {"rows": rows, "values": values, "keys": keys, "truncated": bool(keys_truncated)}
-        checks.append(Check.judge(
-            "finite", rows == 0,
-            "every stored value is finite" if rows == 0 else
-            f"{rows} row(s) hold NaN or Inf values ({sum(values.values())} values): {', '.join(keys[:5])}",
-        ))
+        checks.append(
+            Check.judge(
+                "finite",
+                rows == 0,
+                "every stored value is finite"
+                if rows == 0
+                else f"{rows} row(s) hold NaN or Inf values ({sum(values.values())} values): {', '.join(keys[:5])}",
+            )
+        )
 
     # Outliers.
     if findings is not None and float_columns:
         report["outliers"] = {
-            "threshold_std": options.outlier_std, "rows": findings.outlier_rows, "values": findings.outlier_values,
-            "worst": findings.worst, "truncated": findings.outlier_rows > len(findings.worst),
+            "threshold_std": options.outlier_std,
+            "rows": findings.outlier_rows,
+            "values": findings.outlier_values,
+            "worst": findings.worst,
+            "truncated": findings.outlier_rows > len(findings.worst),
         }
         n = report["rows"]["data"]
-        checks.append(Check.judge(
-            "outliers", findings.outlier_rows == 0,
-            f"no value beyond {options.outlier_std:g} std of its channel" if findings.outlier_rows == 0 else
-            f"{findings.outlier_rows} of {n} row(s) hold {findings.outlier_values} value(s) beyond {options.outlier_std:g} std "
-            f"of their channel; most extreme: {findings.worst[0]['key']} ({findings.worst[0]['z']:.1f} std)",
-            severity="warning",
-        ))
+        checks.append(
+            Check.judge(
+                "outliers",
+                findings.outlier_rows == 0,
+                f"no value beyond {options.outlier_std:g} std of its channel"
+                if findings.outlier_rows == 0
+                else f"{findings.outlier_rows} of {n} row(s) hold {findings.outlier_values} value(s) "
+                f"beyond {options.outlier_std:g} std "
+                f"of their channel; most extreme: {findings.worst[0]['key']} ({findings.worst[0]['z']:.1f} std)",
+                severity="warning",
+            )
+        )
 
     # Identical latents under different keys.
     if findings is not None:
         groups = findings.duplicate_latents
         report["duplicates"] = {
-            "groups": len(groups), "rows": findings.duplicate_rows,
-            "examples": [{"keys": [k for k, _ in g][:20], "shards": sorted({s for _, s in g})} for g in groups[:KEY_LIMIT]],
+            "groups": len(groups),
+            "rows": findings.duplicate_rows,
+            "examples": [
+                {"keys": [k for k, _ in g][:20], "shards": sorted({s for _, s in g})} for g in groups[:KEY_LIMIT]
+            ],
             "truncated": len(groups) > KEY_LIMIT,
         }
-        checks.append(Check.judge(
-            "duplicates", not groups,
-            "no two keys share identical latents" if not groups else
-            f"{len(groups)} group(s) of keys share identical latents ({findings.duplicate_rows} rows), e.g. "
-            + "; ".join(" = ".join(k for k, _ in g[:3]) for g in groups[:3])
-            + " (duplicate source images, or latents written under the wrong keys)",
-            severity="warning",
-        ))
+        checks.append(
+            Check.judge(
+                "duplicates",
+                not groups,
+                "no two keys share identical latents"
+                if not groups
+                else f"{len(groups)} group(s) of keys share identical latents ({findings.duplicate_rows} rows), e.g. "
+                + "; ".join(" = ".join(k for k, _ in g[:3]) for g in groups[:3])
+                + " (duplicate source images, or latents written under the wrong keys)",
+                severity="warning",
+            )
+        )
 
     # Scale check (the first float column: `latent`, or `mean` of moments).
     scale_section = None
@@ -429,16 +511,24 @@ def run_qa(output: str, *, options: QAOptions | None = None) -> QAResult:
         usage = state.stats[index_columns[0].name]
         assert isinstance(usage, CodeUsage)
         report["codebook"] = usage.to_dict()
-        checks.append(Check.judge(
-            "codebook_range", usage.out_of_range == 0,
-            f"all indices lie in the codebook of {usage.counts.size}" if usage.out_of_range == 0 else
-            f"{usage.out_of_range} indices lie outside the codebook of {usage.counts.size}",
-        ))
-        checks.append(Check.judge(
-            "codebook_usage", usage.used > 1,
-            f"{usage.used} of {usage.counts.size} codes used ({usage.usage:.1%}), perplexity {usage.perplexity:.1f}",
-            severity="warning",
-        ))
+        checks.append(
+            Check.judge(
+                "codebook_range",
+                usage.out_of_range == 0,
+                f"all indices lie in the codebook of {usage.counts.size}"
+                if usage.out_of_range == 0
+                else f"{usage.out_of_range} indices lie outside the codebook of {usage.counts.size}",
+            )
+        )
+        checks.append(
+            Check.judge(
+                "codebook_usage",
+                usage.used > 1,
+                f"{usage.used} of {usage.counts.size} codes used ({usage.usage:.1%}), "
+                f"perplexity {usage.perplexity:.1f}",
+                severity="warning",
+            )
+        )
 
     # Reconstruction.
     images: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -465,5 +555,7 @@ def run_qa(output: str, *, options: QAOptions | None = None) -> QAResult:
     paths = write_report(report, fs=fs, directory=directory, images=images)
     html_path = next(p for p in paths if p.endswith(".html"))
     json_path = next(p for p in paths if p.endswith(".json"))
-    logger.info("qa: %s in %.1f s; report: %s", "PASS" if report["passed"] else "FAIL", time.time() - started, html_path)
+    logger.info(
+        "qa: %s in %.1f s; report: %s", "PASS" if report["passed"] else "FAIL", time.time() - started, html_path
+    )
     return QAResult(report=report, html_path=html_path, json_path=json_path)

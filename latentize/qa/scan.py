@@ -23,8 +23,9 @@ import io
 import logging
 import posixpath
 import tarfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -88,7 +89,10 @@ DATA_READERS: Registry[DataReader] = Registry("output format", config_key="outpu
 
 
 def _block(keys: list[str], shard: str, arrays: dict[str, np.ndarray]) -> pa.Table:
-    columns: dict[str, pa.Array] = {"key": pa.array(keys, pa.string()), "shard": pa.array([shard] * len(keys), pa.string())}
+    columns: dict[str, pa.Array] = {
+        "key": pa.array(keys, pa.string()),
+        "shard": pa.array([shard] * len(keys), pa.string()),
+    }
     for name, values in arrays.items():
         columns[name] = tensor_array(values)
     return pa.table(columns)
@@ -144,7 +148,9 @@ def _read_tar(layout: OutputLayout, data: DataFile, columns: list[TensorColumn])
         logger.warning("%s: %d key(s) lack some tensor members: %s", data.path, len(pending), sorted(pending)[:5])
 
 
-def read_data_file(layout: OutputLayout, data: DataFile, *, fmt: str, columns: list[TensorColumn]) -> Iterator[pa.Table]:
+def read_data_file(
+    layout: OutputLayout, data: DataFile, *, fmt: str, columns: list[TensorColumn]
+) -> Iterator[pa.Table]:
     """Streams a data file as Arrow blocks: ``key``, ``shard`` and the tensor columns
     (canonical ``arrow.fixed_shape_tensor``), at most :data:`ROWS_PER_BLOCK` rows each."""
     return DATA_READERS.get(fmt)(layout, data, columns)
@@ -157,7 +163,9 @@ def _datasource_class() -> type:
     class _DataFilesDatasource(Datasource):
         """One read task per committed data file."""
 
-        def __init__(self, *, layout: OutputLayout, files: list[DataFile], fmt: str, columns: list[TensorColumn]) -> None:
+        def __init__(
+            self, *, layout: OutputLayout, files: list[DataFile], fmt: str, columns: list[TensorColumn]
+        ) -> None:
             self._layout = layout
             self._files = files
             self._fmt = fmt
@@ -169,9 +177,12 @@ def _datasource_class() -> type:
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
+        def get_read_tasks(
+            self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+        ) -> list[ReadTask]:
             tasks = []
             for data in self._files:
+
                 def read(data: DataFile = data) -> Iterator[pa.Table]:
                     return read_data_file(self._layout, data, fmt=self._fmt, columns=self._columns)
 
@@ -215,7 +226,7 @@ class ScanState:
         # Max-heap by priority (negated) of the ``sample`` smallest (priority, key, shard).
         self._heap: list[tuple[int, str, str]] = []
 
-    def update(self, block: pa.Table) -> "ScanState":
+    def update(self, block: pa.Table) -> ScanState:
         keys = [str(k) for k in block.column("key").to_pylist()]
         shards = block.column("shard").to_pylist()
         for c in self.columns:
@@ -227,7 +238,7 @@ class ScanState:
                 stats.update(values, keys)
         for shard in shards:
             self.rows[shard] = self.rows.get(shard, 0) + 1
-        for key, shard in zip(keys, shards):
+        for key, shard in zip(keys, shards, strict=False):
             self._offer(sample_priority(self.seed, key), key, shard)
         return self
 
@@ -245,7 +256,7 @@ class ScanState:
         """The sampled ``(key, shard)`` pairs, by priority."""
         return [(k, s) for _, k, s in sorted(self._heap, reverse=True)]
 
-    def merge(self, other: "ScanState") -> "ScanState":
+    def merge(self, other: ScanState) -> ScanState:
         for name, stats in self.stats.items():
             stats.merge(other.stats[name])  # type: ignore[arg-type]
         for shard, n in other.rows.items():
@@ -264,7 +275,7 @@ class ScanState:
         }
         return json.dumps(head).encode()
 
-    def load(self, data: bytes) -> "ScanState":
+    def load(self, data: bytes) -> ScanState:
         import json
 
         if not data:
@@ -467,12 +478,20 @@ def find_rows(
 
     found = ds.map_batches(
         row_findings,
-        fn_kwargs={"columns": columns, "mean": dict(mean), "std": dict(std), "outlier_std": outlier_std, "sampled": sampled},
+        fn_kwargs={
+            "columns": columns,
+            "mean": dict(mean),
+            "std": dict(std),
+            "outlier_std": outlier_std,
+            "sampled": sampled,
+        },
         batch_format="pyarrow",
         batch_size=None,
     )
     if errors is not None and errors.num_rows:
-        found = found.union(ray.data.from_arrow(error_key_rows(errors.column("key").to_pylist(), errors.column("shard").to_pylist())))
+        found = found.union(
+            ray.data.from_arrow(error_key_rows(errors.column("key").to_pylist(), errors.column("shard").to_pylist()))
+        )
     kept = found.groupby("group", num_partitions=partitions).map_groups(keep_interesting, batch_format="pyarrow")
     dup_latents: dict[str, list[tuple[str, str]]] = {}
     dup_keys: dict[str, list[str]] = {}
@@ -514,7 +533,9 @@ def find_rows(
     )
 
 
-def list_files(layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]], data_folders: list[str]) -> tuple[list[DataFile], list[str], dict[str, str]]:
+def list_files(
+    layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]], data_folders: list[str]
+) -> tuple[list[DataFile], list[str], dict[str, str]]:
     """Committed data files and error files by marker, and files no marker lists.
 
     Returns:

@@ -21,7 +21,8 @@ import io
 import json
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -281,9 +282,7 @@ class LatentStats:
         if other.channels != self.channels:
             raise ValueError(f"channel mismatch: {self.channels} vs {other.channels}")
         if other.relative_accuracy != self.relative_accuracy or other._sketch.shape != self._sketch.shape:
-            raise ValueError(
-                f"relative_accuracy mismatch: {self.relative_accuracy} vs {other.relative_accuracy}"
-            )
+            raise ValueError(f"relative_accuracy mismatch: {self.relative_accuracy} vs {other.relative_accuracy}")
         self._merge_moments(other._count, other._mean, other._m2)
         self._min = np.minimum(self._min, other._min)
         self._max = np.maximum(self._max, other._max)
@@ -562,7 +561,7 @@ class LatentStats:
                 "min": _json_float(lo[c]),
                 "max": _json_float(hi[c]),
                 "nonfinite": int(self._nonfinite[c]),
-                "percentiles": {name: _json_float(v) for name, v in zip(names, per[c])},
+                "percentiles": {name: _json_float(v) for name, v in zip(names, per[c], strict=False)},
             }
             for c in range(self.channels)
         ]
@@ -571,7 +570,7 @@ class LatentStats:
         overall = {
             "count": int(ov["count"]),
             **{k: _json_float(ov[k]) for k in ("mean", "std", "min", "max")},
-            "percentiles": {name: _json_float(v) for name, v in zip(names, pooled)},
+            "percentiles": {name: _json_float(v) for name, v in zip(names, pooled, strict=False)},
         }
         return {
             "channels": channels,
@@ -778,7 +777,11 @@ class CodeUsage:
         order = np.lexsort((codes, -self._counts[codes]))[: max(int(n), 0)]
         total = self.total
         return [
-            {"code": int(codes[i]), "count": int(self._counts[codes[i]]), "fraction": int(self._counts[codes[i]]) / total}
+            {
+                "code": int(codes[i]),
+                "count": int(self._counts[codes[i]]),
+                "fraction": int(self._counts[codes[i]]) / total,
+            }
             for i in order
         ]
 

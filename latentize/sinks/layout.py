@@ -19,7 +19,8 @@ import logging
 import os
 import posixpath
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -155,7 +156,7 @@ class OutputLayout:
             table = pq.read_table(pa.BufferReader(self.read_bytes(self.join(INPUTS))))
         except FileNotFoundError:
             return []
-        return list(zip(table.column("url").to_pylist(), table.column("shard").to_pylist()))
+        return list(zip(table.column("url").to_pylist(), table.column("shard").to_pylist(), strict=False))
 
     def read_markers(self) -> dict[str, dict[str, Any]]:
         """All commit markers, by shard id."""

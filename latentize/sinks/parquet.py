@@ -20,8 +20,15 @@ class ParquetSink:
 
     def serialize(self, table: pa.Table, *, tensor_columns: list[str], compression: str) -> bytes:
         order = [
-            "key", *tensor_columns, "caption", "json", "notes",
-            "width", "height", "crop_top", "crop_left",
+            "key",
+            *tensor_columns,
+            "caption",
+            "json",
+            "notes",
+            "width",
+            "height",
+            "crop_top",
+            "crop_left",
         ]
         buf = io.BytesIO()
         # Small row groups keep readers' memory low and let them skip by key ranges.

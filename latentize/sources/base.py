@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
 from latentize.config import InputConfig
 from latentize.errors import ConfigError
@@ -83,8 +84,6 @@ def unsafe_key(key: str) -> str | None:
     if ".." in _KEY_PARTS.split(key):
         return "unsafe key: has a '..' path component (would point outside the output folder)"
     return None
-
-
 
 
 def _short(text: str) -> str:
@@ -193,9 +192,7 @@ def infer_format(urls: list[str]) -> str:
         found.setdefault(fmt, url)
     if len(found) > 1:
         shown = "; ".join(f"{fmt} (e.g. {url!r})" for fmt, url in sorted(found.items()))
-        raise ConfigError(
-            f"input.urls: the files mix input formats ({shown}); one run reads one format"
-        )
+        raise ConfigError(f"input.urls: the files mix input formats ({shown}); one run reads one format")
     (fmt,) = found
     logger.debug("inferred input.format=%s from %d URL(s)", fmt, len(urls))
     return fmt

@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -92,8 +93,16 @@ def read_shard(*, url: str, shard: str, fmt: str, config: InputConfig) -> Iterat
             if is_transient(exc) and attempt < config.retries:
                 delay = backoff_delay(attempt)
                 attempt += 1
-                logger.warning("shard %s: transient error after %d samples (%s: %s); retry %d/%d in %.1fs",
-                               shard, index, type(exc).__name__, exc, attempt, config.retries, delay)
+                logger.warning(
+                    "shard %s: transient error after %d samples (%s: %s); retry %d/%d in %.1fs",
+                    shard,
+                    index,
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    config.retries,
+                    delay,
+                )
                 time.sleep(delay)
                 continue
             shard_error = f"{type(exc).__name__}: {exc}"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,12 +53,7 @@ def _warn_once(message: str) -> None:
 def _is_binary(tp: pa.DataType) -> bool:
     # The *_view types only exist in newer pyarrow releases.
     view = getattr(pa.types, "is_binary_view", lambda _: False)
-    return (
-        pa.types.is_binary(tp)
-        or pa.types.is_large_binary(tp)
-        or pa.types.is_fixed_size_binary(tp)
-        or view(tp)
-    )
+    return pa.types.is_binary(tp) or pa.types.is_large_binary(tp) or pa.types.is_fixed_size_binary(tp) or view(tp)
 
 
 def _is_string(tp: pa.DataType) -> bool:
@@ -70,9 +66,7 @@ def _image_column(field: pa.Field, available: list[str]) -> tuple[_Column, _Colu
     tp = field.type
     if _is_binary(tp):
         return (lambda arr: arr.to_pylist()), None
-    if pa.types.is_struct(tp) and tp.get_field_index("bytes") >= 0 and _is_binary(
-        tp.field("bytes").type
-    ):
+    if pa.types.is_struct(tp) and tp.get_field_index("bytes") >= 0 and _is_binary(tp.field("bytes").type):
         has_path = tp.get_field_index("path") >= 0
         # pc.struct_field (unlike StructArray.field) keeps the struct's own nulls.
         return (
@@ -81,8 +75,7 @@ def _image_column(field: pa.Field, available: list[str]) -> tuple[_Column, _Colu
         )
     raise ConfigError(
         f"input.image_field: column {field.name!r} has type {tp}; expected binary image bytes "
-        "or a struct with a 'bytes' field (Hugging Face Image); available columns: "
-        + ", ".join(available)
+        "or a struct with a 'bytes' field (Hugging Face Image); available columns: " + ", ".join(available)
     )
 
 
@@ -113,9 +106,7 @@ def _binary_twin(tp: pa.DataType) -> pa.DataType:
     return pa.binary()
 
 
-def _per_value(
-    check: Callable[[Any], tuple[str | None, str | None]], tp: pa.DataType
-) -> _NotedColumn:
+def _per_value(check: Callable[[Any], tuple[str | None, str | None]], tp: pa.DataType) -> _NotedColumn:
     """Runs ``check`` on each value's raw bytes.
 
     A string column is viewed as binary first (zero-copy): Parquet writers do not all
@@ -213,9 +204,7 @@ def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSa
     }
     # The sidecar fields, whose getters also say what was wrong with each value.
     sidecars: dict[str, tuple[str, _NotedColumn] | None] = {
-        "caption": (
-            (caption_col, _caption_column(schema.field(caption_col).type)) if caption_col else None
-        ),
+        "caption": ((caption_col, _caption_column(schema.field(caption_col).type)) if caption_col else None),
         "json": (json_col, _json_column(schema.field(json_col).type)) if json_col else None,
     }
     specs = [*readers.values(), *sidecars.values()]
@@ -224,10 +213,7 @@ def read_parquet(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[RawSa
     row = 0
     for batch in pf.iter_batches(batch_size=config.rows_per_block, columns=columns):
         n = batch.num_rows
-        values = {
-            field: spec[1](batch.column(spec[0])) if spec else [None] * n
-            for field, spec in readers.items()
-        }
+        values = {field: spec[1](batch.column(spec[0])) if spec else [None] * n for field, spec in readers.items()}
         noted = {
             field: spec[1](batch.column(spec[0])) if spec else ([None] * n, [None] * n)
             for field, spec in sidecars.items()

@@ -10,7 +10,8 @@ import logging
 import posixpath
 import re
 from collections import Counter, defaultdict
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from braceexpand import braceexpand
@@ -73,9 +74,7 @@ def _glob(url: str, storage_options: dict[str, Any]) -> list[str]:
     found = _access(url, lambda: fs.glob(pattern, detail=True))
     files = sorted(p for p, info in found.items() if info.get("type") != "directory")
     if not files:
-        raise LatentizeError(
-            f"input.urls: no file matches {url!r}; check the path and input.storage_options"
-        )
+        raise LatentizeError(f"input.urls: no file matches {url!r}; check the path and input.storage_options")
     if not _has_protocol(url):
         # A plain local pattern gives plain (absolute) local paths: usable by any tool.
         return files
@@ -173,7 +172,9 @@ def expand_urls(urls: str | list[str], *, storage_options: dict[str, Any]) -> li
         logger.warning(
             "input.urls: %d of %d listed file(s) do not exist or may not be read: %s; they will be recorded as "
             "failed shards, the others are encoded",
-            len(missing), len(out), _describe(missing),
+            len(missing),
+            len(out),
+            _describe(missing),
         )
     logger.info("input.urls: %d shard(s)", len(out))
     return out

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import posixpath
 import tarfile
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from webdataset.tariterators import base_plus_ext
 
@@ -76,9 +77,7 @@ class _Sample:
             return f"no image member (expected one of: {', '.join(image_exts)}); found: {found}"
         return None
 
-    def finish(
-        self, *, image_exts: list[str], caption_ext: str | None, json_ext: str | None
-    ) -> RawSample:
+    def finish(self, *, image_exts: list[str], caption_ext: str | None, json_ext: str | None) -> RawSample:
         # A bad sidecar must not cost the sample: its text is kept and the problem noted.
         caption, caption_note = caption_text(self.members.get(caption_ext) if caption_ext else None)
         meta, json_note = json_text(self.members.get(json_ext) if json_ext else None)
@@ -106,8 +105,7 @@ def _check_clean_end(tar: tarfile.TarFile) -> None:
     consumed = tar.fileobj.tell() - tar.offset  # type: ignore[union-attr]
     if consumed < tarfile.BLOCKSIZE:
         raise tarfile.ReadError(
-            f"unexpected end of data: the tar ends {consumed} bytes into a member header "
-            "(truncated shard?)"
+            f"unexpected end of data: the tar ends {consumed} bytes into a member header (truncated shard?)"
         )
 
 
@@ -154,9 +152,7 @@ def read_webdataset(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[Ra
             ext = ext.lower()
             if current is None or key != current.key:
                 if current is not None:
-                    yield current.finish(
-                        image_exts=image_exts, caption_ext=caption_ext, json_ext=json_ext
-                    )
+                    yield current.finish(image_exts=image_exts, caption_ext=caption_ext, json_ext=json_ext)
                 occurrences[key] = occurrences.get(key, 0) + 1
                 current = _Sample(key, occurrences[key])
             if ext in current.found:
