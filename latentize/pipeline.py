@@ -8,6 +8,7 @@ to fix, and a finished run is recognised without starting Ray at all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -17,23 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from latentize import __version__
 from latentize.columns import join_notes, normalize_text, text_column
-from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
+from latentize.config import Config, PreprocessConfig, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
+from latentize.encoders.base import resolved_source
 from latentize.errors import LatentizeError
-from latentize.sinks import SINKS, OutputLayout, ShardTracker, commit_shard, data_folder, stage_batch
+from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
 from latentize.sources import SOURCES, expand_urls, infer_format, shard_ids
 
 __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
 
 logger = logging.getLogger(__name__)
 
-#: Fault-injection hook for tests: when this variable names a file that does not exist yet,
-#: the first encoder actor to reach its second batch creates the file and kills its own process
-#: (as a GPU fault or OOM kill would), so tests can check that Ray's restart redoes the batch.
-CRASH_ONCE_ENV = "LATENTIZE_TEST_CRASH_ACTOR_ONCE"
 #: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
 REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
 #: Seconds between progress lines.
@@ -124,7 +123,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     Raises:
         LatentizeError: model, input or output problems, or a different run in the output root.
     """
-    spec = ENCODERS.get(config.encoder.type).inspect(config)
+    spec = ENCODERS.get(resolved_source(config)[0]).inspect(config)
     SINKS.get(config.output.format)  # an unknown format fails here, before any work
     urls = [_absolute(u) for u in expand_urls(config.input.urls, storage_options=config.input.storage_options)]
     fmt = config.input.format or infer_format(urls)
@@ -210,23 +209,10 @@ class EncodeActor:
             torch.set_num_threads(cpu_threads)
         cfg = config_from_dict(config)
         self.spec = spec
-        self.encoder = ENCODERS.get(cfg.encoder.type)(config=cfg, spec=spec)
+        self.encoder = ENCODERS.get(resolved_source(cfg)[0])(config=cfg, spec=spec)
         logger.info("encoder actor ready on %s (%s)", self.encoder.device, self.encoder.dtype)
-        self._calls = 0
-
-    def _maybe_crash(self) -> None:
-        path = os.environ.get(CRASH_ONCE_ENV)
-        self._calls += 1
-        if path and self._calls >= 2:
-            try:
-                with open(path, "x"):
-                    pass
-            except FileExistsError:
-                return
-            os._exit(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._maybe_crash()
         n = len(batch["key"])
         errors = text_column(batch["error"], n)
         stages = text_column(batch["stage"], n)
@@ -291,15 +277,26 @@ def _encoder_resources(config: Config) -> tuple[dict[str, Any], int, int | None]
     return {"num_gpus": 0, "num_cpus": 1}, actors, max(1, cpus // actors)
 
 
-def _spread() -> dict[str, Any]:
-    return {"scheduling_strategy": "SPREAD"}
+def _decode_block(block: pa.Table, *, config: PreprocessConfig) -> Any:
+    """Read-task transform: a block of encoded samples -> a block of pixels (see preprocess_batch)."""
+    from ray.data.block import BlockAccessor
+
+    from latentize.preprocess import preprocess_batch
+
+    batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+    return BlockAccessor.batch_to_block(preprocess_batch(batch, config=config))
 
 
-def _build_dataset(p: Plan) -> Any:
+def _build_dataset(p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor) -> Any:
+    """The Ray Data pipeline: read + decode (one task per shard) -> encode (actor pool) -> stage.
+
+    Decoding runs inside the read tasks. Ray never fuses a read into a downstream batch-sized
+    map (a read may change the row count), so decoding can never end up inside the encoder
+    actors, and uint8 pixels are what travels to them.
+    """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from latentize.preprocess import preprocess_batch
     from latentize.sources.datasource import ShardDatasource
 
     ctx = DataContext.get_current()
@@ -312,23 +309,15 @@ def _build_dataset(p: Plan) -> Any:
         pass
     cfg = p.config
     remote_args, actors, cpu_threads = _encoder_resources(cfg)
-    if os.environ.get(CRASH_ONCE_ENV):
-        remote_args["runtime_env"] = {"env_vars": {CRASH_ONCE_ENV: os.environ[CRASH_ONCE_ENV]}}
-    ds = ray.data.read_datasource(
-        ShardDatasource(shards=p.pending, fmt=p.fmt, config=cfg.input),
-        override_num_blocks=len(p.pending),
+    source = ShardDatasource(
+        shards=p.pending,
+        fmt=p.fmt,
+        config=cfg.input,
+        transform=functools.partial(_decode_block, config=cfg.preprocess),
     )
+    ds = ray.data.read_datasource(source, override_num_blocks=len(p.pending))
     ds = ds.map_batches(
-        preprocess_batch,
-        fn_kwargs={"config": cfg.preprocess},
-        batch_format="numpy",
-        batch_size=None,
-        # Spread decode over the cluster like the reads it fuses with. Ray never fuses an op
-        # that has a remote-args function, which keeps decode out of the encoder actors.
-        ray_remote_args_fn=_spread,
-    )
-    ds = ds.map_batches(
-        EncodeActor,
+        encode_actor,
         fn_constructor_kwargs={"config": config_to_dict(cfg), "spec": p.spec, "cpu_threads": cpu_threads},
         compute=ActorPoolStrategy(size=actors),
         batch_size=cfg.encoder.batch_size,
@@ -357,14 +346,22 @@ def _totals(layout: OutputLayout, shards: list[tuple[str, str]], fp: str) -> tup
     return committed, failed_shards, ok, failed
 
 
-def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) -> RunSummary:
+def run(
+    config: Config,
+    *,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    encode_actor: type[EncodeActor] = EncodeActor,
+) -> RunSummary:
     """Encodes every pending shard of ``config`` and commits it; returns the run's summary.
+
+    Args:
+        encode_actor: the encoder actor class (a subclass of :class:`EncodeActor`), for
+            instrumentation and fault-injection tests.
 
     Raises:
         LatentizeError: the run cannot start (see :func:`plan`).
     """
-    import ray
-
     started = time.time()
     p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
     layout = p.layout
@@ -390,71 +387,30 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
         layout.discard_shard(shard, data_files=[layout.data_path(p.folder, shard, extension)])
 
     _init_ray(config)
-    ds = _build_dataset(p)
-    urls = dict((shard, url) for url, shard in p.pending)
-    # Commits are idempotent (same files, marker last), so any failure may simply be retried.
-    commit = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True)(commit_shard)
-    tracker = ShardTracker()
-    in_flight: list[Any] = []
-    done_now = samples_now = 0
+    ds = _build_dataset(p, encode_actor=encode_actor)
+    committer = Committer(
+        layout=layout,
+        urls={shard: url for url, shard in p.pending},
+        parallelism=config.ray.commit_parallelism,
+        tensor_columns=list(p.spec.columns),
+        folder=p.folder,
+        sink_name=config.output.format,
+        compression=config.output.compression,
+        fingerprint=p.fingerprint,
+    )
     last_log = time.time()
-
-    def finish(refs: list[Any]) -> None:
-        nonlocal done_now, samples_now
-        for marker in ray.get(refs):
-            done_now += 1
-            samples_now += marker["samples"]
-            if marker["status"] != "ok":
-                logger.warning("shard %s failed: %s", marker["shard"], marker["error"])
-
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        shard_errors = text_column(batch["shard_error"], len(batch["shard"]))
-        for i in range(len(batch["shard"])):
-            shard = str(batch["shard"][i])
-            if not tracker.add(
-                shard=shard,
-                part=str(batch["part"][i]),
-                indices=np.asarray(batch["indices"][i]),
-                total=int(batch["total"][i]),
-                shard_error=shard_errors[i],
-            ):
-                continue
-            parts, total, shard_error = tracker.pop(shard)
-            in_flight.append(
-                commit.remote(
-                    layout=layout,
-                    shard=shard,
-                    url=urls[shard],
-                    parts=parts,
-                    total=total,
-                    shard_error=shard_error,
-                    tensor_columns=list(p.spec.columns),
-                    folder=p.folder,
-                    sink_name=config.output.format,
-                    compression=config.output.compression,
-                    fingerprint=p.fingerprint,
-                )
-            )
-            if len(in_flight) >= config.ray.commit_parallelism:
-                ready, in_flight = ray.wait(in_flight, num_returns=1)
-                finish(ready)
+    for reports in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        committer.add(reports)
         if time.time() - last_log > PROGRESS_EVERY_S:
             last_log = time.time()
-            elapsed = last_log - started
             logger.info(
                 "progress: %d/%d shards committed, %d samples, %.1f img/s",
-                done_now,
+                committer.shards_done,
                 len(p.pending),
-                samples_now,
-                samples_now / max(elapsed, 1e-9),
+                committer.samples_done,
+                committer.samples_done / max(last_log - started, 1e-9),
             )
-    finish(in_flight)
-    left = tracker.incomplete()
-    if left:
-        # Every shard ends with a sentinel, so this means rows were lost in Ray: never commit.
-        raise LatentizeError(
-            f"the pipeline ended with incomplete shards (rows seen, total): {left}; rerun to redo them"
-        )
+    committer.finish()
 
     layout.prune_staging()
     seconds = time.time() - started
@@ -468,4 +424,14 @@ def run(config: Config, *, overwrite: bool = False, retry_failed: bool = False) 
     }
     p.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     layout.write_json(layout.manifest_path, p.manifest)
-    return RunSummary(layout.url, len(p.shards), done_now, failed_shards, ok, failed, samples_now, seconds, False)
+    return RunSummary(
+        layout.url,
+        len(p.shards),
+        committer.shards_done,
+        failed_shards,
+        ok,
+        failed,
+        committer.samples_done,
+        seconds,
+        False,
+    )

@@ -24,7 +24,7 @@ from faults import FaultRule, FaultyProxy
 from latentize.cli import main as cli_main
 from latentize.config import Config, load_config
 from latentize.demo import ShardSample, photo_samples, write_webdataset_shard
-from latentize.pipeline import CRASH_ONCE_ENV, run
+from latentize.pipeline import EncodeActor, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -174,9 +174,31 @@ def test_unreadable_shards_fail_alone_then_retry_failed_redoes_only_them(
     _keys_once(table, [], [s.key for shard in shards for s in shard])
 
 
-def test_encoder_actor_killed_mid_run_redoes_its_batch(
-    tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _crash_once_actor(flag: Path) -> type[EncodeActor]:
+    """An encoder actor whose first replica to reach its second batch creates ``flag`` and kills
+    its own process, as a GPU fault or an OOM kill would (defined here, so Ray pickles it by value)."""
+
+    class CrashOnce(EncodeActor):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._batches = 0
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            self._batches += 1
+            if self._batches >= 2:
+                try:
+                    with open(flag, "x"):
+                        pass
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(1)
+            return super().__call__(batch)
+
+    return CrashOnce
+
+
+def test_encoder_actor_killed_mid_run_redoes_its_batch(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     shards = _samples(3, 6)
     for i, samples in enumerate(shards):
         write_webdataset_shard(str(tmp_path / "in" / f"{i:05d}.tar"), samples)
@@ -185,8 +207,7 @@ def test_encoder_actor_killed_mid_run_redoes_its_batch(
     assert clean.complete
 
     flag = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ONCE_ENV, str(flag))
-    summary = run(_config(inputs, str(tmp_path / "out"), tiny_models["kl"]))
+    summary = run(_config(inputs, str(tmp_path / "out"), tiny_models["kl"]), encode_actor=_crash_once_actor(flag))
     assert flag.exists(), "the actor never crashed"
     assert summary.complete and summary.samples_ok == 18
     got = pq.read_table(tmp_path / "out").sort_by("key")

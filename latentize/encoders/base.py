@@ -18,7 +18,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -37,6 +37,7 @@ __all__ = [
     "load_model_config",
     "pick_device",
     "resolve_dtype",
+    "resolved_source",
     "stable_seed",
 ]
 
@@ -81,6 +82,14 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
 
     preset = PRESETS.get(config.encoder.preset) if config.encoder.preset else None
     return torch.float16 if preset is not None and preset.fp16_safe else torch.float32
+
+
+def resolved_source(config: Config) -> tuple[str, str]:
+    """``(encoder.type, encoder.model)`` of a validated config (presets fill both in)."""
+    kind, model = config.encoder.type, config.encoder.model
+    if kind is None or model is None:
+        raise LatentizeError("encoder.type and encoder.model are unresolved; load the config with load_config")
+    return kind, model
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -156,7 +165,7 @@ def load_model_config(
         raise LatentizeError(f"encoder.model: cannot load the config of {model!r}: {exc}") from None
     if local_only:
         # The snapshot folder is named after the resolved commit: the exact weights' identity.
-        parts = Path(cached).parts
+        parts = Path(str(cached)).parts
         if "snapshots" in parts:
             identity["commit"] = parts[parts.index("snapshots") + 1]
     identity.update(_hub_weights_identity(model, subfolder=subfolder, revision=revision, local_only=local_only))
@@ -266,7 +275,8 @@ class TorchEncoder:
         model = self._drop_decoder(self._load())
         self.model = model.to(self.device, dtype=self.dtype).eval()
         if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # torch's stubs omit Module.to's memory_format keyword.
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._model_fp32: torch.nn.Module | None = None
         self.chunk_size = config.encoder.batch_size
         self._eager = self.model
@@ -285,14 +295,13 @@ class TorchEncoder:
         """Compiles the encoder network once for a fixed input shape (chunks are padded to it)."""
         import copy
 
-        compiled = copy.copy(model)  # a shallow copy: the eager model stays usable (fp32 redo)
-        target = "encoder" if isinstance(getattr(model, "encoder", None), torch.nn.Module) else None
-        if target is None:
-            compiled = torch.compile(model, dynamic=False)
-        else:
-            compiled._modules = dict(model._modules)
-            compiled._modules[target] = torch.compile(model._modules[target], dynamic=False)
         self._compiled = True
+        inner = getattr(model, "encoder", None)
+        if not isinstance(inner, torch.nn.Module):
+            return cast(torch.nn.Module, torch.compile(model, dynamic=False))
+        compiled = copy.copy(model)  # a shallow copy: the eager model stays usable (fp32 redo)
+        compiled._modules = dict(model._modules)
+        compiled._modules["encoder"] = cast(torch.nn.Module, torch.compile(inner, dynamic=False))
         return compiled
 
     # -- subclass interface -------------------------------------------------------------
@@ -313,13 +322,14 @@ class TorchEncoder:
         from latentize.encoders.files import FILE_LOADERS, is_single_file
 
         enc = config.encoder
-        if is_single_file(enc.model):
-            path = Path(enc.model).expanduser().resolve()
-            model_config = FILE_LOADERS.get(enc.type).read_config(path, config)
+        kind, model = resolved_source(config)
+        if is_single_file(model):
+            path = Path(model).expanduser().resolve()
+            model_config = FILE_LOADERS.get(kind).read_config(path, config)
             identity = {"model": str(path), "source": "file", "sha256": sha256_file(path)}
         else:
             model_config, identity = load_model_config(
-                cls._diffusers_cls(), enc.model, subfolder=enc.subfolder, revision=enc.revision
+                cls._diffusers_cls(), model, subfolder=enc.subfolder, revision=enc.revision
             )
         return cls.spec_from(model_config, config, identity)
 
@@ -327,10 +337,10 @@ class TorchEncoder:
         """The model with its weights, from wherever ``encoder.model`` points."""
         from latentize.encoders.files import FILE_LOADERS, is_single_file
 
-        enc = self.config.encoder
-        if is_single_file(enc.model):
-            path = Path(enc.model).expanduser().resolve()
-            return FILE_LOADERS.get(enc.type).load(path, self.config, self.spec.model_config)
+        kind, model = resolved_source(self.config)
+        if is_single_file(model):
+            path = Path(model).expanduser().resolve()
+            return FILE_LOADERS.get(kind).load(path, self.config, self.spec.model_config)
         return _from_pretrained(self._diffusers_cls(), self.config, self.dtype)
 
     def _drop_decoder(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -359,20 +369,32 @@ class TorchEncoder:
 
     @torch.inference_mode()
     def _run(
-        self, model: torch.nn.Module, dtype: torch.dtype, pixels: torch.Tensor, keys: Sequence[str]
+        self,
+        model: torch.nn.Module,
+        dtype: torch.dtype,
+        pixels: torch.Tensor,
+        keys: Sequence[str],
+        *,
+        one_at_a_time: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Runs the model over ``pixels`` in chunks; halves the chunk on CUDA OOM and retries."""
+        """Runs the model over ``pixels`` in chunks; halves the chunk on CUDA OOM and retries.
+
+        Every chunk has exactly ``chunk_size`` images (a short last chunk is padded with copies
+        of its last image), or one image with ``one_at_a_time``: convolution kernels may round
+        differently for another batch shape, so one fixed shape makes a sample's bytes
+        independent of how Ray formed its batch.
+        """
         outputs: list[dict[str, torch.Tensor]] = []
         start = 0
         n = pixels.shape[0]
         while start < n:
-            size = min(self.chunk_size, n - start)
+            shape = 1 if one_at_a_time else self.chunk_size
+            size = min(shape, n - start)
             try:
                 chunk = pixels[start : start + size]
                 chunk_keys = list(keys[start : start + size])
-                if self._compiled and model is self.model and size < self.chunk_size:
-                    # One input shape for the compiled graph: pad with copies of the last image.
-                    pad = self.chunk_size - size
+                pad = shape - size
+                if pad:
                     chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
                     chunk_keys += [chunk_keys[-1]] * pad
                 x = self._to_input(chunk, dtype)
@@ -419,7 +441,10 @@ class TorchEncoder:
         if bad.any() and self.dtype != torch.float32:
             idx = torch.nonzero(bad).flatten()
             logger.warning("%d sample(s) gave non-finite latents in %s; re-encoding in float32", len(idx), self.dtype)
-            redo = self._run(self._fp32_model(), torch.float32, tensor[idx], [keys[i] for i in idx.tolist()])
+            # One at a time: a fixed shape whatever else failed in this batch (bad samples are rare).
+            redo = self._run(
+                self._fp32_model(), torch.float32, tensor[idx], [keys[i] for i in idx.tolist()], one_at_a_time=True
+            )
             for k in out:
                 out[k][idx] = redo[k].to(out[k].dtype)
             reencoded = idx.tolist()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -63,15 +63,15 @@ def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]
         )
     mean = model_config.get("latents_mean")
     std = model_config.get("latents_std")
-    form = "latents_mean_std" if mean is not None and std is not None else "shift_scale"
+    per_channel = mean is not None and std is not None
     return {
         "scaling_factor": float(scaling),
         "shift_factor": float(shift) if shift is not None else 0.0,
-        "latents_mean": [float(v) for v in mean] if form == "latents_mean_std" else None,
-        "latents_std": [float(v) for v in std] if form == "latents_mean_std" else None,
+        "latents_mean": [float(v) for v in mean or ()] if per_channel else None,
+        "latents_std": [float(v) for v in std or ()] if per_channel else None,
         "formula": (
             "(z - latents_mean) * scaling_factor / latents_std"
-            if form == "latents_mean_std"
+            if per_channel
             else "(z - shift_factor) * scaling_factor"
         ),
         # Raw moments are stored unnormalised; readers apply the formula after sampling.
@@ -138,14 +138,12 @@ class KLEncoder(TorchEncoder):
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Applies the stored normalisation to raw latents ``z`` (n, C, h, w) float32."""
-        if self._mean is not None:
-            mean = self._mean.to(z.device)
-            std = self._std.to(z.device)
-            return (z - mean) * self._scale / std
+        if self._mean is not None and self._std is not None:
+            return (z - self._mean.to(z.device)) * self._scale / self._std.to(z.device)
         return (z - self._shift) * self._scale
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        posterior = model.encode(x).latent_dist
+        posterior = cast(Any, model).encode(x).latent_dist
         mean = posterior.mean.float()
         logvar = posterior.logvar.float()
         mode = self.config.encoder.sample

@@ -32,10 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from latentize.columns import text_column
+from latentize.errors import LatentizeError
 from latentize.sinks.base import SINKS, tensor_array
 from latentize.sinks.layout import OutputLayout
 
-__all__ = ["ShardTracker", "commit_shard", "stage_batch", "ERROR_SCHEMA"]
+__all__ = ["ERROR_SCHEMA", "Committer", "ShardTracker", "commit_shard", "stage_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -265,3 +266,92 @@ def commit_shard(
     layout.remove([layout.staging_dir(shard)])
     logger.debug("committed %s (%d ok, %d failed) in %.2fs", shard, n_ok, n_err, time.time() - started)
     return marker
+
+
+class Committer:
+    """The driver's commit loop: feeds stage reports to a :class:`ShardTracker` and commits each
+    shard (a :func:`commit_shard` Ray task) as soon as its last row is staged.
+
+    At most ``parallelism`` commits are in flight; the loop waits for one to finish before it
+    starts another. Commits are idempotent (same files, marker last), so Ray may retry them.
+
+    Args:
+        layout: the output root.
+        urls: shard id -> source URL of every shard this run encodes.
+        parallelism: commit tasks in flight at most.
+        options: the remaining keyword arguments of :func:`commit_shard` (tensor columns,
+            folder, sink name, compression, fingerprint).
+    """
+
+    def __init__(self, *, layout: OutputLayout, urls: dict[str, str], parallelism: int, **options: Any) -> None:
+        import ray
+
+        self._layout = layout
+        self._urls = urls
+        self._parallelism = max(1, parallelism)
+        self._options = options
+        # Ray's stubs type only positional remote functions; commit_shard is keyword-only.
+        remote: Any = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True)
+        self._task = remote(commit_shard)
+        self._tracker = ShardTracker()
+        self._in_flight: list[Any] = []
+        #: Shards committed and samples they hold, this run.
+        self.shards_done = 0
+        self.samples_done = 0
+
+    def add(self, reports: dict[str, np.ndarray]) -> None:
+        """Takes one batch of :func:`stage_batch` reports (numpy columns)."""
+        import ray
+
+        n = len(reports["shard"])
+        shard_errors = text_column(reports["shard_error"], n)
+        for i in range(n):
+            shard = str(reports["shard"][i])
+            complete = self._tracker.add(
+                shard=shard,
+                part=str(reports["part"][i]),
+                indices=np.asarray(reports["indices"][i]),
+                total=int(reports["total"][i]),
+                shard_error=shard_errors[i],
+            )
+            if not complete:
+                continue
+            parts, total, shard_error = self._tracker.pop(shard)
+            self._in_flight.append(
+                self._task.remote(
+                    layout=self._layout,
+                    shard=shard,
+                    url=self._urls[shard],
+                    parts=parts,
+                    total=total,
+                    shard_error=shard_error,
+                    **self._options,
+                )
+            )
+            if len(self._in_flight) >= self._parallelism:
+                ready, self._in_flight = ray.wait(self._in_flight, num_returns=1)
+                self._record(ready)
+
+    def finish(self) -> None:
+        """Waits for the commits in flight.
+
+        Raises:
+            LatentizeError: a shard never saw all its rows (rows lost inside Ray): it is not
+                committed, and a rerun redoes it.
+        """
+        self._record(self._in_flight)
+        self._in_flight = []
+        left = self._tracker.incomplete()
+        if left:
+            raise LatentizeError(
+                f"the pipeline ended with incomplete shards (rows seen, total): {left}; rerun to redo them"
+            )
+
+    def _record(self, refs: list[Any]) -> None:
+        import ray
+
+        for marker in ray.get(refs):
+            self.shards_done += 1
+            self.samples_done += marker["samples"]
+            if marker["status"] != "ok":
+                logger.warning("shard %s failed: %s", marker["shard"], marker["error"])
