@@ -148,9 +148,9 @@ class OutputConfig:
     compression: str = "zstd"
     #: Retries (with exponential back-off) of a write after a transient storage error.
     retries: int = 5
-    #: Rows per staged part: fewer means shards commit sooner after their last row is encoded,
-    #: more means fewer small objects in the staging area.
-    rows_per_part: int = 512
+    #: Rows per staged part, which becomes one data file: fewer means shards commit sooner after
+    #: their last row is encoded, more means fewer and larger data files.
+    rows_per_part: int = 2048
 
 
 @dataclass
@@ -164,6 +164,10 @@ class RayConfig:
     gpus_per_actor: float = 1.0
     #: Shards committed in parallel by the driver's commit tasks.
     commit_parallelism: int = 4
+    #: Local paths in ``input.urls`` and ``output.path`` are on a filesystem that every node
+    #: mounts at the same path (NFS, Lustre, a FUSE-mounted bucket). Without it, a local path
+    #: on a cluster of several nodes is refused at start: each node would see its own disk.
+    shared_filesystem: bool = False
 
 
 @dataclass

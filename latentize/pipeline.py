@@ -27,14 +27,13 @@ from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.encoders.base import resolved_source
 from latentize.errors import LatentizeError
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
+from latentize.sinks.commit import REENCODED_NOTE
 from latentize.sources import SOURCES, expand_urls, infer_format, shard_ids
 
 __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
 
 logger = logging.getLogger(__name__)
 
-#: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
-REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
 #: Seconds between progress lines.
 PROGRESS_EVERY_S = 10.0
 
@@ -75,6 +74,10 @@ class Plan:
     folder: str
     fingerprint: str
     manifest: dict[str, Any]
+    #: Commit markers already in the output, by shard id (empty for a fresh output).
+    markers: dict[str, dict[str, Any]]
+    #: The output held no run before: nothing to discard, no markers to read.
+    fresh: bool
 
 
 def _absolute(url: str) -> str:
@@ -100,7 +103,8 @@ def _versions() -> dict[str, str]:
 
 def _manifest(config: Config, spec: EncoderSpec, fp: str, folder: str, shards: int) -> dict[str, Any]:
     return {
-        "format_version": 1,
+        # 2: several data files per shard (one per staged part), _ledger.parquet.
+        "format_version": 2,
         "fingerprint": fp,
         "config": redact(config_to_dict(config)),
         "encoder": {**spec.to_manifest(), "preset": config.encoder.preset, "dtype": config.encoder.dtype},
@@ -137,6 +141,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
 
     existing = layout.read_manifest()
     if existing is None:
+        # A fresh output costs two requests, however many shards: no markers can exist.
         leftovers = layout.entries()
         if leftovers:
             raise LatentizeError(
@@ -163,7 +168,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     }
     pending = [(url, shard) for url, shard in shards if shard not in done]
     manifest = existing or _manifest(config, spec, fp, folder, len(shards))
-    return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest)
+    return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None)
 
 
 def _retryable(marker: dict[str, Any]) -> bool:
@@ -326,24 +331,68 @@ def _build_dataset(p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor) ->
     )
     return ds.map_batches(
         stage_batch,
-        fn_kwargs={"layout": p.layout, "tensor_columns": list(p.spec.columns)},
+        fn_kwargs={
+            "layout": p.layout,
+            "tensor_columns": list(p.spec.columns),
+            "folder": p.folder,
+            "sink_name": cfg.output.format,
+            "compression": cfg.output.compression,
+        },
         batch_format="numpy",
         batch_size=cfg.output.rows_per_part,
     )
 
 
-def _totals(layout: OutputLayout, shards: list[tuple[str, str]], fp: str) -> tuple[int, int, int, int]:
-    markers = layout.read_markers()
-    ok = failed = committed = failed_shards = 0
-    for _, shard in shards:
-        m = markers.get(shard)
-        if m is None or m.get("fingerprint") != fp:
-            continue
-        committed += 1
-        ok += int(m.get("ok", 0))
-        failed += int(m.get("failed", 0))
-        failed_shards += m.get("status") != "ok"
-    return committed, failed_shards, ok, failed
+@dataclass(frozen=True)
+class _Totals:
+    committed: int
+    failed_shards: int
+    ok: int
+    failed: int
+    reencoded: int
+    folders: dict[str, int]
+
+
+def _totals(markers: dict[str, dict[str, Any]], shards: list[tuple[str, str]], fp: str) -> _Totals:
+    """What the output holds for ``shards``, from markers the driver already has in memory."""
+    mine = [m for _, shard in shards if (m := markers.get(shard)) is not None and m.get("fingerprint") == fp]
+    folders: dict[str, int] = {}
+    for m in mine:
+        for folder, rows in m.get("rows", {}).items():
+            folders[folder] = folders.get(folder, 0) + int(rows)
+    return _Totals(
+        committed=len(mine),
+        failed_shards=sum(m.get("status") != "ok" for m in mine),
+        ok=sum(int(m.get("ok", 0)) for m in mine),
+        failed=sum(int(m.get("failed", 0)) for m in mine),
+        reencoded=sum(int(m.get("reencoded_fp32", 0)) for m in mine),
+        folders=dict(sorted(folders.items())),
+    )
+
+
+def _check_nodes(config: Config, layout: OutputLayout, urls: list[str]) -> None:
+    """Refuses local paths on a cluster of several nodes unless they are declared shared.
+
+    Each node would read and write its own disk: shards missing on one node, output scattered
+    over several, markers the driver never sees.
+    """
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) <= 1 or config.ray.shared_filesystem:
+        return
+    checks = (("output.path", layout.is_local), ("input.urls", _any_local(urls)))
+    local = [what for what, is_local in checks if is_local]
+    if local:
+        raise LatentizeError(
+            f"{' and '.join(local)}: local paths on a Ray cluster of {len(alive)} nodes; each node would "
+            "see its own disk. Use object storage (s3://, gs://, ...) or a filesystem every node mounts at "
+            "the same path, and then declare it with --set ray.shared_filesystem=true"
+        )
+
+
+def _any_local(urls: list[str]) -> bool:
+    return any("://" not in u or u.startswith("file://") for u in urls)
 
 
 def run(
@@ -355,20 +404,24 @@ def run(
 ) -> RunSummary:
     """Encodes every pending shard of ``config`` and commits it; returns the run's summary.
 
+    Object-store requests before Ray starts do not grow with the number of shards: a fresh
+    output costs a constant few, a resume one listing per prefix and bulk deletes.
+
     Args:
         encode_actor: the encoder actor class (a subclass of :class:`EncodeActor`), for
             instrumentation and fault-injection tests.
 
     Raises:
-        LatentizeError: the run cannot start (see :func:`plan`).
+        LatentizeError: the run cannot start (see :func:`plan`, and local paths on a cluster
+            of several nodes).
     """
     started = time.time()
     p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
     layout = p.layout
     if not p.pending:
-        committed, failed_shards, ok, failed = _totals(layout, p.shards, p.fingerprint)
+        t = _totals(p.markers, p.shards, p.fingerprint)
         logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), layout.url)
-        return RunSummary(layout.url, len(p.shards), 0, failed_shards, ok, failed, 0, 0.0, True)
+        return RunSummary(layout.url, len(p.shards), 0, t.failed_shards, t.ok, t.failed, 0, 0.0, True)
 
     logger.info(
         "%d of %d shards to encode into %s (%s, %s)",
@@ -378,28 +431,28 @@ def run(
         config.encoder.type,
         config.encoder.model,
     )
-    if not layout.read_inputs():
+    _init_ray(config)
+    _check_nodes(config, layout, [url for url, _ in p.pending])
+    pending = {shard for _, shard in p.pending}
+    if p.fresh:
         layout.write_inputs(p.shards)
+    else:
+        removed = layout.discard(pending, p.markers)
+        logger.info("resume: removed %d leftover object(s) of uncommitted shards", removed)
     p.manifest["status"] = "running"
     layout.write_json(layout.manifest_path, p.manifest)
-    extension = SINKS.get(config.output.format).extension
-    for _, shard in p.pending:
-        layout.discard_shard(shard, data_files=[layout.data_path(p.folder, shard, extension)])
 
-    _init_ray(config)
     ds = _build_dataset(p, encode_actor=encode_actor)
     committer = Committer(
         layout=layout,
         urls={shard: url for url, shard in p.pending},
+        markers={s: m for s, m in p.markers.items() if s not in pending},
         parallelism=config.ray.commit_parallelism,
-        tensor_columns=list(p.spec.columns),
-        folder=p.folder,
         sink_name=config.output.format,
-        compression=config.output.compression,
         fingerprint=p.fingerprint,
     )
     last_log = time.time()
-    for reports in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         committer.add(reports)
         if time.time() - last_log > PROGRESS_EVERY_S:
             last_log = time.time()
@@ -411,26 +464,24 @@ def run(
                 committer.samples_done / max(last_log - started, 1e-9),
             )
     committer.finish()
-
     layout.prune_staging()
     seconds = time.time() - started
-    committed, failed_shards, ok, failed = _totals(layout, p.shards, p.fingerprint)
-    p.manifest["status"] = "complete" if committed == len(p.shards) and failed_shards == 0 else "incomplete"
-    p.manifest["shards"] = {"total": len(p.shards), "committed": committed, "failed": failed_shards}
-    p.manifest["samples"] = {
-        "ok": ok,
-        "failed": failed,
-        "reencoded_fp32": sum(int(m.get("reencoded_fp32", 0)) for m in layout.read_markers().values()),
-    }
+    t = _totals(committer.markers, p.shards, p.fingerprint)
+    complete = t.committed == len(p.shards) and t.failed_shards == 0
+    p.manifest["status"] = "complete" if complete else "incomplete"
+    p.manifest["shards"] = {"total": len(p.shards), "committed": t.committed, "failed": t.failed_shards}
+    p.manifest["samples"] = {"ok": t.ok, "failed": t.failed, "reencoded_fp32": t.reencoded}
+    p.manifest["output"]["data_folders"] = sorted(set(p.manifest["output"]["data_folders"]) | set(t.folders))
+    p.manifest["output"]["rows_by_folder"] = t.folders
     p.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     layout.write_json(layout.manifest_path, p.manifest)
     return RunSummary(
         layout.url,
         len(p.shards),
         committer.shards_done,
-        failed_shards,
-        ok,
-        failed,
+        t.failed_shards,
+        t.ok,
+        t.failed,
         committer.samples_done,
         seconds,
         False,

@@ -87,33 +87,37 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def s3() -> Iterator[dict[str, Any]]:
-    """fsspec storage options of a real S3 API (moto's server on loopback) with a bucket."""
+def s3_server() -> Iterator[Any]:
+    """moto's S3 server on loopback with a bucket; it records every request it answers."""
     pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
+    from s3server import CountingS3Server
 
     with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
             mp.setenv(name, "testing")
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server = CountingS3Server()
         server.start()
         try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
             boto3.client(
                 "s3",
-                endpoint_url=endpoint,
+                endpoint_url=server.endpoint,
                 region_name="us-east-1",
                 aws_access_key_id="testing",
                 aws_secret_access_key="testing",
             ).create_bucket(Bucket=S3_BUCKET)
-            yield {
-                "key": "testing",
-                "secret": "testing",
-                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            }
+            yield server
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: Any) -> dict[str, Any]:
+    """fsspec storage options of a real S3 API (moto's server on loopback) with a bucket."""
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"},
+    }

@@ -15,6 +15,7 @@ from latentize.config import config_to_dict, load_config
 from latentize.sinks import SINKS, OutputLayout
 from latentize.sinks.base import tensor_array
 from latentize.sinks.commit import ERROR_SCHEMA
+from latentize.sinks.layout import final_name
 
 FINGERPRINT = "synthetic-fp"
 
@@ -72,9 +73,9 @@ def write_output(
             }
         )
         files = []
-        data_path = layout.data_path(folder, shard, "parquet")
+        data_path = layout.join(folder, final_name(shard, 0, "parquet"))
         layout.write_bytes(data_path, sink.serialize(table, tensor_columns=[column], compression="zstd"))
-        files.append(f"{folder}/{shard}.parquet")
+        files.append(layout.relative(data_path))
         bad = errors.get(shard, [])
         if bad:
             buf = io.BytesIO()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -182,7 +183,9 @@ def test_vq_indices_to_webdataset(
     out = tmp_path / "out"
     run(_config(wds_shards, str(out), tiny_models["vq"], encoder={"type": "vq"}, output={"format": "webdataset"}))
     tars = sorted((out / f"{RES}x{RES}").glob("*.tar"))
-    assert [t.name for t in tars] == ["00000.tar", "00001.tar"]
+    # One tar per staged part of each shard, named <shard>-<first row index>.
+    assert {t.name.split("-")[0] for t in tars} == {"00000", "00001"}
+    assert all(re.fullmatch(r"0000[01]-\d{9}\.tar", t.name) for t in tars)
     samples = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == [p.key for p in exact_photos]
     assert all(s["txt"] == p.caption for s, p in zip(samples, exact_photos, strict=False))
@@ -278,12 +281,17 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path: Path, tiny_models: dict
     cfg = _config(wds_shards, str(out), tiny_models["kl"])
     run(cfg)
     first = pq.read_table(out).sort_by("key")
-    # Simulate a crash after shard 00001's data file landed but before its marker did,
-    # with a stray staged part left behind.
+    # Simulate a crash of shard 00001's commit after its data file was published but before
+    # its marker was written: the staged part is still there (staging goes only after the
+    # marker), beside a second part of another grouping whose publishing never happened.
+    marker1 = json.loads((out / "_shards" / "00001.json").read_text())
     (out / "_shards" / "00001.json").unlink()
-    stray = out / "_staging" / "00001" / "part-000000000-deadbeef.parquet"
-    stray.parent.mkdir(parents=True)
-    stray.write_bytes(b"partial")
+    (published,) = [f for f in marker1["files"] if not f.startswith("_")]
+    first_index = int(published.rsplit("-", 1)[1].split(".")[0])
+    staged = out / "_staging" / "00001" / f"{RES}x{RES}" / f"part-{first_index:09d}-deadbeef.parquet"
+    staged.parent.mkdir(parents=True)
+    os.link(out / published, staged)
+    (staged.parent / "part-000000007-cafe.parquet").write_bytes(b"partial")
     marker0 = (out / "_shards" / "00000.json").stat().st_mtime_ns
     summary = run(cfg)
     assert summary.shards_done_now == 1 and summary.samples_now == 4
@@ -291,6 +299,9 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path: Path, tiny_models: dict
     assert not (out / "_staging").exists()
     again = pq.read_table(out).sort_by("key")
     assert again.column("key").to_pylist() == first.column("key").to_pylist()
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "_shards").glob("*.json")}
+    listed = {f for m in markers.values() for f in m["files"]}
+    assert {str(p.relative_to(out)) for p in out.glob(f"{RES}x{RES}/*")} == listed  # no orphan
 
 
 def test_s3_in_and_out(
@@ -319,10 +330,11 @@ def test_s3_in_and_out(
 
     fs = fsspec.filesystem("s3", **creds)
     names = sorted(p.split("/e2e/out/")[1] for p in fs.find(f"{S3_BUCKET}/e2e/out"))
-    assert names == [
-        f"{RES}x{RES}/00000.parquet",
-        f"{RES}x{RES}/00001.parquet",
+    data = [n for n in names if not n.startswith("_")]
+    assert [n.split("/")[1].split("-")[0] for n in data] == ["00000", "00001"]
+    assert [n for n in names if n.startswith("_")] == [
         "_inputs.parquet",
+        "_ledger.parquet",
         "_manifest.json",
         "_shards/00000.json",
         "_shards/00001.json",

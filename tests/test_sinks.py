@@ -1,5 +1,5 @@
 """Unit tests of latentize.sinks: atomic writes, staging, the shard tracker, per-shard commits
-and the Parquet / WebDataset outputs (design.md §3). Everything is called directly (no Ray);
+and the Parquet / WebDataset outputs (docs/architecture.md). Everything is called directly (no Ray);
 batches are built the way the encoder actors hand them to :func:`stage_batch`.
 """
 
@@ -19,7 +19,8 @@ import pytest
 
 from latentize.errors import LatentizeError
 from latentize.sinks import OutputLayout, ShardTracker, commit_shard, data_folder, stage_batch
-from latentize.sinks.commit import ERROR_SCHEMA
+from latentize.sinks.commit import ERROR_SCHEMA, Part, ShardCommit, choose_parts
+from latentize.sinks.layout import final_name
 
 SHAPE = (4, 8, 8)
 FOLDER = "64x64"
@@ -58,6 +59,7 @@ def sample(
         "error": error,
         "stage": stage,
         "total": -1,
+        "read_node": None,
         "width": -1 if failed else 640 + index,
         "height": -1 if failed else 480,
         "crop_top": -1 if failed else 0,
@@ -78,6 +80,7 @@ def sentinel(shard: str, total: int, error: str | None = None) -> dict[str, Any]
         "error": error,
         "stage": "read" if error else None,
         "total": total,
+        "read_node": None,
         "width": -1,
         "height": -1,
         "crop_top": -1,
@@ -113,58 +116,39 @@ def batch_of(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return batch
 
 
-def stage(layout: OutputLayout, rows: list[dict[str, Any]], tensor_columns: tuple[str, ...] = ("latent",)):
-    return stage_batch(batch_of(rows), layout=layout, tensor_columns=list(tensor_columns)).to_pydict()
-
-
-def reports(staged: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """stage_batch's output as the keyword arguments of ShardTracker.add."""
-    return [
-        {
-            "shard": str(staged["shard"][i]),
-            "part": str(staged["part"][i]),
-            "indices": np.asarray(staged["indices"][i]),
-            "total": int(staged["total"][i]),
-            "shard_error": staged["shard_error"][i],
-        }
-        for i in range(len(staged["shard"]))
-    ]
-
-
-def commit(
+def stage(
     layout: OutputLayout,
-    shard: str,
-    parts: list[str],
-    total: int,
-    shard_error: str | None = None,
-    *,
-    sink: str = "parquet",
+    rows: list[dict[str, Any]],
     tensor_columns: tuple[str, ...] = ("latent",),
-) -> dict[str, Any]:
-    return commit_shard(
+    sink: str = "parquet",
+) -> list[dict[str, Any]]:
+    """stage_batch's reports for ``rows``, as plain dicts (what the driver's Committer sees)."""
+    table = stage_batch(
+        batch_of(rows),
         layout=layout,
-        shard=shard,
-        url=f"s3://bucket/{shard}.tar",
-        parts=parts,
-        total=total,
-        shard_error=shard_error,
         tensor_columns=list(tensor_columns),
         folder=FOLDER,
         sink_name=sink,
         compression="zstd",
-        fingerprint=FINGERPRINT,
+    )
+    return table.to_pylist()
+
+
+def commit(layout: OutputLayout, done: ShardCommit, *, sink: str = "parquet") -> dict[str, Any]:
+    return commit_shard(
+        layout=layout, commit=done, url=f"s3://bucket/{done.shard}.tar", sink_name=sink, fingerprint=FINGERPRINT
     )
 
 
 def stage_and_track(
-    layout: OutputLayout, *batches: list[dict[str, Any]]
-) -> dict[str, tuple[list[str], int, str | None]]:
+    layout: OutputLayout, *batches: list[dict[str, Any]], sink: str = "parquet"
+) -> dict[str, ShardCommit]:
     """Stages batches, feeds every report to a tracker, pops shards as they complete."""
     tracker = ShardTracker()
     done = {}
     for rows in batches:
-        for report in reports(stage(layout, rows)):
-            if tracker.add(**report):
+        for report in stage(layout, rows, sink=sink):
+            if tracker.add(report):
                 done[report["shard"]] = tracker.pop(report["shard"])
     assert tracker.incomplete() == {}
     return done
@@ -179,6 +163,10 @@ def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
 
+def data_file(shard: str, first: int = 0, extension: str = "parquet") -> str:
+    return f"{FOLDER}/{final_name(shard, first, extension)}"
+
+
 # --- layout ----------------------------------------------------------------------------------
 
 
@@ -190,7 +178,11 @@ def test_layout_paths(tmp_path: Path, monkeypatch) -> None:
     assert layout.marker_path("00001") == f"{layout.root}/_shards/00001.json"
     assert layout.errors_path("00001") == f"{layout.root}/_errors/00001.parquet"
     assert layout.staging_dir("00001") == f"{layout.root}/_staging/00001"
-    assert layout.data_path(data_folder((96, 64)), "00001", "tar") == f"{layout.root}/96x64/00001.tar"
+    staged = layout.staged_path("00001", data_folder((96, 64)), 512, "abc123", "tar")
+    assert staged == f"{layout.root}/_staging/00001/96x64/part-000000512-abc123.tar"
+    assert layout.final_path(staged) == f"{layout.root}/96x64/00001-000000512.tar"
+    with pytest.raises(ValueError, match="not a staged part"):
+        layout.final_path(layout.join("96x64", "00001-000000512.tar"))
     with pytest.raises(LatentizeError, match="output.path is empty"):
         OutputLayout("")
 
@@ -218,6 +210,17 @@ def test_write_bytes_is_all_or_nothing(layout: OutputLayout, monkeypatch) -> Non
     assert Path(target).read_bytes() == b"old"  # readers never see a partial file
 
 
+def test_publish_is_a_hard_link_that_keeps_the_staged_file(layout: OutputLayout) -> None:
+    staged = layout.staged_path("00000", FOLDER, 0, "d1", "parquet")
+    layout.write_bytes(staged, b"latents")
+    final = layout.final_path(staged)
+    layout.publish(staged, final)
+    layout.publish(staged, final)  # a retried commit publishes again
+    assert Path(final).read_bytes() == b"latents"
+    assert os.path.samefile(staged, final)  # the same bytes on disk: nothing was copied
+    assert Path(staged).exists()  # the resume logic still finds it until the marker exists
+
+
 def test_json_round_trip_and_markers(layout: OutputLayout) -> None:
     assert layout.read_json(layout.manifest_path) is None
     assert layout.read_markers() == {}
@@ -225,39 +228,113 @@ def test_json_round_trip_and_markers(layout: OutputLayout) -> None:
     assert layout.read_markers() == {"00003": {"shard": "00003", "ok": 2}}
 
 
+def test_markers_come_from_the_ledger_and_the_listing(layout: OutputLayout) -> None:
+    for shard in ("a", "b"):
+        layout.write_json(layout.marker_path(shard), {"shard": shard, "ok": 1})
+    layout.write_ledger({"a": {"shard": "a", "ok": 1, "from": "ledger"}, "b": {"shard": "b", "ok": 1}})
+    layout.write_json(layout.marker_path("c"), {"shard": "c", "ok": 3})  # committed after the ledger
+    Path(layout.marker_path("b")).unlink()  # a marker removed since: the shard no longer counts
+    assert layout.read_markers() == {
+        "a": {"shard": "a", "ok": 1, "from": "ledger"},
+        "c": {"shard": "c", "ok": 3},
+    }
+    assert layout.committed_shards() == {"a", "c"}
+
+
+def test_remove_files_in_bulk_ignores_missing(layout: OutputLayout) -> None:
+    paths = [layout.join("x", f"{i}.bin") for i in range(3)]
+    for p in paths[:2]:
+        layout.write_bytes(p, b"1")
+    layout.remove_files(paths)
+    assert layout.list_files(layout.join("x")) == []
+
+
+def test_discard_removes_leftovers_of_uncommitted_shards_only(layout: OutputLayout) -> None:
+    def staged(shard: str, first: int) -> str:
+        path = layout.staged_path(shard, FOLDER, first, "d", "parquet")
+        layout.write_bytes(path, b"part")
+        layout.publish(path, layout.final_path(path))
+        return path
+
+    kept = staged("done", 0)  # committed; its staging survived a crash before the bulk delete
+    layout.write_json(layout.marker_path("done"), {"shard": "done", "files": [data_file("done")]})
+    layout.write_bytes(layout.errors_path("done"), b"e")
+    crashed = [staged("crashed", 0), staged("crashed", 2)]  # copied, never marked
+    layout.write_bytes(layout.errors_path("crashed"), b"e")
+    markers = layout.read_markers()
+    removed = layout.discard({"crashed", "never-started"}, markers)
+    assert removed == 5
+    left = {layout.relative(p) for p in layout.list_files(layout.root)}
+    assert left == {
+        layout.relative(kept),
+        data_file("done"),
+        "_errors/done.parquet",
+        "_shards/done.json",
+    }
+    assert all(not Path(p).exists() for p in crashed)
+
+
+def test_discard_of_committed_shards_survives_a_crash_half_way(layout: OutputLayout, monkeypatch) -> None:
+    files = [data_file("bad"), "_errors/bad.parquet"]
+    for f in files:
+        layout.write_bytes(layout.join(f), b"x")
+    layout.write_json(layout.marker_path("bad"), {"shard": "bad", "status": "failed", "files": files})
+    layout.write_json(layout.marker_path("good"), {"shard": "good", "status": "ok", "files": []})
+    markers = layout.read_markers()
+    real_remove = layout.remove_files
+    calls = 0
+
+    def crash_after_markers(paths):
+        nonlocal calls
+        calls += 1
+        real_remove(paths)
+        if calls == 1:  # the markers are gone, the files not yet
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(layout, "remove_files", crash_after_markers)
+    with pytest.raises(KeyboardInterrupt):
+        layout.discard({"bad"}, markers)
+    monkeypatch.undo()
+    assert layout.committed_shards() == {"good"}
+    assert all(Path(layout.join(f)).exists() for f in files)  # orphans for now...
+    # ...which the next resume (not retrying anything itself) finishes from the discard list.
+    layout.discard({"bad"}, layout.read_markers())
+    assert not any(Path(layout.join(f)).exists() for f in files)
+    assert layout.list_files(layout.join("_staging")) == []
+    assert layout.committed_shards() == {"good"}
+
+
 # --- staging ---------------------------------------------------------------------------------
 
 
-def test_stage_batch_writes_one_part_per_shard(layout: OutputLayout, tmp_path: Path) -> None:
+def test_stage_batch_writes_ok_rows_per_shard_and_reports_the_rest(layout: OutputLayout, tmp_path: Path) -> None:
     rows = [
-        sample("00000", 0),
-        sample("00001", 0),
         sample("00000", 1),
+        sample("00001", 0),
+        sample("00000", 0),
         sample("00001", 1),
         sample("00000", 2, error="cannot identify image file", stage="decode"),
         sentinel("00001", 2),
     ]
-    out = stage(layout, rows)
-
-    assert set(out) == {"shard", "part", "indices", "total", "shard_error"}
-    got = {
-        (str(s), p != "", tuple(int(i) for i in ix), int(t))
-        for s, p, ix, t in zip(out["shard"], out["part"], out["indices"], out["total"], strict=False)
-    }
-    assert got == {("00000", True, (0, 1, 2), -1), ("00001", True, (0, 1), -1), ("00001", False, (), 2)}
-    assert list(out["shard_error"]) == [None, None, None]
-
-    parts = {str(s): str(p) for s, p in zip(out["shard"], out["part"], strict=False) if p}
-    for shard, part in parts.items():
-        assert Path(part).parent == tmp_path / "out" / "_staging" / shard
-    table = pq.read_table(parts["00000"])
-    assert table.column("key").to_pylist() == ["000000000", "000000001", "000000002"]
-    assert table.column("index").to_pylist() == [0, 1, 2]
-    assert table.column("error").to_pylist() == [None, None, "cannot identify image file"]
-    assert table.column("stage").to_pylist() == [None, None, "decode"]
+    rows[-1]["read_node"] = "node-1"
+    out = {r["shard"]: r for r in stage(layout, rows)}
+    assert set(out) == {"00000", "00001"}
+    assert out["00000"]["total"] == -1 and out["00001"]["total"] == 2
+    assert out["00001"]["read_node"] == "node-1" and out["00001"]["shard_error"] is None
+    assert out["00000"]["errors"] == [
+        {"key": "000000002", "index": 2, "stage": "decode", "error": "cannot identify image file"}
+    ]
+    (part,) = out["00000"]["parts"]
+    assert part["folder"] == FOLDER and part["indices"] == [0, 1] and part["reencoded"] == 0
+    assert Path(part["path"]).parent == tmp_path / "out" / "_staging" / "00000" / FOLDER
+    assert part["bytes"] == Path(part["path"]).stat().st_size
+    # The part is already the final file: data columns only, ok rows only, in index order.
+    table = pq.read_table(part["path"])
+    assert table.column_names == DATA_COLUMNS
+    assert table.column("key").to_pylist() == ["000000000", "000000001"]
     assert isinstance(table.column("latent").type, pa.FixedShapeTensorType)
     np.testing.assert_array_equal(
-        table.column("latent").combine_chunks().to_numpy_ndarray()[:2],
+        table.column("latent").combine_chunks().to_numpy_ndarray(),
         np.stack([latent_of("00000", 0), latent_of("00000", 1)]),
     )
 
@@ -266,126 +343,159 @@ def test_stage_batch_with_all_null_text_columns(layout: OutputLayout) -> None:
     rows = [sample("00000", i, caption=False) for i in range(3)] + [sentinel("00000", 3)]
     batch = batch_of(rows)
     assert batch["error"].dtype == np.float64 and np.isnan(batch["error"]).all()
-    out = stage_batch(batch, layout=layout, tensor_columns=["latent"]).to_pydict()
-    part = next(p for p in out["part"] if p)
-    table = pq.read_table(part)
-    for name in ("error", "stage", "caption", "json", "notes"):
+    (report,) = stage_batch(
+        batch, layout=layout, tensor_columns=["latent"], folder=FOLDER, sink_name="parquet", compression="zstd"
+    ).to_pylist()
+    table = pq.read_table(report["parts"][0]["path"])
+    for name in ("caption", "json", "notes"):
         assert table.schema.field(name).type == pa.string()
         assert table.column(name).null_count == 3
-    sentinel_row = list(out["part"]).index("")
-    assert out["shard_error"][sentinel_row] is None and out["total"][sentinel_row] == 3
+    assert report["shard_error"] is None and report["total"] == 3 and report["errors"] == []
 
 
 def test_sentinel_reports_the_shard_error(layout: OutputLayout) -> None:
-    out = stage(layout, [sample("00007", 0), sentinel("00007", 1, error="OSError: truncated tar")])
-    row = list(out["part"]).index("")
-    assert out["shard_error"][row] == "OSError: truncated tar"
-    assert out["total"][row] == 1
+    (report,) = stage(layout, [sample("00007", 0), sentinel("00007", 1, error="OSError: truncated tar")])
+    assert report["shard_error"] == "OSError: truncated tar"
+    assert report["total"] == 1
 
 
 def test_restaging_the_same_rows_reuses_the_part_name(layout: OutputLayout, tmp_path: Path) -> None:
     rows = [sample("00000", i) for i in range(4)]
-    first = stage(layout, rows)
-    second = stage(layout, list(rows))  # a retried task with the same rows
-    assert list(first["part"]) == list(second["part"])
-    assert len(list((tmp_path / "out" / "_staging" / "00000").iterdir())) == 1
-    other = stage(layout, rows[2:])
-    assert other["part"][0] != first["part"][0]
+    first = stage(layout, rows)[0]["parts"][0]["path"]
+    second = stage(layout, list(rows))[0]["parts"][0]["path"]  # a retried task with the same rows
+    assert first == second
+    assert len(list((tmp_path / "out" / "_staging" / "00000" / FOLDER).iterdir())) == 1
+    other = stage(layout, rows[2:])[0]["parts"][0]["path"]
+    assert other != first
+
+
+def test_stage_batch_groups_rows_by_their_folder_column(layout: OutputLayout) -> None:
+    rows = [sample("00000", i) for i in range(3)]
+    batch = batch_of(rows)
+    batch["folder"] = np.array(["64x64", "96x64", "64x64"], dtype=object)
+    (report,) = stage_batch(
+        batch, layout=layout, tensor_columns=["latent"], folder="unused", sink_name="parquet", compression="zstd"
+    ).to_pylist()
+    assert [(p["folder"], p["indices"]) for p in report["parts"]] == [("64x64", [0, 2]), ("96x64", [1])]
 
 
 # --- tracker ---------------------------------------------------------------------------------
 
 
-def report(shard: str, indices: list[int], part: str | None = None) -> dict[str, Any]:
+def report(shard: str, indices: list[int], path: str | None = None, errors: list[int] = ()) -> dict[str, Any]:
     return {
         "shard": shard,
-        "part": part or f"p-{shard}-{indices}",
-        "indices": np.array(indices, np.int64),
+        "parts": [
+            {"folder": FOLDER, "path": path or f"p-{shard}-{indices}", "indices": indices, "bytes": 1, "reencoded": 0}
+        ]
+        if indices
+        else [],
+        "errors": [{"key": f"k{i}", "index": i, "stage": "decode", "error": "bad"} for i in errors],
         "total": -1,
         "shard_error": None,
+        "read_node": None,
     }
 
 
 def end(shard: str, total: int, error: str | None = None) -> dict[str, Any]:
-    return {"shard": shard, "part": "", "indices": np.zeros(0, np.int64), "total": total, "shard_error": error}
+    return {"shard": shard, "parts": [], "errors": [], "total": total, "shard_error": error, "read_node": "n1"}
+
+
+def paths(done: ShardCommit) -> list[str]:
+    return sorted(p.path for p in done.parts)
 
 
 def test_tracker_completes_only_with_all_indices_and_the_sentinel() -> None:
     t = ShardTracker()
-    assert not t.add(**report("a", [2, 3]))
-    assert not t.add(**report("b", [0]))
-    assert not t.add(**report("a", [0]))
+    assert not t.add(report("a", [2, 3]))
+    assert not t.add(report("b", [0]))
+    assert not t.add(report("a", [], errors=[0]))
     assert t.incomplete() == {"a": (3, None), "b": (1, None)}
-    assert not t.add(**end("a", 4))  # sentinel seen, index 1 still missing
+    assert not t.add(end("a", 4))  # sentinel seen, index 1 still missing
     assert t.incomplete()["a"] == (3, 4)
-    assert t.add(**report("a", [1]))
-    parts, total, error = t.pop("a")
-    assert total == 4 and error is None
-    assert parts == sorted([report("a", [2, 3])["part"], report("a", [0])["part"], report("a", [1])["part"]])
+    assert t.add(report("a", [1]))
+    done = t.pop("a")
+    assert done.total == 4 and done.shard_error is None and done.read_node == "n1"
+    assert paths(done) == sorted(["p-a-[2, 3]", "p-a-[1]"])
+    assert [e["index"] for e in done.errors] == [0]
     assert t.incomplete() == {"b": (1, None)}
 
 
 def test_tracker_sentinel_last_and_empty_shard() -> None:
     t = ShardTracker()
-    assert not t.add(**report("a", [0, 1]))
-    assert t.add(**end("a", 2))
-    assert t.add(**end("empty", 0))
-    assert t.pop("empty") == ([], 0, None)
+    assert not t.add(report("a", [0, 1]))
+    assert t.add(end("a", 2))
+    assert t.add(end("empty", 0))
+    empty = t.pop("empty")
+    assert (empty.parts, empty.errors, empty.total) == ([], [], 0)
 
 
 def test_tracker_ignores_duplicates_and_late_reports() -> None:
     t = ShardTracker()
-    assert not t.add(**report("a", [0, 1], part="p1"))
-    assert not t.add(**report("a", [0, 1], part="p1"))  # a retried task: same part again
-    assert not t.add(**report("a", [1, 2], part="p2"))  # overlapping redo
+    assert not t.add(report("a", [0, 1], path="p1"))
+    assert not t.add(report("a", [0, 1], path="p1"))  # a retried task: same part again
+    assert not t.add(report("a", [1, 2], path="p2"))  # overlapping redo
+    assert not t.add(report("a", [], errors=[2]))
+    assert not t.add(report("a", [], errors=[2]))
     assert t.incomplete() == {"a": (3, None)}
-    assert not t.add(**end("a", 4))
-    assert t.add(**report("a", [3], part="p3"))
-    assert t.pop("a") == (["p1", "p2", "p3"], 4, None)
+    assert not t.add(end("a", 4))
+    assert t.add(report("a", [3], path="p3"))
+    done = t.pop("a")
+    assert paths(done) == ["p1", "p2", "p3"] and len(done.errors) == 1
     # After the hand-off to its commit, late duplicates never reopen or re-complete the shard.
-    assert not t.add(**report("a", [3], part="p3"))
-    assert not t.add(**end("a", 4))
+    assert not t.add(report("a", [3], path="p3"))
+    assert not t.add(end("a", 4))
     assert t.incomplete() == {}
 
 
 def test_tracker_does_not_complete_on_out_of_range_indices() -> None:
     t = ShardTracker()
-    assert not t.add(**report("a", [0, 5]))
-    assert not t.add(**end("a", 2))
+    assert not t.add(report("a", [0, 5]))
+    assert not t.add(end("a", 2))
 
 
 def test_tracker_keeps_the_shard_error() -> None:
     t = ShardTracker()
-    t.add(**report("a", [0]))
-    assert t.add(**end("a", 1, error="OSError: truncated"))
-    assert t.pop("a")[2] == "OSError: truncated"
+    t.add(report("a", [0]))
+    assert t.add(end("a", 1, error="OSError: truncated"))
+    assert t.pop("a").shard_error == "OSError: truncated"
+
+
+def _part(path: str, indices: list[int], folder: str = FOLDER) -> Part:
+    return Part(folder, path, np.array(indices, np.int64), 1, 0)
+
+
+def test_choose_parts_publishes_disjoint_parts_and_drops_repeats() -> None:
+    parts = [_part("b", [2, 3]), _part("a", [0, 1]), _part("a-again", [0]), _part("c", [4], folder="96x64")]
+    publish, merge = choose_parts(parts)
+    assert sorted(p.path for p in publish) == ["a", "b", "c"] and merge == []
+
+
+def test_choose_parts_merges_a_folder_whose_parts_overlap_partly() -> None:
+    parts = [_part("a", [0, 1]), _part("b", [1, 2]), _part("c", [0], folder="96x64")]
+    publish, merge = choose_parts(parts)
+    assert [p.path for p in publish] == ["c"]
+    assert sorted(p.path for p in merge) == ["a", "b"]
 
 
 # --- commit: parquet -------------------------------------------------------------------------
 
 
-def test_commit_merges_parts_into_one_row_per_index(layout: OutputLayout, tmp_path: Path) -> None:
+def test_commit_publishes_parts_writes_errors_then_the_marker(layout: OutputLayout, tmp_path: Path) -> None:
     out = tmp_path / "out"
     layout.write_json(layout.manifest_path, {"fingerprint": FINGERPRINT})
-    batch1 = [
-        sample("00000", 0),
-        sample("00000", 1),
-        sample("00000", 2, error="cannot identify image file", stage="decode"),
-        sample("00000", 3),
-    ]
-    # A redone batch overlapping the first one (indices 2 and 3 staged twice).
+    batch1 = [sample("00000", 3), sample("00000", 0), sample("00000", 1)]
     batch2 = [
         sample("00000", 5),
         sample("00000", 2, error="cannot identify image file", stage="decode"),
-        sample("00000", 3),
         sample("00000", 4),
         sentinel("00000", 6),
     ]
-    done = stage_and_track(layout, batch1, batch2)
-    parts, total, shard_error = done["00000"]
-    assert len(parts) == 2 and total == 6
+    done = stage_and_track(layout, batch1, batch2)["00000"]
+    assert len(done.parts) == 2 and done.total == 6
+    staged_bytes = sum(p.bytes for p in done.parts)
 
-    marker = commit(layout, "00000", parts, total, shard_error)
+    marker = commit(layout, done)
 
     # Plain pyarrow reads the root: data only (no _errors, _shards, _manifest.json, _staging).
     table = pq.read_table(out)
@@ -402,7 +512,9 @@ def test_commit_merges_parts_into_one_row_per_index(layout: OutputLayout, tmp_pa
     np.testing.assert_array_equal(
         latent.combine_chunks().to_numpy_ndarray(), np.stack([latent_of("00000", i) for i in ok])
     )
-    assert pq.read_table(out / FOLDER / "00000.parquet").num_rows == 5
+    # Each staged part became one data file, unchanged: no latent byte was written twice.
+    for p in done.parts:
+        assert os.path.samefile(p.path, layout.final_path(p.path))
 
     # The failed sample is an error row only, once.
     errors = pq.read_table(out / "_errors" / "00000.parquet")
@@ -415,10 +527,28 @@ def test_commit_merges_parts_into_one_row_per_index(layout: OutputLayout, tmp_pa
     assert on_disk == marker
     assert marker["status"] == "ok" and marker["error"] is None
     assert (marker["samples"], marker["ok"], marker["failed"]) == (6, 5, 1)
-    assert marker["files"] == [f"{FOLDER}/00000.parquet", "_errors/00000.parquet"]
+    assert marker["rows"] == {FOLDER: 5} and marker["bytes"] == staged_bytes
+    assert marker["files"] == [data_file("00000", 0), data_file("00000", 4), "_errors/00000.parquet"]
     assert marker["fingerprint"] == FINGERPRINT and marker["url"] == "s3://bucket/00000.tar"
-    assert not (out / "_staging" / "00000").exists()
-    assert files_under(out) == ["64x64/00000.parquet", "_errors/00000.parquet", "_manifest.json", "_shards/00000.json"]
+    assert marker["failed_by_stage"] == {"decode": 1}
+
+
+def test_commit_merges_parts_that_retries_staged_overlapping(layout: OutputLayout, tmp_path: Path) -> None:
+    batch1 = [sample("00000", i) for i in (0, 1, 3)] + [sample("00000", 2, error="bad", stage="decode")]
+    # A redone batch overlapping the first one partly (index 3 staged twice, in other groupings).
+    batch2 = [sample("00000", 5), sample("00000", 2, error="bad", stage="decode"), sample("00000", 3)]
+    batch3 = [sample("00000", 4), sentinel("00000", 6)]
+    done = stage_and_track(layout, batch1, batch2, batch3)["00000"]
+    marker = commit(layout, done)
+    (data,) = (f for f in marker["files"] if not f.startswith("_"))
+    table = pq.read_table(tmp_path / "out" / data)
+    assert table.column("key").to_pylist() == [f"00000{i:04d}" for i in (0, 1, 3, 4, 5)]
+    np.testing.assert_array_equal(
+        table.column("latent").combine_chunks().to_numpy_ndarray(),
+        np.stack([latent_of("00000", i) for i in (0, 1, 3, 4, 5)]),
+    )
+    assert (marker["ok"], marker["failed"]) == (5, 1)
+    assert pq.read_table(tmp_path / "out").num_rows == 5
 
 
 def test_shards_with_and_without_captions_read_as_one_table(layout: OutputLayout, tmp_path: Path) -> None:
@@ -429,8 +559,8 @@ def test_shards_with_and_without_captions_read_as_one_table(layout: OutputLayout
         [sample("00000", 0), sample("00000", 1), sentinel("00000", 2)],
         [sample("00001", 0, caption=False), sentinel("00001", 1)],
     )
-    for shard, (parts, total, error) in done.items():
-        commit(layout, shard, parts, total, error)
+    for shard_commit in done.values():
+        commit(layout, shard_commit)
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == 3
     assert sorted(table.column("key").to_pylist()) == ["000000000", "000000001", "000010000"]
@@ -446,27 +576,27 @@ def test_notes_reach_the_parquet_output(layout: OutputLayout, tmp_path: Path) ->
         [
             sample("00000", 0, notes="upscaled from 12x9"),
             sample("00000", 1),
-            sample("00000", 2, notes="caption is not valid UTF-8 (undecodable bytes replaced)"),
+            sample("00000", 2, notes="re-encoded in float32 (non-finite in the compute dtype)"),
             sentinel("00000", 3),
         ],
         [sample("00001", 0), sentinel("00001", 1)],
     )
-    for shard, (parts, total, error) in done.items():
-        commit(layout, shard, parts, total, error)
+    markers = [commit(layout, c) for c in done.values()]
     table = pq.read_table(tmp_path / "out").sort_by("key")
     assert table.column_names == DATA_COLUMNS
     assert table.schema.field("notes").type == pa.string()
     assert table.column("notes").to_pylist() == [
         "upscaled from 12x9",
         None,
-        "caption is not valid UTF-8 (undecodable bytes replaced)",
+        "re-encoded in float32 (non-finite in the compute dtype)",
         None,
     ]
+    assert [m["reencoded_fp32"] for m in markers] == [1, 0]
 
 
 def test_failed_shard_keeps_rows_read_before_the_failure(layout: OutputLayout, tmp_path: Path) -> None:
     done = stage_and_track(layout, [sample("00002", 0), sentinel("00002", 1, error="OSError: truncated tar")])
-    marker = commit(layout, "00002", *done["00002"])
+    marker = commit(layout, done["00002"])
     assert marker["status"] == "failed" and marker["error"] == "OSError: truncated tar"
     assert (marker["samples"], marker["ok"], marker["failed"]) == (1, 1, 0)
     assert pq.read_table(tmp_path / "out").column("key").to_pylist() == ["000020000"]
@@ -476,29 +606,24 @@ def test_all_failed_and_empty_shards(layout: OutputLayout, tmp_path: Path) -> No
     done = stage_and_track(
         layout, [sample("00003", 0, error="boom", stage="encode"), sentinel("00003", 1), sentinel("00004", 0)]
     )
-    failed = commit(layout, "00003", *done["00003"])
+    failed = commit(layout, done["00003"])
     assert failed["files"] == ["_errors/00003.parquet"] and (failed["ok"], failed["failed"]) == (0, 1)
-    empty = commit(layout, "00004", *done["00004"])
+    empty = commit(layout, done["00004"])
     assert empty["files"] == [] and (empty["samples"], empty["ok"], empty["failed"]) == (0, 0, 0)
     assert empty["status"] == "ok"
     assert not (tmp_path / "out" / FOLDER).exists()
 
 
-def test_commit_refuses_a_shard_with_missing_rows(layout: OutputLayout) -> None:
-    part = str(stage(layout, [sample("00000", 0), sample("00000", 1)])["part"][0])
-    with pytest.raises(RuntimeError, match="expected 3"):
-        commit(layout, "00000", [part], 3)
-    assert layout.read_markers() == {}  # no marker: the shard stays pending
-
-
 def test_several_tensor_columns(layout: OutputLayout, tmp_path: Path) -> None:
     # sample="moments": two tensor columns per row instead of `latent`.
-    rows = [sample("00000", i) for i in range(2)]
+    rows = [sample("00000", i) for i in range(2)] + [sentinel("00000", 2)]
     for i, r in enumerate(rows):
         r["mean"] = r.pop("latent")
         r["logvar"] = (latent_of("00000", i) * 2).astype(np.float16)
-    out = stage_batch(batch_of(rows), layout=layout, tensor_columns=["mean", "logvar"]).to_pydict()
-    marker = commit(layout, "00000", [str(out["part"][0])], 2, tensor_columns=("mean", "logvar"))
+    tracker = ShardTracker()
+    for r in stage(layout, rows, tensor_columns=("mean", "logvar")):
+        tracker.add(r)
+    marker = commit(layout, tracker.pop("00000"))
     table = pq.read_table(tmp_path / "out" / marker["files"][0])
     assert table.column_names[:3] == ["key", "mean", "logvar"]
     np.testing.assert_array_equal(
@@ -518,10 +643,10 @@ def test_webdataset_sink(layout: OutputLayout, tmp_path: Path) -> None:
         sample("00000", 2, error="bad", stage="decode"),
         sample("00000", 3),
     ]
-    done = stage_and_track(layout, rows[::-1] + [sentinel("00000", 4)])
-    marker = commit(layout, "00000", *done["00000"], sink="webdataset")
-    path = tmp_path / "out" / FOLDER / "00000.tar"
-    assert marker["files"] == [f"{FOLDER}/00000.tar", "_errors/00000.parquet"]
+    done = stage_and_track(layout, rows[::-1] + [sentinel("00000", 4)], sink="webdataset")
+    marker = commit(layout, done["00000"], sink="webdataset")
+    path = tmp_path / "out" / data_file("00000", 0, "tar")
+    assert marker["files"] == [data_file("00000", 0, "tar"), "_errors/00000.parquet"]
 
     with tarfile.open(path) as tar:
         names = tar.getnames()
@@ -539,7 +664,7 @@ def test_webdataset_sink(layout: OutputLayout, tmp_path: Path) -> None:
 
     samples = list(wds.WebDataset(str(path), shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000003"]
-    for s, i in zip(samples, [0, 1, 3], strict=False):
+    for s, i in zip(samples, [0, 1, 3], strict=True):
         assert s["latent.npy"].dtype == np.float16
         np.testing.assert_array_equal(s["latent.npy"], latent_of("00000", i))
     assert samples[0]["txt"] == "a photo 000000000"
@@ -547,11 +672,27 @@ def test_webdataset_sink(layout: OutputLayout, tmp_path: Path) -> None:
     assert "txt" not in samples[1] and "json" not in samples[1]
 
 
+def test_webdataset_merge_keeps_each_sample_once(layout: OutputLayout, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    batches = [[sample("00000", 0), sample("00000", 1)], [sample("00000", 1), sample("00000", 2)]]
+    done = stage_and_track(layout, *batches, [sentinel("00000", 3)], sink="webdataset")
+    marker = commit(layout, done["00000"], sink="webdataset")
+    (path,) = marker["files"]
+    samples = list(wds.WebDataset(str(tmp_path / "out" / path), shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000002"]
+    for s, i in zip(samples, range(3), strict=True):
+        np.testing.assert_array_equal(s["latent.npy"], latent_of("00000", i))
+        assert s["txt"] == f"a photo 00000{i:04d}"
+
+
 def test_webdataset_output_is_byte_identical_on_rerun(tmp_path: Path) -> None:
     blobs = []
     for run in ("a", "b"):
         layout = OutputLayout(str(tmp_path / run))
-        done = stage_and_track(layout, [sample("00000", 0), sample("00000", 1), sentinel("00000", 2)])
-        commit(layout, "00000", *done["00000"], sink="webdataset")
-        blobs.append((tmp_path / run / FOLDER / "00000.tar").read_bytes())
+        done = stage_and_track(
+            layout, [sample("00000", 0), sample("00000", 1), sentinel("00000", 2)], sink="webdataset"
+        )
+        commit(layout, done["00000"], sink="webdataset")
+        blobs.append((tmp_path / run / data_file("00000", 0, "tar")).read_bytes())
     assert blobs[0] == blobs[1]

@@ -28,6 +28,11 @@ class Sink(Protocol):
 
     def serialize(self, table: pa.Table, *, tensor_columns: list[str], compression: str) -> bytes: ...
 
+    def merge(self, files: list[bytes], rows: list[int]) -> bytes:
+        """One file holding rows ``rows`` (positions in the concatenation of ``files``' samples,
+        in that order): the rare repair of parts that retried tasks staged overlapping."""
+        ...
+
 
 SINKS: Registry[Sink] = Registry("output format", config_key="output.format")
 

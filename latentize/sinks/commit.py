@@ -1,20 +1,24 @@
 """Exactly-once output: staged parts, a driver-side tracker, and per-shard commits.
 
 Ray Data gives no hook for "all rows of input shard S have been written" (its Datasink sees
-arbitrary blocks, and in 2.60 a FilenameProvider no longer sees the block), so latentize runs
-the classic two-phase protocol itself:
+arbitrary blocks, and since Ray 2.60 a FilenameProvider no longer sees the block), so latentize
+runs a two-phase protocol itself (docs/architecture.md, "Commit protocol"):
 
-1. **Stage** (Ray tasks, :func:`stage_batch`): each batch of encoded rows is written, per shard,
-   to ``OUT/_staging/<shard>/part-....parquet`` under a name derived from the rows' indices, so a
-   retried task rewrites the same part. Each part reports ``(shard, part, indices)``.
-2. **Track** (driver, :class:`ShardTracker`): a shard is complete once the set of indices seen
-   equals ``range(total)``, ``total`` coming from the shard's end-of-shard sentinel row.
-3. **Commit** (Ray task, :func:`commit_shard`): read the shard's parts, keep each index once,
-   sort by index, write the data file and errors file atomically, write the marker last, drop
-   the staging folder.
+1. **Stage** (Ray tasks, :func:`stage_batch`): the encoded rows of a batch are written, per
+   shard and data folder, as a part in the final file format under
+   ``OUT/_staging/<shard>/<folder>/part-<first>-<digest>.<ext>``; the name derives from the
+   rows' indices, so a retried task rewrites the same part. Only the ok rows go into parts;
+   error rows and the end-of-shard sentinel travel to the driver in the stage report.
+2. **Track** (driver, :class:`ShardTracker`): a shard is complete once every index in
+   ``range(total)`` is covered by a staged part or an error row, ``total`` coming from the
+   shard's end-of-shard sentinel row.
+3. **Commit** (Ray task, :func:`commit_shard`): each chosen part is *published* under its final
+   name (a hard link on local disks, a server-side copy on object stores: no latent byte is
+   read back or uploaded twice), the errors table is written from the reported error rows,
+   and the marker last. The driver deletes committed shards' staging in bulk.
 
 A crash at any point leaves either a marker (the shard is done) or no marker (the shard is
-redone from scratch after :meth:`OutputLayout.discard_shard`); nothing is duplicated.
+redone after :meth:`OutputLayout.discard`, which finds its leftovers from the staging area).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from latentize.columns import text_column
@@ -36,9 +39,21 @@ from latentize.errors import LatentizeError
 from latentize.sinks.base import SINKS, tensor_array
 from latentize.sinks.layout import OutputLayout
 
-__all__ = ["ERROR_SCHEMA", "Committer", "ShardTracker", "commit_shard", "stage_batch"]
+__all__ = [
+    "ERROR_SCHEMA",
+    "REENCODED_NOTE",
+    "REPORT_SCHEMA",
+    "Committer",
+    "Part",
+    "ShardTracker",
+    "commit_shard",
+    "stage_batch",
+]
 
 logger = logging.getLogger(__name__)
+
+#: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
+REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
 
 #: Per-sample columns carried from the source/preprocess stages into the output.
 _PASSTHROUGH: dict[str, pa.DataType] = {
@@ -48,8 +63,6 @@ _PASSTHROUGH: dict[str, pa.DataType] = {
     "json": pa.string(),
     # Non-fatal findings (bad sidecar, upscaled image), "; "-joined; None when clean.
     "notes": pa.string(),
-    "error": pa.string(),
-    "stage": pa.string(),
     "width": pa.int32(),
     "height": pa.int32(),
     "crop_top": pa.int32(),
@@ -67,6 +80,34 @@ ERROR_SCHEMA = pa.schema(
     ]
 )
 
+_PART_TYPE = pa.struct(
+    [
+        ("folder", pa.string()),
+        ("path", pa.string()),
+        ("indices", pa.list_(pa.int64())),
+        ("bytes", pa.int64()),
+        ("reencoded", pa.int64()),
+    ]
+)
+_ERROR_TYPE = pa.struct([("key", pa.string()), ("index", pa.int64()), ("stage", pa.string()), ("error", pa.string())])
+
+#: What :func:`stage_batch` returns: one row per shard present in the batch. An explicit schema:
+#: left to Ray, equal-length index lists would become a tensor column in one block and objects
+#: in another, which Ray cannot concatenate.
+REPORT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("parts", pa.list_(_PART_TYPE)),
+        ("errors", pa.list_(_ERROR_TYPE)),
+        # -1, or the number of samples read when the batch holds the shard's sentinel.
+        ("total", pa.int64()),
+        # Why reading the shard stopped early (sentinel only).
+        ("shard_error", pa.string()),
+        # The Ray node that read the shard (sentinel only).
+        ("read_node", pa.string()),
+    ]
+)
+
 
 def _column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
     if pa.types.is_string(dtype):
@@ -74,273 +115,383 @@ def _column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
     return pa.array(np.asarray(values).astype(dtype.to_pandas_dtype()), type=dtype)
 
 
+def _stage_part(
+    batch: dict[str, np.ndarray],
+    rows: np.ndarray,
+    *,
+    layout: OutputLayout,
+    shard: str,
+    folder: str,
+    tensor_columns: list[str],
+    sink_name: str,
+    compression: str,
+) -> dict[str, Any]:
+    """Writes the ok rows ``rows`` (positions in ``batch``, in index order) as one staged part."""
+    sink = SINKS.get(sink_name)
+    columns = {name: _column(np.asarray(batch[name])[rows], dtype) for name, dtype in _PASSTHROUGH.items()}
+    for name in tensor_columns:
+        columns[name] = tensor_array(np.asarray(batch[name])[rows])
+    data = sink.serialize(pa.table(columns), tensor_columns=tensor_columns, compression=compression)
+    indices = np.asarray(batch["index"])[rows].astype(np.int64)
+    # Named by content (its indices) so a retried task overwrites instead of adding a part.
+    digest = hashlib.sha1(indices.tobytes()).hexdigest()[:12]
+    path = layout.staged_path(shard, folder, int(indices[0]), digest, sink.extension)
+    layout.write_bytes(path, data)
+    notes = text_column(np.asarray(batch["notes"])[rows], len(rows))
+    return {
+        "folder": folder,
+        "path": path,
+        "indices": indices.tolist(),
+        "bytes": len(data),
+        "reencoded": sum(1 for note in notes if note and REENCODED_NOTE in note),
+    }
+
+
 def stage_batch(
     batch: dict[str, np.ndarray],
     *,
     layout: OutputLayout,
     tensor_columns: list[str],
+    folder: str,
+    sink_name: str,
+    compression: str,
 ) -> pa.Table:
-    """Ray map_batches function: stage encoded rows per shard; report parts and sentinels.
+    """Ray map_batches function: stage the ok rows per shard; report parts, errors, sentinels.
 
     Args:
         batch: numpy batch with ``shard``, ``index``, ``total`` (>= 0 on end-of-shard sentinel
-            rows), the passthrough columns and the encoder's tensor columns (N, *shape).
+            rows), ``error``/``stage`` (str or None), ``read_node`` (sentinels), the passthrough
+            columns and the encoder's tensor columns (N, *shape). A ``folder`` column, when
+            present, names each row's data folder; else every row goes to ``folder``.
+        folder: the data folder of rows without a ``folder`` column.
+        sink_name: the output format (a key of ``SINKS``): parts are written in it.
 
     Returns:
-        An Arrow table, one row per part or sentinel: ``shard`` (str), ``part`` (str, empty
-        for sentinels), ``indices`` (list<int64>: the part's row indices), ``total`` (int64, -1 for parts),
-        ``shard_error`` (str or None: why reading the shard stopped early).
+        An Arrow table of :data:`REPORT_SCHEMA`, one row per shard present in the batch.
     """
-    shards = np.asarray(batch["shard"], dtype=object)
+    n = len(batch["shard"])
+    shards = text_column(batch["shard"], n)
     totals = np.asarray(batch["total"])
-    out: dict[str, list[Any]] = {"shard": [], "part": [], "indices": [], "total": [], "shard_error": []}
+    errors = text_column(batch["error"], n)
+    stages = text_column(batch["stage"], n)
+    keys = text_column(batch["key"], n)
+    nodes = text_column(batch.get("read_node"), n)
+    folders = text_column(batch["folder"], n) if "folder" in batch else np.full(n, folder, dtype=object)
+    indices = np.asarray(batch["index"]).astype(np.int64)
     sentinel = totals >= 0
-    for i in np.flatnonzero(sentinel):
-        out["shard"].append(shards[i])
-        out["part"].append("")
-        out["indices"].append(np.zeros(0, dtype=np.int64))
-        out["total"].append(int(totals[i]))
-        out["shard_error"].append(text_column(batch["error"][i : i + 1], 1)[0])
-    rows = ~sentinel
-    for shard in sorted(set(shards[rows].tolist())):
-        sel = np.flatnonzero(rows & (shards == shard))
-        indices = np.asarray(batch["index"])[sel].astype(np.int64)
-        columns = {name: _column(np.asarray(batch[name])[sel], dtype) for name, dtype in _PASSTHROUGH.items()}
-        for name in tensor_columns:
-            columns[name] = tensor_array(np.asarray(batch[name])[sel])
-        buf = io.BytesIO()
-        pq.write_table(pa.table(columns), buf, compression="zstd")
-        # Named by content (its indices) so a retried task overwrites instead of adding a part.
-        digest = hashlib.sha1(indices.tobytes()).hexdigest()[:12]
-        part = f"{layout.staging_dir(shard)}/part-{int(indices.min()):09d}-{digest}.parquet"
-        layout.write_bytes(part, buf.getvalue())
-        out["shard"].append(shard)
-        out["part"].append(part)
-        out["indices"].append(indices)
-        out["total"].append(-1)
-        out["shard_error"].append(None)
-    # An explicit schema: left to Ray, equal-length index lists would become a tensor column in
-    # one block and objects in another, which Ray cannot concatenate.
-    return pa.table(
-        {
-            "shard": pa.array(out["shard"], pa.string()),
-            "part": pa.array(out["part"], pa.string()),
-            "indices": pa.array([i.tolist() for i in out["indices"]], pa.list_(pa.int64())),
-            "total": pa.array(out["total"], pa.int64()),
-            "shard_error": pa.array(out["shard_error"], pa.string()),
-        }
-    )
+    failed = ~sentinel & np.array([e is not None for e in errors], dtype=bool)
+    ok = ~sentinel & ~failed
+    out: list[dict[str, Any]] = []
+    for shard in sorted(set(shards.tolist())):
+        mine = shards == shard
+        report: dict[str, Any] = {"shard": shard, "parts": [], "errors": [], "total": -1}
+        for i in np.flatnonzero(mine & sentinel):
+            report.update(total=int(totals[i]), shard_error=errors[i], read_node=nodes[i])
+        for i in np.flatnonzero(mine & failed):
+            report["errors"].append({"key": keys[i], "index": int(indices[i]), "stage": stages[i], "error": errors[i]})
+        for name in sorted(set(folders[mine & ok].tolist())):
+            sel = np.flatnonzero(mine & ok & (folders == name))
+            sel = sel[np.argsort(indices[sel], kind="stable")]
+            report["parts"].append(
+                _stage_part(
+                    batch,
+                    sel,
+                    layout=layout,
+                    shard=shard,
+                    folder=name,
+                    tensor_columns=tensor_columns,
+                    sink_name=sink_name,
+                    compression=compression,
+                )
+            )
+        out.append(report)
+    return pa.Table.from_pylist(out, schema=REPORT_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A staged part as the tracker knows it: its data folder, path, row indices and size."""
+
+    folder: str
+    path: str
+    indices: np.ndarray
+    bytes: int
+    reencoded: int
 
 
 @dataclass
 class _ShardState:
-    parts: set[str] = field(default_factory=set)
-    indices: set[int] = field(default_factory=set)
+    parts: dict[str, Part] = field(default_factory=dict)
+    errors: dict[int, dict[str, Any]] = field(default_factory=dict)
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    count: int = 0
     total: int | None = None
     error: str | None = None
+    read_node: str | None = None
+
+    def cover(self, indices: np.ndarray) -> None:
+        if indices.size == 0:
+            return
+        if indices.min() < 0:
+            raise ValueError(f"negative row index in a report: {int(indices.min())}")
+        top = int(indices.max()) + 1
+        if top > self.seen.size:
+            self.seen = np.concatenate([self.seen, np.zeros(max(top, 2 * self.seen.size) - self.seen.size, bool)])
+        fresh = np.unique(indices[~self.seen[indices]])
+        self.count += int(fresh.size)
+        self.seen[fresh] = True
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """Everything :func:`commit_shard` needs about one complete shard."""
+
+    shard: str
+    total: int
+    parts: list[Part]
+    errors: list[dict[str, Any]]
+    shard_error: str | None
+    read_node: str | None
 
 
 class ShardTracker:
-    """Driver-side bookkeeping: which shards have all their rows staged.
+    """Driver-side bookkeeping: which shards have all their rows staged or failed.
 
-    Duplicated reports (a retried task or actor) are harmless: indices form a set.
+    Duplicated reports (a retried task or actor) are harmless: coverage is counted per index.
     """
 
     def __init__(self) -> None:
         self._shards: dict[str, _ShardState] = {}
         self._done: set[str] = set()
 
-    def add(self, *, shard: str, part: str, indices: np.ndarray, total: int, shard_error: str | None) -> bool:
-        """Records one report; returns True when ``shard`` has just become complete."""
+    def add(self, report: dict[str, Any]) -> bool:
+        """Records one row of :data:`REPORT_SCHEMA`; True when its shard has just become complete."""
+        shard = report["shard"]
         if shard in self._done:
             # A late duplicate (retried task) of a shard already handed to its commit.
             return False
         state = self._shards.setdefault(shard, _ShardState())
-        if part:
-            state.parts.add(part)
-            state.indices.update(int(i) for i in indices)
-        if total >= 0:
-            state.total = total
-            state.error = shard_error
+        for p in report["parts"]:
+            part = Part(p["folder"], p["path"], np.asarray(p["indices"], dtype=np.int64), p["bytes"], p["reencoded"])
+            state.parts[part.path] = part
+            state.cover(part.indices)
+        for e in report["errors"]:
+            state.errors.setdefault(int(e["index"]), e)
+        state.cover(np.fromiter((int(e["index"]) for e in report["errors"]), dtype=np.int64))
+        if report["total"] >= 0:
+            state.total = int(report["total"])
+            state.error = report.get("shard_error")
+            state.read_node = report.get("read_node")
         return self.complete(shard)
 
     def complete(self, shard: str) -> bool:
         state = self._shards.get(shard)
         if state is None or state.total is None:
             return False
-        return len(state.indices) == state.total and all(0 <= i < state.total for i in state.indices)
+        # Distinct indices seen == total, none of them out of range: every row is accounted for.
+        return state.count == state.total and not state.seen[state.total :].any()
 
-    def pop(self, shard: str) -> tuple[list[str], int, str | None]:
-        """Removes a complete shard's state; returns ``(parts, total, shard_error)``."""
+    def pop(self, shard: str) -> ShardCommit:
+        """Removes a complete shard's state; returns what its commit needs."""
         state = self._shards.pop(shard)
         self._done.add(shard)
         assert state.total is not None
-        return sorted(state.parts), state.total, state.error
+        errors = [state.errors[i] for i in sorted(state.errors)]
+        return ShardCommit(shard, state.total, list(state.parts.values()), errors, state.error, state.read_node)
 
     def incomplete(self) -> dict[str, tuple[int, int | None]]:
         """Shards still open: ``shard -> (rows seen, total or None)``."""
-        return {s: (len(st.indices), st.total) for s, st in self._shards.items()}
+        return {s: (st.count, st.total) for s, st in self._shards.items()}
+
+
+def choose_parts(parts: list[Part]) -> tuple[list[Part], list[Part]]:
+    """Splits a shard's staged parts into ``(publish, merge)``.
+
+    Normally every part holds other rows and all are published as they are. A retried task may
+    have staged the same rows again in another grouping: parts whose rows are all in parts
+    already chosen are dropped; a data folder where parts overlap only partly cannot be covered
+    by whole parts, and all its parts are merged (read back and rewritten; rare).
+    """
+    publish: list[Part] = []
+    merge: list[Part] = []
+    for folder in sorted({p.folder for p in parts}):
+        mine = sorted((p for p in parts if p.folder == folder), key=lambda p: (int(p.indices[0]), -p.indices.size))
+        chosen: list[Part] = []
+        covered: set[int] = set()
+        clash = False
+        for part in mine:
+            rows = set(part.indices.tolist())
+            if rows <= covered:
+                continue
+            if rows & covered:
+                clash = True
+                break
+            chosen.append(part)
+            covered |= rows
+        (merge if clash else publish).extend(mine if clash else chosen)
+    return publish, merge
+
+
+def _merged_part(layout: OutputLayout, shard: str, parts: list[Part], sink_name: str) -> tuple[Part, bytes]:
+    """One part from overlapping parts of one folder: each index once, in index order.
+
+    Row ``j`` of a part holds index ``part.indices[j]`` (parts are staged in index order).
+    """
+    indices = np.concatenate([p.indices for p in parts])
+    order, first = np.unique(indices, return_index=True)
+    sink = SINKS.get(sink_name)
+    data = sink.merge([layout.read_bytes(p.path) for p in parts], first.tolist())
+    digest = hashlib.sha1(order.tobytes()).hexdigest()[:12]
+    path = layout.staged_path(shard, parts[0].folder, int(order[0]), digest, sink.extension)
+    return Part(parts[0].folder, path, order, len(data), sum(p.reencoded for p in parts)), data
 
 
 def commit_shard(
     *,
     layout: OutputLayout,
-    shard: str,
+    commit: ShardCommit,
     url: str,
-    parts: list[str],
-    total: int,
-    shard_error: str | None,
-    tensor_columns: list[str],
-    folder: str,
     sink_name: str,
-    compression: str,
     fingerprint: str,
 ) -> dict[str, Any]:
-    """Merges a complete shard's staged parts into its final files, then writes its marker.
+    """Publishes a complete shard's staged parts, writes its errors table, then its marker.
+
+    Idempotent: a retried commit publishes the same names and writes the same marker.
 
     Returns:
         The marker: shard, source URL, status (``ok``, or ``failed`` when reading the shard
-        stopped early), samples / ok / failed counts, files written, config fingerprint.
+        stopped early), samples / ok / failed counts, rows per data folder, files (relative
+        paths), bytes of data, the nodes that read and committed it, config fingerprint.
     """
+    import ray
+
     started = time.time()
-    tables = []
-    for part in parts:
-        tables.append(pq.read_table(pa.BufferReader(layout.read_bytes(part))))
+    publish, merge = choose_parts(commit.parts)
     files: list[str] = []
-    n_ok = n_err = reencoded = 0
+    rows: dict[str, int] = {}
+    data_bytes = 0
+    for folder in sorted({p.folder for p in merge}):
+        part, data = _merged_part(layout, commit.shard, [p for p in merge if p.folder == folder], sink_name)
+        logger.warning("shard %s: %s parts overlapped (task retries); merged them", commit.shard, folder)
+        layout.write_bytes(part.path, data)
+        publish.append(part)
+    for part in sorted(publish, key=lambda p: (p.folder, int(p.indices[0]))):
+        final = layout.final_path(part.path)
+        layout.publish(part.path, final)
+        files.append(layout.relative(final))
+        rows[part.folder] = rows.get(part.folder, 0) + int(part.indices.size)
+        data_bytes += part.bytes
     by_stage: dict[str, int] = {}
-    if tables:
-        table = pa.concat_tables(tables)
-        # Keep each index once (a redone batch may have been staged twice), in input order.
-        order = np.argsort(table.column("index").to_numpy(), kind="stable")
-        table = table.take(pa.array(order))
-        idx = table.column("index").to_numpy()
-        keep = np.ones(len(idx), dtype=bool)
-        keep[1:] = idx[1:] != idx[:-1]
-        table = table.filter(pa.array(keep))
-        if table.num_rows != total:
-            raise RuntimeError(f"shard {shard}: {table.num_rows} staged rows, expected {total}")
-        failed = pc.is_valid(table.column("error"))
-        ok = table.filter(pc.invert(failed))
-        err = table.filter(failed)
-        n_ok, n_err = ok.num_rows, err.num_rows
-        for stage in err.column("stage").to_pylist():
-            by_stage[stage] = by_stage.get(stage, 0) + 1
-        reencoded = sum(1 for note in ok.column("notes").to_pylist() if note and "re-encoded in float32" in note)
-        if n_ok:
-            sink = SINKS.get(sink_name)
-            path = layout.data_path(folder, shard, sink.extension)
-            layout.write_bytes(path, sink.serialize(ok, tensor_columns=tensor_columns, compression=compression))
-            files.append(path)
-        if n_err:
-            errors = pa.table(
-                {
-                    "key": err.column("key"),
-                    "shard": pa.array([shard] * n_err, pa.string()),
-                    "index": err.column("index"),
-                    "stage": err.column("stage"),
-                    "error": err.column("error"),
-                },
-                schema=ERROR_SCHEMA,
-            )
-            buf = io.BytesIO()
-            pq.write_table(errors, buf, compression="zstd")
-            path = layout.errors_path(shard)
-            layout.write_bytes(path, buf.getvalue())
-            files.append(path)
+    for e in commit.errors:
+        by_stage[e["stage"]] = by_stage.get(e["stage"], 0) + 1
+    if commit.errors:
+        table = pa.Table.from_pylist([{**e, "shard": commit.shard} for e in commit.errors], schema=ERROR_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        layout.write_bytes(layout.errors_path(commit.shard), buf.getvalue())
+        files.append(layout.relative(layout.errors_path(commit.shard)))
+    # A sample stored in several folders (one per resolution) is one ok sample.
+    n_ok = int(np.unique(np.concatenate([p.indices for p in publish])).size) if publish else 0
     marker = {
-        "shard": shard,
+        "shard": commit.shard,
         "url": url,
-        "status": "failed" if shard_error else "ok",
-        "error": shard_error,
-        "samples": total,
+        "status": "failed" if commit.shard_error else "ok",
+        "error": commit.shard_error,
+        "samples": commit.total,
         "ok": n_ok,
-        "failed": n_err,
+        "failed": len(commit.errors),
         "failed_by_stage": by_stage,
-        "reencoded_fp32": reencoded,
-        "files": [p[len(layout.root) + 1 :] for p in files],
+        "reencoded_fp32": sum(p.reencoded for p in publish),
+        "rows": rows,
+        "files": files,
+        "bytes": data_bytes,
+        "read_node": commit.read_node,
+        "commit_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         "fingerprint": fingerprint,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    layout.write_json(layout.marker_path(shard), marker)
-    layout.remove([layout.staging_dir(shard)])
-    logger.debug("committed %s (%d ok, %d failed) in %.2fs", shard, n_ok, n_err, time.time() - started)
+    layout.write_json(layout.marker_path(commit.shard), marker)
+    elapsed = time.time() - started
+    logger.debug("committed %s (%d ok, %d failed) in %.2fs", commit.shard, n_ok, len(commit.errors), elapsed)
     return marker
 
 
 class Committer:
-    """The driver's commit loop: feeds stage reports to a :class:`ShardTracker` and commits each
-    shard (a :func:`commit_shard` Ray task) as soon as its last row is staged.
+    """The driver's commit loop: feeds stage reports to a :class:`ShardTracker`, commits each
+    shard (a :func:`commit_shard` Ray task) as soon as its last row is staged, removes committed
+    shards' staging in bulk and keeps the ledger of markers.
 
     At most ``parallelism`` commits are in flight; the loop waits for one to finish before it
-    starts another. Commits are idempotent (same files, marker last), so Ray may retry them.
+    starts another. Commits are idempotent, so Ray may retry them.
 
     Args:
         layout: the output root.
         urls: shard id -> source URL of every shard this run encodes.
+        markers: the markers already committed (from the plan); new ones are added.
         parallelism: commit tasks in flight at most.
-        options: the remaining keyword arguments of :func:`commit_shard` (tensor columns,
-            folder, sink name, compression, fingerprint).
+        sink_name: the output format.
+        fingerprint: the run's config fingerprint (recorded in each marker).
+        ledger_every_s: seconds between rewrites of ``_ledger.parquet`` during the run.
     """
 
-    def __init__(self, *, layout: OutputLayout, urls: dict[str, str], parallelism: int, **options: Any) -> None:
+    #: Staged files removed per bulk delete (S3's limit per DeleteObjects request).
+    DELETE_BATCH = 1000
+
+    def __init__(
+        self,
+        *,
+        layout: OutputLayout,
+        urls: dict[str, str],
+        markers: dict[str, dict[str, Any]],
+        parallelism: int,
+        sink_name: str,
+        fingerprint: str,
+        ledger_every_s: float = 300.0,
+    ) -> None:
         import ray
 
         self._layout = layout
         self._urls = urls
+        self.markers = dict(markers)
         self._parallelism = max(1, parallelism)
-        self._options = options
+        self._options = {"sink_name": sink_name, "fingerprint": fingerprint}
         # Ray's stubs type only positional remote functions; commit_shard is keyword-only.
-        remote: Any = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True)
+        # SPREAD: commits are I/O, so they go to every node rather than pile up on the driver's.
+        remote: Any = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True, scheduling_strategy="SPREAD")
         self._task = remote(commit_shard)
         self._tracker = ShardTracker()
-        self._in_flight: list[Any] = []
+        self._in_flight: dict[Any, ShardCommit] = {}
+        self._staged_done: list[str] = []
+        self._ledger_every_s = ledger_every_s
+        self._ledger_at = time.time()
         #: Shards committed and samples they hold, this run.
         self.shards_done = 0
         self.samples_done = 0
 
-    def add(self, reports: dict[str, np.ndarray]) -> None:
-        """Takes one batch of :func:`stage_batch` reports (numpy columns)."""
+    def add(self, reports: pa.Table) -> None:
+        """Takes one block of :func:`stage_batch` reports."""
         import ray
 
-        n = len(reports["shard"])
-        shard_errors = text_column(reports["shard_error"], n)
-        for i in range(n):
-            shard = str(reports["shard"][i])
-            complete = self._tracker.add(
-                shard=shard,
-                part=str(reports["part"][i]),
-                indices=np.asarray(reports["indices"][i]),
-                total=int(reports["total"][i]),
-                shard_error=shard_errors[i],
-            )
-            if not complete:
+        for report in reports.to_pylist():
+            if not self._tracker.add(report):
                 continue
-            parts, total, shard_error = self._tracker.pop(shard)
-            self._in_flight.append(
-                self._task.remote(
-                    layout=self._layout,
-                    shard=shard,
-                    url=self._urls[shard],
-                    parts=parts,
-                    total=total,
-                    shard_error=shard_error,
-                    **self._options,
-                )
-            )
+            commit = self._tracker.pop(report["shard"])
+            ref = self._task.remote(layout=self._layout, commit=commit, url=self._urls[commit.shard], **self._options)
+            self._in_flight[ref] = commit
             if len(self._in_flight) >= self._parallelism:
-                ready, self._in_flight = ray.wait(self._in_flight, num_returns=1)
+                ready, _ = ray.wait(list(self._in_flight), num_returns=1)
                 self._record(ready)
 
     def finish(self) -> None:
-        """Waits for the commits in flight.
+        """Waits for the commits in flight, removes the last staged files, writes the ledger.
 
         Raises:
             LatentizeError: a shard never saw all its rows (rows lost inside Ray): it is not
                 committed, and a rerun redoes it.
         """
-        self._record(self._in_flight)
-        self._in_flight = []
+        self._record(list(self._in_flight))
+        self._flush_staging(force=True)
+        self._layout.write_ledger(self.markers)
         left = self._tracker.incomplete()
         if left:
             raise LatentizeError(
@@ -350,8 +501,20 @@ class Committer:
     def _record(self, refs: list[Any]) -> None:
         import ray
 
-        for marker in ray.get(refs):
+        for ref, marker in zip(refs, ray.get(refs), strict=True):
+            commit = self._in_flight.pop(ref)
             self.shards_done += 1
             self.samples_done += marker["samples"]
+            self.markers[marker["shard"]] = marker
+            self._staged_done.extend(p.path for p in commit.parts)
             if marker["status"] != "ok":
                 logger.warning("shard %s failed: %s", marker["shard"], marker["error"])
+        self._flush_staging()
+        if time.time() - self._ledger_at > self._ledger_every_s:
+            self._layout.write_ledger(self.markers)
+            self._ledger_at = time.time()
+
+    def _flush_staging(self, *, force: bool = False) -> None:
+        if self._staged_done and (force or len(self._staged_done) >= self.DELETE_BATCH):
+            self._layout.remove_files(self._staged_done)
+            self._staged_done = []

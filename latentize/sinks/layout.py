@@ -1,47 +1,64 @@
-"""The output root's layout (design.md §3) and its atomic writes, on any fsspec filesystem.
+"""The output root's layout and its atomic, bulk file operations, on any fsspec filesystem.
 
 ```
-OUT/_manifest.json          run identity, resolved config, totals
-OUT/_inputs.parquet         the run's input shards: url, shard id
-OUT/<W>x<H>/<shard>.<ext>   data: one folder per latent shape (named for its source size)
-OUT/_shards/<shard>.json    commit marker: written last, after the shard's files are durable
-OUT/_errors/<shard>.parquet one row per failed sample
-OUT/_staging/<shard>/...    parts of shards in flight; discarded on resume
+OUT/_manifest.json                  run identity, resolved config, totals
+OUT/_inputs.parquet                 the run's input shards: url, shard id
+OUT/_ledger.parquet                 every commit marker in one file (rewritten by the driver)
+OUT/<W>x<H>/<shard>-<first>.<ext>   data: one folder per latent shape; one file per staged part
+OUT/_shards/<shard>.json            commit marker: written last, after the shard's files are durable
+OUT/_errors/<shard>.parquet         one row per failed sample
+OUT/_staging/<shard>/<W>x<H>/...    parts of shards in flight (and discard lists); pruned on resume
 ```
 Names starting with ``_`` are skipped by pyarrow's dataset discovery, so ``pq.read_table(OUT)``
-sees data files only.
+sees data files only. docs/architecture.md describes the commit protocol these paths serve.
+
+Every operation that touches many objects is one bulk call (a listing, a concurrent ``cat``, a
+bulk delete), never a loop of requests per shard: at 230,000 shards a serial request per shard
+is hours of driver time.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from latentize.errors import LatentizeError
 from latentize.retry import retry_call
 
-__all__ = ["OutputLayout", "data_folder"]
+__all__ = ["OutputLayout", "data_folder", "final_name"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 INPUTS = "_inputs.parquet"
+LEDGER = "_ledger.parquet"
 MARKERS = "_shards"
 ERRORS = "_errors"
 STAGING = "_staging"
+#: Prefix of the discard lists written under ``_staging/`` before committed shards are redone.
+DISCARD_PREFIX = "discard-"
 
 
 def data_folder(size: tuple[int, int]) -> str:
     """Folder name of a latent shape, from the source crop size ``(width, height)``."""
     return f"{size[0]}x{size[1]}"
+
+
+def final_name(shard: str, first: int, extension: str) -> str:
+    """Data file name of a shard's part whose first row index is ``first``."""
+    return f"{shard}-{first:09d}.{extension}"
 
 
 class OutputLayout:
@@ -72,6 +89,10 @@ class OutputLayout:
     def join(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def relative(self, path: str) -> str:
+        """``path`` relative to the root (as markers store it)."""
+        return path[len(self.root) + 1 :]
+
     @property
     def manifest_path(self) -> str:
         return self.join(MANIFEST)
@@ -85,24 +106,34 @@ class OutputLayout:
     def staging_dir(self, shard: str) -> str:
         return self.join(STAGING, shard)
 
-    def data_path(self, folder: str, shard: str, extension: str) -> str:
-        return self.join(folder, f"{shard}.{extension}")
+    def staged_path(self, shard: str, folder: str, first: int, digest: str, extension: str) -> str:
+        """Where a part is staged: named by its first row index and a digest of its indices, so
+        a retried task rewrites the same part instead of adding one."""
+        return self.join(STAGING, shard, folder, f"part-{first:09d}-{digest}.{extension}")
+
+    def final_path(self, staged: str) -> str:
+        """The data file a staged part becomes: ``OUT/<folder>/<shard>-<first>.<ext>``."""
+        rel = self.relative(staged).split("/")
+        if len(rel) != 4 or rel[0] != STAGING or not rel[3].startswith("part-"):
+            raise ValueError(f"not a staged part: {staged}")
+        _, shard, folder, name = rel
+        first, rest = name[len("part-") :].split("-", 1)
+        extension = rest.split(".", 1)[1]
+        return self.join(folder, final_name(shard, int(first), extension))
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
-    # -- writes -----------------------------------------------------------------------------
+    # -- single objects -----------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:
         """Writes ``data`` so that readers see either nothing or the whole file.
 
         An object store's PUT is atomic already; a local file is written under a hidden
         temporary name in the same folder and renamed over the target.
         """
-        parent = posixpath.dirname(path)
         if self.is_local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+            tmp = self._local_tmp(path)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -124,52 +155,73 @@ class OutputLayout:
         except FileNotFoundError:
             return None
 
+    def publish(self, staged: str, final: str) -> None:
+        """Makes a staged part visible under its final name without moving its bytes through
+        this process: a hard link on a local filesystem, a server-side copy on object stores.
+
+        The staged part stays where it is (the resume logic derives leftovers from it) until
+        the shard's marker is written. Both are atomic: readers never see a partial file.
+        """
+        if self.is_local:
+            tmp = self._local_tmp(final)
+            try:
+                os.link(staged, tmp)
+            except OSError:
+                # Filesystems without hard links (some network and FUSE mounts): copy instead.
+                shutil.copyfile(staged, tmp)
+            os.replace(tmp, final)
+        else:
+            retry_call(lambda: self.fs.cp_file(staged, final), attempts=self.retries, what=f"copy {staged}")
+
+    def _local_tmp(self, path: str) -> str:
+        parent = posixpath.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        return posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+    # -- many objects ---------------------------------------------------------------------------
     def remove(self, paths: Iterable[str]) -> None:
+        """Removes files or whole folders (each path recursively); missing ones are fine."""
         for p in paths:
             try:
                 self.fs.rm(p, recursive=True)
             except FileNotFoundError:
                 pass
 
-    # -- state --------------------------------------------------------------------------------
-    def read_manifest(self) -> dict[str, Any] | None:
-        return self.read_json(self.manifest_path)
-
-    def write_inputs(self, shards: list[tuple[str, str]]) -> None:
-        """Records the run's ``(url, shard id)`` list (``status`` counts pending shards from it)."""
-        import io
-
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        table = pa.table({"url": [u for u, _ in shards], "shard": [s for _, s in shards]})
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(self.join(INPUTS), buf.getvalue())
-
-    def read_inputs(self) -> list[tuple[str, str]]:
-        """The ``(url, shard id)`` list written by :meth:`write_inputs` (empty if absent)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+    def remove_files(self, paths: Iterable[str]) -> None:
+        """Removes files in bulk (S3 deletes up to 1,000 keys per request); missing ones are fine."""
+        paths = sorted(set(paths))
+        if not paths:
+            return
+        if self.is_local:
+            for p in paths:
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+            return
         try:
-            table = pq.read_table(pa.BufferReader(self.read_bytes(self.join(INPUTS))))
+            retry_call(lambda: self.fs.rm(paths), attempts=self.retries, what=f"delete {len(paths)} objects")
+        except FileNotFoundError:
+            pass
+
+    def list_files(self, folder: str) -> list[str]:
+        """Every file under ``folder`` (a path under the root), from one paginated listing."""
+        try:
+            return sorted(self.fs.find(folder))
         except FileNotFoundError:
             return []
-        return list(zip(table.column("url").to_pylist(), table.column("shard").to_pylist(), strict=False))
 
-    def read_markers(self) -> dict[str, dict[str, Any]]:
-        """All commit markers, by shard id."""
-        try:
-            paths = self.fs.glob(self.join(MARKERS, "*.json"))
-        except FileNotFoundError:
+    def cat_many(self, paths: list[str]) -> dict[str, bytes]:
+        """Reads many small files concurrently (s3fs and gcsfs issue the requests in parallel);
+        files that vanished in between are left out."""
+        if not paths:
             return {}
-        markers: dict[str, dict[str, Any]] = {}
-        for p in paths:
-            data = self.read_json(p)
-            if data is not None:
-                markers[posixpath.basename(p)[: -len(".json")]] = data
-        return markers
+        found = retry_call(
+            lambda: self.fs.cat(paths, on_error="omit"), attempts=self.retries, what=f"read {len(paths)} objects"
+        )
+        if isinstance(found, bytes):  # a single path comes back unwrapped
+            found = {paths[0]: found}
+        return {p: v for p, v in found.items() if isinstance(v, bytes)}
 
     def entries(self) -> list[str]:
         """Names directly under the root (empty when the root does not exist)."""
@@ -178,20 +230,116 @@ class OutputLayout:
         except FileNotFoundError:
             return []
 
-    def prune_staging(self) -> None:
-        """Removes the staging folder once no shard is in flight (object stores have no
-        empty folders, so it may already be gone)."""
-        path = self.join(STAGING)
+    # -- run state ----------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any] | None:
+        return self.read_json(self.manifest_path)
+
+    def write_inputs(self, shards: list[tuple[str, str]]) -> None:
+        """Records the run's ``(url, shard id)`` list (``status`` counts pending shards from it)."""
+        table = pa.table({"url": [u for u, _ in shards], "shard": [s for _, s in shards]})
+        self.write_bytes(self.join(INPUTS), _parquet_bytes(table))
+
+    def read_inputs(self) -> list[tuple[str, str]]:
+        """The ``(url, shard id)`` list written by :meth:`write_inputs` (empty if absent)."""
         try:
-            if not self.fs.ls(path, detail=False):
-                self.remove([path])
+            table = pq.read_table(pa.BufferReader(self.read_bytes(self.join(INPUTS))))
         except FileNotFoundError:
-            pass
+            return []
+        return list(zip(table.column("url").to_pylist(), table.column("shard").to_pylist(), strict=True))
 
-    def discard_shard(self, shard: str, *, data_files: Iterable[str] = ()) -> None:
-        """Removes every trace of an uncommitted (or to-be-redone) shard.
+    def committed_shards(self) -> set[str]:
+        """Shard ids with a commit marker, from one listing of ``_shards/``."""
+        names = (posixpath.basename(p) for p in self.list_files(self.join(MARKERS)))
+        return {n[: -len(".json")] for n in names if n.endswith(".json")}
 
-        The marker goes first, so that a crash half-way leaves a shard that reads as pending.
+    def read_markers(self) -> dict[str, dict[str, Any]]:
+        """All commit markers, by shard id.
+
+        The ledger holds every marker known when the driver last wrote it; one listing of
+        ``_shards/`` finds the markers committed since (by a crashed or running run) and those
+        read concurrently. A marker file is the commit point: ledger entries whose marker file
+        is gone (a shard being redone) do not count.
         """
-        self.remove([self.marker_path(shard)])
-        self.remove([self.staging_dir(shard), self.errors_path(shard), *data_files])
+        listed = self.committed_shards()
+        ledger = {s: m for s, m in self.read_ledger().items() if s in listed}
+        missing = sorted(listed - set(ledger))
+        if missing:
+            found = self.cat_many([self.marker_path(s) for s in missing])
+            for path, data in found.items():
+                ledger[posixpath.basename(path)[: -len(".json")]] = json.loads(data)
+        return ledger
+
+    def read_ledger(self) -> dict[str, dict[str, Any]]:
+        """The markers of ``_ledger.parquet`` (empty when there is none)."""
+        try:
+            table = pq.read_table(pa.BufferReader(self.read_bytes(self.join(LEDGER))))
+        except FileNotFoundError:
+            return {}
+        shards = table.column("shard").to_pylist()
+        markers = table.column("marker").to_pylist()
+        return {s: json.loads(m) for s, m in zip(shards, markers, strict=True)}
+
+    def write_ledger(self, markers: dict[str, dict[str, Any]]) -> None:
+        """Writes every marker into ``_ledger.parquet`` (one object: a rerun reads it in one GET)."""
+        shards = sorted(markers)
+        table = pa.table(
+            {
+                "shard": pa.array(shards, pa.string()),
+                "status": pa.array([markers[s].get("status") for s in shards], pa.string()),
+                "marker": pa.array([json.dumps(markers[s], default=str) for s in shards], pa.string()),
+            }
+        )
+        self.write_bytes(self.join(LEDGER), _parquet_bytes(table))
+
+    def discard(self, shards: Iterable[str], markers: dict[str, dict[str, Any]]) -> int:
+        """Removes every trace of shards about to be (re)done, with a constant number of
+        listings and bulk deletes; returns the number of objects removed.
+
+        * Shards that were never committed: their staged parts, the data files those parts
+          may already have become, and their errors files (found by listing ``_staging/`` and
+          ``_errors/`` once each).
+        * Committed shards being redone (``--retry-failed``): their files are written into a
+          discard list under ``_staging/`` first, then their markers are removed, then the
+          files; a crash in between leaves a list the next resume finishes.
+        * Discard lists left by an earlier crash are finished too, for the shards whose
+          marker is gone (a shard whose marker is still there was never discarded).
+
+        Args:
+            shards: the shard ids this run (re)does.
+            markers: every commit marker of the output (as :meth:`read_markers` returns them).
+        """
+        shards = set(shards)
+        redo = {s: markers[s] for s in shards if s in markers}
+        doomed: set[str] = set()
+        for path in self.list_files(self.join(STAGING)):
+            rel = self.relative(path).split("/")
+            if len(rel) == 2 and rel[1].startswith(DISCARD_PREFIX):
+                listed: dict[str, list[str]] = json.loads(self.read_bytes(path))
+                doomed.update(self.join(f) for s, files in listed.items() if s not in markers for f in files)
+                doomed.add(path)
+            elif len(rel) == 4 and rel[1] in shards:
+                doomed.update((path, self.final_path(path)))
+        for path in self.list_files(self.join(ERRORS)):
+            if posixpath.basename(path)[: -len(".parquet")] in shards:
+                doomed.add(path)
+        discard_list = None
+        if redo:
+            files = {s: list(m.get("files", [])) for s, m in redo.items()}
+            discard_list = self.join(STAGING, f"{DISCARD_PREFIX}{uuid.uuid4().hex}.json")
+            self.write_bytes(discard_list, json.dumps(files).encode())
+            self.remove_files(self.marker_path(s) for s in redo)
+            doomed.update(self.join(f) for listed_files in files.values() for f in listed_files)
+        self.remove_files(doomed)
+        if discard_list is not None:
+            self.remove_files([discard_list])
+        return len(doomed) + len(redo)
+
+    def prune_staging(self) -> None:
+        """Removes what is left of the staging area once no shard is in flight."""
+        self.remove([self.join(STAGING)])
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()

@@ -30,10 +30,19 @@ class ParquetSink:
             "crop_top",
             "crop_left",
         ]
-        buf = io.BytesIO()
-        # Small row groups keep readers' memory low and let them skip by key ranges.
-        pq.write_table(table.select(order), buf, compression=compression, row_group_size=1024)
-        return buf.getvalue()
+        return _write(table.select(order), compression)
+
+    def merge(self, files: list[bytes], rows: list[int]) -> bytes:
+        tables = [pq.read_table(pa.BufferReader(f)) for f in files]
+        codec = pq.ParquetFile(pa.BufferReader(files[0])).metadata.row_group(0).column(0).compression
+        return _write(pa.concat_tables(tables).take(pa.array(rows, pa.int64())), codec.lower())
+
+
+def _write(table: pa.Table, compression: str) -> bytes:
+    buf = io.BytesIO()
+    # Small row groups keep readers' memory low and let them skip by key ranges.
+    pq.write_table(table, buf, compression=compression, row_group_size=1024)
+    return buf.getvalue()
 
 
 SINKS.add("parquet", ParquetSink())

@@ -1,11 +1,16 @@
-"""WebDataset output: a tar per input shard with ``KEY.<column>.npy`` beside ``KEY.txt``/``KEY.json``."""
+"""WebDataset output: tars (one per staged part of an input shard) holding ``KEY.<column>.npy``
+beside ``KEY.txt``/``KEY.json``."""
 
 from __future__ import annotations
 
 import io
+import tarfile
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
 from latentize.sinks.base import SINKS, tensor_numpy
 
@@ -22,19 +27,47 @@ class WebDatasetSink:
         keys = table.column("key").to_pylist()
         captions = table.column("caption").to_pylist()
         jsons = table.column("json").to_pylist()
-        buf = io.BytesIO()
-        # A fixed mtime makes reruns produce byte-identical tars.
-        with wds.TarWriter(buf, mtime=0.0) as sink:
-            for i, key in enumerate(keys):
-                sample = {"__key__": key}
-                for name, values in tensors.items():
-                    sample[f"{name}.npy"] = values[i]
-                if captions[i] is not None:
-                    sample["txt"] = captions[i]
-                if jsons[i] is not None:
-                    sample["json"] = jsons[i]
-                sink.write(sample)
-        return buf.getvalue()
+        return _tar(self._samples(tensors, keys, captions, jsons))
+
+    @staticmethod
+    def _samples(
+        tensors: dict[str, np.ndarray], keys: list[str], captions: list[str | None], jsons: list[str | None]
+    ) -> list[dict[str, Any]]:
+        samples = []
+        for i, key in enumerate(keys):
+            sample: dict[str, Any] = {"__key__": key}
+            for name, values in tensors.items():
+                sample[f"{name}.npy"] = values[i]
+            if captions[i] is not None:
+                sample["txt"] = captions[i]
+            if jsons[i] is not None:
+                sample["json"] = jsons[i]
+            samples.append(sample)
+        return samples
+
+    def merge(self, files: list[bytes], rows: list[int]) -> bytes:
+        samples: list[dict[str, Any]] = []
+        for data in files:
+            mine: list[dict[str, Any]] = []  # per file: the same key may end one part and start the next
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                for member in tar:
+                    key, ext = base_plus_ext(member.name)
+                    if not mine or mine[-1]["__key__"] != key:
+                        mine.append({"__key__": key})
+                    extracted = tar.extractfile(member)
+                    # Member bytes as they are: TarWriter writes bytes values unchanged.
+                    mine[-1][ext] = extracted.read() if extracted is not None else b""
+            samples.extend(mine)
+        return _tar([samples[i] for i in rows])
+
+
+def _tar(samples: list[dict[str, Any]]) -> bytes:
+    buf = io.BytesIO()
+    # A fixed mtime makes reruns produce byte-identical tars.
+    with wds.TarWriter(buf, mtime=0.0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return buf.getvalue()
 
 
 SINKS.add("webdataset", WebDatasetSink())

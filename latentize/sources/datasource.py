@@ -44,12 +44,20 @@ SAMPLE_SCHEMA = pa.schema(
         ("stage", pa.string()),
         # -1 on sample rows; the number of samples on the shard's end sentinel row.
         ("total", pa.int64()),
+        # The Ray node that read the shard (sentinel row only; recorded in the commit marker).
+        ("read_node", pa.string()),
     ]
 )
 
 
 #: A function applied to every block inside the read task (e.g. decoding), returning a block.
 BlockTransform = Callable[[pa.Table], Any]
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _block(rows: list[dict[str, Any]]) -> pa.Table:
@@ -124,6 +132,7 @@ def read_shard(*, url: str, shard: str, fmt: str, config: InputConfig) -> Iterat
             "error": shard_error,
             "stage": "read" if shard_error else None,
             "total": index,
+            "read_node": _node_id(),
         }
     )
     yield _block(rows)
