@@ -1,4 +1,6 @@
-"""The output root's layout (design.md §3) and its atomic writes, on any fsspec filesystem.
+"""The output root's layout and its atomic writes, on any fsspec filesystem.
+
+What readers may rely on is docs/architecture.md, "Output contract".
 
 ```
 OUT/_manifest.json          run identity, resolved config, totals
