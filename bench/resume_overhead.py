@@ -9,7 +9,7 @@ process and one local Ray:
   lost in a "crash" (data files and stray staging parts left behind), rerun with the same
   command: it reads the ledger, discards the leftovers and encodes the K pending shards.
 
-Issue 3 asks the resumed run to keep >= 95 % of the fresh run's images per second. Each pair
+The target: the resumed run keeps >= 95 % of the fresh run's images per second. Each pair
 is repeated and the median ratio printed.
 
     python bench/resume_overhead.py [--shards 8] [--per-shard 24] [--repeats 3]

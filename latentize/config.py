@@ -268,7 +268,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
-#: What an encoder section without preset, type or model means (the issue-2 default).
+#: What an encoder section without preset, type or model means: the Stable Diffusion VAE (ft-MSE).
 DEFAULT_ENCODER_TYPE = "kl"
 DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
 

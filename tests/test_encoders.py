@@ -1,4 +1,4 @@
-"""Parity tests of latentize.encoders against direct diffusers computations (design.md §2).
+"""Parity tests of latentize.encoders against direct diffusers computations (docs/encoders.md).
 
 Every expected value here is computed straight from diffusers in the test (pixels / 255 * 2 - 1,
 ``vae.encode(x).latent_dist``, ``vq.quantize(...)``), never through latentize, and the tiny

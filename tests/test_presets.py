@@ -1,5 +1,5 @@
-"""Model zoo: presets against design.md's table, preset resolution, the hub cache path,
-encoder identity, DC-AE and FLUX.2 parity, the precision policy and torch.compile."""
+"""Model zoo: presets against the constants table of docs/encoders.md, preset resolution, the hub
+cache path, encoder identity, DC-AE and FLUX.2 parity, the precision policy and torch.compile."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from latentize.encoders.flux2 import patchify
 from latentize.errors import ConfigError, LatentizeError
 from latentize.presets import PRESETS
 
-DESIGN = Path(__file__).resolve().parents[2] / "shared" / "design.md"
+ENCODERS_DOC = Path(__file__).resolve().parents[1] / "docs" / "encoders.md"
 
-# design.md's family names -> presets that must carry that row's constants.
+# The constants table's family names -> presets that must carry that row's constants.
 _ROWS = {
-    "SD 1.x / 2.x (sd-vae-ft-mse)": ["sd15", "sd2"],
+    "SD 1.x / 2.x (sd-vae-ft-mse, sd-vae-ft-ema)": ["sd15", "sd2"],
     "SDXL": ["sdxl", "sdxl-fp16-fix"],
     "SD3 / 3.5": ["sd3"],
     "FLUX.1": ["flux1"],
@@ -37,15 +37,20 @@ _ROWS = {
     "TAESD / TAESDXL": ["taesd", "taesdxl"],
     "TAESD3 / TAEF1": ["taesd3", "taef1"],
     "TAEF2": ["taef2"],
+    "TAESana": ["taesana"],
     "VQGAN f16 (taming)": ["vqgan-f16-1024", "vqgan-f16-16384"],
+    "LDM VQ-f4": ["ldm-vq-f4"],
+    "LDM VQ-f8": ["ldm-vq-f8"],
 }
 
 
-def _design_rows() -> dict[str, list[str]]:
-    if not DESIGN.exists():
-        pytest.skip(f"{DESIGN} is absent")
+def _constants_rows() -> dict[str, list[str]]:
+    """The rows of the table under docs/encoders.md's "## Constants" heading, by family."""
+    lines = ENCODERS_DOC.read_text().splitlines()
+    start = lines.index("## Constants")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     rows = {}
-    for line in DESIGN.read_text().splitlines():
+    for line in lines[start:end]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 6 and cells[0] in _ROWS:
             rows[cells[0]] = cells
@@ -57,22 +62,23 @@ def _number(cell: str) -> float | None:
     return float(match.group()) if match else None
 
 
-def test_every_preset_matches_the_design_table() -> None:
-    rows = _design_rows()
-    assert set(rows) == set(_ROWS), "design.md's constants table changed: update the presets"
-    for family, (_, channels, factor, scale, shift, _notes) in rows.items():
+def test_every_preset_matches_the_constants_table() -> None:
+    rows = _constants_rows()
+    assert set(rows) == set(_ROWS), "docs/encoders.md's constants table changed: update the presets"
+    covered = [name for names in _ROWS.values() for name in names]
+    assert sorted(covered) == PRESETS.names(), "every preset needs exactly one row in the constants table"
+    for family, (_, channels, factor, scale, shift, notes) in rows.items():
         for name in _ROWS[family]:
             preset = PRESETS.get(name)
             assert preset.scaling_factor == _number(scale), name
             assert preset.shift_factor == _number(shift), name
             if family == "FLUX.2":  # "32 (128 after patchify)", "8 (16)": stored after patchify
                 assert (preset.latent_channels, preset.downsample) == (128, 16)
-            elif family.startswith("VQGAN"):  # "256-dim codes", "1024 or 16384 codes"
-                assert preset.downsample == 16 and preset.latent_channels == 256
-                assert str(preset.codebook_size) in _notes
-            else:
-                assert preset.latent_channels == int(channels), name
+            else:  # VQ rows: "256-dim codes" is the code vector size
+                assert preset.latent_channels == _number(channels), name
                 assert preset.downsample == int(factor), name
+            if preset.type == "vq":  # "1024 or 16384 codes"
+                assert str(preset.codebook_size) in re.findall(r"\d+", notes), name
             if family.startswith("TAE"):
                 assert preset.input_range == "[0, 1]" and preset.deterministic
 

@@ -1,6 +1,7 @@
 """Unit tests of latentize.sinks: atomic writes, staging, the shard tracker, per-shard commits
-and the Parquet / WebDataset outputs (docs/architecture.md). Everything is called directly (no Ray);
-batches are built the way the encoder actors hand them to :func:`stage_batch`.
+and the Parquet / WebDataset outputs (docs/architecture.md, "Output contract"). Everything is
+called directly (no Ray); batches are built the way the encoder actors hand them to
+:func:`stage_batch`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ diffusers ``AutoencoderTiny`` parity.
 The real-weight tests use ../shared/weights/taesd beside the repository (TAEF2 encoder and
 decoder, TAESana encoder; MIT) and skip when it is absent. Reconstruction quality is the check
 that the architecture *and* the input range are right: TAEF2 round trips of real photos at 256²
-score ~25-32 dB PSNR, while feeding [-1, 1] instead of [0, 1] drops to ~10 dB (design.md §5).
+score ~25-36 dB PSNR, while feeding [-1, 1] instead of [0, 1] drops to ~10 dB (docs/encoders.md).
 Everything runs on CPU, without Ray.
 """
 
@@ -48,7 +48,7 @@ needs_weights = pytest.mark.skipif(
 
 #: Colour photographs among the demo images (grayscale and RGBA ones are left out).
 PHOTOS = ("astronaut", "chelsea", "china", "coffee", "flower", "motorcycle_left", "retina", "rocket")
-#: design.md §5: 25-32 dB for real photos at 256²; anything below this is a broken encoder.
+#: Real photos at 256² score 25-36 dB (mean ~31); anything below this is a broken encoder.
 MIN_PSNR = 24.0
 
 

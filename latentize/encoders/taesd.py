@@ -10,7 +10,7 @@ Two ways to load the same family:
   diffusers has no class for these files and none at all for TAEF2's global branches or
   TAESana's f32 layout, hence the hand-written architectures here.
 
-Both give *raw* latents (scale 1, roughly within ±3): design.md §2. The layouts follow
+Both give *raw* latents (scale 1, roughly within ±3; docs/encoders.md, "TAESD family"). The layouts follow
 madebyollin/taesd's ``taesd.py`` (MIT) and were checked key by key and shape by shape against
 the released TAEF2 and TAESana files; which layout a file holds is inferred from its keys and
 shapes, never from its name.
