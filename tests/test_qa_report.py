@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
 import html
 import io
 import json
@@ -29,7 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter, ImageOps
 
-from latentize.qa.report import KEY_LIST_CAP, json_ready, render_html, write_report
+from latentize.qa.report import json_ready, render_html, write_report
+from latentize.qa.sections import KEY_LIST_CAP
 
 EVIL_KEY = "<script>alert('pwned')</script>"
 PERCENTILES = (0.1, 1, 5, 25, 50, 75, 95, 99, 99.9)
@@ -510,6 +512,50 @@ def test_keys_are_escaped(kl_html: str) -> None:
     assert 'class="verdict v-unknown">UNKNOWN' in document
     # An unknown status gets a fixed class, never the text.
     assert '<span class="status s-warn">&quot;&gt;&lt;img src=x onerror=alert(1)&gt;</span>' in document
+
+
+def test_template_escapes_every_report_string() -> None:
+    """Keys, captions, names and messages reach report.html through the Jinja2 templates: each
+    one holding markup or ``"&<>'`` must come out as text, in element content and attributes."""
+    key = "\"&<>'<script>alert(1)</script>"
+    report = {
+        "output": f"s3://b/{key}",
+        "passed": False,
+        "checks": [{"name": "finite", "status": "fail", "severity": "error", "message": f"1 row: {key}"}],
+        "encoder": {"type": "kl", "constants": {key: 1.0}},
+        "statistics": {key: {"stored": {"rows": 1, "nonfinite_rows": 1, "nonfinite_keys": [key]}}},
+        "alignment": {"problems": [f"shard {key}: no marker"]},
+        "reconstruction": {
+            "skipped": None,
+            "samples": [{"key": key, "shard": key, "psnr": 21.5, "ssim": 0.5}],
+            "failed": {key: f"read: {key}"},
+        },
+    }
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    document = render_html(report, images={key: (image, image)})
+    escaped = html.escape(key, quote=True)
+    assert key not in document and "<script>alert" not in document
+    assert document.count("<script") == 1  # the page's own script only
+    # Title, header, check message, constant, column heading, non-finite chip, problem, caption,
+    # sample and failure tables: every place the key is shown holds it escaped.
+    assert document.count(escaped) >= 10
+    assert "&quot;&amp;&lt;&gt;&#x27;&lt;script&gt;" in document
+    doc = parse(document)
+    assert [t for t, _ in doc.tags].count("script") == 1
+    (alt,) = [a["alt"] for t, a in doc.tags if t == "img"]
+    assert alt == f"original and decoded {key}"  # the attribute parses back to the exact text
+    captions = re.findall(r"<figcaption><code>(.*?)</code><br>(.*?)</figcaption>", document)
+    assert [(html.unescape(k), html.unescape(c)) for k, c in captions] == [
+        (key, f"PSNR 21.5 dB · SSIM 0.5 · shard {key}")
+    ]
+
+
+def test_csp_admits_exactly_the_inline_script(vq_html: str) -> None:
+    doc = parse(vq_html)
+    (script,) = doc.scripts
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    (csp,) = [a["content"] for t, a in doc.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert f"script-src 'sha256-{digest}'" in (csp or "")
 
 
 def test_missing_and_null_sections() -> None:

@@ -1,10 +1,12 @@
 """The QA report's named checks, and the pure functions behind them.
 
 Every function here works on small, already-aggregated figures (statistics summaries, counts,
-the manifest), never on latents, so they test without Ray and run on the driver.
+the manifest, the report's sections), never on latents, so they test without Ray and run on the
+driver. Each ``*_check`` function decides one named line of the report (:class:`Check`).
 
-Normalisation (design.md §2): a stored value ``s`` of channel ``c`` relates to the encoder's raw
-latent ``z`` by an affine map ``z = s * a[c] + b[c]`` whose constants the manifest records:
+Normalisation: a stored value ``s`` of channel ``c`` relates to the encoder's raw latent ``z`` by
+an affine map ``z = s * a[c] + b[c]``, whose constants the manifest records (docs/encoders.md has
+the normalisation formulas of every encoder family):
 
 * ``(z - shift_factor) * scaling_factor``: ``a = 1 / scaling_factor``, ``b = shift_factor``;
 * ``(z - latents_mean) * scaling_factor / latents_std``: ``a = latents_std / scaling_factor``,
@@ -18,26 +20,38 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from latentize.qa.stats import affine_summary
 
+if TYPE_CHECKING:
+    from latentize.qa.recon import Reconstruction
+    from latentize.qa.scan import Findings
+    from latentize.qa.stats import CodeUsage
+
 __all__ = [
     "Check",
     "NormalizationMap",
-    "alignment_check",
+    "alignment_section",
+    "codebook_range_check",
+    "codebook_usage_check",
+    "complete_check",
+    "counts_check",
+    "data_check",
+    "duplicates_check",
+    "finite_check",
+    "keys_unique_check",
     "normalization_map",
+    "outliers_check",
+    "reconstruction_check",
     "scale_check",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Check statuses, worst last.
-STATUSES = ("skip", "pass", "warn", "fail")
 
 
 @dataclass(frozen=True)
@@ -59,11 +73,13 @@ class Check:
 
     @classmethod
     def judge(cls, name: str, ok: bool, message: str, *, severity: str = "error") -> Check:
+        """``pass`` when ``ok``; else ``fail`` (severity ``error``) or ``warn`` (``warning``)."""
         status = "pass" if ok else ("fail" if severity == "error" else "warn")
         return cls(name, status, severity, message)
 
     @classmethod
     def skipped(cls, name: str, why: str, *, severity: str = "error") -> Check:
+        """A check that could not run, with the reason as its message."""
         return cls(name, "skip", severity, why)
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,16 +263,19 @@ def _scale_diagnosis(std: float, constants: Mapping[str, Any]) -> str | None:
     return None
 
 
-def alignment_check(
+# --------------------------------------------------------------------------- alignment
+
+
+def alignment_section(
     *,
     manifest: Mapping[str, Any],
-    inputs: list[tuple[str, str]],
+    inputs: Sequence[tuple[str, str]],
     markers: Mapping[str, Mapping[str, Any]],
     data_rows: Mapping[str, int],
     error_rows: Mapping[str, int],
-    orphans: list[str],
-    duplicate_keys: list[list[str]],
-) -> tuple[dict[str, Any], list[Check]]:
+    orphans: Sequence[str],
+    duplicate_keys: Sequence[Sequence[str]],
+) -> dict[str, Any]:
     """Do data rows, error rows, commit markers and manifest totals tell one story?
 
     Args:
@@ -267,36 +286,21 @@ def alignment_check(
         error_rows: rows of ``_errors/<shard>.parquet``, by shard.
         orphans: data or error files that no marker lists (a crashed commit's leftovers are
             in ``_staging``, never here, so these should not exist).
-        duplicate_keys: groups of rows (data and error) that share a key.
+        duplicate_keys: groups ``[key, shard, shard, ...]`` of rows (data and error) that share
+            a key; the first 100 are listed.
 
     Returns:
-        The report's ``alignment`` section and the checks ``complete``, ``counts`` and
-        ``keys_unique``.
+        The report's ``alignment`` section: ``totals``, ``problems`` (one sentence per
+        disagreement, judged by :func:`counts_check`), ``shards`` (one row per input shard) and
+        ``duplicate_keys``.
     """
     shards = []
     problems: list[str] = []
     for _, shard in inputs:
         m = markers.get(shard)
-        d, e = int(data_rows.get(shard, 0)), int(error_rows.get(shard, 0))
-        row = {
-            "shard": shard,
-            "status": (m or {}).get("status", "pending"),
-            "data_rows": d,
-            "error_rows": e,
-            "marker_ok": None if m is None else int(m.get("ok", 0)),
-            "marker_failed": None if m is None else int(m.get("failed", 0)),
-        }
+        row, found = _shard_alignment(shard, m, int(data_rows.get(shard, 0)), int(error_rows.get(shard, 0)))
         shards.append(row)
-        if m is None:
-            if d or e:
-                problems.append(f"shard {shard}: {d} data and {e} error rows but no commit marker")
-            continue
-        if d != row["marker_ok"]:
-            problems.append(f"shard {shard}: {d} data rows, its marker says {row['marker_ok']} ok")
-        if e != row["marker_failed"]:
-            problems.append(f"shard {shard}: {e} error rows, its marker says {row['marker_failed']} failed")
-        if int(m.get("samples", d + e)) != d + e:
-            problems.append(f"shard {shard}: {d + e} rows in all, its marker says {m.get('samples')} samples read")
+        problems += found
     known = {shard for _, shard in inputs}
     for shard in sorted(set(data_rows) - known):
         problems.append(f"data rows of shard {shard}, which is not an input of this run")
@@ -319,32 +323,205 @@ def alignment_check(
             f"the manifest says {samples.get('ok')} ok / {samples.get('failed')} failed, "
             f"the markers {totals['marker_ok']} / {totals['marker_failed']}"
         )
+    return {"totals": totals, "problems": problems, "shards": shards, "duplicate_keys": list(duplicate_keys[:100])}
+
+
+def _shard_alignment(
+    shard: str, marker: Mapping[str, Any] | None, data: int, errors: int
+) -> tuple[dict[str, Any], list[str]]:
+    """One shard's row of the alignment table, and its disagreements with its marker."""
+    row = {
+        "shard": shard,
+        "status": (marker or {}).get("status", "pending"),
+        "data_rows": data,
+        "error_rows": errors,
+        "marker_ok": None if marker is None else int(marker.get("ok", 0)),
+        "marker_failed": None if marker is None else int(marker.get("failed", 0)),
+    }
+    if marker is None:
+        return row, [
+            f"shard {shard}: {data} data and {errors} error rows but no commit marker"
+        ] if data or errors else []
+    problems = []
+    if data != row["marker_ok"]:
+        problems.append(f"shard {shard}: {data} data rows, its marker says {row['marker_ok']} ok")
+    if errors != row["marker_failed"]:
+        problems.append(f"shard {shard}: {errors} error rows, its marker says {row['marker_failed']} failed")
+    if int(marker.get("samples", data + errors)) != data + errors:
+        problems.append(
+            f"shard {shard}: {data + errors} rows in all, its marker says {marker.get('samples')} samples read"
+        )
+    return row, problems
+
+
+def complete_check(inputs: Sequence[tuple[str, str]], markers: Mapping[str, Mapping[str, Any]]) -> Check:
+    """``complete``: was every input shard read to the end and committed?
+
+    Args:
+        inputs: the run's ``(url, shard)`` list.
+        markers: committed markers of this run's fingerprint, by shard (``status`` ``ok``: the
+            shard was read to its end).
+    """
     pending = [s for _, s in inputs if s not in markers]
     failed = [s for _, s in inputs if s in markers and markers[s].get("status") != "ok"]
-    checks = []
-    if pending or failed:
-        msg = f"{len(pending)} shard(s) pending, {len(failed)} failed to read to the end, of {len(inputs)}"
-        if pending[:3] or failed[:3]:
-            msg += f" (e.g. {', '.join((failed + pending)[:3])}); `latentize status` has the reasons"
-        checks.append(Check.judge("complete", False, msg))
-    else:
-        checks.append(Check.judge("complete", True, f"all {len(inputs)} shard(s) committed"))
-    count_ok = not problems
-    checks.append(
-        Check.judge(
-            "counts",
-            count_ok,
-            f"data rows ({totals['data_rows']}), error rows ({totals['error_rows']}), commit markers and manifest agree"
-            if count_ok
-            else f"{len(problems)} disagreement(s): " + "; ".join(problems[:3]),
-        )
+    if not pending and not failed:
+        return Check.judge("complete", True, f"all {len(inputs)} shard(s) committed")
+    return Check.judge(
+        "complete",
+        False,
+        f"{len(pending)} shard(s) pending, {len(failed)} failed to read to the end, of {len(inputs)} "
+        f"(e.g. {', '.join((failed + pending)[:3])}); `latentize status` has the reasons",
     )
-    if duplicate_keys:
-        sample = "; ".join(", ".join(g[:3]) for g in duplicate_keys[:3])
-        checks.append(
-            Check.judge("keys_unique", False, f"{len(duplicate_keys)} key(s) stored more than once: {sample}")
+
+
+def counts_check(alignment: Mapping[str, Any]) -> Check:
+    """``counts``: do data rows, error rows, commit markers and the manifest agree?
+
+    Args:
+        alignment: the report's ``alignment`` section (:func:`alignment_section`).
+    """
+    problems, totals = alignment["problems"], alignment["totals"]
+    if not problems:
+        return Check.judge(
+            "counts",
+            True,
+            f"data rows ({totals['data_rows']}), error rows ({totals['error_rows']}), "
+            "commit markers and manifest agree",
         )
-    else:
-        checks.append(Check.judge("keys_unique", True, "every key is one data row or one error row, once"))
-    section = {"totals": totals, "problems": problems, "shards": shards, "duplicate_keys": duplicate_keys[:100]}
-    return section, checks
+    return Check.judge("counts", False, f"{len(problems)} disagreement(s): " + "; ".join(problems[:3]))
+
+
+def keys_unique_check(duplicate_keys: Sequence[Sequence[str]]) -> Check:
+    """``keys_unique``: is every key stored once, as one data row or one error row?
+
+    Args:
+        duplicate_keys: groups ``[key, shard, shard, ...]`` of rows that share a key (pass 2).
+    """
+    if not duplicate_keys:
+        return Check.judge("keys_unique", True, "every key is one data row or one error row, once")
+    sample = "; ".join(", ".join(g[:3]) for g in duplicate_keys[:3])
+    return Check.judge("keys_unique", False, f"{len(duplicate_keys)} key(s) stored more than once: {sample}")
+
+
+def data_check() -> Check:
+    """``data``: listed (failed) only when the output holds no committed data file, since then
+    no other check of the latents can run."""
+    return Check.judge("data", False, "the output holds no committed data rows")
+
+
+# --------------------------------------------------------------------------- values
+
+
+def finite_check(nonfinite: Mapping[str, Any]) -> Check:
+    """``finite``: is every stored float value finite?
+
+    Args:
+        nonfinite: the report's ``nonfinite`` section: ``rows`` holding NaN or ±inf, ``values``
+            (non-finite values by column) and the first ``keys``.
+    """
+    rows, values, keys = nonfinite["rows"], nonfinite["values"], nonfinite["keys"]
+    if rows == 0:
+        return Check.judge("finite", True, "every stored value is finite")
+    return Check.judge(
+        "finite", False, f"{rows} row(s) hold NaN or Inf values ({sum(values.values())} values): {', '.join(keys[:5])}"
+    )
+
+
+def outliers_check(findings: Findings, *, data_rows: int, outlier_std: float) -> Check:
+    """``outliers`` (a warning): does any value lie beyond ``outlier_std`` standard deviations of
+    its channel's mean?
+
+    Args:
+        findings: pass 2's findings (exact outlier counts, the most extreme rows first).
+        data_rows: data rows in the output.
+        outlier_std: the threshold, in standard deviations.
+    """
+    if findings.outlier_rows == 0:
+        return Check.judge("outliers", True, f"no value beyond {outlier_std:g} std of its channel", severity="warning")
+    worst = findings.worst[0]
+    return Check.judge(
+        "outliers",
+        False,
+        f"{findings.outlier_rows} of {data_rows} row(s) hold {findings.outlier_values} value(s) "
+        f"beyond {outlier_std:g} std of their channel; most extreme: {worst['key']} ({worst['z']:.1f} std)",
+        severity="warning",
+    )
+
+
+def duplicates_check(findings: Findings) -> Check:
+    """``duplicates`` (a warning): do different keys hold byte-identical latents?
+
+    Args:
+        findings: pass 2's findings (groups of ``(key, shard)`` with identical latents).
+    """
+    groups = findings.duplicate_latents
+    if not groups:
+        return Check.judge("duplicates", True, "no two keys share identical latents", severity="warning")
+    examples = "; ".join(" = ".join(k for k, _ in g[:3]) for g in groups[:3])
+    return Check.judge(
+        "duplicates",
+        False,
+        f"{len(groups)} group(s) of keys share identical latents ({findings.duplicate_rows} rows), e.g. {examples} "
+        "(duplicate source images, or latents written under the wrong keys)",
+        severity="warning",
+    )
+
+
+# --------------------------------------------------------------------------- codebook
+
+
+def codebook_range_check(usage: CodeUsage) -> Check:
+    """``codebook_range``: does every stored VQ index lie in ``0 .. codebook_size - 1``?"""
+    size = usage.counts.size
+    if usage.out_of_range == 0:
+        return Check.judge("codebook_range", True, f"all indices lie in the codebook of {size}")
+    return Check.judge("codebook_range", False, f"{usage.out_of_range} indices lie outside the codebook of {size}")
+
+
+def codebook_usage_check(usage: CodeUsage) -> Check:
+    """``codebook_usage`` (a warning): are more than one of the codebook's codes used? A single
+    used code is a collapsed quantiser (or constant input); usage and perplexity are reported."""
+    return Check.judge(
+        "codebook_usage",
+        usage.used > 1,
+        f"{usage.used} of {usage.counts.size} codes used ({usage.usage:.1%}), perplexity {usage.perplexity:.1f}",
+        severity="warning",
+    )
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+def reconstruction_check(recon: Reconstruction, *, min_psnr: float) -> Check:
+    """``reconstruction``: do the sampled latents decode back to their source images?
+
+    Skipped (an error-severity skip) with ``--sample 0`` or no data rows; skipped as a warning
+    when no decoder can be loaded; failed when no source image of the sample can be fetched,
+    or when the mean PSNR is below ``min_psnr``.
+
+    Args:
+        recon: the reconstruction step's outcome and the report's ``reconstruction`` section.
+        min_psnr: the mean PSNR (dB) the decodes must reach.
+    """
+    section = recon.section
+    if recon.outcome == "not_run":
+        return Check.skipped("reconstruction", f"not run: {section['skipped']}")
+    if recon.outcome == "no_decoder":
+        return Check.skipped("reconstruction", f"no decoder: {section['skipped']}", severity="warning")
+    if recon.outcome == "no_sources":
+        failed = section["failed"]
+        return Check.judge(
+            "reconstruction",
+            False,
+            "no source image of the sampled keys could be fetched "
+            f"({len(failed)} failed; e.g. {next(iter(failed.values()), '')}); "
+            "pass --input-storage-options for private buckets, or --sample 0 to skip",
+        )
+    metrics, worst = section["metrics"], section["samples"][0]
+    mean_psnr = metrics["psnr"]["mean"]
+    return Check.judge(
+        "reconstruction",
+        mean_psnr >= min_psnr,
+        f"mean PSNR {mean_psnr:.2f} dB, SSIM {metrics['ssim']['mean']:.3f} over {section['sample']} sampled latents "
+        f"decoded by the model's decoder (threshold {min_psnr:g} dB; worst {worst['key']}: {worst['psnr']:.2f} dB)",
+    )

@@ -24,11 +24,13 @@ Decoding runs in float32 under ``torch.inference_mode``, ``batch_size`` rows at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -41,11 +43,14 @@ __all__ = [
     "DECODERS",
     "Decoder",
     "DecoderBuilder",
+    "Outcome",
+    "Reconstruction",
     "TorchDecoder",
     "fetch_sources",
     "load_decoder",
     "lpips_distance",
     "psnr",
+    "reconstruct",
     "ssim",
     "unpatchify",
 ]
@@ -76,6 +81,11 @@ class Decoder(Protocol):
         """
         ...
 
+
+#: A decoder-carrying model as the decode steps use it: a diffusers autoencoder or a TAESD module,
+#: its class picked by name at run time. Their ``decode``/``quantize``/``bn``/``config`` differ per
+#: class, and ``torch.nn.Module``'s typing (``__getattr__`` -> ``Tensor | Module``) cannot see them.
+DecoderModel = Any
 
 #: The type's decode step: (model, stored columns as float32 / int64 tensors on the model's
 #: device) -> (n, 3, H, W) float32 images in [0, 1].
@@ -156,7 +166,7 @@ class TorchDecoder:
 
 
 def load_decoder(
-    manifest: dict, *, decoder: str | None = None, device: str | None = None, batch_size: int = 8
+    manifest: Mapping[str, Any], *, decoder: str | None = None, device: str | None = None, batch_size: int = 8
 ) -> Decoder:
     """The decoder of the run described by ``manifest``.
 
@@ -276,7 +286,7 @@ def _require_decoder(model: torch.nn.Module, path: Path) -> None:
 
 def _load_diffusers(
     typ: str, *, encoder: Mapping[str, Any], config: Config, override: str | None
-) -> tuple[torch.nn.Module, str]:
+) -> tuple[DecoderModel, str]:
     """The full model of an encoder type with a diffusers class: ``(model, description)``.
 
     Single files load through the type's :data:`~latentize.encoders.files.FILE_LOADERS` entry;
@@ -332,7 +342,7 @@ def _kl_decoder(
     normalised = _normalised(encoder, column)
     constants = dict(encoder.get("constants") or {})
 
-    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
         z = columns[column]
         raw = _undo_kl(z, constants) if normalised else z
         return _unit(model.decode(raw).sample)
@@ -346,7 +356,7 @@ def _vq_decoder(
 ) -> tuple[torch.nn.Module, DecodeFn, str]:
     model, description = _load_diffusers("vq", encoder=encoder, config=config, override=decoder)
 
-    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
         indices = columns["indices"]  # (n, h, w) int64
         n, h, w = indices.shape
         shape = (n, h, w, model.quantize.embedding.embedding_dim)
@@ -368,7 +378,7 @@ def _dc_decoder(
     column = _stored_column(encoder)
     scale = float((encoder.get("constants") or {}).get("scaling_factor", 1.0))
 
-    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return _unit(model.decode(columns[column] / scale).sample)
 
     return model, step, description
@@ -382,16 +392,17 @@ def _flux2_decoder(
     column = _stored_column(encoder)
     normalised = _normalised(encoder, column)
     constants = dict(encoder.get("constants") or {})
-    patch = tuple(constants.get("patch_size") or model.config.patch_size)
+    patch_h, patch_w = constants.get("patch_size") or model.config.patch_size
+    patch = (int(patch_h), int(patch_w))
     eps = float(constants.get("batch_norm_eps", model.config.batch_norm_eps))
 
-    def step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
         z = columns[column]
         if normalised:
             # The checkpoint's BatchNorm running statistics, as diffusers' Flux2 pipeline undoes them.
             mean = model.bn.running_mean.float().view(1, -1, 1, 1)
             std = torch.sqrt(model.bn.running_var.float().view(1, -1, 1, 1) + eps)
-            z = unpatchify(z * std + mean, patch)  # type: ignore[arg-type]
+            z = unpatchify(z * std + mean, patch)
         return _unit(model.decode(z).sample)
 
     return model, step, description
@@ -438,7 +449,7 @@ def _tiny_decoder(
                 f"{channels}; pass the decoder released with the encoder"
             )
 
-        def file_step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        def file_step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return model(raw(columns[column]))  # TaesdDecoder: raw latents -> [0, 1]
 
         return module, file_step, f"TAESD decoder {path}"
@@ -447,7 +458,7 @@ def _tiny_decoder(
     revision = None if decoder is not None else config.encoder.revision
     model = _from_pretrained("AutoencoderTiny", source, subfolder=subfolder, revision=revision)
 
-    def tiny_step(model: torch.nn.Module, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def tiny_step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # AutoencoderTiny.decode returns [-1, 1] (DecoderTiny maps its [0, 1] output there).
         return _unit(model.decode(raw(columns[column])).sample)
 
@@ -618,7 +629,10 @@ def fetch_sources(
                 missing[key] = f"shard {shard!r} is not among the run's input shards"
             continue
         shard_error = None
-        with contextlib.closing(read_shard(url=url, shard=shard, fmt=fmt, config=input_config)) as blocks:
+        blocks = read_shard(url=url, shard=shard, fmt=fmt, config=input_config)
+        # A generator (annotated as an Iterator): closing it stops reading the shard.
+        assert isinstance(blocks, Generator)
+        with contextlib.closing(blocks):
             for table in blocks:
                 row_keys = table.column("key").to_pylist()
                 for i, key in enumerate(row_keys):
@@ -646,3 +660,190 @@ def fetch_sources(
             missing[key] = f"key not found in shard {shard} ({url}){tail}"
     logger.info("fetched %d source image(s); %d could not be fetched", len(pixels), len(missing))
     return pixels, missing
+
+
+# --- the QA sample: fetch, decode, score -------------------------------------------------------
+
+#: Why a reconstruction has scores or not: ``not_run`` (no sample asked for, or no data row),
+#: ``no_decoder`` (none could be loaded), ``no_sources`` (no source image of the sample could be
+#: fetched) or ``scored``.
+Outcome = Literal["not_run", "no_decoder", "no_sources", "scored"]
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The reconstruction step's result.
+
+    Attributes:
+        section: the report's ``reconstruction`` section: ``sample`` (rows scored), ``seed``,
+            ``decoder``, ``metrics`` (mean/median/min/max of ``psnr``, ``ssim``, ``lpips``),
+            ``samples`` (key, shard and metrics per row, worst PSNR first), ``failed`` (key ->
+            why its source could not be fetched) and ``skipped`` (why nothing was scored).
+        images: key -> (original, decoded) (H, W, 3) uint8 images for the report's grid.
+        outcome: see :data:`Outcome`.
+    """
+
+    section: dict[str, Any]
+    images: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    outcome: Outcome = "scored"
+
+
+def reconstruct(
+    manifest: Mapping[str, Any],
+    inputs: Sequence[tuple[str, str]],
+    sample: Sequence[tuple[str, str]],
+    stored: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    requested: int,
+    seed: int,
+    decoder: str | None = None,
+    device: str | None = None,
+    input_storage_options: Mapping[str, Any] | None = None,
+) -> Reconstruction:
+    """Decodes the QA sample's stored latents and scores them against their source images.
+
+    The sources are re-read from the input shards (one Ray task per shard) and preprocessed as
+    encoding did; decodes are scored with PSNR, SSIM and, when available, LPIPS.
+
+    Args:
+        manifest: ``_manifest.json`` (``encoder``, ``config``).
+        inputs: the run's ``(url, shard)`` list.
+        sample: ``(key, shard)`` of the sampled rows, in sample order; each key is in ``stored``.
+        stored: key -> stored column name -> that row's stored array (as written).
+        requested: the sample size asked for (0 or less: not run).
+        seed: the sample's seed, for the report.
+        decoder: where the decoder weights are, when not beside the encoder's.
+        device: torch device of the decoder (None: CUDA when present).
+        input_storage_options: fsspec options of the input shards, over the manifest's.
+
+    Returns:
+        The section, the image pairs and the outcome; a missing decoder or unreachable sources
+        are outcomes, not exceptions.
+    """
+    section: dict[str, Any] = {
+        "sample": 0,
+        "seed": seed,
+        "decoder": None,
+        "metrics": None,
+        "samples": [],
+        "failed": {},
+        "skipped": None,
+    }
+    if requested <= 0 or not sample:
+        section["skipped"] = "--sample 0" if requested <= 0 else "no data rows"
+        return Reconstruction(section, outcome="not_run")
+    try:
+        model = load_decoder(manifest, decoder=decoder, device=device)
+    except LatentizeError as exc:
+        section["skipped"] = str(exc)
+        return Reconstruction(section, outcome="no_decoder")
+    section["decoder"] = model.description
+    logger.info("qa: reconstruction of %d sampled latents (%s)", len(sample), model.description)
+    pixels, failed = _fetch_sample(manifest, inputs, sample, input_storage_options or {})
+    section["failed"] = dict(failed)
+    keys = [k for k, _ in sample if k in pixels]
+    if not keys:
+        section["skipped"] = "no source image of the sample could be fetched"
+        return Reconstruction(section, outcome="no_sources")
+    columns = list(stored[keys[0]])
+    decoded = model.decode({c: np.stack([stored[k][c] for k in keys]) for c in columns})
+    originals = np.stack([pixels[k] for k in keys]).astype(np.float32) / 255.0
+    section.update(_scores(keys, dict(sample), decoded, originals))
+    images = {k: (pixels[k], np.clip(np.rint(decoded[i] * 255.0), 0, 255).astype(np.uint8)) for i, k in enumerate(keys)}
+    return Reconstruction(section, images)
+
+
+def _scores(keys: list[str], shard_of: Mapping[str, str], decoded: np.ndarray, originals: np.ndarray) -> dict[str, Any]:
+    """``sample``, ``metrics`` and ``samples`` (worst PSNR first) of decodes against originals,
+    both (N, H, W, 3) float32 in [0, 1]."""
+    psnr_values = psnr(decoded, originals)
+    ssim_values = ssim(decoded, originals)
+    lpips_values = lpips_distance(decoded, originals)
+    samples = [
+        {
+            "key": key,
+            "shard": shard_of[key],
+            "psnr": float(psnr_values[i]),
+            "ssim": float(ssim_values[i]),
+            "lpips": None if lpips_values is None else float(lpips_values[i]),
+        }
+        for i, key in enumerate(keys)
+    ]
+    # Worst first; identical images (infinite PSNR) last. json_ready writes inf as null.
+    samples.sort(key=lambda s: (s["psnr"], s["key"]))
+    metrics = {"psnr": _summary(psnr_values), "ssim": _summary(ssim_values), "lpips": _summary(lpips_values)}
+    return {"sample": len(keys), "metrics": metrics, "samples": samples}
+
+
+def _summary(values: np.ndarray | None) -> dict[str, float] | None:
+    if values is None:
+        return None
+    finite = np.where(np.isfinite(values), values, 100.0)  # identical images: cap inf PSNR
+    return {
+        "mean": float(finite.mean()),
+        "median": float(np.median(finite)),
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+    }
+
+
+def _unredacted(options: Any) -> Any:
+    """``options`` without the values :func:`latentize.config.redact` replaced."""
+    if isinstance(options, dict):
+        return {k: _unredacted(v) for k, v in options.items() if v != "***"}
+    return options
+
+
+def _fetch_sample(
+    manifest: Mapping[str, Any],
+    inputs: Sequence[tuple[str, str]],
+    sample: Sequence[tuple[str, str]],
+    input_storage_options: Mapping[str, Any],
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """:func:`fetch_sources` of the sample, one Ray task per shard: a random sample of a large
+    dataset touches about as many shards as it has keys, each read only up to its keys."""
+    import ray
+
+    from latentize.sources import infer_format
+
+    cfg = config_from_dict(manifest["config"])
+    # The manifest's copy has its credentials redacted: keep its other settings (endpoint,
+    # region), and let the caller's options fill in the rest.
+    options = {**_unredacted(cfg.input.storage_options), **input_storage_options}
+    input_cfg = dataclasses.replace(cfg.input, storage_options=options)
+    fmt = cfg.input.format or infer_format([u for u, _ in inputs])
+    urls = {shard: url for url, shard in inputs}
+    wanted: dict[str, list[str]] = {}
+    for key, shard in sample:
+        wanted.setdefault(shard, []).append(key)
+    fetch = ray.remote(num_cpus=1, max_retries=2)(_fetch_shard)
+    refs = [
+        fetch.remote(shard, urls.get(shard), keys, fmt, input_cfg, cfg.preprocess) for shard, keys in wanted.items()
+    ]
+    pixels: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
+    for done, ref in enumerate(refs, 1):
+        got, missing = ray.get(ref)
+        pixels.update(got)
+        failed.update(missing)
+        logger.info("qa: source images: %d of %d shard(s) read", done, len(refs))
+    return pixels, failed
+
+
+def _fetch_shard(
+    shard: str,
+    url: str | None,
+    keys: list[str],
+    fmt: str,
+    input_config: InputConfig,
+    preprocess_config: PreprocessConfig,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """:func:`fetch_sources` of one shard, with positional arguments: Ray types remote functions
+    by their positional parameters."""
+    return fetch_sources(
+        shards={} if url is None else {shard: url},
+        wanted={shard: keys},
+        fmt=fmt,
+        input_config=input_config,
+        preprocess_config=preprocess_config,
+    )

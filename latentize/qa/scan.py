@@ -53,8 +53,6 @@ logger = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 1024
 #: Outlier rows returned to the driver (the most extreme first); the count is always exact.
 OUTLIER_LIMIT = 100
-#: Groups of identical latents / repeated keys listed in the report.
-GROUP_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -186,7 +184,7 @@ def _datasource_class() -> type:
                 def read(data: DataFile = data) -> Iterator[pa.Table]:
                     return read_data_file(self._layout, data, fmt=self._fmt, columns=self._columns)
 
-                meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[data.path], exec_stats=None)
+                meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=(data.path,), exec_stats=None)
                 tasks.append(ReadTask(read, meta))
             return tasks
 
@@ -349,7 +347,9 @@ def _digest(arrays: list[np.ndarray], i: int) -> str:
 
 def _npz(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    # numpy's stub: the unpacked names could bind its keyword-only `allow_pickle: bool`; they
+    # are column names.
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -391,7 +391,7 @@ def row_findings(
         arg = flat.argmax(axis=1)
         best = flat[np.arange(n), arg]
         better = best > zmax
-        for i in np.flatnonzero(better):
+        for i in np.flatnonzero(better).tolist():
             zmax[i] = best[i]
             zcol[i] = c.name
             zch[i] = arg[i] // x.shape[2]

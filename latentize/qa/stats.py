@@ -21,7 +21,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,9 @@ def _pack(kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> byt
     np.savez_compressed(
         buf,
         __meta__=np.frombuffer(json.dumps(header, allow_nan=False).encode("utf-8"), dtype=np.uint8),
-        **arrays,
+        # numpy's stub: the unpacked names could bind its keyword-only `allow_pickle: bool`;
+        # they are the sketch's array names.
+        **arrays,  # type: ignore[arg-type]
     )
     return buf.getvalue()
 
@@ -196,7 +198,7 @@ class LatentStats:
             self._nonfinite += bad.sum(axis=(0, 2), dtype=np.int64)
             bad_rows = np.flatnonzero(bad.any(axis=(1, 2)))
             self._nonfinite_rows += int(bad_rows.size)
-            self._add_keys([str(keys[i]) for i in bad_rows])
+            self._add_keys([str(keys[i]) for i in bad_rows.tolist()])
             count = finite.sum(axis=(0, 2), dtype=np.int64)
             xs = np.where(finite, x, 0.0)
 
@@ -588,7 +590,7 @@ class LatentStats:
         )
 
 
-def affine_summary(summary: dict[str, Any], scale: npt.ArrayLike, offset: npt.ArrayLike) -> dict[str, Any]:
+def affine_summary(summary: Mapping[str, Any], scale: npt.ArrayLike, offset: npt.ArrayLike) -> dict[str, Any]:
     """Maps a :meth:`LatentStats.to_dict` summary of stored latents to the raw values.
 
     With ``raw = stored * scale[c] + offset[c]`` per channel (``scale > 0``, so order is kept):
@@ -606,7 +608,7 @@ def affine_summary(summary: dict[str, Any], scale: npt.ArrayLike, offset: npt.Ar
     Returns:
         A new dict with the same structure, JSON-ready.
     """
-    out = copy.deepcopy(summary)
+    out = copy.deepcopy(dict(summary))
     chans = out["channels"]
     c = len(chans)
     s = np.asarray(scale, dtype=np.float64).reshape(-1)
