@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 
 #: Error reasons listed by ``status`` (the most frequent first).
 TOP_REASONS = 20
-#: Errors tables read concurrently at once (bounds the memory they take).
-READ_CHUNK = 1000
 
 
 def output_status(layout: OutputLayout) -> dict[str, Any]:
@@ -71,11 +69,10 @@ def _error_counts(layout: OutputLayout) -> tuple[dict[str, int], dict[str, int]]
     paths = [p for p in layout.list_files(layout.join(ERRORS)) if p.endswith(".parquet")]
     reasons: Counter[str] = Counter()
     stages: Counter[str] = Counter()
-    for start in range(0, len(paths), READ_CHUNK):
-        for data in layout.cat_many(paths[start : start + READ_CHUNK]).values():
-            table = pq.read_table(pa.BufferReader(data), columns=["stage", "error"])
-            reasons.update(table.column("error").to_pylist())
-            stages.update(table.column("stage").to_pylist())
+    for _, data in layout.iter_contents(paths):
+        table = pq.read_table(pa.BufferReader(data), columns=["stage", "error"])
+        reasons.update(table.column("error").to_pylist())
+        stages.update(table.column("stage").to_pylist())
     return dict(reasons.most_common(TOP_REASONS)), dict(stages.most_common())
 
 

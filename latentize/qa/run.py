@@ -232,9 +232,10 @@ def _columns(encoder: dict[str, Any]) -> list[TensorColumn]:
 
 def _read_errors(layout: OutputLayout, paths: dict[str, str]) -> pa.Table:
     tables = []
-    for shard, path in sorted(paths.items()):
-        table = pq.read_table(pa.BufferReader(layout.read_bytes(path)), columns=["key"])
-        tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.string())))
+    shard_of = {path: shard for shard, path in paths.items()}
+    for path, data in layout.iter_contents(sorted(shard_of, key=shard_of.__getitem__)):
+        table = pq.read_table(pa.BufferReader(data), columns=["key"])
+        tables.append(table.append_column("shard", pa.array([shard_of[path]] * table.num_rows, pa.string())))
     if not tables:
         return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
     return pa.concat_tables(tables)

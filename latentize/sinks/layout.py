@@ -26,7 +26,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -222,6 +222,14 @@ class OutputLayout:
         if isinstance(found, bytes):  # a single path comes back unwrapped
             found = {paths[0]: found}
         return {p: v for p, v in found.items() if isinstance(v, bytes)}
+
+    def iter_contents(self, paths: list[str], *, chunk: int = 1000) -> Iterator[tuple[str, bytes]]:
+        """``(path, bytes)`` of many small files, read concurrently ``chunk`` at a time (bounded
+        memory), in the order of ``paths``; files that vanished in between are left out."""
+        for start in range(0, len(paths), chunk):
+            part = paths[start : start + chunk]
+            found = self.cat_many(part)
+            yield from ((p, found[p]) for p in part if p in found)
 
     def entries(self) -> list[str]:
         """Names directly under the root (empty when the root does not exist)."""
