@@ -15,7 +15,8 @@ writes N one-image WebDataset shards, then measures, side by side in one process
 
 ``--plan N`` measures planning alone for N pending shards (a synthetic list of empty local
 files; nothing is encoded): seconds and the driver's resident memory after planning, after
-building the read tasks, and with a committed marker per shard in the driver's ledger.
+building the read tasks, and with a committed marker per shard held by the driver (as the
+Committer holds them: JSON text).
 
     python bench/scale.py                 # N = 100, 1000
     python bench/scale.py --large         # and N = 10000
@@ -99,6 +100,13 @@ def _crash_half(fs: Any, out: str, n: int) -> None:
         fs.rm(marker)
 
 
+def _fresh_process_caches() -> None:
+    """Forget cached filesystems and listings, as a new driver process starts without them."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def _startup(requests: list[Any], prefix: str) -> int:
     for i, r in enumerate(requests):
         if r.kind in ("get", "head") and r.path.startswith(f"/{prefix}/in/"):
@@ -125,6 +133,7 @@ def measure(n: int, server: Any, s3: dict[str, Any], model: Path, work: Path) ->
         }
     )
     stamp = work / f"first-encode-{n}"
+    _fresh_process_caches()
     server.reset()
     started = time.time()
     summary = run(cfg, encode_actor=_first_encode_actor(stamp))
@@ -138,12 +147,14 @@ def measure(n: int, server: Any, s3: dict[str, Any], model: Path, work: Path) ->
     staged = sum(r.body_bytes for r in fresh if r.kind == "put" and r.path.startswith(f"/{out}/_staging/"))
     data = sum(s for p, s in sizes.items() if not p[len(out) + 1 :].startswith("_"))
 
+    _fresh_process_caches()
     server.reset()
     again = run(cfg)
     assert again.nothing_to_do
     rerun = server.requests()
 
     _crash_half(fs, out, n)
+    _fresh_process_caches()
     server.reset()
     resumed = run(cfg)
     assert resumed.complete and resumed.shards_done_now == (n + 1) // 2
@@ -203,24 +214,27 @@ def plan_only(n: int, model: Path, work: Path) -> dict[str, Any]:
     tasks_s = time.time() - t0
     after_tasks = _rss_mib()
     markers = {
-        shard: {
-            "shard": shard,
-            "url": url,
-            "status": "ok",
-            "error": None,
-            "samples": 10000,
-            "ok": 9990,
-            "failed": 10,
-            "failed_by_stage": {"decode": 10},
-            "reencoded_fp32": 0,
-            "rows": {"256x256": 9990},
-            "files": [f"256x256/{shard}-{k * 2048:09d}.parquet" for k in range(5)] + [f"_errors/{shard}.parquet"],
-            "bytes": 81_000_000,
-            "read_node": "f" * 56,
-            "commit_node": "e" * 56,
-            "fingerprint": p.fingerprint,
-            "committed_at": "2026-11-28T00:00:00Z",
-        }
+        shard: json.dumps(
+            {
+                "shard": shard,
+                "url": url,
+                "status": "ok",
+                "error": None,
+                "samples": 10000,
+                "ok": 9990,
+                "failed": 10,
+                "failed_by_stage": {"decode": 10},
+                "reencoded_fp32": 0,
+                "rows": {"256x256": 9990},
+                "files": [f"256x256/{shard}-{k * 2048:09d}.parquet" for k in range(5)] + [f"_errors/{shard}.parquet"],
+                "bytes": 81_000_000,
+                "read_node": "f" * 56,
+                "commit_node": "e" * 56,
+                "fingerprint": p.fingerprint,
+                "committed_at": "2026-11-28T00:00:00Z",
+            },
+            separators=(",", ":"),
+        )
         for url, shard in p.pending
     }
     after_markers = _rss_mib()
@@ -263,9 +277,13 @@ def main() -> None:
 
 
 def run_sizes(sizes: list[int], model: Path, work: Path) -> list[dict[str, Any]]:
+    import logging
+
     import boto3
     import ray
     from s3server import CountingS3Server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ[name] = "testing"

@@ -9,6 +9,7 @@ to fix, and a finished run is recognised without starting Ray at all.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import platform
@@ -74,8 +75,8 @@ class Plan:
     folder: str
     fingerprint: str
     manifest: dict[str, Any]
-    #: Commit markers already in the output, by shard id (empty for a fresh output).
-    markers: dict[str, dict[str, Any]]
+    #: Commit markers already in the output as JSON text, by shard id (empty for a fresh output).
+    markers: dict[str, str]
     #: The output held no run before: nothing to discard, no markers to read.
     fresh: bool
 
@@ -160,15 +161,15 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
             layout.remove([layout.join(name) for name in layout.entries()])
             existing = None
 
-    markers = layout.read_markers() if existing is not None else {}
-    done = {
-        shard
-        for shard, marker in markers.items()
-        if marker.get("fingerprint") == fp and not (retry_failed and _retryable(marker))
-    }
+    markers = layout.read_marker_texts() if existing is not None else {}
+    done = {shard for shard, text in markers.items() if _done(json.loads(text), fp, retry_failed=retry_failed)}
     pending = [(url, shard) for url, shard in shards if shard not in done]
     manifest = existing or _manifest(config, spec, fp, folder, len(shards))
     return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None)
+
+
+def _done(marker: dict[str, Any], fp: str, *, retry_failed: bool) -> bool:
+    return marker.get("fingerprint") == fp and not (retry_failed and _retryable(marker))
 
 
 def _retryable(marker: dict[str, Any]) -> bool:
@@ -353,9 +354,10 @@ class _Totals:
     folders: dict[str, int]
 
 
-def _totals(markers: dict[str, dict[str, Any]], shards: list[tuple[str, str]], fp: str) -> _Totals:
+def _totals(markers: dict[str, str], shards: list[tuple[str, str]], fp: str) -> _Totals:
     """What the output holds for ``shards``, from markers the driver already has in memory."""
-    mine = [m for _, shard in shards if (m := markers.get(shard)) is not None and m.get("fingerprint") == fp]
+    parsed = (json.loads(t) for _, shard in shards if (t := markers.get(shard)) is not None)
+    mine = [m for m in parsed if m.get("fingerprint") == fp]
     folders: dict[str, int] = {}
     for m in mine:
         for folder, rows in m.get("rows", {}).items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -427,7 +428,8 @@ class Committer:
     Args:
         layout: the output root.
         urls: shard id -> source URL of every shard this run encodes.
-        markers: the markers already committed (from the plan); new ones are added.
+        markers: the markers already committed, as JSON text by shard id (from the plan); new
+            ones are added. Text, not parsed dicts: a third of the memory at 230,000 shards.
         parallelism: commit tasks in flight at most.
         sink_name: the output format.
         fingerprint: the run's config fingerprint (recorded in each marker).
@@ -442,7 +444,7 @@ class Committer:
         *,
         layout: OutputLayout,
         urls: dict[str, str],
-        markers: dict[str, dict[str, Any]],
+        markers: dict[str, str],
         parallelism: int,
         sink_name: str,
         fingerprint: str,
@@ -505,7 +507,7 @@ class Committer:
             commit = self._in_flight.pop(ref)
             self.shards_done += 1
             self.samples_done += marker["samples"]
-            self.markers[marker["shard"]] = marker
+            self.markers[marker["shard"]] = json.dumps(marker, separators=(",", ":"))
             self._staged_done.extend(p.path for p in commit.parts)
             if marker["status"] != "ok":
                 logger.warning("shard %s failed: %s", marker["shard"], marker["error"])
