@@ -26,6 +26,7 @@ __all__ = [
     "ShardSample",
     "build_demo_shards",
     "corrupt_samples",
+    "laion_like_samples",
     "photo_images",
     "photo_samples",
     "write_parquet_shard",
@@ -191,6 +192,57 @@ def photo_samples(*, resolution: int | None = None, shard: int = 0) -> list[Shar
     """
     names = [name for name, _ in _photo_files()]
     return _samples(names, resolution=resolution, shard=shard)
+
+
+#: Megapixel range and median of :func:`laion_like_samples` (LAION-2B's images are mostly
+#: 0.04-4 MP with a median near 0.28 MP).
+LAION_MP_RANGE = (0.04, 4.0)
+LAION_MP_MEDIAN = 0.28
+
+
+def laion_like_samples(count: int, *, seed: int = 0, shard: int = 0) -> list[ShardSample]:
+    """``count`` JPEGs of the bundled photos at the sizes and shapes of web-scraped data.
+
+    Each sample crops a random window of a random photo to a random aspect ratio (1:2 to 2:1),
+    resizes it to a log-normal pixel count with median :data:`LAION_MP_MEDIAN` clipped to
+    :data:`LAION_MP_RANGE` (so larger sources are made from upscaled photos, as the bundled
+    ones are at most about 2 MP), and saves it at JPEG quality 70-95 with 4:2:0 or 4:4:4 chroma.
+    The same ``seed`` gives the same bytes.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    photos = [(name, _to_rgb(image)) for name, image in photo_images()]
+    sigma = np.log(LAION_MP_RANGE[1] / LAION_MP_MEDIAN) / 2.5
+    out = []
+    for i in range(count):
+        name, photo = photos[int(rng.integers(len(photos)))]
+        ratio = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        mp = float(np.clip(np.exp(rng.normal(np.log(LAION_MP_MEDIAN), sigma)), *LAION_MP_RANGE))
+        width = max(16, int(round((mp * 1e6 * ratio) ** 0.5)))
+        height = max(16, int(round(width / ratio)))
+        image = ImageOps.fit(photo, _fit_size(photo.size, ratio), Image.Resampling.BICUBIC)
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        subsampling = 0 if rng.random() < 0.2 else 2
+        image.save(buf, format="JPEG", quality=int(rng.integers(70, 96)), subsampling=subsampling)
+        key = _key(shard, i)
+        caption = f"a photo: {name.replace('_', ' ')}"
+        out.append(
+            ShardSample(
+                key=key,
+                image=buf.getvalue(),
+                caption=caption,
+                meta=_meta(key, caption, name, (width, height, width, height)),
+            )
+        )
+    return out
+
+
+def _fit_size(size: tuple[int, int], ratio: float) -> tuple[int, int]:
+    """The largest window of ``size`` with aspect ratio ``ratio`` (width / height)."""
+    w, h = size
+    return (w, max(1, int(w / ratio))) if w / h <= ratio else (max(1, int(h * ratio)), h)
 
 
 def corrupt_samples(*, shard: int = 0) -> list[ShardSample]:
