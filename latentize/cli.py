@@ -65,6 +65,8 @@ def _prepare_demo(cfg: Config) -> None:
     from latentize.demo import build_demo_shards
     from latentize.encoders import ENCODERS
 
+    if cfg.encoder.type is None:  # load_config fills it in from the preset or the default
+        raise LatentizeError("encoder.type is unresolved; load the config with load_config")
     # Check the model before writing anything, so an unreachable hub stops the demo at once.
     ENCODERS.get(cfg.encoder.type).inspect(cfg)
     if cfg.input.urls == DEMO_CONFIG["input"]["urls"]:

@@ -154,6 +154,6 @@ class ShardDatasource(Datasource):
         tasks = []
         for url, shard in self._shards:
             fn = functools.partial(read_shard, url=url, shard=shard, fmt=self._fmt, config=self._config)
-            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[url])
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(url,))
             tasks.append(ReadTask(fn, meta, schema=SAMPLE_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks
