@@ -34,6 +34,36 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
+# Help texts, written for users: argparse prints them as they are (no docstring markup).
+_MAIN_DESCRIPTION = (
+    "Turn image datasets into autoencoder latents on Ray, follow a run, and check its output. "
+    "'latentize COMMAND --help' describes each command."
+)
+_ENCODE_DESCRIPTION = (
+    "Encode image shards (WebDataset tars or Parquet files) into scaled VAE latents or VQ codebook "
+    "indices on Ray, and write them to Parquet or WebDataset with a manifest. A rerun with the same "
+    "config resumes where the last one stopped. Without a config file it runs the demo: sample "
+    "shards of real photos, a local Ray, local folders. Exit code 0 when every shard is written, "
+    "1 when some could not be read, 2 on a configuration or access error."
+)
+_MODELS_DESCRIPTION = (
+    "List the encoder presets (the values of encoder.preset): the weights each one loads, its "
+    "encoder type, latent channels, downsampling factor, scaling and shift constants, input range "
+    "and whether it is deterministic."
+)
+_STATUS_DESCRIPTION = (
+    "Show how far a run got: the shards of an output that are committed, failed or pending, and "
+    "why shards failed. Exit code 0 when the output is complete, 1 otherwise."
+)
+_QA_DESCRIPTION = (
+    "Write a QA report of a latent dataset (report.html and report.json): statistics per latent "
+    "channel, a check of the scaling and shift constants, alignment of the rows with the commit "
+    "markers, codebook usage of VQ indices, and decoded samples compared with their source "
+    "images. Exit code 0 when every check passes, 1 when one fails, 2 when the report could not "
+    "be made."
+)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -65,6 +95,8 @@ def _prepare_demo(cfg: Config) -> None:
     from latentize.demo import build_demo_shards
     from latentize.encoders import ENCODERS
 
+    if cfg.encoder.type is None:  # load_config fills it in from the preset or the default
+        raise LatentizeError("encoder.type is unresolved; load the config with load_config")
     # Check the model before writing anything, so an unreachable hub stops the demo at once.
     ENCODERS.get(cfg.encoder.type).inspect(cfg)
     if cfg.input.urls == DEMO_CONFIG["input"]["urls"]:
@@ -99,7 +131,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def encode_main(argv: Sequence[str] | None = None, *, prog: str = "encode_laion.py") -> int:
     """Entry point of ``jobs/encode_laion.py`` (``--config CFG`` form)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Encode image shards into latents on Ray.")
+    parser = argparse.ArgumentParser(prog=prog, description=_ENCODE_DESCRIPTION)
     _add_encode_args(parser, config_flag=True)
     args = parser.parse_args(argv)
     return _guarded(run_encode, args)
@@ -116,22 +148,34 @@ def _guarded(fn: Any, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``latentize`` console script."""
-    parser = argparse.ArgumentParser(prog="latentize", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latentize", description=_MAIN_DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    enc = sub.add_parser("encode", help="encode image shards into latents (no config: the demo)")
+    enc = sub.add_parser(
+        "encode", help="encode image shards into latents (no config: the demo)", description=_ENCODE_DESCRIPTION
+    )
     _add_encode_args(enc, config_flag=False)
     enc.set_defaults(fn=run_encode)
-    models = sub.add_parser("models", help="the encoder presets (encoder.preset) and their constants")
+    models = sub.add_parser(
+        "models", help="list the encoder presets (encoder.preset) and their constants", description=_MODELS_DESCRIPTION
+    )
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(fn=run_models)
-    st = sub.add_parser("status", help="shards committed / failed / pending and error reasons of an output")
+    st = sub.add_parser(
+        "status",
+        help="show the shards of an output that are committed, failed or pending",
+        description=_STATUS_DESCRIPTION,
+    )
     st.add_argument("output", help="output root (local path or fsspec URL)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument(
         "--storage-options", default="{}", metavar="YAML", help="fsspec options for the output, e.g. '{anon: true}'"
     )
     st.set_defaults(fn=run_status)
-    qa = sub.add_parser("qa", help="latent dataset QA report (statistics, scale check, alignment, reconstructions)")
+    qa = sub.add_parser(
+        "qa",
+        help="write a QA report of a latent dataset (statistics, scale check, alignment, reconstructions)",
+        description=_QA_DESCRIPTION,
+    )
     _add_qa_args(qa)
     args = parser.parse_args(argv)
     return _guarded(args.fn, args)
@@ -181,7 +225,7 @@ def _add_qa_args(parser: argparse.ArgumentParser) -> None:
     from latentize.qa import QAOptions
 
     d = QAOptions()
-    parser.add_argument("output", help="output root of `latentize encode` (local path or fsspec URL)")
+    parser.add_argument("output", help="output root written by latentize encode (local path or fsspec URL)")
     parser.add_argument("--report", metavar="DIR", help="folder for report.html and report.json (default: OUTPUT/_qa)")
     parser.add_argument(
         "--sample",
@@ -277,7 +321,7 @@ def run_qa(args: argparse.Namespace) -> int:
 
 def qa_main(argv: Sequence[str] | None = None, *, prog: str = "qa_report.py") -> int:
     """Entry point of ``jobs/qa_report.py`` (the same arguments as ``latentize qa``)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Latent dataset QA report on Ray.")
+    parser = argparse.ArgumentParser(prog=prog, description=_QA_DESCRIPTION)
     _add_qa_args(parser)
     args = parser.parse_args(argv)
     return _guarded(run_qa, args)

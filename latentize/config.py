@@ -261,7 +261,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         if key not in fields:
             raise ConfigError(f"{key_path}: unknown key (valid keys here: {', '.join(fields)})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, key_path)
         else:
             kwargs[key] = _coerce(value, tp, key_path)

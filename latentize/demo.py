@@ -167,7 +167,7 @@ def _meta(key: str, caption: str, name: str, size: tuple[int, int, int, int]) ->
 def _samples(names: list[str], *, resolution: int | None, shard: int) -> list[ShardSample]:
     out = []
     for i, name in enumerate(names):
-        jpeg, *size = _photo_jpeg(name, resolution)
+        jpeg, width, height, original_width, original_height = _photo_jpeg(name, resolution)
         key = _key(shard, i)
         caption = f"a photo: {name.replace('_', ' ')}"
         out.append(
@@ -176,7 +176,7 @@ def _samples(names: list[str], *, resolution: int | None, shard: int) -> list[Sh
                 image=jpeg,
                 ext="jpg",
                 caption=caption,
-                meta=_meta(key, caption, name, tuple(size)),  # type: ignore[arg-type]
+                meta=_meta(key, caption, name, (width, height, original_width, original_height)),
             )
         )
     return out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates or refreshes the project's virtualenv (.venv): latentize in editable mode with the
-# demo, test, S3 and cluster extras. Fast when nothing changed (keyed on pyproject.toml).
+# demo, test, S3, cluster and dev (lint and type check) extras. Fast when nothing changed (keyed
+# on pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "${LATENTIZE_TORCH:-torch==2.13.0}"
   fi
-  .venv/bin/python -m pip install -q -e ".[demo,test,s3,cluster]"
+  .venv/bin/python -m pip install -q -e ".[demo,test,s3,cluster,dev]"
   echo "$want" > "$stamp"
 fi

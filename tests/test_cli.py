@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import runpy
 import shutil
 import signal
 import socket
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from latentize.cli import main
 from latentize.demo import photo_samples, write_webdataset_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +56,43 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     write_webdataset_shard(str(root / "00000.tar"), photos[:3])
     write_webdataset_shard(str(root / "00001.tar"), photos[3:])
     return str(root / "{00000..00001}.tar")
+
+
+# Docstring markup that must not reach a terminal: roles (:func:`x`) and RST literals (``x``).
+_MARKUP = re.compile(r":[a-z]+:`|``")
+
+
+def _help_of(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """What ``argv`` (ending in --help) prints: ``latentize ...`` in-process, or a jobs/ script."""
+    with pytest.raises(SystemExit) as exited:
+        if argv[0].startswith("jobs/"):
+            monkeypatch.setattr(sys, "argv", [str(REPO / argv[0]), *argv[1:]])
+            monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the repository
+            runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+        else:
+            main(argv)
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+@pytest.mark.parametrize(
+    ("argv", "purpose"),
+    [
+        (["--help"], "autoencoder latents"),
+        (["encode", "--help"], "Encode image shards"),
+        (["qa", "--help"], "QA report of a latent dataset"),
+        (["status", "--help"], "committed, failed or pending"),
+        (["models", "--help"], "List the encoder presets"),
+        (["jobs/encode_laion.py", "--help"], "Encode image shards"),
+        (["jobs/qa_report.py", "--help"], "QA report of a latent dataset"),
+    ],
+)
+def test_help_is_plain_text_that_says_what_the_command_does(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], purpose: str
+) -> None:
+    text = _help_of(monkeypatch, capsys, argv)
+    assert purpose in text
+    assert not _MARKUP.search(text), _MARKUP.findall(text)
 
 
 def test_unknown_key_fails_at_start_with_its_path(tmp_path: Path) -> None:

@@ -54,10 +54,10 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import yaml
@@ -120,7 +120,7 @@ def _stub(full_name: str) -> type:
     return type(name or full_name, (), {"__init__": init, "__setstate__": setstate, "__module__": module})
 
 
-def _stubs_for(path: Path) -> list[tuple[type, str]]:
+def _stubs_for(path: Path) -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     """Stubs for the bookkeeping globals of ``path``; refuses any other non-tensor global."""
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -380,6 +380,14 @@ def _common_config(geo: _Geometry, groups_override: int | None, path: Path) -> d
 # --- original_config YAML ---------------------------------------------------------------------
 
 
+@overload
+def find_original_config(path: Path, config: Config, *, required: Literal[True]) -> Path: ...
+
+
+@overload
+def find_original_config(path: Path, config: Config, *, required: bool) -> Path | None: ...
+
+
 def find_original_config(path: Path, config: Config, *, required: bool) -> Path | None:
     """``encoder.original_config`` if set, else ``<stem>.yaml`` / ``.yml`` next to ``path``."""
     explicit = getattr(config.encoder, "original_config", None)
@@ -417,9 +425,9 @@ def _read_original(path: Path) -> _Original:
     except (OSError, yaml.YAMLError) as exc:
         raise LatentizeError(f"encoder.original_config: cannot read {path}: {exc}") from None
     model = data.get("model") if isinstance(data, dict) else None
-    params = model.get("params") if isinstance(model, dict) else None
-    if not isinstance(params, dict):
+    if not isinstance(model, dict) or not isinstance(model.get("params"), dict):
         raise LatentizeError(f"encoder.original_config: {path} has no model.params")
+    params = model["params"]
     target = str(model.get("target", ""))
     ae_params = params
     if "ddconfig" not in params and isinstance(params.get("first_stage_config"), dict):

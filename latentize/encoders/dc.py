@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.kl import latent_size
+
+if TYPE_CHECKING:
+    # diffusers' top-level names are dummy objects to type checkers; the classes live here.
+    from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
 
 __all__ = ["DCEncoder"]
 
@@ -46,5 +50,6 @@ class DCEncoder(TorchEncoder):
         )
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        z = model.encode(x).latent.float()
+        # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' AutoencoderDC.
+        z = cast("AutoencoderDC", model).encode(x).latent.float()
         return {"latent": z * self.spec.constants["scaling_factor"]}

@@ -6,13 +6,18 @@ Exactly what diffusers' Flux2 pipeline does to image latents (``_patchify_latent
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.kl import KLEncoder, latent_size
+from latentize.errors import LatentizeError
+
+if TYPE_CHECKING:
+    # diffusers' top-level names are dummy objects to type checkers; the classes live here.
+    from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
 
 __all__ = ["Flux2Encoder", "patchify"]
 
@@ -63,7 +68,10 @@ class Flux2Encoder(KLEncoder):
         return TorchEncoder._load(self)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        bn = self.model.bn
+        # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' AutoencoderKLFlux2.
+        bn = cast("AutoencoderKLFlux2", self.model).bn
+        if bn.running_mean is None or bn.running_var is None:  # a BatchNorm without track_running_stats
+            raise LatentizeError(f"encoder.model: {self.config.encoder.model} has no BatchNorm running statistics")
         z = patchify(z, tuple(self.spec.constants["patch_size"]))
         mean = bn.running_mean.float().view(1, -1, 1, 1).to(z.device)
         std = torch.sqrt(bn.running_var.float().view(1, -1, 1, 1) + self.spec.constants["batch_norm_eps"]).to(z.device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -30,6 +30,10 @@ from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.files import FILE_LOADERS, load_state_dict
 from latentize.errors import ConfigError, LatentizeError
+
+if TYPE_CHECKING:
+    # diffusers' top-level names are dummy objects to type checkers; the classes live here.
+    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
 
 __all__ = [
     "SoftClamp",
@@ -305,28 +309,30 @@ class TaesdDecoder(nn.Module):
         return self.decoder(z).clamp(0, 1)
 
 
-def _load_module(path: str | Path, role: str) -> nn.Module:
-    path = Path(path).expanduser()
-    state = _normalise_keys(load_state_dict(path), role)
-    layout = detect_layout(state, role)
-    module: nn.Module = TaesdEncoder(layout) if role == "encoder" else TaesdDecoder(layout)
-    inner = module.encoder if role == "encoder" else module.decoder  # type: ignore[union-attr]
-    inner.load_state_dict(state, strict=True)  # fp16 file -> float32 module (copy_ casts)
-    return module.float().eval()
+def _read_state(path: str | Path, role: str) -> tuple[dict[str, torch.Tensor], TaesdLayout]:
+    """The ``role`` state dict of a weights file, keys normalised, and the layout it describes."""
+    state = _normalise_keys(load_state_dict(Path(path).expanduser()), role)
+    return state, detect_layout(state, role)
 
 
 def load_tiny_encoder(path: str | Path) -> TaesdEncoder:
     """The encoder of an original ``*_encoder.pth`` (or diffusers single-file) state dict,
     float32 on the CPU, in eval mode. Input (N, 3, H, W) in [0, 1]; output raw latents.
     """
-    return _load_module(path, "encoder")  # type: ignore[return-value]
+    state, layout = _read_state(path, "encoder")
+    module = TaesdEncoder(layout)
+    module.encoder.load_state_dict(state, strict=True)  # fp16 file -> float32 module (copy_ casts)
+    return module.float().eval()
 
 
 def load_tiny_decoder(path: str | Path) -> TaesdDecoder:
     """The decoder of an original ``*_decoder.pth`` (e.g. ``taef2_decoder.pth``), float32 on
     the CPU, in eval mode: raw latents (N, C, h, w) -> images (N, 3, f*h, f*w) in [0, 1].
     """
-    return _load_module(path, "decoder")  # type: ignore[return-value]
+    state, layout = _read_state(path, "decoder")
+    module = TaesdDecoder(layout)
+    module.decoder.load_state_dict(state, strict=True)  # fp16 file -> float32 module (copy_ casts)
+    return module.float().eval()
 
 
 def decoder_path_for(encoder_path: str | Path) -> Path | None:
@@ -449,7 +455,8 @@ class TinyEncoder(TorchEncoder):
         if isinstance(model, TaesdEncoder) or not hasattr(model, "encode"):
             z = model(x)  # x in [0, 1]
         else:
-            z = model.encode(x).latents  # AutoencoderTiny: x in [-1, 1], rescaled inside
+            # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' AutoencoderTiny.
+            z = cast("AutoencoderTiny", model).encode(x).latents  # x in [-1, 1], rescaled inside
         z = z.float()
         if self._shift != 0.0 or self._scale != 1.0:
             z = (z - self._shift) * self._scale

@@ -8,7 +8,7 @@ codebook entry, so the stored indices equal ``model.quantize(h)``'s.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,10 @@ import torch
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.kl import _latent_geometry
+
+if TYPE_CHECKING:
+    # diffusers' top-level names are dummy objects to type checkers; the classes live here.
+    from diffusers.models.autoencoders.vq_model import VQModel
 
 __all__ = ["VQEncoder", "index_dtype"]
 
@@ -51,8 +55,10 @@ class VQEncoder(TorchEncoder):
         )
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        h = model.encode(x).latents
-        _, _, (_, _, indices) = model.quantize(h)
+        # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' VQModel.
+        vq = cast("VQModel", model)
+        h = vq.encode(x).latents
+        _, _, (_, _, indices) = vq.quantize(h)
         n, _, hh, ww = h.shape
         # NaN pre-quantisation latents still give an argmin; flag them so they are re-encoded.
         finite = torch.isfinite(h.reshape(n, -1)).all(dim=1)

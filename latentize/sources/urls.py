@@ -6,6 +6,7 @@ listed through fsspec so that every fsspec back-end (local, s3, gcs, ...) works 
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 import re
@@ -114,7 +115,7 @@ def _missing(urls: list[str], storage_options: dict[str, Any]) -> list[str]:
         for url, path in members:
             if path.rstrip("/") in listed:
                 continue
-            if not _access(url, lambda fs=fs, path=path: _exists_or_denied(fs, path)):
+            if not _access(url, functools.partial(_exists_or_denied, fs, path)):
                 missing.add(url)
     return [url for url in urls if url in missing]
 

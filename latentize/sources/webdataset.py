@@ -102,7 +102,7 @@ def _check_clean_end(tar: tarfile.TarFile) -> None:
     shard cut at a member boundary would look complete. A proper end is a full 512-byte zero
     block: the stream then stands one block past the last member's end; a cut one stands short.
     """
-    consumed = tar.fileobj.tell() - tar.offset  # type: ignore[union-attr]
+    consumed = tar.fileobj.tell() - tar.offset
     if consumed < tarfile.BLOCKSIZE:
         raise tarfile.ReadError(
             f"unexpected end of data: the tar ends {consumed} bytes into a member header (truncated shard?)"
@@ -127,8 +127,8 @@ def read_webdataset(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[Ra
             the damage were yielded (the sample being read at that point is not yielded).
     """
     image_exts = _suffixes(config.image_field)
-    caption_ext = (_suffixes(config.caption_field) or [None])[0]
-    json_ext = (_suffixes(config.json_field) or [None])[0]
+    caption_ext = next(iter(_suffixes(config.caption_field)), None)
+    json_ext = next(iter(_suffixes(config.json_field)), None)
     wanted = set(image_exts) | {e for e in (caption_ext, json_ext) if e}
     occurrences: dict[str, int] = {}
     current: _Sample | None = None
@@ -138,7 +138,7 @@ def read_webdataset(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[Ra
         while (info := tar.next()) is not None:
             # Stream mode still appends every TarInfo to .members; drop them so memory stays
             # flat over a shard of any size (webdataset does the same).
-            tar.members = []
+            tar.members = []  # type: ignore[attr-defined]  # CPython's list, missing from typeshed
             if not info.isreg():
                 continue
             name = info.name
