@@ -16,10 +16,13 @@ want=$(cat pyproject.toml scripts/venv.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "latentize: installing dependencies into .venv (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
-  # torch first and pinned, so pip does not pick a newer multi-GB build. Set LATENTIZE_TORCH
-  # to choose another (e.g. a CUDA build from the PyTorch index on a GPU machine).
-  if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install -q "${LATENTIZE_TORCH:-torch==2.13.0}"
+  # torch and torchvision first, pinned as a matching pair (torchvision's GPU JPEG decoder is
+  # built against one torch release), so pip picks neither a newer multi-GB build nor a
+  # mismatched pair. Set LATENTIZE_TORCH to choose another pair (e.g. from the PyTorch index).
+  torch_pair=${LATENTIZE_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
+  if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+    # shellcheck disable=SC2086 # the pair is two requirement specifiers
+    .venv/bin/python -m pip install -q $torch_pair
   fi
   .venv/bin/python -m pip install -q -e ".[demo,test,s3,cluster,dev]"
   echo "$want" > "$stamp"
