@@ -125,12 +125,13 @@ class EncoderConfig:
     #: ``mode`` (posterior mean), ``sample`` (seeded per key) or ``moments`` (raw mean, logvar).
     sample: str = "mode"
     #: Compute dtype on the device: ``float32``, ``float16``, ``bfloat16`` or ``auto`` (bf16 on
-    #: GPUs that support it, else fp16 for fp16-safe presets, else fp32; fp32 on CPU).
-    dtype: str = "float32"
+    #: GPUs that support it, else fp16 for fp16-safe presets, else fp32 with TF32; fp32 on CPU).
+    dtype: str = "auto"
     #: ``torch.compile`` the encoder once per actor (fixed input shape).
     compile: bool = False
-    #: Images per encoder call (also the Ray batch size of the encoder actors).
-    batch_size: int = 16
+    #: Images per encoder call (also the Ray batch size of the encoder actors); null: the same
+    #: pixels per batch at every resolution (256 images of 256² on a GPU, 16 on CPU).
+    batch_size: int | None = None
     #: Seed of ``sample`` mode noise; the noise depends on this seed and the key only.
     seed: int = 0
     #: null: take the model config's value.
@@ -319,7 +320,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("preprocess.resolution: give one int or [width, height]")
     if min(cfg.preprocess.size) < 8:
         raise ConfigError("preprocess.resolution: must be at least 8 pixels per side")
-    if cfg.encoder.batch_size < 1:
+    if cfg.encoder.batch_size is not None and cfg.encoder.batch_size < 1:
         raise ConfigError("encoder.batch_size: must be >= 1")
     if cfg.ray.actors < 1:
         raise ConfigError("ray.actors: must be >= 1")

@@ -52,6 +52,8 @@ class RunSummary:
     samples_now: int
     seconds: float
     nothing_to_do: bool
+    #: Seconds of the Ray execution alone (first read to last commit); 0 when nothing ran.
+    execution_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -202,10 +204,17 @@ class EncodeActor:
     """Ray actor body: holds one encoder replica; encodes the valid rows of each batch.
 
     Rows that are sentinels or already errors pass through with zero tensors; samples the
-    encoder rejects (non-finite even in float32) become ``encode`` error rows.
+    encoder rejects (non-finite even in float32) become ``encode`` error rows. With
+    ``decode="gpu"`` the batch carries encoded ``image`` bytes, decoded here on the actor's
+    device (what the device decoder rejects goes through the CPU path, per sample).
+
+    Safe under Ray's threaded actors: two calls in flight overlap one batch's copies and decode
+    with the other's compute (:meth:`TorchEncoder.encode` serialises the model itself).
     """
 
-    def __init__(self, *, config: dict[str, Any], spec: EncoderSpec, cpu_threads: int | None = None) -> None:
+    def __init__(
+        self, *, config: dict[str, Any], spec: EncoderSpec, cpu_threads: int | None = None, decode: str = "cpu"
+    ) -> None:
         import torch
 
         from latentize.encoders import ENCODERS
@@ -213,23 +222,29 @@ class EncodeActor:
         if cpu_threads:
             # Ray pins a 1-CPU actor to one thread; a CPU-only encoder may use its share of cores.
             torch.set_num_threads(cpu_threads)
-        cfg = config_from_dict(config)
+        self.config = config_from_dict(config)
         self.spec = spec
-        self.encoder = ENCODERS.get(resolved_source(cfg)[0])(config=cfg, spec=spec)
-        logger.info("encoder actor ready on %s (%s)", self.encoder.device, self.encoder.dtype)
+        self.decode = decode
+        self.encoder = ENCODERS.get(resolved_source(self.config)[0])(config=self.config, spec=spec)
+        logger.info("encoder actor ready on %s (%s), decode on %s", self.encoder.device, self.encoder.dtype, decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         errors = text_column(batch["error"], n)
         stages = text_column(batch["stage"], n)
+        notes = text_column(batch.get("notes"), n)
         valid = (np.asarray(batch["total"]) < 0) & np.array([e is None for e in errors], dtype=bool)
         rows = np.flatnonzero(valid)
         keys = [str(k) for k in np.asarray(batch["key"], dtype=object)[rows]]
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "image")}
+        if self.decode == "gpu":
+            pixels, rows, keys = self._decode(batch, rows, keys, out, errors, stages, notes)
+        else:
+            pixels = np.asarray(batch["pixels"])[rows]
         with warnings.catch_warnings():
             # Batches are read-only zero-copy views; the encoder never writes into them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            result = self.encoder.encode(np.asarray(batch["pixels"])[rows], keys)
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+            result = self.encoder.encode(pixels, keys)
         for name, (shape, dtype) in self.spec.columns.items():
             column = np.zeros((n, *shape), dtype=dtype)
             column[rows] = result.arrays[name]
@@ -237,14 +252,44 @@ class EncodeActor:
         for pos, reason in result.errors.items():
             errors[rows[pos]] = reason
             stages[rows[pos]] = "encode"
-        if result.reencoded:
-            notes = text_column(batch.get("notes"), n)
-            for pos in result.reencoded:
-                notes[rows[pos]] = join_notes([notes[rows[pos]], REENCODED_NOTE])
-            out["notes"] = notes
+        for pos in result.reencoded:
+            notes[rows[pos]] = join_notes([notes[rows[pos]], REENCODED_NOTE])
         out["error"] = errors
         out["stage"] = stages
+        out["notes"] = notes
         return normalize_text(out)
+
+    def _decode(
+        self,
+        batch: dict[str, np.ndarray],
+        rows: np.ndarray,
+        keys: list[str],
+        out: dict[str, Any],
+        errors: np.ndarray,
+        stages: np.ndarray,
+        notes: np.ndarray,
+    ) -> tuple[Any, np.ndarray, list[str]]:
+        """Decodes the valid rows' bytes on the device; fills the geometry columns, the error
+        rows and notes; returns the decoded pixels and the rows (and keys) that remain."""
+        from latentize.preprocess.gpu import preprocess_on_device
+
+        n = len(batch["key"])
+        images = [None if v is None else bytes(v) for v in np.asarray(batch["image"], dtype=object)[rows]]
+        decoded = preprocess_on_device(images, keys, config=self.config.preprocess, device=self.encoder.device)
+        for name in ("width", "height", "crop_top", "crop_left"):
+            column = np.full(n, -1, dtype=np.int32)
+            column[rows] = getattr(decoded, name)
+            out[name] = column
+        for pos, note in enumerate(decoded.notes):
+            if note:
+                notes[rows[pos]] = join_notes([notes[rows[pos]], note])
+        for pos, (stage, reason) in decoded.errors.items():
+            errors[rows[pos]], stages[rows[pos]] = reason, stage
+        import torch
+
+        keep = np.array([pos not in decoded.errors for pos in range(len(rows))], dtype=bool)
+        index = torch.as_tensor(np.flatnonzero(keep), device=decoded.pixels.device)
+        return decoded.pixels[index], rows[keep], [k for k, ok in zip(keys, keep, strict=True) if ok]
 
 
 def _init_ray(config: Config) -> None:
@@ -256,31 +301,86 @@ def _init_ray(config: Config) -> None:
     ray.init(address=config.ray.address)
 
 
-def _encoder_resources(config: Config) -> tuple[dict[str, Any], int, int | None]:
-    """Ray resources per encoder actor, the pool size, and torch threads for CPU actors."""
+@dataclass(frozen=True)
+class _Execution:
+    """How the encoder pool runs, resolved against the cluster.
+
+    Attributes:
+        remote_args: Ray resources per encoder actor.
+        actors: the pool size.
+        cpu_threads: torch threads of a CPU actor (None on GPUs).
+        gpu: the actors hold GPUs.
+        decode: ``gpu`` (bytes go to the actors) or ``cpu`` (pixels do).
+        batch_size: images per encoder call.
+    """
+
+    remote_args: dict[str, Any]
+    actors: int
+    cpu_threads: int | None
+    gpu: bool
+    decode: str
+    batch_size: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "actors": self.actors,
+            "gpus_per_actor": self.remote_args.get("num_gpus", 0),
+            "decode": self.decode,
+            "batch_size": self.batch_size,
+        }
+
+
+def _execution(config: Config) -> _Execution:
+    """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
+    decode and the batch size."""
     import ray
+
+    from latentize.encoders.base import default_batch_size
 
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
     per_actor = config.ray.gpus_per_actor
     actors = config.ray.actors
-    if per_actor > 0 and gpus >= per_actor:
+    cpu_threads: int | None = None
+    if per_actor > 0 and gpus >= per_actor and config.encoder.device != "cpu":
         fit = int(gpus // per_actor)
         if actors > fit:
             logger.warning("ray.actors=%d but the cluster has GPUs for %d; using %d", actors, fit, fit)
             actors = fit
         # num_cpus=0: Ray 2.60 would otherwise reserve a CPU per GPU actor, starving decode.
-        return {"num_gpus": per_actor, "num_cpus": 0}, actors, None
-    cpus = int(resources.get("CPU", 1))
-    logger.warning(
-        "no GPU in the Ray cluster (GPU=%s): encoder actors run on CPU; this is slow for real models",
-        gpus,
-    )
-    fit = max(1, cpus - 1)
-    if actors > fit:
-        logger.warning("ray.actors=%d but only %d CPU(s) are free for CPU encoders; using %d", actors, fit, fit)
-        actors = fit
-    return {"num_gpus": 0, "num_cpus": 1}, actors, max(1, cpus // actors)
+        remote_args: dict[str, Any] = {"num_gpus": per_actor, "num_cpus": 0}
+        gpu = True
+    else:
+        cpus = int(resources.get("CPU", 1))
+        logger.warning(
+            "no GPU for the encoder in the Ray cluster (GPU=%s): encoder actors run on CPU; "
+            "this is slow for real models",
+            gpus,
+        )
+        fit = max(1, cpus - 1)
+        if actors > fit:
+            logger.warning("ray.actors=%d but only %d CPU(s) are free for CPU encoders; using %d", actors, fit, fit)
+            actors = fit
+        remote_args, gpu, cpu_threads = {"num_gpus": 0, "num_cpus": 1}, False, max(1, cpus // actors)
+    decode = config.preprocess.decode
+    if decode == "auto":
+        decode = "gpu" if gpu and _actors_see_cuda(per_actor) else "cpu"
+    batch_size = config.encoder.batch_size or default_batch_size(config.preprocess.size, "cuda" if gpu else "cpu")
+    return _Execution(remote_args, actors, cpu_threads, gpu, decode, batch_size)
+
+
+def _actors_see_cuda(gpus: float) -> bool:
+    """Whether a task given ``gpus`` GPUs sees a CUDA device (a GPU resource can be declared
+    on a machine without one, as tests do)."""
+    import ray
+
+    def probe() -> bool:
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    remote: Any = ray.remote(num_gpus=gpus, num_cpus=0)
+    return bool(ray.get(remote(probe).remote()))
 
 
 def _decode_block(block: pa.Table, *, config: PreprocessConfig) -> Any:
@@ -293,7 +393,9 @@ def _decode_block(block: pa.Table, *, config: PreprocessConfig) -> Any:
     return BlockAccessor.batch_to_block(preprocess_batch(batch, config=config))
 
 
-def _build_dataset(p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor) -> Any:
+def _build_dataset(
+    p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor, execution: _Execution | None = None
+) -> Any:
     """The Ray Data pipeline: read + decode (one task per shard) -> encode (actor pool) -> stage.
 
     Decoding runs inside the read tasks. Ray never fuses a read into a downstream batch-sized
@@ -314,21 +416,30 @@ def _build_dataset(p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor) ->
     except ImportError:  # pragma: no cover - older Ray
         pass
     cfg = p.config
-    remote_args, actors, cpu_threads = _encoder_resources(cfg)
-    source = ShardDatasource(
-        shards=p.pending,
-        fmt=p.fmt,
-        config=cfg.input,
-        transform=functools.partial(_decode_block, config=cfg.preprocess),
-    )
+    ex = execution or _execution(cfg)
+    # Bytes travel to the actors when they decode; else the read tasks decode to uint8 pixels.
+    transform = functools.partial(_decode_block, config=cfg.preprocess) if ex.decode == "cpu" else None
+    source = ShardDatasource(shards=p.pending, fmt=p.fmt, config=cfg.input, transform=transform)
     ds = ray.data.read_datasource(source, override_num_blocks=len(p.pending))
     ds = ds.map_batches(
         encode_actor,
-        fn_constructor_kwargs={"config": config_to_dict(cfg), "spec": p.spec, "cpu_threads": cpu_threads},
-        compute=ActorPoolStrategy(size=actors),
-        batch_size=cfg.encoder.batch_size,
+        fn_constructor_kwargs={
+            "config": config_to_dict(cfg),
+            "spec": p.spec,
+            "cpu_threads": ex.cpu_threads,
+            "decode": ex.decode,
+        },
+        # Four batches queued per actor keep it fed; two calls at once overlap one batch's
+        # copies (and GPU decode) with the other's compute, the encoder serialising the model.
+        compute=ActorPoolStrategy(
+            size=ex.actors,
+            max_tasks_in_flight_per_actor=4,
+            max_concurrent_calls_per_actor=2,
+            enable_true_multi_threading=ex.gpu,
+        ),
+        batch_size=ex.batch_size,
         batch_format="numpy",
-        **remote_args,
+        **ex.remote_args,
     )
     return ds.map_batches(
         stage_batch,
@@ -419,12 +530,32 @@ def run(
     """
     started = time.time()
     p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
-    layout = p.layout
     if not p.pending:
         t = _totals(p.markers, p.shards, p.fingerprint)
-        logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), layout.url)
-        return RunSummary(layout.url, len(p.shards), 0, t.failed_shards, t.ok, t.failed, 0, 0.0, True)
+        logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), p.layout.url)
+        return RunSummary(p.layout.url, len(p.shards), 0, t.failed_shards, t.ok, t.failed, 0, 0.0, True)
+    ex = _prepare(p)
+    execution_started = time.time()
+    committer = _execute(p, ex, encode_actor=encode_actor, started=started)
+    execution_s = time.time() - execution_started
+    t = _finish(p, committer, ex, started=started, execution_s=execution_s)
+    return RunSummary(
+        p.layout.url,
+        len(p.shards),
+        committer.shards_done,
+        t.failed_shards,
+        t.ok,
+        t.failed,
+        committer.samples_done,
+        time.time() - started,
+        False,
+        execution_s,
+    )
 
+
+def _prepare(p: Plan) -> _Execution:
+    """Joins Ray, checks the cluster, readies the output for this run; nothing per shard."""
+    config, layout = p.config, p.layout
     logger.info(
         "%d of %d shards to encode into %s (%s, %s)",
         len(p.pending),
@@ -435,26 +566,33 @@ def run(
     )
     _init_ray(config)
     _check_nodes(config, layout, [url for url, _ in p.pending])
-    pending = {shard for _, shard in p.pending}
+    ex = _execution(config)
+    logger.info("encoder pool: %s", ex.describe())
     if p.fresh:
         layout.write_inputs(p.shards)
     else:
-        removed = layout.discard(pending, p.markers)
+        removed = layout.discard({shard for _, shard in p.pending}, p.markers)
         logger.info("resume: removed %d leftover object(s) of uncommitted shards", removed)
     p.manifest["status"] = "running"
     layout.write_json(layout.manifest_path, p.manifest)
+    return ex
 
-    ds = _build_dataset(p, encode_actor=encode_actor)
+
+def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor], started: float) -> Committer:
+    """Runs the Ray Data pipeline and commits every shard; returns the finished Committer."""
+    pending = {shard for _, shard in p.pending}
     committer = Committer(
-        layout=layout,
+        layout=p.layout,
         urls={shard: url for url, shard in p.pending},
         markers={s: m for s, m in p.markers.items() if s not in pending},
-        parallelism=config.ray.commit_parallelism,
-        sink_name=config.output.format,
+        parallelism=p.config.ray.commit_parallelism,
+        sink_name=p.config.output.format,
         fingerprint=p.fingerprint,
     )
     last_log = time.time()
-    for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for reports in _build_dataset(p, encode_actor=encode_actor, execution=ex).iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):
         committer.add(reports)
         if time.time() - last_log > PROGRESS_EVERY_S:
             last_log = time.time()
@@ -466,25 +604,32 @@ def run(
                 committer.samples_done / max(last_log - started, 1e-9),
             )
     committer.finish()
-    layout.prune_staging()
-    seconds = time.time() - started
+    p.layout.prune_staging()
+    return committer
+
+
+def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, execution_s: float) -> _Totals:
+    """Rewrites the manifest with the totals of the markers the driver holds, and this run."""
     t = _totals(committer.markers, p.shards, p.fingerprint)
     complete = t.committed == len(p.shards) and t.failed_shards == 0
-    p.manifest["status"] = "complete" if complete else "incomplete"
-    p.manifest["shards"] = {"total": len(p.shards), "committed": t.committed, "failed": t.failed_shards}
-    p.manifest["samples"] = {"ok": t.ok, "failed": t.failed, "reencoded_fp32": t.reencoded}
-    p.manifest["output"]["data_folders"] = sorted(set(p.manifest["output"]["data_folders"]) | set(t.folders))
-    p.manifest["output"]["rows_by_folder"] = t.folders
-    p.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    layout.write_json(layout.manifest_path, p.manifest)
-    return RunSummary(
-        layout.url,
-        len(p.shards),
-        committer.shards_done,
-        t.failed_shards,
-        t.ok,
-        t.failed,
-        committer.samples_done,
-        seconds,
-        False,
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    m = p.manifest
+    m["status"] = "complete" if complete else "incomplete"
+    m["shards"] = {"total": len(p.shards), "committed": t.committed, "failed": t.failed_shards}
+    m["samples"] = {"ok": t.ok, "failed": t.failed, "reencoded_fp32": t.reencoded}
+    m["output"]["data_folders"] = sorted(set(m["output"]["data_folders"]) | set(t.folders))
+    m["output"]["rows_by_folder"] = t.folders
+    m.setdefault("runs", []).append(
+        {
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "finished_at": now,
+            "shards": committer.shards_done,
+            "samples": committer.samples_done,
+            "seconds": round(time.time() - started, 3),
+            "execution_seconds": round(execution_s, 3),
+            **ex.describe(),
+        }
     )
+    m["updated_at"] = now
+    p.layout.write_json(p.layout.manifest_path, m)
+    return t

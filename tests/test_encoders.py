@@ -573,3 +573,41 @@ def test_oom_at_chunk_one_is_raised(tiny_models, photos, monkeypatch) -> None:
     with pytest.raises(torch.cuda.OutOfMemoryError):
         encode(enc, pixels[:2], keys[:2])
     assert enc.chunk_size == 1
+
+
+# --- concurrency and batch size ----------------------------------------------------------------
+
+
+def test_concurrent_calls_give_what_sequential_calls_give(tiny_models, photos) -> None:
+    # Ray's threaded actor runs two calls at once; the model is serialised inside encode().
+    from concurrent.futures import ThreadPoolExecutor
+
+    pixels, keys = photos
+    enc = make_encoder(make_config(tiny_models["kl"], sample="sample", seed=3, batch_size=2))
+    halves = [(pixels[:3], keys[:3]), (pixels[3:], keys[3:])]
+    sequential = [encode(enc, p, k).arrays["latent"] for p, k in halves]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            concurrent = list(pool.map(lambda pk: encode(enc, *pk).arrays["latent"], halves))
+            for got, want in zip(concurrent, sequential, strict=True):
+                assert got.tobytes() == want.tobytes()
+
+
+def test_staged_and_tensor_inputs_encode_like_host_arrays(tiny_models, photos) -> None:
+    pixels, keys = photos
+    enc = make_encoder(make_config(tiny_models["kl"], batch_size=4))
+    reference = encode(enc, pixels, keys).arrays["latent"]
+    as_tensor = enc.encode(torch.from_numpy(np.array(pixels)), keys).arrays["latent"]
+    staged = enc.encode(enc.stage(np.array(pixels)), keys).arrays["latent"]
+    assert as_tensor.tobytes() == reference.tobytes() == staged.tobytes()
+
+
+def test_default_batch_size_keeps_pixels_per_batch_constant(tiny_models) -> None:
+    from latentize.encoders.base import default_batch_size
+
+    assert [default_batch_size((r, r), "cuda") for r in (128, 256, 512, 1024, 2048)] == [1024, 256, 64, 16, 4]
+    assert default_batch_size((1152, 896), "cuda") == 16
+    assert default_batch_size((8192, 8192), "cuda") == 1
+    assert [default_batch_size((r, r), "cpu") for r in (64, 256, 512)] == [256, 16, 4]
+    enc = make_encoder(make_config(tiny_models["kl"], resolution=128))  # batch_size left null
+    assert enc.chunk_size == default_batch_size((128, 128), "cpu") == 64

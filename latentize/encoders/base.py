@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,9 @@ __all__ = [
     "ENCODERS",
     "EncodeResult",
     "EncoderSpec",
+    "Staged",
     "TorchEncoder",
+    "default_batch_size",
     "load_model_config",
     "pick_device",
     "resolve_dtype",
@@ -233,6 +237,28 @@ class EncoderSpec:
 
 
 @dataclass
+class Staged:
+    """Pixels on their way to the device: the device tensor, the event that marks the end of
+    its copy (None when it is ready), and the pinned host buffer the copy reads from."""
+
+    tensor: torch.Tensor
+    ready: Any
+    keep: torch.Tensor | None = None
+
+
+def default_batch_size(size: tuple[int, int], device: torch.device | str) -> int:
+    """``encoder.batch_size`` when null: the same pixels per batch at every resolution.
+
+    On a GPU 256 images of 256² (64 of 512², 16 of 1024²: a power of two, 1 to 1024), enough
+    to keep an 80 GB card busy with an SD-class encoder in bfloat16 while a CUDA out-of-memory
+    still halves it; on CPU 16 of 256², since batches there only amortise Python overhead.
+    """
+    width, height = size
+    images = (256 if torch.device(device).type == "cuda" else 16) * (256 * 256) / (width * height)
+    return int(min(1024, max(1, 2 ** round(math.log2(max(images, 1.0))))))
+
+
+@dataclass
 class EncodeResult:
     """Output of :meth:`TorchEncoder.encode` for N images.
 
@@ -275,10 +301,17 @@ class TorchEncoder:
         model = self._drop_decoder(self._load())
         self.model = model.to(self.device, dtype=self.dtype).eval()
         if self.device.type == "cuda":
-            # torch's stubs omit Module.to's memory_format keyword.
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model = self.model.to(memory_format=torch.channels_last)
         self._model_fp32: torch.nn.Module | None = None
-        self.chunk_size = config.encoder.batch_size
+        self.chunk_size = config.encoder.batch_size or default_batch_size(config.preprocess.size, self.device)
+        # One model call at a time (memory, and chunk_size changes on OOM); copies run outside.
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            # TF32 tensor cores for float32 convolutions and matmuls: the speed of fp16 math
+            # with float32's range, within the VAE's own noise.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self._eager = self.model
         self._compiled = False
         if config.encoder.compile:
@@ -358,7 +391,7 @@ class TorchEncoder:
 
     # -- shared machinery ---------------------------------------------------------------
     def _to_input(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 (n, H, W, 3) on any device -> (n, 3, H, W) ``dtype`` in the encoder's range."""
+        """uint8 (n, H, W, 3) on the device -> (n, 3, H, W) ``dtype`` in the encoder's range."""
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 255.0
         if self.spec.input_range == "[-1, 1]":
             x = x * 2.0 - 1.0
@@ -366,6 +399,34 @@ class TorchEncoder:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def stage(self, pixels: np.ndarray | torch.Tensor) -> Staged:
+        """Starts moving uint8 pixels (N, H, W, 3) to the device; returns at once on CUDA.
+
+        On CUDA the host array is copied into a pinned buffer and sent on this thread's side
+        stream, so that with two calls in flight (Ray's threaded actor) the copy of one batch
+        overlaps the compute of the previous one. A tensor already on the device (decoded
+        there) is used as it is.
+        """
+        if isinstance(pixels, torch.Tensor) and pixels.device == self.device:
+            return Staged(pixels, None)
+        host = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
+        if self.device.type != "cuda":
+            return Staged(host.to(self.device), None)
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        stream = self._side_stream()
+        with torch.cuda.stream(stream):
+            on_device = pinned.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return Staged(on_device, ready, keep=pinned)
+
+    def _side_stream(self) -> Any:
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(device=self.device)
+        return stream
 
     @torch.inference_mode()
     def _run(
@@ -377,7 +438,8 @@ class TorchEncoder:
         *,
         one_at_a_time: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Runs the model over ``pixels`` in chunks; halves the chunk on CUDA OOM and retries.
+        """Runs the model over ``pixels`` (on the device) in chunks; halves the chunk on CUDA
+        out-of-memory and retries. Returns the outputs on the device.
 
         Every chunk has exactly ``chunk_size`` images (a short last chunk is padded with copies
         of its last image), or one image with ``one_at_a_time``: convolution kernels may round
@@ -406,7 +468,7 @@ class TorchEncoder:
                 self.chunk_size = max(1, self.chunk_size // 2)
                 logger.warning("CUDA out of memory; encoder chunk halved to %d", self.chunk_size)
                 continue
-            outputs.append({k: v.detach().cpu() for k, v in out.items()})
+            outputs.append({k: v.detach() for k, v in out.items()})
             start += size
         return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
 
@@ -420,11 +482,15 @@ class TorchEncoder:
     # Inference mode for the whole call: ``_run`` returns inference tensors, and the float32
     # re-encode below writes into them in place (not allowed outside inference mode).
     @torch.inference_mode()
-    def encode(self, pixels: np.ndarray, keys: Sequence[str]) -> EncodeResult:
+    def encode(self, pixels: np.ndarray | torch.Tensor | Staged, keys: Sequence[str]) -> EncodeResult:
         """Encodes uint8 pixels.
 
+        Safe to call from several threads at once: the copies to and from the device run
+        outside the lock that serialises the model, so they overlap another call's compute.
+
         Args:
-            pixels: (N, H, W, 3) uint8, values 0..255 (may be a read-only view).
+            pixels: (N, H, W, 3) uint8, values 0..255: a host array (may be a read-only view),
+                a tensor (on the device, e.g. decoded there), or what :meth:`stage` returned.
             keys: the N sample keys (seed the per-key noise of ``sample`` mode).
 
         Returns:
@@ -434,7 +500,34 @@ class TorchEncoder:
         n = len(keys)
         if n == 0:
             return EncodeResult(self._empty(0), {}, self.chunk_size, 0)
-        tensor = torch.as_tensor(np.asarray(pixels))
+        staged = pixels if isinstance(pixels, Staged) else self.stage(pixels)
+        with self._lock:
+            if staged.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(staged.ready)
+                staged.tensor.record_stream(torch.cuda.current_stream(self.device))
+            out, reencoded, bad = self._encode_on_device(staged.tensor, keys)
+            host, done = self._copy_back(out)
+            chunk_size = self.chunk_size
+        if done is not None:
+            done.synchronize()
+        errors = {int(i): "non-finite latent values (NaN or Inf) even in float32" for i in np.flatnonzero(bad)}
+        arrays: dict[str, np.ndarray] = {}
+        for name, (_, dtype) in self.spec.columns.items():
+            value = host[name].numpy().astype(dtype, copy=False)
+            if errors:
+                value = value.copy()
+                value[list(errors)] = 0
+            arrays[name] = value
+        return EncodeResult(arrays, errors, chunk_size, len(reencoded), reencoded)
+
+    def _encode_on_device(
+        self, tensor: torch.Tensor, keys: Sequence[str]
+    ) -> tuple[dict[str, torch.Tensor], list[int], np.ndarray]:
+        """The model over ``tensor``, then the float32 redo of non-finite samples.
+
+        Returns the outputs (on the device), the positions re-encoded and a (N,) bool array of
+        the samples still not finite.
+        """
         out = self._run(self.model, self.dtype, tensor, keys)
         bad = self._nonfinite(out)
         reencoded: list[int] = []
@@ -449,18 +542,20 @@ class TorchEncoder:
                 out[k][idx] = redo[k].to(out[k].dtype)
             reencoded = idx.tolist()
             bad = self._nonfinite(out)
-        errors = {
-            int(i): "non-finite latent values (NaN or Inf) even in float32"
-            for i in torch.nonzero(bad).flatten().tolist()
-        }
-        arrays: dict[str, np.ndarray] = {}
-        for name, (_, dtype) in self.spec.columns.items():
-            value = out[name]
-            if errors:
-                value = value.clone()
-                value[list(errors)] = 0
-            arrays[name] = value.numpy().astype(dtype, copy=False)
-        return EncodeResult(arrays, errors, self.chunk_size, len(reencoded), reencoded)
+        return out, reencoded, bad.cpu().numpy()
+
+    def _copy_back(self, out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """Starts copying the outputs to pinned host memory; returns them and an event to wait on
+        (None when they are already on the host)."""
+        if self.device.type != "cuda":
+            return out, None
+        host = {}
+        for name, value in out.items():
+            host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            host[name].copy_(value, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return host, done
 
     @staticmethod
     def _nonfinite(out: Mapping[str, torch.Tensor]) -> torch.Tensor:
