@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Pipeline overhead: `latentize encode` against an independent single-process loop.
+
+Both encode the same LAION-like JPEG shards (``latentize.demo.laion_like_samples``: real
+photos at web-scraped sizes, 0.04-4 MP, median 0.28 MP) with the same small f8 model (a random
+diffusers ``AutoencoderKL``, 4 latent channels), the same preprocess function and the same
+encoder class, each in a fresh process, alternating, repeated:
+
+* loop: one process reads each tar, calls ``latentize.preprocess.preprocess_sample`` per image,
+  ``encoder.encode`` per batch (torch using every core) and writes a Parquet file per shard;
+* latentize: ``python -m latentize.cli encode CONFIG`` (a local Ray started by the job).
+
+Printed, median of the repeats: whole-run images per second of each (process start, imports,
+Ray start and the commit tail included) and their ratio; the in-execution ratio (the loop's
+loop against the Ray execution alone, as the manifest records it); and the stage rates of the
+loop (decode alone, encode alone) for context. Targets on the 2-core machine: whole-run >= 0.8x
+the loop, in-execution >= 1.0x.
+
+    python bench/pipeline.py [--images 1536] [--per-shard 64] [--resolution 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: The small f8 model: diffusers' AutoencoderKL with narrow blocks (random weights), about
+#: 10 ms per 256² image on two cores: decode and encode cost about the same, as on a GPU
+#: node whose encoder is fast and whose CPUs decode.
+MODEL = {
+    "block_out_channels": (8, 16, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+    "scaling_factor": 0.18215,
+}
+
+LOOP = textwrap.dedent(
+    """
+    import glob, io, json, sys, time, warnings
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+    import fsspec
+    from latentize.config import load_config
+    from latentize.encoders import ENCODERS
+    from latentize.preprocess import preprocess_sample
+    from latentize.sinks.base import tensor_array
+    from latentize.sources import SOURCES
+
+    cfg = load_config(sys.argv[1])
+    out = sys.argv[2]
+    cls = ENCODERS.get(cfg.encoder.type)
+    encoder = cls(config=cfg, spec=cls.inspect(cfg))
+    reader = SOURCES.get("webdataset")
+    batch = cfg.encoder.batch_size or encoder.chunk_size
+    decode_s = encode_s = 0.0
+    n = 0
+    started = time.time()
+    for i, url in enumerate(sorted(glob.glob(cfg.input.urls))):
+        keys, pixels = [], []
+        with fsspec.open(url, "rb") as f:
+            for sample in reader(f, config=cfg.input):
+                t = time.perf_counter()
+                cropped = preprocess_sample(sample.image, key=sample.key, config=cfg.preprocess)
+                decode_s += time.perf_counter() - t
+                keys.append(sample.key)
+                pixels.append(cropped.pixels)
+        latents = []
+        t = time.perf_counter()
+        for s in range(0, len(keys), batch):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                latents.append(encoder.encode(np.stack(pixels[s : s + batch]), keys[s : s + batch]).arrays["latent"])
+        encode_s += time.perf_counter() - t
+        table = pa.table({"key": keys, "latent": tensor_array(np.concatenate(latents))})
+        pq.write_table(table, f"{out}/{i:05d}.parquet", compression="zstd")
+        n += len(keys)
+    print(json.dumps({"images": n, "loop_s": time.time() - started, "decode_s": decode_s, "encode_s": encode_s}))
+    """
+)
+
+
+def _make_inputs(root: Path, images: int, per_shard: int, resolution: int) -> tuple[Path, int]:
+    import yaml
+    from diffusers import AutoencoderKL
+
+    from latentize.demo import ShardSample, laion_like_samples, write_webdataset_shard
+
+    samples = laion_like_samples(images, seed=0)
+    for shard, start in enumerate(range(0, images, per_shard)):
+        chunk = [
+            ShardSample(key=f"{shard:05d}{j:04d}", image=s.image, caption=s.caption, meta=s.meta)
+            for j, s in enumerate(samples[start : start + per_shard])
+        ]
+        write_webdataset_shard(str(root / "in" / f"{shard:05d}.tar"), chunk)
+    AutoencoderKL(**MODEL).save_pretrained(root / "model")
+    config = {
+        "input": {"urls": str(root / "in" / "*.tar")},
+        "preprocess": {"resolution": resolution},
+        "encoder": {"model": str(root / "model"), "batch_size": 32},
+        "output": {"path": str(root / "out")},
+        "ray": {"actors": 1},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, len(samples)
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr[-3000:]}")
+    return time.time() - started, proc.stdout
+
+
+def _once(root: Path, config: Path, images: int, env: dict[str, str]) -> dict[str, Any]:
+    loop_out = root / "loop-out"
+    shutil.rmtree(loop_out, ignore_errors=True)
+    loop_out.mkdir()
+    loop_s, stdout = _timed([sys.executable, "-c", LOOP, str(config), str(loop_out)], env)
+    loop = json.loads(stdout.strip().splitlines()[-1])
+    shutil.rmtree(root / "out", ignore_errors=True)
+    run_s, _ = _timed([sys.executable, "-m", "latentize.cli", "encode", str(config)], env)
+    manifest = json.loads((root / "out" / "_manifest.json").read_text())
+    assert manifest["samples"]["ok"] + manifest["samples"]["failed"] == images, manifest["samples"]
+    execution_s = manifest["runs"][-1]["execution_seconds"]
+    return {
+        "loop_whole_img_s": images / loop_s,
+        "loop_inside_img_s": images / loop["loop_s"],
+        "latentize_whole_img_s": images / run_s,
+        "latentize_execution_img_s": images / execution_s,
+        "whole_ratio": loop_s / run_s,
+        "execution_ratio": loop["loop_s"] / execution_s,
+        "decode_alone_img_s": images / loop["decode_s"],
+        "encode_alone_img_s": images / loop["encode_s"],
+        "latentize_seconds": run_s,
+        "loop_seconds": loop_s,
+        "decode": manifest["runs"][-1]["decode"],
+        "batch_size": manifest["runs"][-1]["batch_size"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1536)
+    parser.add_argument("--per-shard", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="latentize-pipeline-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    try:
+        config, images = _make_inputs(root, args.images, args.per_shard, args.resolution)
+        runs = []
+        for i in range(args.repeats):
+            runs.append(_once(root, config, images, env))
+            r = runs[-1]
+            print(
+                f"repeat {i}: loop {r['loop_whole_img_s']:.1f} img/s whole ({r['loop_inside_img_s']:.1f} inside); "
+                f"latentize {r['latentize_whole_img_s']:.1f} img/s whole ({r['latentize_execution_img_s']:.1f} in "
+                f"execution); ratios {r['whole_ratio']:.2f} whole, {r['execution_ratio']:.2f} in execution",
+                flush=True,
+            )
+        median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
+        print(f"\n{images} LAION-like images at {args.resolution}², median of {args.repeats}:")
+        for key, value in median.items():
+            print(f"  {key:<28} {value:8.2f}")
+        print(f"  decode path: {runs[0]['decode']}, encoder batch: {runs[0]['batch_size']}")
+        if args.json:
+            args.json.write_text(json.dumps({"images": images, "runs": runs, "median": median}, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
