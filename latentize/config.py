@@ -177,6 +177,9 @@ class RayConfig:
     #: mounts at the same path (NFS, Lustre, a FUSE-mounted bucket). Without it, a local path
     #: on a cluster of several nodes is refused at start: each node would see its own disk.
     shared_filesystem: bool = False
+    #: Start Ray's dashboard when latentize starts a local Ray (no effect on a cluster it
+    #: joins); it adds seconds of start-up, which small machines and short runs notice.
+    dashboard: bool = False
 
 
 @dataclass

@@ -297,8 +297,9 @@ def _init_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    # address None: inside `ray job submit` RAY_ADDRESS points at the cluster, else local Ray.
-    ray.init(address=config.ray.address)
+    # address None: inside `ray job submit` RAY_ADDRESS points at the cluster, else local Ray
+    # (include_dashboard only applies when a local Ray is started).
+    ray.init(address=config.ray.address, include_dashboard=config.ray.dashboard)
 
 
 @dataclass(frozen=True)
@@ -452,6 +453,9 @@ def _build_dataset(
         },
         batch_format="numpy",
         batch_size=cfg.output.rows_per_part,
+        # Staging is I/O (one Parquet or tar part per shard and batch): it must not wait for a
+        # CPU that a read task holds, or the encoder's output backs up behind decoding.
+        num_cpus=0,
     )
 
 
