@@ -32,7 +32,7 @@ from latentize.config import PreprocessConfig
 from latentize.demo import laion_like_samples, photo_images, photo_samples
 from latentize.errors import ConfigError, SampleError
 from latentize.preprocess import Cropped, crop_box, preprocess_batch, preprocess_sample
-from latentize.preprocess.crop import CROPS, CropBox, crop_rng
+from latentize.preprocess.crop import CROPS, CropBox, crop_resized, crop_rng
 from latentize.preprocess.decode import (
     OrientationUnclear,
     decode_image,
@@ -162,6 +162,19 @@ def test_crop_box_is_pure_geometry_on_the_source_size() -> None:
     assert CropBox((300, 200), 0, 0).upscales((299, 400)) and not CropBox((300, 200), 0, 0).upscales((300, 200))
     with pytest.raises(ConfigError, match="valid values: center, none, random"):
         crop_box((10, 10), (5, 5), crop="middle", key="k", seed=0)
+
+
+def test_window_only_resize_is_the_full_resize_within_one_level() -> None:
+    # The reduced path resamples only the kept window; the exact path the whole image.
+    for name, crop in (("chelsea", "center"), ("coffee", "random"), ("rocket", "center"), ("brick", "none")):
+        img = _photos()[name]
+        for size in ((128, 128), (200, 96)):
+            box = crop_box(img.size, size, crop=crop, key=name, seed=1)
+            full = crop_resized(img, box, source=img.size, size=size)
+            window = crop_resized(img, box, source=img.size, size=size, window_only=True)
+            assert geometry(window) == geometry(full)
+            diff = np.abs(window.pixels.astype(np.int16) - full.pixels.astype(np.int16))
+            assert diff.max() <= 1 and diff.mean() < 0.01, (name, size)
 
 
 # --------------------------------------------------------------------------- exact path
