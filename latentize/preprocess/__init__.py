@@ -65,7 +65,7 @@ def upscale_note(cropped: Cropped) -> str | None:
 #: 2x the exact path's speed on the mix and 3x on sources of 1 MP or more, at a PSNR against
 #: the exact path of 40 dB median, 32 dB 10th percentile over the images it reduces; 2 reduces
 #: far fewer images (only sources 4x the cover size), 48 / 38 dB, but gives only about 1.2x
-#: and 1.5x.
+#: and 1.7x.
 REDUCED_MIN_COVER = 1
 
 
