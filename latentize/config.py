@@ -293,6 +293,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return _build(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
@@ -326,6 +328,13 @@ def _build(cls: type, data: Any, path: str) -> Any:
             kwargs[key] = _build(tp, value, key_path)
         else:
             kwargs[key] = _coerce(value, tp, key_path)
+    missing = [
+        f.name
+        for f in fields.values()
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: missing key(s): {', '.join(missing)}")
     return cls(**kwargs)
 
 

@@ -393,8 +393,12 @@ def test_buckets_as_a_list_or_a_generator() -> None:
         base={"output": {"path": "x"}, "preprocess": {"buckets": {"area": 1048576, "step": 64}, "flip": True}}
     )
     assert made.preprocess.buckets == BucketGenerator(area=1048576, step=64, min_ratio=0.25, max_ratio=4.0)
-    # The config round-trips through plain data (manifest, Ray actors).
+    # The config round-trips through plain data (manifest, Ray actors), null buckets too.
     assert config_from_dict(config_to_dict(made)).preprocess.buckets == made.preprocess.buckets
+    plain = load_config(base={"output": {"path": "x"}})
+    assert config_from_dict(config_to_dict(plain)) == plain
+    with pytest.raises(ConfigError, match=r"^preprocess\.buckets: missing key\(s\): area"):
+        load_config(base={"output": {"path": "x"}, "preprocess": {"buckets": {"step": 64}}})
     with pytest.raises(ConfigError, match=r"^preprocess\.buckets: the buckets give the sizes"):
         load_config(base={"output": {"path": "x"}, "preprocess": {"resolution": 512, "buckets": [[512, 512]]}})
     with pytest.raises(ConfigError, match=r"^preprocess\.buckets\.ares: unknown key"):
