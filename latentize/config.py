@@ -138,6 +138,18 @@ class PreprocessConfig:
         return self.targets[0]
 
     @property
+    def reference_size(self) -> tuple[int, int]:
+        """A size to describe the stored columns and the encoder batch by (both scale with the
+        crop): the run's size when fixed, else its first resolution, its first listed bucket,
+        or the square bucket of the generator's area."""
+        if isinstance(self.buckets, list):
+            return (int(self.buckets[0][0]), int(self.buckets[0][1]))
+        if isinstance(self.buckets, BucketGenerator):
+            side = max(self.buckets.step, int(self.buckets.area**0.5) // self.buckets.step * self.buckets.step)
+            return (side, side)
+        return self.targets[0]
+
+    @property
     def fixed_size(self) -> bool:
         """One resolution and no buckets: every crop has the same shape."""
         return self.buckets is None and len(self.targets) == 1

@@ -14,6 +14,7 @@ DCT scale first (:data:`REDUCED_MIN_COVER`), several times faster on large sourc
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from latentize.columns import join_notes, normalize_text, text_column
 from latentize.config import PreprocessConfig
 from latentize.errors import LatentizeError, SampleError
+from latentize.preprocess.buckets import Targets, resolve_targets
 from latentize.preprocess.crop import (
     CROPS,
     CropBox,
@@ -32,17 +34,24 @@ from latentize.preprocess.crop import (
 )
 from latentize.preprocess.decode import decode_image, decode_jpeg_reduced, to_rgb
 
+#: Source ``(width, height)`` -> the sizes to crop it to.
+SizesOf = Callable[[tuple[int, int]], list[tuple[int, int]]]
+
 __all__ = [
     "CROPS",
     "REDUCED_MIN_COVER",
     "CropBox",
     "Cropped",
+    "Targets",
     "as_bytes",
     "crop_box",
     "decode_image",
     "preprocess_batch",
+    "preprocess_batch_sizes",
     "preprocess_sample",
+    "preprocess_sizes",
     "resize_and_crop",
+    "resolve_targets",
     "to_rgb",
     "upscale_note",
 ]
@@ -77,22 +86,29 @@ def _reduced_size(source: tuple[int, int], box: CropBox) -> tuple[int, int] | No
     return REDUCED_MIN_COVER * rw, REDUCED_MIN_COVER * rh
 
 
-def _preprocess_reduced(data: bytes, *, key: str, config: PreprocessConfig) -> Cropped | None:
-    """The default path's reduced-scale JPEG decode; None where the exact path must run."""
+def _preprocess_reduced(data: bytes, *, key: str, config: PreprocessConfig, sizes_of: SizesOf) -> list[Cropped] | None:
+    """The default path's reduced-scale JPEG decode; None where the exact path must run.
 
-    def box_of(source: tuple[int, int]) -> CropBox:
-        return crop_box(source, config.size, crop=config.crop, key=key, seed=config.seed)
+    One decode serves every size of the sample: it is reduced only as far as the largest
+    crop allows.
+    """
 
-    decoded = decode_jpeg_reduced(
-        data,
-        max_pixels=config.max_pixels,
-        min_size=lambda source: _reduced_size(source, box_of(source)),
-    )
+    def boxes(source: tuple[int, int]) -> list[tuple[CropBox, tuple[int, int]]]:
+        return [
+            (crop_box(source, size, crop=config.crop, key=key, seed=config.seed), size) for size in sizes_of(source)
+        ]
+
+    def min_size(source: tuple[int, int]) -> tuple[int, int] | None:
+        largest = [box.resize_to for box, _ in boxes(source)]
+        cover = CropBox((max(w for w, _ in largest), max(h for _, h in largest)), 0, 0)
+        return _reduced_size(source, cover)
+
+    decoded = decode_jpeg_reduced(data, max_pixels=config.max_pixels, min_size=min_size)
     if decoded is None:
         return None
     img, source = decoded
     try:
-        return crop_resized(img, box_of(source), source=source, size=config.size, window_only=True)
+        return [crop_resized(img, box, source=source, size=size, window_only=True) for box, size in boxes(source)]
     except Exception as exc:
         logger.debug("reduced decode of %s unusable, decoding at full size: %s: %s", key, type(exc).__name__, exc)
         return None
@@ -117,14 +133,30 @@ def preprocess_sample(data: bytes, *, key: str, config: PreprocessConfig) -> Cro
         LatentizeError: a run-level problem, e.g. an unknown ``preprocess.crop`` (a bad
             config must stop the run, not turn every row into an error row).
     """
+    size = config.size
+    return preprocess_sizes(data, key=key, config=config, sizes_of=lambda _: [size])[0]
+
+
+def preprocess_sizes(data: bytes, *, key: str, config: PreprocessConfig, sizes_of: SizesOf) -> list[Cropped]:
+    """Decodes one encoded image once and crops it to every size ``sizes_of(source)`` names.
+
+    Args:
+        sizes_of: ``(width, height)`` of the upright source -> the target sizes (one per
+            resolution; aspect-ratio buckets choose by the source's ratio).
+
+    Returns:
+        One :class:`Cropped` per size, in order (see :func:`preprocess_sample`).
+    """
     if not config.exact and config.crop in CROPS:
-        fast = _preprocess_reduced(data, key=key, config=config)
+        fast = _preprocess_reduced(data, key=key, config=config, sizes_of=sizes_of)
         if fast is not None:
             return fast
     img = decode_image(data, max_pixels=config.max_pixels)
     try:
         rgb = to_rgb(img)
-        return resize_and_crop(rgb, size=config.size, crop=config.crop, key=key, seed=config.seed)
+        return [
+            resize_and_crop(rgb, size=size, crop=config.crop, key=key, seed=config.seed) for size in sizes_of(rgb.size)
+        ]
     except (SampleError, LatentizeError):
         raise
     except Exception as exc:
@@ -140,7 +172,9 @@ def as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], *, config: PreprocessConfig) -> dict[str, np.ndarray]:
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, config: PreprocessConfig, targets: Targets | None = None
+) -> dict[str, np.ndarray]:
     """Ray Data batch function: encoded images in, fixed-size pixels out, one row per row.
 
     Input columns (all length N): ``key`` (object, str), ``image`` (object, bytes or None),
@@ -159,11 +193,16 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, config: PreprocessConfig) 
         image had to be enlarged gets ``"upscaled from {w}x{h}"`` added to its ``notes``
         (findings are joined with ``"; "``).
 
+        With ``targets`` of several sizes (resolutions, aspect-ratio buckets) see
+        :func:`preprocess_batch_sizes` instead: one row per sample and size.
+
     Raises:
         LatentizeError: only for run-level problems (unknown crop mode), never for a sample.
     """
     # Fail the whole task on a config typo up front rather than erroring every row.
     CROPS.get(config.crop)
+    if targets is not None and not targets.fixed:
+        return preprocess_batch_sizes(batch, config=config, targets=targets)
     width_px, height_px = config.size
     keys = batch["key"]
     n = len(keys)
@@ -219,5 +258,85 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, config: PreprocessConfig) 
     result["stage"] = stage
     result["notes"] = notes
     result["pixels"] = pixels
+    result.update(meta)
+    return normalize_text(result)
+
+
+#: Geometry columns of a preprocessed row (-1 where the row holds no image).
+_META = ("width", "height", "crop_top", "crop_left")
+
+
+def _preprocess_row(data: Any, key: str, sizes_of: SizesOf, config: PreprocessConfig) -> list[Cropped] | SampleError:
+    """One sample's crops, or the :class:`SampleError` that becomes its error row."""
+    try:
+        if data is None:
+            raise SampleError("decode", "no image data in this sample (image is missing)")
+        return preprocess_sizes(as_bytes(data), key=key, config=config, sizes_of=sizes_of)
+    except SampleError as exc:
+        return exc
+    except LatentizeError:
+        raise
+    except Exception as exc:
+        # A bug or an exotic failure in one sample must not take the batch down with it.
+        logger.warning("sample %s: unexpected %s: %s", key, type(exc).__name__, exc)
+        return SampleError("preprocess", f"{type(exc).__name__}: {exc}")
+
+
+def preprocess_batch_sizes(
+    batch: dict[str, np.ndarray], *, config: PreprocessConfig, targets: Targets
+) -> dict[str, np.ndarray]:
+    """:func:`preprocess_batch` for runs of several sizes: each sample is decoded once and
+    becomes one row per resolution, at the size its resolution (or bucket) gives.
+
+    Returns:
+        The input columns repeated per output row (minus ``image``), plus ``pixels`` (an
+        object array of (H, W, 3) uint8 arrays, (0, 0, 3) for rows without an image),
+        ``slot`` (int32: the resolution's position; -1 on sentinel and error rows, which stay
+        one row each), ``folder`` (the data folder ``WxH``, or None) and the geometry columns.
+    """
+    from latentize.sinks.layout import data_folder
+
+    n = len(batch["key"])
+    error = text_column(batch.get("error"), n)
+    stage = text_column(batch.get("stage"), n)
+    notes = text_column(batch.get("notes"), n)
+    total = np.asarray(batch["total"]) if "total" in batch else np.full(n, -1, np.int64)
+    rows: list[tuple[int, int, Cropped | None, tuple[int, int] | None]] = []  # (source row, slot, crop, size)
+    for i in range(n):
+        if total[i] >= 0 or error[i] is not None:
+            rows.append((i, -1, None, None))
+            continue
+        key = str(batch["key"][i])
+        sizes: list[tuple[int, int]] = []
+
+        def sizes_of(source: tuple[int, int], sizes: list[tuple[int, int]] = sizes) -> list[tuple[int, int]]:
+            sizes[:] = targets.for_source(source)
+            return list(sizes)
+
+        out = _preprocess_row(batch["image"][i], key, sizes_of, config)
+        if isinstance(out, SampleError):
+            error[i], stage[i] = out.message, out.stage
+            rows.append((i, -1, None, None))
+            continue
+        rows.extend((i, slot, cropped, size) for slot, (cropped, size) in enumerate(zip(out, sizes, strict=True)))
+    src = np.array([r[0] for r in rows], dtype=np.int64)
+    result: dict[str, Any] = {name: np.asarray(col)[src] for name, col in batch.items() if name != "image"}
+    result["error"], result["stage"], result["notes"] = error[src], stage[src], notes[src]
+    pixels = np.empty(len(rows), dtype=object)
+    meta = {name: np.full(len(rows), -1, dtype=np.int32) for name in _META}
+    folders = np.full(len(rows), None, dtype=object)
+    for j, (_, _, cropped, size) in enumerate(rows):
+        pixels[j] = np.zeros((0, 0, 3), np.uint8) if cropped is None else cropped.pixels
+        if cropped is None or size is None:
+            continue
+        folders[j] = data_folder(size)
+        for name in _META:
+            meta[name][j] = getattr(cropped, name)
+        note = upscale_note(cropped)
+        if note is not None:
+            result["notes"][j] = join_notes([result["notes"][j], note])
+    result["pixels"] = pixels
+    result["slot"] = np.array([r[1] for r in rows], dtype=np.int32)
+    result["folder"] = folders
     result.update(meta)
     return normalize_text(result)
