@@ -383,7 +383,10 @@ def test_flux2_decoder_undoes_batchnorm_and_patchify(tmp_path: Path, sample: str
     got = load_decoder(manifest, device="cpu").decode(arrays)
     with torch.no_grad():
         want = to_images(vae.decode(vae.encode(to_signed(pixels)).latent_dist.mode()).sample)
-    np.testing.assert_allclose(got, want, atol=ATOL)
+    # The encoder runs its batch padded to a fixed chunk shape and channels-last, so its fp32
+    # latents differ from this unpadded NCHW reference by convolution rounding (~4e-5), which this
+    # random decoder amplifies to ~2e-4. Skipping the batch-norm undo is off by up to 1.0.
+    np.testing.assert_allclose(got, want, atol=1e-3)
 
 
 def test_autoencoder_tiny_folder_decodes_to_unit_range(tmp_path: Path) -> None:
