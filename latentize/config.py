@@ -24,6 +24,7 @@ import yaml
 from latentize.errors import ConfigError
 
 __all__ = [
+    "AUTO_FIELD",
     "BucketGenerator",
     "Config",
     "EncoderConfig",
@@ -45,6 +46,9 @@ DEFAULT_MAX_PIXELS = 178_956_970
 #: ``preprocess.resolution`` when nothing gives the size.
 DEFAULT_RESOLUTION = 256
 
+#: ``input.caption_field`` value meaning "the input format's default" (resolved per format).
+AUTO_FIELD = "auto"
+
 
 @dataclass
 class InputConfig:
@@ -61,8 +65,11 @@ class InputConfig:
     image_field: str = "jpg"
     #: Parquet: the column holding the sample key (WebDataset keys come from member names).
     key_field: str = "key"
-    #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none.
-    caption_field: str | None = "txt"
+    #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none;
+    #: ``auto`` (:data:`AUTO_FIELD`): the format's default, ``txt`` for WebDataset, for Parquet
+    #: ``caption`` when the file has that column (img2dataset), else ``txt``. A run resolves it
+    #: before it starts, so the manifest shows the column or member actually read.
+    caption_field: str | None = "auto"
     #: WebDataset member suffix or Parquet column carried through as raw ``json`` text.
     json_field: str | None = "json"
     #: Passed to fsspec when opening the shards (credentials, endpoint_url, ...).
