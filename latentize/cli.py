@@ -2,7 +2,8 @@
 
 ``latentize encode [CONFIG] [--set dotted.key=value ...]`` runs the encode job; without CONFIG it
 runs the embedded demo: sample shards built from the photos shipped in scikit-image and
-scikit-learn, local Ray, local folders.
+scikit-learn, encoded with the TAEF2 weights that ship with latentize (no download), local Ray,
+local folders, then the QA report of the latents.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ logger = logging.getLogger("latentize")
 #: Root of the demo's files (shards in, latents out), relative to the working directory.
 DEMO_DIR = "demo_data"
 
-#: The embedded default run (``latentize encode`` with no config file).
+#: The embedded default run (``latentize encode`` with no config file): TAEF2, whose weights ship
+#: inside latentize, so the demo runs offline. ``--set encoder.preset=sd15`` switches it to the
+#: Stable Diffusion VAE (from the hub).
 DEMO_CONFIG: dict[str, Any] = {
     "input": {"urls": f"{DEMO_DIR}/shards/{{00000..00001}}.tar", "format": "webdataset", "image_field": "jpg;png;webp"},
     "preprocess": {"resolution": 256, "crop": "center"},
-    "encoder": {"type": "kl", "model": "stabilityai/sd-vae-ft-mse", "sample": "mode", "batch_size": 4},
+    "encoder": {"preset": "taef2", "batch_size": 4},
     "output": {"path": f"{DEMO_DIR}/latents", "format": "parquet", "dtype": "float16"},
     "ray": {"actors": 1},
 }
@@ -43,8 +46,10 @@ _ENCODE_DESCRIPTION = (
     "Encode image shards (WebDataset tars or Parquet files) into scaled VAE latents or VQ codebook "
     "indices on Ray, and write them to Parquet or WebDataset with a manifest. A rerun with the same "
     "config resumes where the last one stopped. Without a config file it runs the demo: sample "
-    "shards of real photos, a local Ray, local folders. Exit code 0 when every shard is written, "
-    "1 when some could not be read, 2 on a configuration or access error."
+    "shards of real photos encoded with the TAEF2 weights that ship with latentize, a local Ray, "
+    "local folders, then the QA report of the latents. Exit code 0 when every shard is written "
+    "(and, in the demo, every QA check passed), 1 when some could not be read, 2 on a "
+    "configuration or access error."
 )
 _MODELS_DESCRIPTION = (
     "List the encoder presets (the values of encoder.preset): the weights each one loads, its "
@@ -104,11 +109,37 @@ def _prepare_demo(cfg: Config) -> None:
         logger.info("demo: %d sample shards of real photos in %s", len(urls), os.path.join(DEMO_DIR, "shards"))
 
 
+def _demo_config(overrides: list[str]) -> Config:
+    """The demo's config with ``overrides``; unless ``output.path`` is overridden, the latents go
+    to ``demo_data/latents/<preset>``, so that demos of different encoders sit side by side
+    instead of refusing each other's output."""
+    cfg = load_config(None, overrides, base=DEMO_CONFIG)
+    if cfg.output.path == DEMO_CONFIG["output"]["path"]:
+        cfg.output.path = f"{DEMO_DIR}/latents/{cfg.encoder.preset or 'custom'}"
+    return cfg
+
+
+def _demo_qa(output: str) -> int:
+    """The demo's last step: the QA report of its latents; prints the verdict and the mean
+    reconstruction PSNR. Exit code 0 when every check passed."""
+    from latentize.qa import run_qa as build_report
+
+    result = build_report(output)
+    _print_qa(result)
+    recon = result.report.get("reconstruction") or {}
+    psnr = ((recon.get("metrics") or {}).get("psnr") or {}).get("mean")
+    if psnr is None:
+        print(f"latentize demo: no reconstruction ({recon.get('skipped', 'no decoder')})")
+    else:
+        print(f"latentize demo: mean reconstruction PSNR {psnr:.2f} dB over {recon['sample']} decoded samples")
+    return 0 if result.passed else 1
+
+
 def run_encode(args: argparse.Namespace) -> int:
     from latentize.pipeline import run
 
     demo = args.config is None
-    cfg = load_config(args.config, args.overrides, base=DEMO_CONFIG if demo else None)
+    cfg = _demo_config(args.overrides) if demo else load_config(args.config, args.overrides)
     if demo:
         _prepare_demo(cfg)
     summary = run(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed)
@@ -126,6 +157,8 @@ def run_encode(args: argparse.Namespace) -> int:
             f"`latentize status {summary.output}` lists them; rerun with --retry-failed"
         )
     print(f"latentize: latents in {summary.output}")
+    if demo and summary.complete:
+        return _demo_qa(summary.output)
     return 0 if summary.complete else 1
 
 
@@ -196,7 +229,7 @@ def run_models(args: argparse.Namespace) -> int:
     for r in rows:
         scale = "-" if r["scaling_factor"] is None else f"{r['scaling_factor']:g}"
         shift = "-" if r["shift_factor"] is None else f"{r['shift_factor']:g}"
-        where = r["model"] or "(set encoder.model to the file)"
+        where = r["model"] or (f"{r['packaged']} (packaged)" if r["packaged"] else "(set encoder.model to the file)")
         if r["subfolder"]:
             where += f" [{r['subfolder']}]"
         print(
@@ -311,12 +344,17 @@ def run_qa(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
-        marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
-        print(f"latentize qa: {result.report['output']}")
-        for check in result.report["checks"]:
-            print(f"  {marks.get(check['status'], check['status'])}  {check['name']:<15} {check['message']}")
-        print(f"latentize qa: {'PASS' if result.passed else 'FAIL'}; report: {result.html_path}")
+        _print_qa(result)
     return 0 if result.passed else 1
+
+
+def _print_qa(result: Any) -> None:
+    """The QA report's checks, one line each, and its verdict."""
+    marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
+    print(f"latentize qa: {result.report['output']}")
+    for check in result.report["checks"]:
+        print(f"  {marks.get(check['status'], check['status'])}  {check['name']:<15} {check['message']}")
+    print(f"latentize qa: {'PASS' if result.passed else 'FAIL'}; report: {result.html_path}")
 
 
 def qa_main(argv: Sequence[str] | None = None, *, prog: str = "qa_report.py") -> int:

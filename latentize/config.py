@@ -363,7 +363,8 @@ DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
 
 
 def _resolve_preset(enc: EncoderConfig) -> None:
-    """Fills null ``type``/``model``/``subfolder``/``revision`` from ``enc.preset``."""
+    """Fills null ``type``/``model``/``subfolder``/``revision`` from ``enc.preset``; a preset
+    whose weights ship with latentize (``taef2``) fills ``model`` with the packaged file."""
     if enc.preset is None:
         enc.type = enc.type or DEFAULT_ENCODER_TYPE
         enc.model = enc.model or DEFAULT_MODEL
@@ -374,7 +375,12 @@ def _resolve_preset(enc: EncoderConfig) -> None:
     if enc.type is not None and enc.type != preset.type:
         raise ConfigError(f"encoder.type: {enc.type!r} contradicts preset {preset.name!r} (type {preset.type!r})")
     enc.type = preset.type
-    if enc.model is None:
+    if enc.model is None and preset.model is None and preset.packaged is not None:
+        from latentize.weights import packaged_weights
+
+        # The absolute path, so that the manifest names the file that was read.
+        enc.model = str(packaged_weights(preset.packaged))
+    elif enc.model is None:
         if preset.model is None:
             raise ConfigError(
                 f"encoder.model: preset {preset.name!r} has no public diffusers weights; set "
