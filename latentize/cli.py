@@ -56,6 +56,15 @@ _MODELS_DESCRIPTION = (
     "encoder type, latent channels, downsampling factor, scaling and shift constants, input range "
     "and whether it is deterministic."
 )
+_PLAN_DESCRIPTION = (
+    "Dry run: say what 'latentize encode CONFIG' would do, writing nothing and starting no Ray. "
+    "Prints the shards (all and still to encode), the samples (from img2dataset's _stats.json, "
+    "Parquet metadata, or reading a few shards), the input bytes, the estimated output bytes per "
+    "data folder, the CPU decode time per image measured on a few sampled shards with the "
+    "configured preprocessing, the GPU-hours where a throughput was measured for the encoder on "
+    "that GPU, and a suggested ray.actors and encoder.batch_size. Exit code 0, or 2 when the run "
+    "could not start (the message says what to fix)."
+)
 _STATUS_DESCRIPTION = (
     "Show how far a run got: the shards of an output that are committed, failed or pending, and "
     "why shards failed. Exit code 0 when the output is complete, 1 otherwise."
@@ -193,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(fn=run_models)
+    pl = sub.add_parser(
+        "plan",
+        help="dry run: shards, samples, bytes, decode time and GPU-hours of a config; writes nothing",
+        description=_PLAN_DESCRIPTION,
+    )
+    _add_plan_args(pl)
     st = sub.add_parser(
         "status",
         help="show the shards of an output that are committed, failed or pending",
@@ -237,6 +252,73 @@ def run_models(args: argparse.Namespace) -> int:
             f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}"
         )
     return 0
+
+
+def _add_plan_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file, as for 'latentize encode'")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set preprocess.resolution=512 (repeatable)",
+    )
+    parser.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs the run will have (default 1)")
+    parser.add_argument(
+        "--sample-shards",
+        type=int,
+        default=2,
+        metavar="N",
+        help="shards read to time decoding, and to count WebDataset shards without _stats.json (default 2)",
+    )
+    parser.add_argument(
+        "--sample-images", type=int, default=32, metavar="N", help="images decoded per sampled shard (default 32)"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(fn=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``latentize plan CFG``: the dry run; exit code 0."""
+    import json
+
+    from latentize.estimate import estimate_run
+
+    cfg = load_config(args.config, args.overrides)
+    found = estimate_run(cfg, sample_shards=args.sample_shards, sample_images=args.sample_images, gpus=args.gpus)
+    print(json.dumps(found, indent=2) if args.json else _format_plan(found))
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _format_plan(found: dict[str, Any]) -> str:
+    exact = "exact" if found["samples_exact"] else "estimated"
+    counted = ", ".join(f"{k}: {v}" for k, v in found["samples_counted_by"].items() if v)
+    decode = found["decode_ms_per_image"]
+    lines = [
+        f"latentize plan: {found['output']} ({'fresh' if found['fresh'] else 'existing'} output; nothing written)",
+        f"  shards          {found['shards']} ({found['shards_pending']} to encode), {found['format']}",
+        f"  samples         {found['samples']} ({found['samples_pending']} to encode), {exact} ({counted})",
+        f"  input           {_size(found['input_bytes'])}",
+    ]
+    for folder, size in found["output_bytes"].items():
+        lines.append(f"  output          {_size(size)} in {folder}/ ({found['output_rows']} rows, uncompressed)")
+    lines.append("  decode          " + ("no image sampled" if decode is None else f"{decode:.2f} ms per image (CPU)"))
+    for gpu, hours in found["gpu_hours"].items():
+        shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"
+        lines.append(f"  {gpu:<15} {shown}")
+    suggested = " ".join(f"--set {k}={v}" for k, v in found["suggested"].items())
+    lines.append(f"  suggested       {suggested}")
+    return "\n".join(lines)
 
 
 def run_status(args: argparse.Namespace) -> int:

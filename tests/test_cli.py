@@ -83,6 +83,7 @@ def _help_of(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
         (["qa", "--help"], "QA report of a latent dataset"),
         (["status", "--help"], "committed, failed or pending"),
         (["models", "--help"], "List the encoder presets"),
+        (["plan", "--help"], "Dry run"),
         (["jobs/encode_laion.py", "--help"], "Encode image shards"),
         (["jobs/qa_report.py", "--help"], "QA report of a latent dataset"),
     ],
