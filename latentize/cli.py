@@ -311,7 +311,9 @@ def _format_plan(found: dict[str, Any]) -> str:
         f"  input           {_size(found['input_bytes'])}",
     ]
     for folder, size in found["output_bytes"].items():
-        lines.append(f"  output          {_size(size)} in {folder}/ ({found['output_rows']} rows, uncompressed)")
+        lines.append(
+            f"  output          {_size(size)} in {folder}/ ({found['output_rows'][folder]} rows, uncompressed)"
+        )
     lines.append("  decode          " + ("no image sampled" if decode is None else f"{decode:.2f} ms per image (CPU)"))
     for gpu, hours in found["gpu_hours"].items():
         shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"

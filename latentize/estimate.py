@@ -23,6 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from latentize.config import Config
+from latentize.encoders.base import EncoderSpec
+from latentize.preprocess.buckets import Targets
+from latentize.sinks.layout import data_folder
 from latentize.sources.inventory import ShardFile, shard_files
 
 __all__ = ["MIN_BATCHES_PER_ACTOR", "estimate_run"]
@@ -41,10 +44,15 @@ class _Sample:
     """What reading and decoding the first rows of the sampled shards found."""
 
     shards: list[str] = field(default_factory=list)
+    #: Samples read (data or error rows to be).
     rows: int = 0
+    #: Samples that read and decoded (data rows to be).
     ok: int = 0
     decoded: int = 0
     decode_seconds: float = 0.0
+    #: Data rows by data folder (one per resolution per sample; a bucket per sample and resolution).
+    folder_rows: dict[str, int] = field(default_factory=dict)
+    #: Bytes of the key, caption and json text of those data rows.
     sidecar_bytes: int = 0
     #: Shard index -> samples, for the shards read to their end.
     counted: dict[int, int] = field(default_factory=dict)
@@ -80,33 +88,37 @@ def _read_rows(url: str, fmt: str, config: Config, *, limit: int, to_end: bool) 
     return rows, count if to_end else None
 
 
-def _decode(rows: list[Any], config: Config, sample: _Sample) -> None:
-    """Decodes ``rows`` as the read tasks do (one batch through ``preprocess_batch``), timed."""
+def _decode(rows: list[Any], config: Config, targets: Targets, sample: _Sample) -> None:
+    """Decodes ``rows`` as the read tasks do (one batch through ``preprocess_batch``, cropped to
+    every size of the run), timed; counts the data rows per folder."""
     from latentize.preprocess import preprocess_batch
 
     n = len(rows)
     if n == 0:
         return
-    column = np.empty(n, dtype=object)
     batch: dict[str, np.ndarray] = {}
-    for name in ("key", "image", "error", "notes"):
-        batch[name] = column.copy()
+    for name in ("key", "image", "caption", "json", "error", "notes"):
+        batch[name] = np.empty(n, dtype=object)
         batch[name][:] = [getattr(r, name) for r in rows]
     batch["stage"] = np.array(["read" if r.error else None for r in rows], dtype=object)
     batch["total"] = np.full(n, -1, dtype=np.int64)
     started = time.perf_counter()
-    out = preprocess_batch(batch, config=config.preprocess)
+    out = preprocess_batch(batch, config=config.preprocess, targets=targets)
     sample.decode_seconds += time.perf_counter() - started
     sample.decoded += sum(r.error is None for r in rows)
     sample.rows += n
-    for row, error in zip(rows, out["error"], strict=True):
-        if error is None:
-            sample.ok += 1
-            sample.sidecar_bytes += sum(len((v or "").encode()) for v in (row.key, row.caption, row.json))
+    # Error rows stay one row each; a good sample becomes one row per resolution.
+    sample.ok += n - sum(e is not None for e in out["error"])
+    fixed = data_folder(targets.sizes[0])
+    folders = out["folder"] if "folder" in out else [fixed] * len(out["error"])
+    for i, (error, folder) in enumerate(zip(out["error"], folders, strict=True)):
+        if error is None and folder is not None:
+            sample.folder_rows[folder] = sample.folder_rows.get(folder, 0) + 1
+            sample.sidecar_bytes += sum(len(str(out[c][i] or "").encode()) for c in ("key", "caption", "json"))
 
 
 def _sample_shards(
-    urls: list[str], picks: list[int], config: Config, fmt: str, *, images: int, counted: set[int]
+    urls: list[str], picks: list[int], config: Config, fmt: str, *, targets: Targets, images: int, counted: set[int]
 ) -> _Sample:
     """Reads and decodes the first ``images`` samples of each picked shard; a WebDataset shard
     not counted otherwise is read to its end (a tar has no index to count from)."""
@@ -117,7 +129,7 @@ def _sample_shards(
         sample.shards.append(urls[i])
         if count is not None:
             sample.counted[i] = count
-        _decode(rows, config, sample)
+        _decode(rows, config, targets, sample)
     return sample
 
 
@@ -184,35 +196,63 @@ def _preset_of(config: Config) -> str | None:
     return None
 
 
-def _gpu_figures(config: Config, samples: int, decode_ms: float | None) -> dict[str, Any]:
+def _gpu_figures(config: Config, pixels: float, samples: int, decode_ms: float | None) -> dict[str, Any]:
+    """GPU-hours to encode ``pixels`` (every crop of ``samples`` samples), and the CPU cores that
+    decode must keep busy to feed each GPU, where a throughput was measured."""
     from latentize.throughput import GPUS, throughput_for
 
     preset = _preset_of(config)
-    size = config.preprocess.size
     hours: dict[str, float | None] = {}
     cpus: dict[str, float | None] = {}
     figures: dict[str, Any] = {}
     for gpu in GPUS:
         fig = throughput_for(preset, gpu)
-        rate = fig.at(size) if fig else None
-        hours[gpu] = round(samples / rate / 3600, 3) if rate else None
-        cpus[gpu] = round(rate * decode_ms / 1000, 1) if rate and decode_ms is not None else None
+        rate = fig.pixels_per_second if fig else None
+        hours[gpu] = round(pixels / rate / 3600, 3) if rate and pixels else None
+        if rate and pixels and decode_ms is not None:
+            # Samples per second the GPU takes in, each decoded once for all its crops.
+            cpus[gpu] = round(rate / (pixels / samples) * decode_ms / 1000, 1)
+        else:
+            cpus[gpu] = None
         figures[gpu] = fig.to_dict() if fig else None
     return {"preset": preset, "gpu_hours": hours, "decode_cpus_per_gpu": cpus, "throughput": figures}
 
 
-def _suggested(config: Config, samples: int, gpus: int) -> dict[str, int]:
+def _suggested(config: Config, rows: int, gpus: int) -> dict[str, int]:
     from latentize.encoders.base import default_batch_size
 
-    batch = config.encoder.batch_size or default_batch_size(config.preprocess.size, "cuda")
-    actors = min(gpus, max(1, math.ceil(samples / (batch * MIN_BATCHES_PER_ACTOR))))
+    batch = config.encoder.batch_size or default_batch_size(config.preprocess.reference_size, "cuda")
+    actors = min(gpus, max(1, math.ceil(rows / (batch * MIN_BATCHES_PER_ACTOR))))
     return {"ray.actors": actors, "encoder.batch_size": batch}
 
 
-def _row_bytes(spec_columns: dict[str, tuple[tuple[int, ...], str]], sample: _Sample) -> dict[str, float]:
-    tensors = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec_columns.values())
-    sidecars = sample.sidecar_bytes / sample.ok if sample.ok else 0.0
-    return {"tensors": tensors, "key_caption_json": round(sidecars, 1), "other": _FIXED_ROW_BYTES}
+@dataclass(frozen=True)
+class _Output:
+    """The estimated data rows, bytes and encoded pixels of a number of samples."""
+
+    rows: dict[str, int]
+    bytes: dict[str, int]
+    row_bytes: dict[str, dict[str, float]]
+    pixels: float
+
+
+def _output(spec: EncoderSpec, targets: Targets, sample: _Sample, samples: int, *, flip: bool) -> _Output:
+    """Rows per folder in the sampled proportions; bytes per row from the encoder's columns at
+    the folder's size (twice with ``flip``) plus the carried text and the geometry columns."""
+    sizes = {data_folder(size): size for size in targets.sizes}
+    text = sample.sidecar_bytes / sum(sample.folder_rows.values()) if sample.folder_rows else 0.0
+    copies = 2 if flip else 1
+    rows: dict[str, int] = {}
+    row_bytes: dict[str, dict[str, float]] = {}
+    pixels = 0.0
+    for folder, seen in sorted(sample.folder_rows.items()):
+        size = sizes[folder]
+        rows[folder] = round(samples * seen / sample.rows)
+        tensors = copies * sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in spec.columns_for(size).values())
+        row_bytes[folder] = {"tensors": tensors, "key_caption_json": round(text, 1), "other": _FIXED_ROW_BYTES}
+        pixels += rows[folder] * size[0] * size[1] * copies
+    folder_bytes = {f: round(rows[f] * sum(row_bytes[f].values())) for f in rows}
+    return _Output(rows, folder_bytes, row_bytes, pixels)
 
 
 def estimate_run(
@@ -223,10 +263,11 @@ def estimate_run(
     Writes nothing, starts no Ray. Keys: ``shards`` and ``shards_pending``; ``samples`` (all
     shards) and ``samples_pending``, with ``samples_exact`` and ``samples_counted_by``;
     ``input_bytes``; ``output_rows`` and ``output_bytes`` per data folder (uncompressed:
-    tensors plus key, caption and json text); ``decode_ms_per_image`` (CPU, the configured
-    preprocessing; ``None`` when no image was sampled); ``gpu_hours`` per GPU of the pending
-    samples (``None`` where no throughput was measured); ``suggested`` ``ray.actors`` (for
-    ``gpus`` GPUs) and ``encoder.batch_size``.
+    tensors plus key, caption and json text; with several resolutions or aspect-ratio buckets,
+    the folders in the proportions the sampled images fell into); ``decode_ms_per_image`` (CPU,
+    the configured preprocessing, every crop of a sample included; ``None`` when no image was
+    sampled); ``gpu_hours`` per GPU of the pending samples (``None`` where no throughput was
+    measured); ``suggested`` ``ray.actors`` (for ``gpus`` GPUs) and ``encoder.batch_size``.
 
     Args:
         sample_shards: shards read for the decode timing (and, for WebDataset shards without
@@ -246,20 +287,18 @@ def estimate_run(
     urls = [url for url, _ in p.shards]
     files = shard_files(urls, cfg.input.storage_options)
     counts, methods = _counts(files, p.fmt, cfg, footer_limit)
-    sample = _sample_shards(
-        urls, _spread(len(urls), sample_shards), cfg, p.fmt, images=sample_images, counted=set(counts)
-    )
+    picks = _spread(len(urls), sample_shards)
+    sample = _sample_shards(urls, picks, cfg, p.fmt, targets=p.targets, images=sample_images, counted=set(counts))
     methods["scan"] = len(set(sample.counted) - set(counts))
     counts = {**sample.counted, **counts}
     per_shard = _fill(files, counts)
     pending = {shard for _, shard in p.pending}
     samples = sum(per_shard)
     samples_pending = sum(n for n, (_, shard) in zip(per_shard, p.shards, strict=True) if shard in pending)
-    ok_fraction = sample.ok / sample.rows if sample.rows else 1.0
-    output_rows = round(samples * ok_fraction)
-    row_bytes = _row_bytes(p.spec.columns, sample)
+    out = _output(p.spec, p.targets, sample, samples, flip=cfg.preprocess.flip)
+    todo = _output(p.spec, p.targets, sample, samples_pending, flip=cfg.preprocess.flip)
     decode_ms = round(1000 * sample.decode_seconds / sample.decoded, 2) if sample.decoded else None
-    gpu = _gpu_figures(cfg, samples_pending, decode_ms)
+    gpu = _gpu_figures(cfg, todo.pixels, samples_pending, decode_ms)
     return {
         "output": p.layout.url,
         "fresh": p.fresh,
@@ -272,14 +311,13 @@ def estimate_run(
         "samples_counted_by": {**methods, "estimated from size": len(files) - len(counts)},
         "input_bytes": sum(f.size or 0 for f in files),
         "encoder": {"preset": gpu["preset"], "type": cfg.encoder.type, "model": cfg.encoder.model},
-        "columns": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in p.spec.columns.items()},
-        "output_rows": output_rows,
-        "output_row_bytes": row_bytes,
-        "output_bytes": {p.folder: round(output_rows * sum(row_bytes.values()))},
+        "output_rows": out.rows,
+        "output_row_bytes": out.row_bytes,
+        "output_bytes": out.bytes,
         "decode_ms_per_image": decode_ms,
-        "decode_sample": {"shards": sample.shards, "rows": sample.rows, "ok": sample.ok},
+        "decode_sample": {"shards": sample.shards, "samples": sample.rows, "ok": sample.ok},
         "gpu_hours": gpu["gpu_hours"],
         "decode_cpus_per_gpu": gpu["decode_cpus_per_gpu"],
         "throughput": gpu["throughput"],
-        "suggested": _suggested(cfg, samples_pending, gpus),
+        "suggested": _suggested(cfg, sum(todo.rows.values()), gpus),
     }

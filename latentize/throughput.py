@@ -43,10 +43,11 @@ class Throughput:
     batch_size: int
     source: str
 
-    def at(self, size: tuple[int, int]) -> float:
-        """Images per second at another crop ``size``, assuming cost proportional to pixels
-        (convolutional encoders are, to first order)."""
-        return self.images_per_second * (self.resolution[0] * self.resolution[1]) / (size[0] * size[1])
+    @property
+    def pixels_per_second(self) -> float:
+        """Crop pixels encoded per second: how the figure carries to other sizes, as the cost of
+        a convolutional encoder is, to first order, proportional to its pixels."""
+        return self.images_per_second * self.resolution[0] * self.resolution[1]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

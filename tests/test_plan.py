@@ -4,6 +4,7 @@ output from the encoder's latent shapes, and writes nothing."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,10 @@ def test_plan_of_the_demo_shards_counts_them_and_writes_nothing(
     assert (found["samples"], found["samples_pending"], found["samples_exact"]) == (photos, photos, True)
     assert found["samples_counted_by"]["scan"] == 2  # WebDataset without _stats.json: read to the end
     assert found["input_bytes"] == sum(Path(u).stat().st_size for u in urls)
-    assert found["columns"] == {"latent": {"shape": [32, 8, 8], "dtype": "float16"}}
-    assert found["output_rows"] == photos  # every demo photo decodes
-    assert found["output_row_bytes"]["tensors"] == LATENT_BYTES
-    (folder,) = found["output_bytes"]
-    assert folder == f"{RES}x{RES}"
+    folder = f"{RES}x{RES}"
+    assert found["output_rows"] == {folder: photos}  # every demo photo decodes
+    assert found["output_row_bytes"][folder]["tensors"] == LATENT_BYTES
+    assert list(found["output_bytes"]) == [folder]
     assert photos * LATENT_BYTES < found["output_bytes"][folder] < photos * (LATENT_BYTES + 1000)
     assert found["decode_ms_per_image"] > 0 and found["decode_sample"]["ok"] == photos
     assert found["gpu_hours"] == dict.fromkeys(GPUS)  # no GPU throughput measured yet
@@ -114,7 +114,8 @@ def test_img2dataset_stats_count_the_shards(tmp_path: Path, fmt: str) -> None:
     assert found["samples_exact"] and found["samples_counted_by"]["_stats.json"] == 3
     assert found["samples_counted_by"].get("scan", 0) == 0
     # Output rows: the failed downloads of the sampled Parquet shard are not data rows.
-    assert found["output_rows"] == (downloaded if fmt == "webdataset" else round(len(samples) * 3 / 4))
+    rows = downloaded if fmt == "webdataset" else round(len(samples) * 3 / 4)
+    assert found["output_rows"] == {f"{RES}x{RES}": rows}
     assert not (tmp_path / "out").exists()
 
 
@@ -134,6 +135,40 @@ def test_parquet_footers_count_up_to_a_limit_and_the_rest_is_estimated_by_size(t
         "estimated from size": 1,
     }
     assert not bounded["samples_exact"] and 14 <= bounded["samples"] <= 22
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_resolutions_and_buckets_are_estimated_per_folder(tmp_path: Path) -> None:
+    urls = build_demo_shards(str(tmp_path / "shards"), shards=1)
+    photos = len(photo_images())
+    sizes = {name: im.size for name, im in photo_images()}
+
+    def plan_of(preprocess: dict[str, Any]) -> dict[str, Any]:
+        cfg = load_config(
+            base={
+                "input": {"urls": urls},
+                "preprocess": preprocess,
+                "encoder": {"preset": "taef2"},
+                "output": {"path": str(tmp_path / "out")},
+            }
+        )
+        return estimate_run(cfg, sample_shards=1, sample_images=photos)
+
+    multi = plan_of({"resolutions": [32, 64], "flip": True})
+    # Every sample is a row in each resolution's folder; flip stores a second latent per row.
+    assert multi["output_rows"] == {"32x32": photos, "64x64": photos}
+    assert multi["output_row_bytes"]["32x32"]["tensors"] == 2 * 32 * 4 * 4 * 2
+    assert multi["output_row_bytes"]["64x64"]["tensors"] == 2 * LATENT_BYTES
+
+    buckets = plan_of({"buckets": [[64, 32], [48, 48], [32, 64]]})
+    # Each photo in the bucket nearest its aspect ratio in log ratio (2:1, 1:1, 1:2: the
+    # boundaries are at sqrt(2)), all of them sampled here.
+    wide = sum(w / h > math.sqrt(2) for w, h in sizes.values())
+    tall = sum(h / w > math.sqrt(2) for w, h in sizes.values())
+    assert wide > 0
+    expected = {"64x32": wide, "48x48": photos - wide - tall, "32x64": tall}
+    assert buckets["output_rows"] == {k: v for k, v in expected.items() if v}
+    assert buckets["output_row_bytes"]["48x48"]["tensors"] == 32 * 6 * 6 * 2
     assert not (tmp_path / "out").exists()
 
 
