@@ -24,6 +24,7 @@ import yaml
 from latentize.errors import ConfigError
 
 __all__ = [
+    "AUTO_FIELD",
     "BucketGenerator",
     "Config",
     "EncoderConfig",
@@ -45,6 +46,9 @@ DEFAULT_MAX_PIXELS = 178_956_970
 #: ``preprocess.resolution`` when nothing gives the size.
 DEFAULT_RESOLUTION = 256
 
+#: ``input.caption_field`` value meaning "the input format's default" (resolved per format).
+AUTO_FIELD = "auto"
+
 
 @dataclass
 class InputConfig:
@@ -61,8 +65,11 @@ class InputConfig:
     image_field: str = "jpg"
     #: Parquet: the column holding the sample key (WebDataset keys come from member names).
     key_field: str = "key"
-    #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none.
-    caption_field: str | None = "txt"
+    #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none;
+    #: ``auto`` (:data:`AUTO_FIELD`): the format's default, ``txt`` for WebDataset, for Parquet
+    #: ``caption`` when the file has that column (img2dataset), else ``txt``. A run resolves it
+    #: before it starts, so the manifest shows the column or member actually read.
+    caption_field: str | None = "auto"
     #: WebDataset member suffix or Parquet column carried through as raw ``json`` text.
     json_field: str | None = "json"
     #: Passed to fsspec when opening the shards (credentials, endpoint_url, ...).
@@ -356,7 +363,8 @@ DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
 
 
 def _resolve_preset(enc: EncoderConfig) -> None:
-    """Fills null ``type``/``model``/``subfolder``/``revision`` from ``enc.preset``."""
+    """Fills null ``type``/``model``/``subfolder``/``revision`` from ``enc.preset``; a preset
+    whose weights ship with latentize (``taef2``) fills ``model`` with the packaged file."""
     if enc.preset is None:
         enc.type = enc.type or DEFAULT_ENCODER_TYPE
         enc.model = enc.model or DEFAULT_MODEL
@@ -367,7 +375,12 @@ def _resolve_preset(enc: EncoderConfig) -> None:
     if enc.type is not None and enc.type != preset.type:
         raise ConfigError(f"encoder.type: {enc.type!r} contradicts preset {preset.name!r} (type {preset.type!r})")
     enc.type = preset.type
-    if enc.model is None:
+    if enc.model is None and preset.model is None and preset.packaged is not None:
+        from latentize.weights import packaged_weights
+
+        # The absolute path, so that the manifest names the file that was read.
+        enc.model = str(packaged_weights(preset.packaged))
+    elif enc.model is None:
         if preset.model is None:
             raise ConfigError(
                 f"encoder.model: preset {preset.name!r} has no public diffusers weights; set "

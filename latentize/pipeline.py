@@ -441,9 +441,14 @@ class _Execution:
         }
 
 
-def _execution(config: Config) -> _Execution:
+#: With several crop sizes, a Ray batch holds this many encoder chunks at most, so that the
+#: groups it splits into by shape stay near a chunk each (buckets are uneven: a few hold most).
+MIXED_BATCH_CHUNKS = 8
+
+
+def _execution(config: Config, *, shapes: int = 1) -> _Execution:
     """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
-    decode and the batch size."""
+    decode and the batch size (of ``shapes`` crop sizes: larger batches for several)."""
     import ray
 
     from latentize.encoders.base import default_batch_size
@@ -486,6 +491,7 @@ def _execution(config: Config) -> _Execution:
     batch_size = config.encoder.batch_size or default_batch_size(
         config.preprocess.reference_size, "cuda" if gpu else "cpu"
     )
+    batch_size *= min(shapes, MIXED_BATCH_CHUNKS)
     return _Execution(remote_args, actors, cpu_threads, gpu, decode, batch_size)
 
 
@@ -536,7 +542,7 @@ def _build_dataset(
     except ImportError:  # pragma: no cover - older Ray
         pass
     cfg = p.config
-    ex = execution or _execution(cfg)
+    ex = execution or _execution(cfg, shapes=len(p.targets.sizes))
     # Bytes travel to the actors when they decode; else the read tasks decode to uint8 pixels.
     transform = (
         functools.partial(_decode_block, config=cfg.preprocess, targets=p.targets) if ex.decode == "cpu" else None
@@ -691,7 +697,7 @@ def _prepare(p: Plan) -> _Execution:
     )
     _init_ray(config)
     _check_nodes(config, layout, [url for url, _ in p.pending])
-    ex = _execution(config)
+    ex = _execution(config, shapes=len(p.targets.sizes))
     logger.info("encoder pool: %s", ex.describe())
     if p.fresh:
         layout.write_inputs(p.shards)

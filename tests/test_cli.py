@@ -83,6 +83,7 @@ def _help_of(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
         (["qa", "--help"], "QA report of a latent dataset"),
         (["status", "--help"], "committed, failed or pending"),
         (["models", "--help"], "List the encoder presets"),
+        (["plan", "--help"], "Dry run"),
         (["jobs/encode_laion.py", "--help"], "Encode image shards"),
         (["jobs/qa_report.py", "--help"], "QA report of a latent dataset"),
     ],
@@ -108,7 +109,8 @@ def test_unknown_key_fails_at_start_with_its_path(tmp_path: Path) -> None:
 def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> None:
     started = time.time()
     result = subprocess.run(
-        [sys.executable, str(JOB), "--set", f"output.path={tmp_path / 'out'}"],
+        # The README's switch of the demo to the Stable Diffusion VAE, which comes from the hub.
+        [sys.executable, str(JOB), "--set", "encoder.preset=sd15", "--set", f"output.path={tmp_path / 'out'}"],
         capture_output=True,
         text=True,
         env=_env(HF_HOME=str(tmp_path / "hf")),
@@ -125,21 +127,33 @@ def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_demo_with_local_model_runs_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
-    """The README's demo command path: no config, embedded default, local model override."""
+    """The README's demo command path switched to the SD VAE from a local folder: no config,
+    embedded default, preset and model overridden; then the demo's QA report, which fails on
+    these random weights (and so does the exit code)."""
     result = subprocess.run(
-        [sys.executable, str(JOB), "--set", f"encoder.model={tiny_models['kl']}", "--set", "preprocess.resolution=64"],
+        [
+            sys.executable,
+            str(JOB),
+            "--set",
+            "encoder.preset=sd15",
+            "--set",
+            f"encoder.model={tiny_models['kl']}",
+            "--set",
+            "preprocess.resolution=64",
+        ],
         capture_output=True,
         text=True,
         env=_env(),
         cwd=tmp_path,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "demo_data" / "latents"
-    assert f"latentize: latents in {out}" in result.stdout
+    out = tmp_path / "demo_data" / "latents" / "sd15"
+    assert f"latentize: latents in {out}" in result.stdout, result.stderr[-3000:]
     table = pq.read_table(out)
     assert table.num_rows == len(photo_samples())
     assert "samples ok, 0 failed" in result.stdout
+    assert "latentize qa: FAIL" in result.stdout and "mean reconstruction PSNR" in result.stdout
+    assert result.returncode == 1
 
 
 @pytest.mark.slow

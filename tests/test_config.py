@@ -361,7 +361,14 @@ def test_every_shipped_config_loads() -> None:
     """configs/*.yaml are documentation users copy: each must validate as written."""
     root = Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.glob("*.yaml"))
-    assert {p.name for p in paths} >= {"demo.yaml", "laion-sd15-256.yaml", "sdxl-512.yaml", "vqgan-f16-256.yaml"}
+    assert {p.name for p in paths} >= {
+        "demo.yaml",
+        "laion-sd15-256.yaml",
+        "sdxl-512.yaml",
+        "vqgan-f16-256.yaml",
+        "sdxl-buckets-1024.yaml",
+        "multires-256-512.yaml",
+    }
     for path in paths:
         cfg = load_config(path)
         assert cfg.encoder.type and cfg.encoder.model and cfg.output.path, path.name

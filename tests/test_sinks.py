@@ -724,3 +724,21 @@ def test_tracker_counts_an_encode_error_for_its_resolution_only() -> None:
     failed["errors"][0].update(stage="encode", slot=1)
     assert not t.add(end("a", 1))  # the 512 row of sample 0 is still missing
     assert t.add(failed)
+
+
+def test_webdataset_sink_writes_every_tensor_column_flipped_ones_too(layout: OutputLayout, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    rows = [sample("00000", i) for i in range(2)] + [sentinel("00000", 2)]
+    for i, r in enumerate(rows):
+        r["latent_flipped"] = (latent_of("00000", i)[:, :, ::-1] * 3).astype(np.float16)
+    tracker = ShardTracker()
+    for r in stage(layout, rows, tensor_columns=("latent", "latent_flipped"), sink="webdataset"):
+        tracker.add(r)
+    marker = commit(layout, tracker.pop("00000"), sink="webdataset")
+    (path,) = marker["files"]
+    samples = list(wds.WebDataset(str(tmp_path / "out" / path), shardshuffle=False).decode())
+    assert [sorted(k for k in s if k.endswith(".npy")) for s in samples] == [["latent.npy", "latent_flipped.npy"]] * 2
+    np.testing.assert_array_equal(
+        samples[1]["latent_flipped.npy"], (latent_of("00000", 1)[:, :, ::-1] * 3).astype(np.float16)
+    )
