@@ -282,6 +282,8 @@ class FolderCounts:
             a sample that failed as a whole).
         slot_of: data folder -> its resolution slot (position in ``preprocess.resolutions``).
         slots: how many resolutions the run wrote.
+        missing: key -> the resolution slots it has data rows but no row at all for (a lost
+            row: a resolution that failed writes an error row).
     """
 
     rows: Mapping[str, Mapping[str, int]]
@@ -289,6 +291,7 @@ class FolderCounts:
     errors: Mapping[str, Mapping[int, int]]
     slot_of: Mapping[str, int]
     slots: int
+    missing: Mapping[str, Sequence[int]] = field(default_factory=dict)
 
 
 def distinct_samples(
@@ -342,12 +345,13 @@ def alignment_section(
         folders: the per-folder counts of an output of several data folders (None: one
             folder). Then each shard's data rows are compared per folder with its marker's
             ``rows``, its distinct samples with ``ok``, and each resolution's data and error
-            rows with the samples read; the manifest's ``rows_by_folder`` with the data.
+            rows with the samples read; the manifest's ``rows_by_folder`` with the data; and
+            keys without a row at some resolution are named (``missing_keys``).
 
     Returns:
         The report's ``alignment`` section: ``totals``, ``problems`` (one sentence per
-        disagreement, judged by :func:`counts_check`), ``shards`` (one row per input shard) and
-        ``duplicate_keys``.
+        disagreement, judged by :func:`counts_check`), ``shards`` (one row per input shard),
+        ``duplicate_keys`` and, with ``folders``, ``missing_keys`` (``[key, slot, ...]``).
     """
     shards = []
     problems: list[str] = []
@@ -382,10 +386,14 @@ def alignment_section(
             f"the manifest says {samples.get('ok')} ok / {samples.get('failed')} failed, "
             f"the markers {totals['marker_ok']} / {totals['marker_failed']}"
         )
+    section: dict[str, Any] = {"totals": totals, "problems": problems, "shards": shards}
+    section["duplicate_keys"] = list(duplicate_keys[:100])
     if folders is not None:
         totals["data_samples"] = sum(int(n) for n in folders.samples.values() if n is not None)
         problems += _manifest_folder_rows(manifest, folders)
-    return {"totals": totals, "problems": problems, "shards": shards, "duplicate_keys": list(duplicate_keys[:100])}
+        problems += _missing_keys_problem(folders)
+        section["missing_keys"] = [[key, *map(int, slots)] for key, slots in list(folders.missing.items())[:100]]
+    return section
 
 
 def _shard_alignment(
@@ -451,6 +459,23 @@ def _shard_folder_alignment(
                 f"its marker says {read} samples read"
             )
     return row, problems
+
+
+def _missing_keys_problem(folders: FolderCounts) -> list[str]:
+    """One sentence naming the keys that lack a row (data or error) at some resolution."""
+    if not folders.missing:
+        return []
+    names: dict[int, list[str]] = {}
+    for folder, slot in sorted(folders.slot_of.items()):
+        names.setdefault(slot, []).append(folder)
+
+    def where(slot: int) -> str:
+        return f"resolution {slot} ({', '.join(names.get(slot, [])) or 'no folder'})"
+
+    listed = "; ".join(
+        f"{key} at {', '.join(where(s) for s in slots)}" for key, slots in list(folders.missing.items())[:5]
+    )
+    return [f"{len(folders.missing)} key(s) have data rows but no row, data or error, at some resolution: {listed}"]
 
 
 def _manifest_folder_rows(manifest: Mapping[str, Any], folders: FolderCounts) -> list[str]:

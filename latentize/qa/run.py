@@ -458,6 +458,7 @@ def _folder_counts(loaded: _Loaded, scanned: _Scanned) -> FolderCounts:
         errors=loaded.error_slots(),
         slot_of=loaded.slot_of,
         slots=loaded.slots,
+        missing=findings.missing_keys if findings else {},
     )
 
 

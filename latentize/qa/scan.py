@@ -32,7 +32,7 @@ import logging
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ __all__ = [
     "TensorColumn",
     "find_rows",
     "key_verdict",
+    "missing_slots",
     "read_data_file",
     "scan_statistics",
     "split_folders",
@@ -616,6 +617,23 @@ def key_verdict(
     return repeated, partial
 
 
+def missing_slots(slots: Sequence[int], data: Sequence[bool], *, total_slots: int) -> list[int]:
+    """The resolution slots for which a key with data rows has no row at all, data or error.
+
+    A sample encoded at one resolution but not at another must say why in an error row; one
+    that has neither lost a row. An error row of the whole sample (slot -1) stands for every
+    slot (a data row beside it is a repeat, not a gap).
+
+    Args:
+        slots: the slot of each of the key's rows.
+        data: whether each row is a data row (else an error row).
+        total_slots: the resolutions of the run.
+    """
+    if not any(data) or any(slot < 0 for slot in slots):
+        return []
+    return sorted(set(range(total_slots)) - set(slots))
+
+
 def keep_interesting(group: pa.Table, *, slots: int = 1) -> pa.Table:
     """``map_groups`` body: a digest group whole when it has several rows; a key group whole
     (``whole`` set) when :func:`key_verdict` finds it repeated or partial; else only the rows
@@ -645,6 +663,8 @@ class Findings:
         samples: ``(key, folder)`` -> (shard, the sampled row's stored arrays).
         irregular: shard -> (keys, data rows) of the keys whose rows came back whole (repeated
             or partial); every other key with data holds one row per resolution slot.
+        missing_keys: key -> the resolution slots it has data rows but no row at all for
+            (:func:`missing_slots`), by key.
     """
 
     duplicate_latents: list[list[tuple[str, str]]]
@@ -655,6 +675,7 @@ class Findings:
     samples: dict[tuple[str, str], tuple[str, dict[str, np.ndarray]]]
     duplicate_rows: int
     irregular: dict[str, tuple[int, int]]
+    missing_keys: dict[str, list[int]] = field(default_factory=dict)
 
 
 def find_rows(
@@ -746,6 +767,7 @@ def _collect(kept: Any, *, slots: int) -> Findings:
         samples=samples,
         duplicate_rows=sum(len(g) for g in groups),
         irregular=_irregular(whole),
+        missing_keys=_missing(whole, slots),
     )
 
 
@@ -753,6 +775,17 @@ def _repeated(rows: list[tuple[str, int, bool]], slots: int) -> bool:
     """:func:`key_verdict`'s ``repeated`` of one key's ``(shard, slot, data)`` rows."""
     shards = [shard for shard, _, _ in rows]
     return key_verdict([s for _, s, _ in rows], [d for _, _, d in rows], shards, total_slots=slots)[0]
+
+
+def _missing(whole: Mapping[str, list[tuple[str, int, bool]]], slots: int) -> dict[str, list[int]]:
+    """Key -> :func:`missing_slots` of the keys that came back whole, those with a gap only."""
+    out = {}
+    for key in sorted(whole):
+        rows = whole[key]
+        gap = missing_slots([s for _, s, _ in rows], [d for _, _, d in rows], total_slots=slots)
+        if gap:
+            out[key] = gap
+    return out
 
 
 def _irregular(whole: Mapping[str, list[tuple[str, int, bool]]]) -> dict[str, tuple[int, int]]:
