@@ -153,6 +153,7 @@ def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shar
         "output": {
             "format": config.output.format,
             "dtype": config.output.dtype,
+            "tensor_type": config.output.tensor_type,
             "data_folders": sorted(folders) if targets.fixed else [],
             "folders": folders,
         },
@@ -577,6 +578,7 @@ def _build_dataset(
             "folder": p.folder,
             "sink_name": cfg.output.format,
             "compression": cfg.output.compression,
+            "tensor_type": cfg.output.tensor_type,
         },
         batch_format="numpy",
         batch_size=cfg.output.rows_per_part,

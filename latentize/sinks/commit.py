@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from latentize.columns import text_column
 from latentize.errors import LatentizeError
-from latentize.sinks.base import SINKS, tensor_array
+from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array
 from latentize.sinks.layout import OutputLayout
 
 __all__ = [
@@ -138,6 +138,7 @@ def _stage_part(
     sink_name: str,
     compression: str,
     slot: int,
+    tensor_type: str,
 ) -> dict[str, Any]:
     """Writes the ok rows ``rows`` (positions in ``batch``, in index order) as one staged part."""
     sink = SINKS.get(sink_name)
@@ -146,7 +147,9 @@ def _stage_part(
         values = np.asarray(batch[name])[rows]
         # A run of several sizes hands over per-row arrays; one part holds one size.
         columns[name] = tensor_array(np.stack(list(values)) if values.dtype == object else values)
-    data = sink.serialize(pa.table(columns), tensor_columns=tensor_columns, compression=compression)
+    data = sink.serialize(
+        pa.table(columns), tensor_columns=tensor_columns, compression=compression, tensor_type=tensor_type
+    )
     indices = np.asarray(batch["index"])[rows].astype(np.int64)
     # Named by content (its indices) so a retried task overwrites instead of adding a part.
     digest = hashlib.sha1(indices.tobytes()).hexdigest()[:12]
@@ -171,6 +174,7 @@ def stage_batch(
     folder: str,
     sink_name: str,
     compression: str,
+    tensor_type: str = FIXED_SHAPE_TENSOR,
 ) -> pa.Table:
     """Ray map_batches function: stage the ok rows per shard; report parts, errors, sentinels.
 
@@ -181,6 +185,7 @@ def stage_batch(
             present, names each row's data folder; else every row goes to ``folder``.
         folder: the data folder of rows without a ``folder`` column.
         sink_name: the output format (a key of ``SINKS``): parts are written in it.
+        tensor_type: ``output.tensor_type``, the Arrow layout of tensor columns in Parquet parts.
 
     Returns:
         An Arrow table of :data:`REPORT_SCHEMA`, one row per shard present in the batch.
@@ -226,6 +231,7 @@ def stage_batch(
                     sink_name=sink_name,
                     compression=compression,
                     slot=int(slots[sel[0]]),
+                    tensor_type=tensor_type,
                 )
             )
         out.append(report)
