@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MODEL", "make_shards", "save_model", "timed"]
+__all__ = ["MODEL", "make_shards", "repeat", "report", "save_model", "timed"]
 
 #: The small f8 model: diffusers' AutoencoderKL with narrow blocks (random weights), about
 #: 10-20 ms per 256² image on two cores: decode and encode cost about the same, as on a GPU
@@ -50,3 +54,25 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr[-3000:]}")
     return time.time() - started, proc.stdout
+
+
+def repeat(
+    once: Callable[[], dict[str, Any]], repeats: int, line: Callable[[dict[str, Any]], str]
+) -> list[dict[str, Any]]:
+    """Runs ``once`` ``repeats`` times, printing ``line(figures)`` after each; returns the figures."""
+    runs = []
+    for i in range(repeats):
+        runs.append(once())
+        print(f"repeat {i}: {line(runs[-1])}", flush=True)
+    return runs
+
+
+def report(runs: list[dict[str, Any]], title: str, images: int, json_path: Path | None) -> dict[str, float]:
+    """Prints the median of every float figure under ``title``; writes them all to ``json_path``."""
+    median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
+    print(f"\n{title}")
+    for key, value in median.items():
+        print(f"  {key:<28} {value:8.2f}")
+    if json_path:
+        json_path.write_text(json.dumps({"images": images, "runs": runs, "median": median}, indent=2))
+    return median

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import make_shards, save_model, timed  # noqa: E402
+from _common import make_shards, repeat, report, save_model, timed  # noqa: E402
 
 
 def _configs(root: Path, resolution: int) -> dict[str, Path]:
@@ -87,23 +86,17 @@ def main() -> None:
     try:
         images = make_shards(root / "in", args.images, args.per_shard, seed=1)
         configs = _configs(root, args.resolution)
-        runs = []
-        for i in range(args.repeats):
-            runs.append(_once(root, configs, images, env))
-            r = runs[-1]
-            print(
-                f"repeat {i}: fixed {r['fixed_execution_img_s']:.1f} img/s, buckets "
-                f"{r['buckets_execution_img_s']:.1f} img/s in execution ({r['execution_ratio']:.2f}x); "
-                f"whole run {r['whole_ratio']:.2f}x",
-                flush=True,
-            )
-        median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
-        print(f"\n{images} LAION-like images, buckets of area {args.resolution}² vs {args.resolution}² crops:")
-        for key, value in median.items():
-            print(f"  {key:<28} {value:8.2f}")
+        runs = repeat(
+            lambda: _once(root, configs, images, env),
+            args.repeats,
+            lambda r: (
+                f"fixed {r['fixed_execution_img_s']:.1f} img/s, buckets {r['buckets_execution_img_s']:.1f} img/s "
+                f"in execution ({r['execution_ratio']:.2f}x); whole run {r['whole_ratio']:.2f}x"
+            ),
+        )
+        title = f"{images} LAION-like images, buckets of area {args.resolution}² vs {args.resolution}² crops:"
+        report(runs, title, images, args.json)
         print(f"  images per bucket: {runs[0]['buckets_folders']}")
-        if args.json:
-            args.json.write_text(json.dumps({"images": images, "runs": runs, "median": median}, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

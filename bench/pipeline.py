@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import textwrap
@@ -38,7 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import make_shards, save_model, timed  # noqa: E402
+from _common import make_shards, repeat, report, save_model, timed  # noqa: E402
 
 LOOP = textwrap.dedent(
     """
@@ -140,23 +139,17 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     try:
         config, images = _make_inputs(root, args.images, args.per_shard, args.resolution)
-        runs = []
-        for i in range(args.repeats):
-            runs.append(_once(root, config, images, env))
-            r = runs[-1]
-            print(
-                f"repeat {i}: loop {r['loop_whole_img_s']:.1f} img/s whole ({r['loop_inside_img_s']:.1f} inside); "
+        runs = repeat(
+            lambda: _once(root, config, images, env),
+            args.repeats,
+            lambda r: (
+                f"loop {r['loop_whole_img_s']:.1f} img/s whole ({r['loop_inside_img_s']:.1f} inside); "
                 f"latentize {r['latentize_whole_img_s']:.1f} img/s whole ({r['latentize_execution_img_s']:.1f} in "
-                f"execution); ratios {r['whole_ratio']:.2f} whole, {r['execution_ratio']:.2f} in execution",
-                flush=True,
-            )
-        median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
-        print(f"\n{images} LAION-like images at {args.resolution}², median of {args.repeats}:")
-        for key, value in median.items():
-            print(f"  {key:<28} {value:8.2f}")
+                f"execution); ratios {r['whole_ratio']:.2f} whole, {r['execution_ratio']:.2f} in execution"
+            ),
+        )
+        report(runs, f"{images} LAION-like images at {args.resolution}², median of {args.repeats}:", images, args.json)
         print(f"  decode path: {runs[0]['decode']}, encoder batch: {runs[0]['batch_size']}")
-        if args.json:
-            args.json.write_text(json.dumps({"images": images, "runs": runs, "median": median}, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
