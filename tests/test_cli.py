@@ -258,32 +258,8 @@ def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_mod
         assert "6 samples ok, 0 failed" in submit.stdout
         assert "succeeded" in submit.stdout
         assert pq.read_table(tmp_path / "out").num_rows == 6
-
-        # The QA report as a job on the same cluster (tolerances opened up: random weights).
-        qa = _submit(
-            ray_cli,
-            dashboard,
-            env,
-            [
-                "python",
-                "jobs/qa_report.py",
-                str(tmp_path / "out"),
-                "--sample",
-                "2",
-                "--min-psnr",
-                "0",
-                "--scale-tolerance",
-                "1000",
-                "--shift-tolerance",
-                "1000",
-                "--report",
-                str(tmp_path / "qa"),
-            ],
-        )
-        assert qa.returncode == 0, (qa.stdout + qa.stderr)[-4000:]
-        assert "latentize qa: PASS" in qa.stdout and "succeeded" in qa.stdout
-        report = json.loads((tmp_path / "qa" / "report.json").read_text())
-        assert report["rows"]["data"] == 6 and report["reconstruction"]["sample"] == 2
+        # The QA entry point on a cluster is tests/test_qa.py's (jobs/qa_report.py joining by
+        # RAY_ADDRESS): a second submission here would add half a minute for nothing new.
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
