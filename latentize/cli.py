@@ -91,14 +91,7 @@ def _add_encode_args(parser: argparse.ArgumentParser, *, config_flag: bool) -> N
         parser.add_argument("--config", help="YAML config file; omitted: the embedded demo")
     else:
         parser.add_argument("config", nargs="?", help="YAML config file; omitted: the embedded demo")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set encoder.batch_size=64 (repeatable)",
-    )
+    _add_set_arg(parser, "encoder.batch_size=64")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run made with another config")
     parser.add_argument("--retry-failed", action="store_true", help="redo shards whose reading failed")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -254,16 +247,21 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_plan_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file, as for 'latentize encode'")
+def _add_set_arg(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): config overrides, collected in ``overrides``."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set preprocess.resolution=512 (repeatable)",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
     )
+
+
+def _add_plan_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file, as for 'latentize encode'")
+    _add_set_arg(parser, "preprocess.resolution=512")
     parser.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs the run will have (default 1)")
     parser.add_argument(
         "--sample-shards",
