@@ -151,6 +151,10 @@ class OutputConfig:
     format: str = "parquet"
     #: Storage dtype of latents: ``float16`` or ``float32`` (VQ indices pick their own).
     dtype: str = "float16"
+    #: Arrow layout of Parquet tensor columns: ``fixed_shape_tensor`` (the canonical extension
+    #: type) or ``list`` (nested fixed-size lists, which readers without Arrow extension types,
+    #: such as Hugging Face ``datasets``, polars and DuckDB, read with their shape).
+    tensor_type: str = "fixed_shape_tensor"
     #: Passed to fsspec when writing (credentials, endpoint_url, ...).
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Parquet compression codec.
@@ -205,6 +209,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "encoder.device": (None, "cuda", "cpu"),
     "output.format": ("parquet", "webdataset"),
     "output.dtype": ("float16", "float32"),
+    "output.tensor_type": ("fixed_shape_tensor", "list"),
 }
 
 

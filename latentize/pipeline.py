@@ -117,7 +117,12 @@ def _manifest(config: Config, spec: EncoderSpec, fp: str, folder: str, shards: i
             "decode": "Pillow, EXIF transpose, RGB (alpha on white)",
             "resize": "shorter side to the crop, bicubic, antialiased",
         },
-        "output": {"format": config.output.format, "dtype": config.output.dtype, "data_folders": [folder]},
+        "output": {
+            "format": config.output.format,
+            "dtype": config.output.dtype,
+            "tensor_type": config.output.tensor_type,
+            "data_folders": [folder],
+        },
         "versions": _versions(),
         "status": "running",
         "shards": {"total": shards},

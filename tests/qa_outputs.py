@@ -42,10 +42,12 @@ def write_output(
     keys: list[str] | None = None,
     errors: dict[str, list[str]] | None = None,
     storage_options: dict[str, Any] | None = None,
+    tensor_type: str = "fixed_shape_tensor",
 ) -> OutputLayout:
     """Writes ``values`` (N, *shape) as the stored ``column`` of a committed output at ``url``.
 
-    Rows are split over ``shards`` shards in order; ``errors`` adds error rows (shard -> keys).
+    Rows are split over ``shards`` shards in order; ``errors`` adds error rows (shard -> keys);
+    ``tensor_type`` is the Parquet layout of the tensor column (``output.tensor_type``).
     """
     layout = OutputLayout(url, storage_options=storage_options)
     n = len(values)
@@ -74,7 +76,7 @@ def write_output(
         )
         files = []
         data_path = layout.join(folder, final_name(shard, 0, "parquet"))
-        layout.write_bytes(data_path, sink.serialize(table, tensor_columns=[column], compression="zstd"))
+        layout.write_bytes(data_path, sink.serialize(table, tensor_columns=[column], compression="zstd", tensor_type=tensor_type))
         files.append(layout.relative(data_path))
         bad = errors.get(shard, [])
         if bad:
@@ -132,7 +134,7 @@ def write_output(
                 "preset": None,
                 "dtype": "float32",
             },
-            "output": {"format": "parquet", "dtype": dtype, "data_folders": [folder]},
+            "output": {"format": "parquet", "dtype": dtype, "tensor_type": tensor_type, "data_folders": [folder]},
             "status": "complete",
             "shards": {"total": shards, "committed": shards, "failed": 0},
             "samples": {"ok": ok_total, "failed": failed_total, "reencoded_fp32": 0},

@@ -153,6 +153,7 @@ def test_wrong_type_from_yaml_file(tmp_path: Path) -> None:
         ("encoder.dtype=float64", "encoder.dtype"),
         ("output.format=zarr", "output.format"),
         ("output.dtype=int8", "output.dtype"),
+        ("output.tensor_type=ndarray", "output.tensor_type"),
         ("preprocess.crop=left", "preprocess.crop"),
         ("input.format=csv", "input.format"),
     ],
@@ -305,6 +306,7 @@ def test_fingerprint_ignores_paths_credentials_and_sizing(override: str) -> None
         "preprocess.crop=random",
         "output.dtype=float32",
         "output.format=webdataset",
+        "output.tensor_type=list",
         "input.image_field=png",
     ],
 )

@@ -150,6 +150,22 @@ def test_statistics_equal_numpy_and_a_correct_output_passes(tmp_path: Path) -> N
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
+def test_both_tensor_layouts_give_the_same_report(tmp_path: Path) -> None:
+    stored = (sd_like_raw(40) * SD_SCALE).astype(np.float16)
+    reports = {}
+    for tensor_type in ("fixed_shape_tensor", "list"):
+        out = str(tmp_path / tensor_type)
+        write_output(out, "latent", stored, constants=kl_constants(SD_SCALE), tensor_type=tensor_type)
+        reports[tensor_type] = run_qa(out, options=QAOptions(sample=0)).report
+    stored_type = pq.read_schema(next((tmp_path / "list" / "64x64").glob("*.parquet"))).field("latent").type
+    assert str(stored_type).startswith("fixed_size_list<")
+    assert reports["list"]["statistics"] == reports["fixed_shape_tensor"]["statistics"]
+    assert reports["list"]["statistics"]["latent"]["stored"]["all"]["count"] == stored.size
+    assert [c["status"] for c in reports["list"]["checks"]] == [c["status"] for c in reports["fixed_shape_tensor"]["checks"]]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_unscaled_latents_under_a_manifest_that_says_0_18215_fail(tmp_path: Path) -> None:
     raw = sd_like_raw(60).astype(np.float16)
     write_output(str(tmp_path / "out"), "latent", raw, constants=kl_constants(SD_SCALE))
@@ -418,7 +434,8 @@ def test_real_report_opens_in_headless_chromium(taef2_report: Any, tmp_path: Pat
 
 def test_webdataset_and_parquet_outputs_read_back_the_same_rows(tmp_path: Path) -> None:
     """The QA reader of WebDataset output matches members on the known ``.<column>.npy``
-    suffixes, so keys with dots survive; both formats give the same blocks."""
+    suffixes, so keys with dots survive; both formats, and both Parquet tensor layouts, give the
+    same blocks, with canonical tensor columns."""
     import pyarrow as pa
 
     from latentize.qa.scan import ROWS_PER_BLOCK, DataFile, TensorColumn, read_data_file
@@ -444,12 +461,14 @@ def test_webdataset_and_parquet_outputs_read_back_the_same_rows(tmp_path: Path) 
     )
     layout = OutputLayout(str(tmp_path))
     columns = [TensorColumn(name="latent", shape=(4, 2, 2), dtype="float16")]
-    for fmt in ("parquet", "webdataset"):
+    for fmt, tensor_type in [("parquet", "fixed_shape_tensor"), ("parquet", "list"), ("webdataset", "list")]:
         sink = SINKS.get(fmt)
-        path = layout.join(f"00000.{sink.extension}")
-        layout.write_bytes(path, sink.serialize(table, tensor_columns=["latent"], compression="zstd"))
+        path = layout.join(f"00000-{tensor_type}.{sink.extension}")
+        data = sink.serialize(table, tensor_columns=["latent"], compression="zstd", tensor_type=tensor_type)
+        layout.write_bytes(path, data)
         blocks = list(read_data_file(layout, DataFile(path=path, shard="00000"), fmt=fmt, columns=columns))
         assert [b.num_rows for b in blocks] == [ROWS_PER_BLOCK, 5], fmt
+        assert all(isinstance(b.schema.field("latent").type, pa.FixedShapeTensorType) for b in blocks)
         got = pa.concat_tables(blocks)
         assert got.column("key").to_pylist() == keys
         assert set(got.column("shard").to_pylist()) == {"00000"}

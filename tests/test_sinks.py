@@ -697,3 +697,51 @@ def test_webdataset_output_is_byte_identical_on_rerun(tmp_path: Path) -> None:
         commit(layout, done["00000"], sink="webdataset")
         blobs.append((tmp_path / run / data_file("00000", 0, "tar")).read_bytes())
     assert blobs[0] == blobs[1]
+
+
+# --- tensor layouts (output.tensor_type) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("tensor_type", ["fixed_shape_tensor", "list"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(2 * 4 * 3 * 5, dtype=np.float16).reshape(2, 4, 3, 5),
+        np.arange(3 * 2 * 2, dtype=np.int16).reshape(3, 2, 2),  # VQ indices (h, w)
+        np.zeros((0, 4, 2, 2), np.float32),
+    ],
+    ids=["latent", "indices", "empty"],
+)
+def test_tensor_layouts_round_trip(values: np.ndarray, tensor_type: str) -> None:
+    from latentize.sinks.base import canonical_tensor, is_tensor_type, tensor_array, tensor_numpy
+
+    array = tensor_array(values, tensor_type)
+    assert is_tensor_type(array.type)
+    if tensor_type == "list":
+        assert pa.types.is_fixed_size_list(array.type) and array.type.list_size == values.shape[1]
+    got = tensor_numpy(pa.chunked_array([array[:1], array[1:]], type=array.type))
+    assert got.dtype == values.dtype and got.shape == values.shape
+    np.testing.assert_array_equal(got, values)
+    assert isinstance(canonical_tensor(array).type, pa.FixedShapeTensorType)
+    np.testing.assert_array_equal(tensor_numpy(canonical_tensor(array)), values)
+
+
+def test_list_tensor_type_writes_nested_fixed_size_lists(layout: OutputLayout) -> None:
+    from latentize.sinks.base import tensor_numpy
+
+    rows = [sample("00000", i) for i in range(3)]
+    (report,) = stage_batch(
+        batch_of([*rows, sentinel("00000", 3)]),
+        layout=layout,
+        tensor_columns=["latent"],
+        folder=FOLDER,
+        sink_name="parquet",
+        compression="zstd",
+        tensor_type="list",
+    ).to_pylist()
+    table = pq.read_table(report["parts"][0]["path"])
+    assert str(table.schema.field("latent").type) == (
+        "fixed_size_list<element: fixed_size_list<element: fixed_size_list<element: halffloat>[8]>[8]>[4]"
+    )
+    np.testing.assert_array_equal(tensor_numpy(table.column("latent")), np.stack([r["latent"] for r in rows]))
+    assert table.column_names == DATA_COLUMNS

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from latentize.qa.stats import CodeUsage, LatentStats
 from latentize.registry import Registry
-from latentize.sinks.base import tensor_array, tensor_numpy
+from latentize.sinks.base import canonical_tensor, tensor_array, tensor_numpy
 from latentize.sinks.layout import OutputLayout
 
 __all__ = [
@@ -101,8 +101,12 @@ def _read_parquet(layout: OutputLayout, data: DataFile, columns: list[TensorColu
     with layout.fs.open(data.path, "rb") as f:
         pf = pq.ParquetFile(f)
         for batch in pf.iter_batches(batch_size=ROWS_PER_BLOCK, columns=["key", *(c.name for c in columns)]):
-            # The tensor columns are canonical fixed-shape tensors already: pass them through.
+            # Canonical fixed-shape tensors pass through; nested lists (output.tensor_type: list)
+            # become canonical tensors, so that every block has one type whatever the layout.
             table = pa.Table.from_batches([batch])
+            for c in columns:
+                i = table.schema.get_field_index(c.name)
+                table = table.set_column(i, c.name, canonical_tensor(table.column(c.name)))
             yield table.append_column("shard", pa.array([data.shard] * table.num_rows, pa.string()))
 
 

@@ -3,6 +3,13 @@
 A sink turns one shard's committed rows (an Arrow table, rows in input order) into the bytes of
 one file; where and when the file appears is the commit protocol's business
 (:mod:`latentize.sinks.commit`), so every sink gets atomic, exactly-once files for free.
+
+Tensor columns have two Arrow layouts (``output.tensor_type``): ``fixed_shape_tensor``, the
+canonical extension type ``arrow.fixed_shape_tensor`` (pyarrow and Ray Data give back the
+shape), and ``list``, nested fixed-size lists ``fixed_size_list<fixed_size_list<...>[w]>[h]>[C]``
+(readers without Arrow extension types, such as Hugging Face ``datasets``, polars and DuckDB,
+see the shape in the nesting). Every reader in latentize goes through :func:`tensor_numpy`,
+which takes both.
 """
 
 from __future__ import annotations
@@ -14,7 +21,22 @@ import pyarrow as pa
 
 from latentize.registry import Registry
 
-__all__ = ["SINKS", "Sink", "tensor_array", "tensor_numpy"]
+__all__ = [
+    "FIXED_SHAPE_TENSOR",
+    "LIST",
+    "SINKS",
+    "TENSOR_TYPES",
+    "Sink",
+    "canonical_tensor",
+    "is_tensor_type",
+    "tensor_array",
+    "tensor_numpy",
+]
+
+#: ``output.tensor_type`` values: the canonical Arrow tensor extension type, nested fixed-size lists.
+FIXED_SHAPE_TENSOR = "fixed_shape_tensor"
+LIST = "list"
+TENSOR_TYPES = (FIXED_SHAPE_TENSOR, LIST)
 
 
 class Sink(Protocol):
@@ -22,11 +44,15 @@ class Sink(Protocol):
 
     ``table`` columns: ``key``, one ``arrow.fixed_shape_tensor`` column per encoder output,
     ``caption``, ``json``, ``width``, ``height``, ``crop_top``, ``crop_left``.
+    ``tensor_type`` is the layout the tensor columns get in the file (formats that store tensors
+    otherwise, such as ``.npy`` members, ignore it).
     """
 
     extension: str
 
-    def serialize(self, table: pa.Table, *, tensor_columns: list[str], compression: str) -> bytes: ...
+    def serialize(
+        self, table: pa.Table, *, tensor_columns: list[str], compression: str, tensor_type: str = FIXED_SHAPE_TENSOR
+    ) -> bytes: ...
 
     def merge(self, files: list[bytes], rows: list[int]) -> bytes:
         """One file holding rows ``rows`` (positions in the concatenation of ``files``' samples,
@@ -37,13 +63,51 @@ class Sink(Protocol):
 SINKS: Registry[Sink] = Registry("output format", config_key="output.format")
 
 
-def tensor_array(values: np.ndarray) -> pa.Array:
-    """(N, *shape) array -> canonical ``arrow.fixed_shape_tensor`` array (readable without Ray)."""
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values))
+def tensor_array(values: np.ndarray, tensor_type: str = FIXED_SHAPE_TENSOR) -> pa.Array:
+    """(N, *shape) array -> an Arrow array of N tensors, readable without Ray.
+
+    ``fixed_shape_tensor``: the canonical ``arrow.fixed_shape_tensor`` extension array;
+    ``list``: nested fixed-size lists, one level per axis of ``shape``. Same values, same dtype.
+    """
+    values = np.ascontiguousarray(values)
+    if tensor_type == FIXED_SHAPE_TENSOR:
+        if len(values):
+            return pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+        # pyarrow refuses an empty ndarray; an empty array of the same type is built from storage.
+        value_type = pa.from_numpy_dtype(values.dtype)
+        storage = pa.FixedSizeListArray.from_arrays(pa.array([], value_type), int(np.prod(values.shape[1:])))
+        return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(value_type, list(values.shape[1:])), storage)
+    if tensor_type != LIST:
+        raise ValueError(f"unknown tensor type {tensor_type!r} (one of {', '.join(TENSOR_TYPES)})")
+    array: pa.Array = pa.array(values.reshape(-1))
+    for size in reversed(values.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, int(size))
+    return array
+
+
+def is_tensor_type(dtype: pa.DataType) -> bool:
+    """Whether ``dtype`` is one of the two tensor layouts."""
+    return isinstance(dtype, pa.FixedShapeTensorType) or pa.types.is_fixed_size_list(dtype)
 
 
 def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-shape tensor column -> (N, *shape) numpy array."""
+    """A tensor column in either layout -> (N, *shape) numpy array (zero-copy where Arrow allows)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    return column.to_numpy_ndarray()
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return column.to_numpy_ndarray()
+    shape: list[int] = []
+    dtype = column.type
+    while pa.types.is_fixed_size_list(dtype):
+        shape.append(dtype.list_size)
+        dtype = dtype.value_type
+    if not shape:
+        raise TypeError(f"not a tensor column: {column.type}")
+    return column.flatten(recursive=True).to_numpy(zero_copy_only=False).reshape(len(column), *shape)
+
+
+def canonical_tensor(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
+    """A tensor column as ``arrow.fixed_shape_tensor`` (returned as it is when it is one)."""
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return column
+    return tensor_array(tensor_numpy(column))

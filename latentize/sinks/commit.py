@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from latentize.columns import text_column
 from latentize.errors import LatentizeError
-from latentize.sinks.base import SINKS, tensor_array
+from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array
 from latentize.sinks.layout import OutputLayout
 
 __all__ = [
@@ -126,13 +126,16 @@ def _stage_part(
     tensor_columns: list[str],
     sink_name: str,
     compression: str,
+    tensor_type: str,
 ) -> dict[str, Any]:
     """Writes the ok rows ``rows`` (positions in ``batch``, in index order) as one staged part."""
     sink = SINKS.get(sink_name)
     columns = {name: _column(np.asarray(batch[name])[rows], dtype) for name, dtype in _PASSTHROUGH.items()}
     for name in tensor_columns:
         columns[name] = tensor_array(np.asarray(batch[name])[rows])
-    data = sink.serialize(pa.table(columns), tensor_columns=tensor_columns, compression=compression)
+    data = sink.serialize(
+        pa.table(columns), tensor_columns=tensor_columns, compression=compression, tensor_type=tensor_type
+    )
     indices = np.asarray(batch["index"])[rows].astype(np.int64)
     # Named by content (its indices) so a retried task overwrites instead of adding a part.
     digest = hashlib.sha1(indices.tobytes()).hexdigest()[:12]
@@ -156,6 +159,7 @@ def stage_batch(
     folder: str,
     sink_name: str,
     compression: str,
+    tensor_type: str = FIXED_SHAPE_TENSOR,
 ) -> pa.Table:
     """Ray map_batches function: stage the ok rows per shard; report parts, errors, sentinels.
 
@@ -166,6 +170,7 @@ def stage_batch(
             present, names each row's data folder; else every row goes to ``folder``.
         folder: the data folder of rows without a ``folder`` column.
         sink_name: the output format (a key of ``SINKS``): parts are written in it.
+        tensor_type: ``output.tensor_type``, the Arrow layout of tensor columns in Parquet parts.
 
     Returns:
         An Arrow table of :data:`REPORT_SCHEMA`, one row per shard present in the batch.
@@ -203,6 +208,7 @@ def stage_batch(
                     tensor_columns=tensor_columns,
                     sink_name=sink_name,
                     compression=compression,
+                    tensor_type=tensor_type,
                 )
             )
         out.append(report)

@@ -1,4 +1,4 @@
-"""Parquet output: one file per input shard and latent shape, canonical Arrow tensors, zstd."""
+"""Parquet output: one file per staged part and latent shape, tensors in either Arrow layout, zstd."""
 
 from __future__ import annotations
 
@@ -7,18 +7,25 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentize.sinks.base import SINKS
+from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array, tensor_numpy
 
 __all__ = ["ParquetSink"]
 
 
 class ParquetSink:
     """Writes ``key``, the tensor columns, then passthrough (``caption``, ``json``, ``notes``)
-    and geometry columns."""
+    and geometry columns; tensor columns as canonical Arrow tensors or, with ``tensor_type``
+    ``list``, as nested fixed-size lists."""
 
     extension = "parquet"
 
-    def serialize(self, table: pa.Table, *, tensor_columns: list[str], compression: str) -> bytes:
+    def serialize(
+        self, table: pa.Table, *, tensor_columns: list[str], compression: str, tensor_type: str = FIXED_SHAPE_TENSOR
+    ) -> bytes:
+        if tensor_type != FIXED_SHAPE_TENSOR:
+            for name in tensor_columns:
+                converted = tensor_array(tensor_numpy(table.column(name)), tensor_type)
+                table = table.set_column(table.schema.get_field_index(name), name, converted)
         order = [
             "key",
             *tensor_columns,

@@ -12,7 +12,7 @@ import pyarrow as pa
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from latentize.sinks.base import SINKS, tensor_numpy
+from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_numpy
 
 __all__ = ["WebDatasetSink"]
 
@@ -22,7 +22,10 @@ class WebDatasetSink:
 
     extension = "tar"
 
-    def serialize(self, table: pa.Table, *, tensor_columns: list[str], compression: str) -> bytes:
+    def serialize(
+        self, table: pa.Table, *, tensor_columns: list[str], compression: str, tensor_type: str = FIXED_SHAPE_TENSOR
+    ) -> bytes:
+        # ``tensor_type`` is a Parquet matter: tars hold each tensor as an .npy member.
         tensors = {name: tensor_numpy(table.column(name)) for name in tensor_columns}
         keys = table.column("key").to_pylist()
         captions = table.column("caption").to_pylist()

@@ -1,0 +1,76 @@
+"""``read_latents``: the committed rows of one data folder as a Ray Dataset (Ray imported on call)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from latentize.data.plan import read_output
+from latentize.errors import LatentizeError
+from latentize.sinks.base import canonical_tensor
+from latentize.sinks.layout import OutputLayout
+
+__all__ = ["read_latents"]
+
+
+def read_latents(
+    root: str,
+    *,
+    folder: str | None = None,
+    columns: Sequence[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    **read_args: Any,
+) -> Any:
+    """A ``ray.data.Dataset`` of the committed data files of one data folder of ``root``.
+
+    Only files listed in commit markers of the run's fingerprint are read, so a run in progress
+    or a crashed one shows committed shards only. Tensor columns come as canonical Arrow tensors
+    whatever ``output.tensor_type`` stored (nested lists are converted), so numpy batches hold
+    (N, C, h, w) arrays.
+
+    Args:
+        root: the output root, a local path or any fsspec URL.
+        folder: the data folder (``"256x256"``); required when the output has several (one per
+            latent shape, which one dataset cannot mix).
+        columns: columns to read (default: all).
+        storage_options: fsspec options of the output root.
+        read_args: passed to ``ray.data.read_parquet``.
+
+    Raises:
+        LatentizeError: no committed rows in the folder, or several folders and none chosen.
+    """
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    layout = OutputLayout(root, storage_options=storage_options)
+    info = read_output(layout)
+    if folder is None:
+        if len(info.folders) != 1:
+            raise LatentizeError(f"{layout.url} has data folders {info.folders}; choose one with folder=")
+        folder = info.folders[0]
+    paths = [layout.join(rel) for unit in info.units if unit.folder == folder for rel in unit.files]
+    if not paths:
+        raise LatentizeError(f"{layout.url} has no committed rows in {folder!r} (folders: {info.folders})")
+    filesystem = None if layout.is_local else PyFileSystem(FSSpecHandler(layout.fs))
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, **read_args)
+    if columns:
+        # Ray pushes the projection into the read (its `columns=` argument is deprecated).
+        ds = ds.select_columns(list(columns))
+    with layout.fs.open(paths[0], "rb") as f:
+        schema = pq.read_schema(f)
+    nested = [field.name for field in schema if pa.types.is_fixed_size_list(field.type)]
+    if columns:
+        nested = [n for n in nested if n in columns]
+    if nested:
+        ds = ds.map_batches(_canonical, fn_kwargs={"names": nested}, batch_format="pyarrow")
+    return ds
+
+
+def _canonical(table: pa.Table, *, names: list[str]) -> pa.Table:
+    """Nested fixed-size list columns -> canonical Arrow tensors."""
+    for name in names:
+        table = table.set_column(table.schema.get_field_index(name), name, canonical_tensor(table.column(name)))
+    return table
