@@ -25,31 +25,19 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-#: The small f8 model: diffusers' AutoencoderKL with narrow blocks (random weights), about
-#: 10 ms per 256² image on two cores: decode and encode cost about the same, as on a GPU
-#: node whose encoder is fast and whose CPUs decode.
-MODEL = {
-    "block_out_channels": (8, 16, 32, 32),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "norm_num_groups": 8,
-    "latent_channels": 4,
-    "scaling_factor": 0.18215,
-}
+from _common import make_shards, repeat, report, save_model, timed  # noqa: E402
 
 LOOP = textwrap.dedent(
     """
@@ -97,46 +85,28 @@ LOOP = textwrap.dedent(
 
 def _make_inputs(root: Path, images: int, per_shard: int, resolution: int) -> tuple[Path, int]:
     import yaml
-    from diffusers import AutoencoderKL
 
-    from latentize.demo import ShardSample, laion_like_samples, write_webdataset_shard
-
-    samples = laion_like_samples(images, seed=0)
-    for shard, start in enumerate(range(0, images, per_shard)):
-        chunk = [
-            ShardSample(key=f"{shard:05d}{j:04d}", image=s.image, caption=s.caption, meta=s.meta)
-            for j, s in enumerate(samples[start : start + per_shard])
-        ]
-        write_webdataset_shard(str(root / "in" / f"{shard:05d}.tar"), chunk)
-    AutoencoderKL(**MODEL).save_pretrained(root / "model")
+    count = make_shards(root / "in", images, per_shard)
     config = {
         "input": {"urls": str(root / "in" / "*.tar")},
         "preprocess": {"resolution": resolution},
-        "encoder": {"model": str(root / "model"), "batch_size": 32},
+        "encoder": {"model": str(save_model(root / "model")), "batch_size": 32},
         "output": {"path": str(root / "out")},
         "ray": {"actors": 1},
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    return path, len(samples)
-
-
-def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr[-3000:]}")
-    return time.time() - started, proc.stdout
+    return path, count
 
 
 def _once(root: Path, config: Path, images: int, env: dict[str, str]) -> dict[str, Any]:
     loop_out = root / "loop-out"
     shutil.rmtree(loop_out, ignore_errors=True)
     loop_out.mkdir()
-    loop_s, stdout = _timed([sys.executable, "-c", LOOP, str(config), str(loop_out)], env)
+    loop_s, stdout = timed([sys.executable, "-c", LOOP, str(config), str(loop_out)], env, REPO)
     loop = json.loads(stdout.strip().splitlines()[-1])
     shutil.rmtree(root / "out", ignore_errors=True)
-    run_s, _ = _timed([sys.executable, "-m", "latentize.cli", "encode", str(config)], env)
+    run_s, _ = timed([sys.executable, "-m", "latentize.cli", "encode", str(config)], env, REPO)
     manifest = json.loads((root / "out" / "_manifest.json").read_text())
     assert manifest["samples"]["ok"] + manifest["samples"]["failed"] == images, manifest["samples"]
     execution_s = manifest["runs"][-1]["execution_seconds"]
@@ -169,23 +139,17 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     try:
         config, images = _make_inputs(root, args.images, args.per_shard, args.resolution)
-        runs = []
-        for i in range(args.repeats):
-            runs.append(_once(root, config, images, env))
-            r = runs[-1]
-            print(
-                f"repeat {i}: loop {r['loop_whole_img_s']:.1f} img/s whole ({r['loop_inside_img_s']:.1f} inside); "
+        runs = repeat(
+            lambda: _once(root, config, images, env),
+            args.repeats,
+            lambda r: (
+                f"loop {r['loop_whole_img_s']:.1f} img/s whole ({r['loop_inside_img_s']:.1f} inside); "
                 f"latentize {r['latentize_whole_img_s']:.1f} img/s whole ({r['latentize_execution_img_s']:.1f} in "
-                f"execution); ratios {r['whole_ratio']:.2f} whole, {r['execution_ratio']:.2f} in execution",
-                flush=True,
-            )
-        median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
-        print(f"\n{images} LAION-like images at {args.resolution}², median of {args.repeats}:")
-        for key, value in median.items():
-            print(f"  {key:<28} {value:8.2f}")
+                f"execution); ratios {r['whole_ratio']:.2f} whole, {r['execution_ratio']:.2f} in execution"
+            ),
+        )
+        report(runs, f"{images} LAION-like images at {args.resolution}², median of {args.repeats}:", images, args.json)
         print(f"  decode path: {runs[0]['decode']}, encoder batch: {runs[0]['batch_size']}")
-        if args.json:
-            args.json.write_text(json.dumps({"images": images, "runs": runs, "median": median}, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

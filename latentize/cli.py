@@ -2,7 +2,8 @@
 
 ``latentize encode [CONFIG] [--set dotted.key=value ...]`` runs the encode job; without CONFIG it
 runs the embedded demo: sample shards built from the photos shipped in scikit-image and
-scikit-learn, local Ray, local folders.
+scikit-learn, encoded with the TAEF2 weights that ship with latentize (no download), local Ray,
+local folders, then the QA report of the latents.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ logger = logging.getLogger("latentize")
 #: Root of the demo's files (shards in, latents out), relative to the working directory.
 DEMO_DIR = "demo_data"
 
-#: The embedded default run (``latentize encode`` with no config file).
+#: The embedded default run (``latentize encode`` with no config file): TAEF2, whose weights ship
+#: inside latentize, so the demo runs offline. ``--set encoder.preset=sd15`` switches it to the
+#: Stable Diffusion VAE (from the hub).
 DEMO_CONFIG: dict[str, Any] = {
     "input": {"urls": f"{DEMO_DIR}/shards/{{00000..00001}}.tar", "format": "webdataset", "image_field": "jpg;png;webp"},
     "preprocess": {"resolution": 256, "crop": "center"},
-    "encoder": {"type": "kl", "model": "stabilityai/sd-vae-ft-mse", "sample": "mode", "batch_size": 4},
+    "encoder": {"preset": "taef2", "batch_size": 4},
     "output": {"path": f"{DEMO_DIR}/latents", "format": "parquet", "dtype": "float16"},
     "ray": {"actors": 1},
 }
@@ -43,13 +46,24 @@ _ENCODE_DESCRIPTION = (
     "Encode image shards (WebDataset tars or Parquet files) into scaled VAE latents or VQ codebook "
     "indices on Ray, and write them to Parquet or WebDataset with a manifest. A rerun with the same "
     "config resumes where the last one stopped. Without a config file it runs the demo: sample "
-    "shards of real photos, a local Ray, local folders. Exit code 0 when every shard is written, "
-    "1 when some could not be read, 2 on a configuration or access error."
+    "shards of real photos encoded with the TAEF2 weights that ship with latentize, a local Ray, "
+    "local folders, then the QA report of the latents. Exit code 0 when every shard is written "
+    "(and, in the demo, every QA check passed), 1 when some could not be read, 2 on a "
+    "configuration or access error."
 )
 _MODELS_DESCRIPTION = (
     "List the encoder presets (the values of encoder.preset): the weights each one loads, its "
     "encoder type, latent channels, downsampling factor, scaling and shift constants, input range "
     "and whether it is deterministic."
+)
+_PLAN_DESCRIPTION = (
+    "Dry run: say what 'latentize encode CONFIG' would do, writing nothing and starting no Ray. "
+    "Prints the shards (all and still to encode), the samples (from img2dataset's _stats.json, "
+    "Parquet metadata, or reading a few shards), the input bytes, the estimated output bytes per "
+    "data folder, the CPU decode time per image measured on a few sampled shards with the "
+    "configured preprocessing, the GPU-hours where a throughput was measured for the encoder on "
+    "that GPU, and a suggested ray.actors and encoder.batch_size. Exit code 0, or 2 when the run "
+    "could not start (the message says what to fix)."
 )
 _STATUS_DESCRIPTION = (
     "Show how far a run got: the shards of an output that are committed, failed or pending, and "
@@ -104,11 +118,37 @@ def _prepare_demo(cfg: Config) -> None:
         logger.info("demo: %d sample shards of real photos in %s", len(urls), os.path.join(DEMO_DIR, "shards"))
 
 
+def _demo_config(overrides: list[str]) -> Config:
+    """The demo's config with ``overrides``; unless ``output.path`` is overridden, the latents go
+    to ``demo_data/latents/<preset>``, so that demos of different encoders sit side by side
+    instead of refusing each other's output."""
+    cfg = load_config(None, overrides, base=DEMO_CONFIG)
+    if cfg.output.path == DEMO_CONFIG["output"]["path"]:
+        cfg.output.path = f"{DEMO_DIR}/latents/{cfg.encoder.preset or 'custom'}"
+    return cfg
+
+
+def _demo_qa(output: str) -> int:
+    """The demo's last step: the QA report of its latents; prints the verdict and the mean
+    reconstruction PSNR. Exit code 0 when every check passed."""
+    from latentize.qa import run_qa as build_report
+
+    result = build_report(output)
+    _print_qa(result)
+    recon = result.report.get("reconstruction") or {}
+    psnr = ((recon.get("metrics") or {}).get("psnr") or {}).get("mean")
+    if psnr is None:
+        print(f"latentize demo: no reconstruction ({recon.get('skipped', 'no decoder')})")
+    else:
+        print(f"latentize demo: mean reconstruction PSNR {psnr:.2f} dB over {recon['sample']} decoded samples")
+    return 0 if result.passed else 1
+
+
 def run_encode(args: argparse.Namespace) -> int:
     from latentize.pipeline import run
 
     demo = args.config is None
-    cfg = load_config(args.config, args.overrides, base=DEMO_CONFIG if demo else None)
+    cfg = _demo_config(args.overrides) if demo else load_config(args.config, args.overrides)
     if demo:
         _prepare_demo(cfg)
     summary = run(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed)
@@ -126,6 +166,8 @@ def run_encode(args: argparse.Namespace) -> int:
             f"`latentize status {summary.output}` lists them; rerun with --retry-failed"
         )
     print(f"latentize: latents in {summary.output}")
+    if demo and summary.complete:
+        return _demo_qa(summary.output)
     return 0 if summary.complete else 1
 
 
@@ -160,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(fn=run_models)
+    pl = sub.add_parser(
+        "plan",
+        help="dry run: shards, samples, bytes, decode time and GPU-hours of a config; writes nothing",
+        description=_PLAN_DESCRIPTION,
+    )
+    _add_plan_args(pl)
     st = sub.add_parser(
         "status",
         help="show the shards of an output that are committed, failed or pending",
@@ -196,7 +244,7 @@ def run_models(args: argparse.Namespace) -> int:
     for r in rows:
         scale = "-" if r["scaling_factor"] is None else f"{r['scaling_factor']:g}"
         shift = "-" if r["shift_factor"] is None else f"{r['shift_factor']:g}"
-        where = r["model"] or "(set encoder.model to the file)"
+        where = r["model"] or (f"{r['packaged']} (packaged)" if r["packaged"] else "(set encoder.model to the file)")
         if r["subfolder"]:
             where += f" [{r['subfolder']}]"
         print(
@@ -204,6 +252,75 @@ def run_models(args: argparse.Namespace) -> int:
             f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}"
         )
     return 0
+
+
+def _add_plan_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file, as for 'latentize encode'")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set preprocess.resolution=512 (repeatable)",
+    )
+    parser.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs the run will have (default 1)")
+    parser.add_argument(
+        "--sample-shards",
+        type=int,
+        default=2,
+        metavar="N",
+        help="shards read to time decoding, and to count WebDataset shards without _stats.json (default 2)",
+    )
+    parser.add_argument(
+        "--sample-images", type=int, default=32, metavar="N", help="images decoded per sampled shard (default 32)"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(fn=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``latentize plan CFG``: the dry run; exit code 0."""
+    import json
+
+    from latentize.estimate import estimate_run
+
+    cfg = load_config(args.config, args.overrides)
+    found = estimate_run(cfg, sample_shards=args.sample_shards, sample_images=args.sample_images, gpus=args.gpus)
+    print(json.dumps(found, indent=2) if args.json else _format_plan(found))
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _format_plan(found: dict[str, Any]) -> str:
+    exact = "exact" if found["samples_exact"] else "estimated"
+    counted = ", ".join(f"{k}: {v}" for k, v in found["samples_counted_by"].items() if v)
+    decode = found["decode_ms_per_image"]
+    lines = [
+        f"latentize plan: {found['output']} ({'fresh' if found['fresh'] else 'existing'} output; nothing written)",
+        f"  shards          {found['shards']} ({found['shards_pending']} to encode), {found['format']}",
+        f"  samples         {found['samples']} ({found['samples_pending']} to encode), {exact} ({counted})",
+        f"  input           {_size(found['input_bytes'])}",
+    ]
+    for folder, size in found["output_bytes"].items():
+        lines.append(
+            f"  output          {_size(size)} in {folder}/ ({found['output_rows'][folder]} rows, uncompressed)"
+        )
+    lines.append("  decode          " + ("no image sampled" if decode is None else f"{decode:.2f} ms per image (CPU)"))
+    for gpu, hours in found["gpu_hours"].items():
+        shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"
+        lines.append(f"  {gpu:<15} {shown}")
+    suggested = " ".join(f"--set {k}={v}" for k, v in found["suggested"].items())
+    lines.append(f"  suggested       {suggested}")
+    return "\n".join(lines)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -311,12 +428,17 @@ def run_qa(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
-        marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
-        print(f"latentize qa: {result.report['output']}")
-        for check in result.report["checks"]:
-            print(f"  {marks.get(check['status'], check['status'])}  {check['name']:<15} {check['message']}")
-        print(f"latentize qa: {'PASS' if result.passed else 'FAIL'}; report: {result.html_path}")
+        _print_qa(result)
     return 0 if result.passed else 1
+
+
+def _print_qa(result: Any) -> None:
+    """The QA report's checks, one line each, and its verdict."""
+    marks = {"pass": "ok  ", "fail": "FAIL", "warn": "warn", "skip": "skip"}
+    print(f"latentize qa: {result.report['output']}")
+    for check in result.report["checks"]:
+        print(f"  {marks.get(check['status'], check['status'])}  {check['name']:<15} {check['message']}")
+    print(f"latentize qa: {'PASS' if result.passed else 'FAIL'}; report: {result.html_path}")
 
 
 def qa_main(argv: Sequence[str] | None = None, *, prog: str = "qa_report.py") -> int:

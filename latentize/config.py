@@ -24,6 +24,8 @@ import yaml
 from latentize.errors import ConfigError
 
 __all__ = [
+    "AUTO_FIELD",
+    "BucketGenerator",
     "Config",
     "EncoderConfig",
     "InputConfig",
@@ -41,6 +43,11 @@ __all__ = [
 #: Pillow's own hard limit (twice ``Image.MAX_IMAGE_PIXELS``): larger images are refused as
 #: decompression bombs before they are decoded.
 DEFAULT_MAX_PIXELS = 178_956_970
+#: ``preprocess.resolution`` when nothing gives the size.
+DEFAULT_RESOLUTION = 256
+
+#: ``input.caption_field`` value meaning "the input format's default" (resolved per format).
+AUTO_FIELD = "auto"
 
 
 @dataclass
@@ -58,8 +65,11 @@ class InputConfig:
     image_field: str = "jpg"
     #: Parquet: the column holding the sample key (WebDataset keys come from member names).
     key_field: str = "key"
-    #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none.
-    caption_field: str | None = "txt"
+    #: WebDataset member suffix or Parquet column carried through as ``caption``; null: none;
+    #: ``auto`` (:data:`AUTO_FIELD`): the format's default, ``txt`` for WebDataset, for Parquet
+    #: ``caption`` when the file has that column (img2dataset), else ``txt``. A run resolves it
+    #: before it starts, so the manifest shows the column or member actually read.
+    caption_field: str | None = "auto"
     #: WebDataset member suffix or Parquet column carried through as raw ``json`` text.
     json_field: str | None = "json"
     #: Passed to fsspec when opening the shards (credentials, endpoint_url, ...).
@@ -71,13 +81,37 @@ class InputConfig:
 
 
 @dataclass
+class BucketGenerator:
+    """Aspect-ratio buckets made from an area (the usual SDXL/kohya construction).
+
+    Every ``(w, h)`` with ``w`` and ``h`` multiples of ``step``, ``w·h <= area``, each as large
+    as the area allows for its ratio (for every width the largest height, and the transposes),
+    with ``min_ratio <= w/h <= max_ratio``.
+    """
+
+    area: int
+    step: int = 64
+    min_ratio: float = 0.25
+    max_ratio: float = 4.0
+
+
+@dataclass
 class PreprocessConfig:
     """Decode, resize and crop.
 
-    ``resolution`` is one int (square) or ``[width, height]``.
+    ``resolution`` is one int (square) or ``[width, height]`` (256 when neither it,
+    ``resolutions`` nor ``buckets`` is given); ``resolutions`` lists several, each written to
+    its own folders in one pass; ``buckets`` replaces the fixed crop by aspect-ratio buckets.
     """
 
-    resolution: int | list[int] = 256
+    resolution: int | list[int] | None = None
+    #: Several resolutions in one pass (ints or ``[w, h]``); excludes ``resolution``.
+    resolutions: list[int | list[int]] | None = None
+    #: Aspect-ratio buckets: a list of ``[width, height]`` or a generator ``{area, step,
+    #: min_ratio, max_ratio}``; null: one fixed size.
+    buckets: list[list[int]] | BucketGenerator | None = None
+    #: Also store the encoding of the horizontally flipped crop (``<column>_flipped``).
+    flip: bool = False
     #: ``center``, ``random`` (seeded per key) or ``none`` (resize to exactly the resolution).
     crop: str = "center"
     #: Seed of the ``random`` crop; the offset depends on this seed and the key only.
@@ -94,12 +128,38 @@ class PreprocessConfig:
     decode: str = "auto"
 
     @property
+    def targets(self) -> list[tuple[int, int]]:
+        """``(width, height)`` of every resolution this run writes (one unless ``resolutions``)."""
+        given = self.resolutions if self.resolutions is not None else [self.resolution or DEFAULT_RESOLUTION]
+        return [(r, r) if isinstance(r, int) else (int(r[0]), int(r[1])) for r in given]
+
+    @property
     def size(self) -> tuple[int, int]:
-        """``(width, height)`` of the crop."""
-        res = self.resolution
-        if isinstance(res, int):
-            return (res, res)
-        return (int(res[0]), int(res[1]))
+        """``(width, height)`` of the crop, when the run has one fixed size.
+
+        Raises:
+            ConfigError: the run writes several resolutions or aspect-ratio buckets.
+        """
+        if self.buckets is not None or len(self.targets) != 1:
+            raise ConfigError("preprocess: this run has several sizes (resolutions or buckets); no single size")
+        return self.targets[0]
+
+    @property
+    def reference_size(self) -> tuple[int, int]:
+        """A size to describe the stored columns and the encoder batch by (both scale with the
+        crop): the run's size when fixed, else its first resolution, its first listed bucket,
+        or the square bucket of the generator's area."""
+        if isinstance(self.buckets, list):
+            return (int(self.buckets[0][0]), int(self.buckets[0][1]))
+        if isinstance(self.buckets, BucketGenerator):
+            side = max(self.buckets.step, int(self.buckets.area**0.5) // self.buckets.step * self.buckets.step)
+            return (side, side)
+        return self.targets[0]
+
+    @property
+    def fixed_size(self) -> bool:
+        """One resolution and no buckets: every crop has the same shape."""
+        return self.buckets is None and len(self.targets) == 1
 
 
 @dataclass
@@ -230,11 +290,16 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Checks ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        specific = None
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, path)
-            except ConfigError:
-                continue
+            except ConfigError as exc:
+                # A mapping meant for a section: its own message names the bad key.
+                if isinstance(value, Mapping) and dataclasses.is_dataclass(arg):
+                    specific = exc
+        if specific is not None:
+            raise specific
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
@@ -251,6 +316,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _build(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -283,6 +352,13 @@ def _build(cls: type, data: Any, path: str) -> Any:
             kwargs[key] = _build(tp, value, key_path)
         else:
             kwargs[key] = _coerce(value, tp, key_path)
+    missing = [
+        f.name
+        for f in fields.values()
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: missing key(s): {', '.join(missing)}")
     return cls(**kwargs)
 
 
@@ -292,7 +368,8 @@ DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
 
 
 def _resolve_preset(enc: EncoderConfig) -> None:
-    """Fills null ``type``/``model``/``subfolder``/``revision`` from ``enc.preset``."""
+    """Fills null ``type``/``model``/``subfolder``/``revision`` from ``enc.preset``; a preset
+    whose weights ship with latentize (``taef2``) fills ``model`` with the packaged file."""
     if enc.preset is None:
         enc.type = enc.type or DEFAULT_ENCODER_TYPE
         enc.model = enc.model or DEFAULT_MODEL
@@ -303,7 +380,12 @@ def _resolve_preset(enc: EncoderConfig) -> None:
     if enc.type is not None and enc.type != preset.type:
         raise ConfigError(f"encoder.type: {enc.type!r} contradicts preset {preset.name!r} (type {preset.type!r})")
     enc.type = preset.type
-    if enc.model is None:
+    if enc.model is None and preset.model is None and preset.packaged is not None:
+        from latentize.weights import packaged_weights
+
+        # The absolute path, so that the manifest names the file that was read.
+        enc.model = str(packaged_weights(preset.packaged))
+    elif enc.model is None:
         if preset.model is None:
             raise ConfigError(
                 f"encoder.model: preset {preset.name!r} has no public diffusers weights; set "
@@ -323,11 +405,7 @@ def _validate(cfg: Config) -> None:
         if value not in choices:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
             raise ConfigError(f"{dotted}: {value!r} is not one of: {shown}")
-    res = cfg.preprocess.resolution
-    if isinstance(res, list) and len(res) != 2:
-        raise ConfigError("preprocess.resolution: give one int or [width, height]")
-    if min(cfg.preprocess.size) < 8:
-        raise ConfigError("preprocess.resolution: must be at least 8 pixels per side")
+    _validate_sizes(cfg.preprocess)
     if cfg.encoder.batch_size is not None and cfg.encoder.batch_size < 1:
         raise ConfigError("encoder.batch_size: must be >= 1")
     if cfg.ray.actors < 1:
@@ -341,6 +419,43 @@ def _validate(cfg: Config) -> None:
             f"encoder.sample: {cfg.encoder.type} encoders are deterministic (VQ stores codebook "
             f"indices); only 'mode' applies (got {cfg.encoder.sample!r})"
         )
+
+
+def _validate_sizes(pre: PreprocessConfig) -> None:
+    if pre.resolution is not None and pre.resolutions is not None:
+        raise ConfigError(
+            "preprocess.resolutions: give either preprocess.resolution (one size) or preprocess.resolutions "
+            "(several, in one pass), not both"
+        )
+    if pre.resolution is not None and pre.buckets is not None:
+        raise ConfigError(
+            "preprocess.buckets: the buckets give the sizes; leave preprocess.resolution unset, or use "
+            "preprocess.resolutions to write the buckets at several resolutions"
+        )
+    if pre.resolutions is not None and not pre.resolutions:
+        raise ConfigError("preprocess.resolutions: give at least one resolution")
+    for name, given in (("resolution", [pre.resolution]), ("resolutions", pre.resolutions or [])):
+        for value in given:
+            if isinstance(value, list) and len(value) != 2:
+                raise ConfigError(f"preprocess.{name}: give one int or [width, height], got {value}")
+    if min(min(t) for t in pre.targets) < 8:
+        raise ConfigError("preprocess.resolution: must be at least 8 pixels per side")
+    if len(set(pre.targets)) != len(pre.targets):
+        raise ConfigError(f"preprocess.resolutions: {pre.targets} repeats a resolution")
+    if isinstance(pre.buckets, list):
+        for pair in pre.buckets:
+            if len(pair) != 2 or min(pair) < 8:
+                raise ConfigError(f"preprocess.buckets: {pair} is not a [width, height] of at least 8 pixels")
+        if not pre.buckets:
+            raise ConfigError("preprocess.buckets: the list is empty; give [width, height] pairs or null")
+    elif isinstance(pre.buckets, BucketGenerator):
+        g = pre.buckets
+        if g.step < 1 or g.area < g.step * g.step:
+            raise ConfigError(f"preprocess.buckets: area {g.area} holds no {g.step}x{g.step} bucket")
+        if not 0 < g.min_ratio <= 1 <= g.max_ratio:
+            raise ConfigError("preprocess.buckets: need 0 < min_ratio <= 1 <= max_ratio")
+    if pre.resolution is None and pre.resolutions is None and pre.buckets is None:
+        pre.resolution = DEFAULT_RESOLUTION  # the resolved config shows what was used
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:

@@ -26,9 +26,12 @@ __all__ = [
     "ShardSample",
     "build_demo_shards",
     "corrupt_samples",
+    "failed_download",
+    "img2dataset_meta",
     "laion_like_samples",
     "photo_images",
     "photo_samples",
+    "write_img2dataset_shard",
     "write_parquet_shard",
     "write_webdataset_shard",
 ]
@@ -331,6 +334,141 @@ def write_parquet_shard(path: str, samples: list[ShardSample], *, storage_option
         pq.write_table(table, f)
     logger.debug("wrote %d samples to %s", len(samples), path)
     return path
+
+
+# --- img2dataset's own layout ---------------------------------------------------------------
+
+#: img2dataset's metadata columns and Arrow types, in its order: ``caption`` and ``url`` come
+#: from its input table, the rest from its downloader (``exif`` with extract_exif, ``sha256``
+#: with compute_hash, both on by default). Its Parquet output appends the image column ``jpg``.
+IMG2DATASET_SCHEMA: tuple[tuple[str, str], ...] = (
+    ("caption", "string"),
+    ("url", "string"),
+    ("key", "string"),
+    ("status", "string"),
+    ("error_message", "string"),
+    ("width", "int32"),
+    ("height", "int32"),
+    ("original_width", "int32"),
+    ("original_height", "int32"),
+    ("exif", "string"),
+    ("sha256", "string"),
+)
+# img2dataset buffers 100 samples per Parquet write: one row group each.
+_IMG2DATASET_ROW_GROUP = 100
+
+
+def failed_download(
+    key: str,
+    *,
+    caption: str | None = None,
+    status: str = "failed_to_download",
+    error_message: str = "HTTP Error 404: Not Found",
+) -> ShardSample:
+    """A sample img2dataset could not fetch (or resize): no image, its ``status`` and reason."""
+    meta = {
+        "url": f"https://example.com/missing/{key}.jpg",
+        "caption": caption,
+        "key": key,
+        "status": status,
+        "error_message": error_message,
+    }
+    return ShardSample(key=key, image=None, caption=caption, meta=meta)
+
+
+def img2dataset_meta(sample: ShardSample) -> dict[str, Any]:
+    """The sample's metadata as img2dataset writes it: every column of
+    :data:`IMG2DATASET_SCHEMA`, in order (absent ones null; ``sha256`` of the image bytes and an
+    empty ``exif`` object for downloaded images)."""
+    import hashlib
+
+    meta = dict(sample.meta or {})
+    meta.setdefault("caption", sample.caption)
+    meta.setdefault("key", sample.key)
+    meta.setdefault("status", "success" if sample.image is not None else "failed_to_download")
+    if sample.image is not None:
+        meta.setdefault("exif", "{}")
+        meta.setdefault("sha256", hashlib.sha256(sample.image).hexdigest())
+    return {name: meta.get(name) for name, _ in IMG2DATASET_SCHEMA}
+
+
+def _img2dataset_table(samples: list[ShardSample], *, with_image: bool) -> Any:
+    import pyarrow as pa
+
+    metas = [img2dataset_meta(s) for s in samples]
+    columns = {name: pa.array([m[name] for m in metas], getattr(pa, tp)()) for name, tp in IMG2DATASET_SCHEMA}
+    if with_image:
+        columns["jpg"] = pa.array([s.image for s in samples], pa.binary())
+    return pa.table(columns)
+
+
+def _img2dataset_stats(samples: list[ShardSample]) -> dict[str, Any]:
+    """img2dataset's ``NNNNN_stats.json``: counts by outcome and a counter of statuses and
+    error messages (``"success"`` for downloaded images)."""
+    from collections import Counter
+
+    metas = [img2dataset_meta(s) for s in samples]
+    status_dict = Counter(m["error_message"] if m["status"] != "success" else "success" for m in metas)
+    return {
+        "count": len(metas),
+        "successes": sum(m["status"] == "success" for m in metas),
+        "failed_to_download": sum(m["status"] == "failed_to_download" for m in metas),
+        "failed_to_resize": sum(m["status"] == "failed_to_resize" for m in metas),
+        "duration": 1.0,
+        "start_time": float(_MTIME),
+        "end_time": float(_MTIME + 1),
+        "status_dict": dict(status_dict),
+    }
+
+
+def _write_parquet_table(path: str, table: Any, storage_options: dict[str, Any] | None) -> None:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "wb", **(storage_options or {})) as f:
+        pq.write_table(table, f, row_group_size=_IMG2DATASET_ROW_GROUP)
+
+
+def write_img2dataset_shard(
+    folder: str,
+    shard: int,
+    samples: list[ShardSample],
+    *,
+    fmt: str = "webdataset",
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Writes one shard exactly as img2dataset lays it out, under ``folder`` (any fsspec URL).
+
+    ``webdataset``: ``NNNNN.tar`` with ``KEY.jpg``, ``KEY.txt`` (the caption) and ``KEY.json``
+    (the metadata, indented) for the downloaded samples only, ``NNNNN.parquet`` with the
+    metadata of every sample (no image column) and ``NNNNN_stats.json``. ``parquet``:
+    ``NNNNN.parquet`` with every sample, the image in ``jpg`` (null for failed ones; see
+    :data:`IMG2DATASET_SCHEMA`), and ``NNNNN_stats.json``. Samples without an image are
+    failed downloads (:func:`failed_download`).
+
+    Returns:
+        The URL of the data shard (``.tar`` or ``.parquet``).
+    """
+    from webdataset import TarWriter
+
+    if fmt not in ("webdataset", "parquet"):
+        raise ConfigError(f"img2dataset shard format {fmt!r}: valid values: parquet, webdataset")
+    base = f"{folder.rstrip('/')}/{shard:05d}"
+    with fsspec.open(f"{base}_stats.json", "w", **(storage_options or {})) as f:
+        json.dump(_img2dataset_stats(samples), f, indent=4)
+    if fmt == "parquet":
+        _write_parquet_table(f"{base}.parquet", _img2dataset_table(samples, with_image=True), storage_options)
+        return f"{base}.parquet"
+    _write_parquet_table(f"{base}.parquet", _img2dataset_table(samples, with_image=False), storage_options)
+    with fsspec.open(f"{base}.tar", "wb", **(storage_options or {})) as f:
+        with TarWriter(f, mtime=_MTIME) as writer:
+            for sample in samples:
+                if sample.image is None:
+                    continue
+                meta = img2dataset_meta(sample)
+                record = {"__key__": sample.key, "jpg": sample.image, "json": json.dumps(meta, indent=4)}
+                record["txt"] = meta["caption"] if meta["caption"] is not None else ""
+                writer.write(record)
+    return f"{base}.tar"
 
 
 _ShardWriter = Callable[..., str]

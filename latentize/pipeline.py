@@ -27,6 +27,7 @@ from latentize.config import Config, PreprocessConfig, config_from_dict, config_
 from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.encoders.base import resolved_source
 from latentize.errors import LatentizeError
+from latentize.preprocess.buckets import Targets, resolve_targets
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
 from latentize.sinks.commit import REENCODED_NOTE
 from latentize.sources import SOURCES, expand_urls, infer_format, shard_ids
@@ -81,6 +82,8 @@ class Plan:
     markers: dict[str, str]
     #: The output held no run before: nothing to discard, no markers to read.
     fresh: bool
+    #: The sizes the run writes (per resolution: one, or the aspect-ratio buckets).
+    targets: Targets
 
 
 def _absolute(url: str) -> str:
@@ -104,24 +107,55 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _manifest(config: Config, spec: EncoderSpec, fp: str, folder: str, shards: int) -> dict[str, Any]:
+def _folders(config: Config, spec: EncoderSpec, targets: Targets) -> dict[str, Any]:
+    """Every data folder the run may write: its crop size, resolution and stored shapes."""
+    out: dict[str, Any] = {}
+    columns_of = tensor_columns(spec, flip=config.preprocess.flip)
+    for slot, sizes in enumerate(targets.per_resolution):
+        for size in sizes:
+            grid = spec.columns_for(size)
+            out[data_folder(size)] = {
+                "size": list(size),
+                "resolution": list(config.preprocess.targets[slot]) if config.preprocess.resolutions else None,
+                "slot": slot,
+                "columns": {
+                    name: {"shape": list(grid[name.removesuffix("_flipped")][0]), "dtype": dtype}
+                    for name, (_, dtype) in columns_of.items()
+                },
+            }
+    return out
+
+
+def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shards: int) -> dict[str, Any]:
+    encoder = {**spec.to_manifest(), "preset": config.encoder.preset, "dtype": config.encoder.dtype}
+    encoder["columns"] = {
+        name: {"shape": list(shape), "dtype": dtype}
+        for name, (shape, dtype) in tensor_columns(spec, flip=config.preprocess.flip).items()
+    }
+    folders = _folders(config, spec, targets)
     return {
         # 2: several data files per shard (one per staged part), _ledger.parquet.
         "format_version": 2,
         "fingerprint": fp,
         "config": redact(config_to_dict(config)),
-        "encoder": {**spec.to_manifest(), "preset": config.encoder.preset, "dtype": config.encoder.dtype},
+        "encoder": encoder,
         "preprocess": {
-            "size": list(config.preprocess.size),
+            "size": list(targets.sizes[0]) if targets.fixed else None,
+            "buckets": [[list(size) for size in sizes] for sizes in targets.per_resolution]
+            if config.preprocess.buckets is not None
+            else None,
+            "resolutions": [list(t) for t in config.preprocess.targets],
             "crop": config.preprocess.crop,
+            "flip": config.preprocess.flip,
             "decode": "Pillow, EXIF transpose, RGB (alpha on white)",
-            "resize": "shorter side to the crop, bicubic, antialiased",
+            "resize": "to cover the crop (aspect kept), bicubic, antialiased; nearest aspect bucket by log ratio",
         },
         "output": {
             "format": config.output.format,
             "dtype": config.output.dtype,
             "tensor_type": config.output.tensor_type,
-            "data_folders": [folder],
+            "data_folders": sorted(folders) if targets.fixed else [],
+            "folders": folders,
         },
         "versions": _versions(),
         "status": "running",
@@ -144,7 +178,8 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     layout = OutputLayout(
         config.output.path, storage_options=config.output.storage_options, retries=config.output.retries
     )
-    folder = data_folder(config.preprocess.size)
+    targets = resolve_targets(config.preprocess, spec.downsample)
+    folder = data_folder(targets.sizes[0])
     fp = fingerprint(config)
 
     existing = layout.read_manifest()
@@ -171,8 +206,8 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     markers = layout.read_marker_texts() if existing is not None else {}
     done = {shard for shard, text in markers.items() if _done(json.loads(text), fp, retry_failed=retry_failed)}
     pending = [(url, shard) for url, shard in shards if shard not in done]
-    manifest = existing or _manifest(config, spec, fp, folder, len(shards))
-    return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None)
+    manifest = existing or _manifest(config, spec, fp, targets, len(shards))
+    return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None, targets)
 
 
 def _done(marker: dict[str, Any], fp: str, *, retry_failed: bool) -> bool:
@@ -227,9 +262,14 @@ class EncodeActor:
         if cpu_threads:
             # Ray pins a 1-CPU actor to one thread; a CPU-only encoder may use its share of cores.
             torch.set_num_threads(cpu_threads)
+        # Batches are read-only zero-copy views, which the encoder never writes into. Set once
+        # for the process: catch_warnings is not thread-safe, and calls run in two threads.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.config = config_from_dict(config)
         self.spec = spec
         self.decode = decode
+        self.mixed = not self.config.preprocess.fixed_size
+        self.flip = self.config.preprocess.flip
         self.encoder = ENCODERS.get(resolved_source(self.config)[0])(config=self.config, spec=spec)
         logger.info("encoder actor ready on %s (%s), decode on %s", self.encoder.device, self.encoder.dtype, decode)
 
@@ -244,25 +284,40 @@ class EncodeActor:
         out = {k: v for k, v in batch.items() if k not in ("pixels", "image")}
         if self.decode == "gpu":
             pixels, rows, keys = self._decode(batch, rows, keys, out, errors, stages, notes)
+            groups = [(rows, pixels, keys)]
         else:
-            pixels = np.asarray(batch["pixels"])[rows]
-        with warnings.catch_warnings():
-            # Batches are read-only zero-copy views; the encoder never writes into them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            result = self.encoder.encode(pixels, keys)
-        for name, (shape, dtype) in self.spec.columns.items():
-            column = np.zeros((n, *shape), dtype=dtype)
-            column[rows] = result.arrays[name]
-            out[name] = column
-        for pos, reason in result.errors.items():
-            errors[rows[pos]] = reason
-            stages[rows[pos]] = "encode"
-        for pos in result.reencoded:
-            notes[rows[pos]] = join_notes([notes[rows[pos]], REENCODED_NOTE])
+            groups = _by_shape(np.asarray(batch["pixels"]), rows, keys)
+        columns = tensor_columns(self.spec, flip=self.flip)
+        arrays: dict[str, dict[int, np.ndarray]] = {name: {} for name in columns}
+        for group_rows, pixels, group_keys in groups:
+            values, reasons, reencoded = self._encode(pixels, group_keys)
+            for name, column in values.items():
+                for i, row in enumerate(group_rows):
+                    arrays[name][int(row)] = column[i]
+            for i, reason in reasons.items():
+                errors[group_rows[i]], stages[group_rows[i]] = reason, "encode"
+            for i in reencoded:
+                notes[group_rows[i]] = join_notes([notes[group_rows[i]], REENCODED_NOTE])
+        for name, (shape, dtype) in columns.items():
+            out[name] = _tensor_column(arrays[name], n, shape, dtype, fixed=not self.mixed)
         out["error"] = errors
         out["stage"] = stages
         out["notes"] = notes
         return normalize_text(out)
+
+    def _encode(self, pixels: Any, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str], list[int]]:
+        """Encodes one group of same-size crops and, with ``preprocess.flip``, their mirror
+        images (which draw their own ``sample`` noise: another key). Returns the output columns,
+        the errors by position (a sample fails when either encoding does) and the positions
+        re-encoded in float32."""
+        results = {"": self.encoder.encode(pixels, keys, mixed=self.mixed)}
+        if self.flip:
+            flipped_keys = [f"{k}\0flipped" for k in keys]
+            results["_flipped"] = self.encoder.encode(_mirror(pixels), flipped_keys, mixed=self.mixed)
+        values = {name + suffix: r.arrays[name] for suffix, r in results.items() for name in self.spec.columns}
+        reasons = {pos: reason for r in results.values() for pos, reason in r.errors.items()}
+        reencoded = sorted({pos for r in results.values() for pos in r.reencoded})
+        return values, reasons, reencoded
 
     def _decode(
         self,
@@ -295,6 +350,57 @@ class EncodeActor:
         keep = np.array([pos not in decoded.errors for pos in range(len(rows))], dtype=bool)
         index = torch.as_tensor(np.flatnonzero(keep), device=decoded.pixels.device)
         return decoded.pixels[index], rows[keep], [k for k, ok in zip(keys, keep, strict=True) if ok]
+
+
+def tensor_columns(spec: EncoderSpec, *, flip: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The stored tensor columns: the encoder's, and with ``flip`` a ``<name>_flipped`` twin each."""
+    columns = dict(spec.columns)
+    if flip:
+        columns.update({f"{name}_flipped": value for name, value in spec.columns.items()})
+    return columns
+
+
+def _by_shape(pixels: np.ndarray, rows: np.ndarray, keys: list[str]) -> list[tuple[np.ndarray, Any, list[str]]]:
+    """Groups the valid ``rows`` by crop size: ``(rows, stacked pixels (n, H, W, 3), keys)``.
+
+    A fixed-size run hands over one (N, H, W, 3) array, one group; a run of several sizes an
+    object array of (H, W, 3) arrays, one group per size (the encoder never pads across sizes).
+    """
+    if pixels.dtype != object:
+        return [(rows, pixels[rows], keys)] if len(rows) else []
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for pos, row in enumerate(rows):
+        by_size.setdefault(tuple(pixels[row].shape), []).append(pos)
+    return [
+        (rows[positions], np.stack([pixels[rows[p]] for p in positions]), [keys[p] for p in positions])
+        for positions in by_size.values()
+    ]
+
+
+def _mirror(pixels: Any) -> Any:
+    """Horizontally flipped crops: (n, H, W, 3), numpy or torch."""
+    if isinstance(pixels, np.ndarray):
+        return np.ascontiguousarray(pixels[:, :, ::-1])
+    import torch
+
+    return torch.flip(pixels, dims=[2]).contiguous()
+
+
+def _tensor_column(
+    values: dict[int, np.ndarray], n: int, shape: tuple[int, ...], dtype: str, *, fixed: bool
+) -> np.ndarray:
+    """One output tensor column: (n, *shape) zeros-filled for a fixed-size run; else an object
+    array of per-row arrays (empty ones where a row holds no latent)."""
+    if fixed:
+        column = np.zeros((n, *shape), dtype=dtype)
+        for row, value in values.items():
+            column[row] = value
+        return column
+    out = np.empty(n, dtype=object)
+    empty = np.zeros((*shape[:-2], 0, 0), dtype=dtype)
+    for row in range(n):
+        out[row] = values.get(row, empty)
+    return out
 
 
 def _init_ray(config: Config) -> None:
@@ -336,9 +442,14 @@ class _Execution:
         }
 
 
-def _execution(config: Config) -> _Execution:
+#: With several crop sizes, a Ray batch holds this many encoder chunks at most, so that the
+#: groups it splits into by shape stay near a chunk each (buckets are uneven: a few hold most).
+MIXED_BATCH_CHUNKS = 8
+
+
+def _execution(config: Config, *, shapes: int = 1) -> _Execution:
     """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
-    decode and the batch size."""
+    decode and the batch size (of ``shapes`` crop sizes: larger batches for several)."""
     import ray
 
     from latentize.encoders.base import default_batch_size
@@ -369,9 +480,19 @@ def _execution(config: Config) -> _Execution:
             actors = fit
         remote_args, gpu, cpu_threads = {"num_gpus": 0, "num_cpus": 1}, False, max(1, cpus // actors)
     decode = config.preprocess.decode
+    if decode == "gpu" and not config.preprocess.fixed_size:
+        raise LatentizeError(
+            "preprocess.decode: gpu decodes runs of one fixed size; with aspect-ratio buckets or several "
+            "resolutions use preprocess.decode: cpu (what auto picks for them)"
+        )
+    if decode == "auto" and not config.preprocess.fixed_size:
+        decode = "cpu"
     if decode == "auto":
         decode = "gpu" if gpu and _actors_see_cuda(per_actor) else "cpu"
-    batch_size = config.encoder.batch_size or default_batch_size(config.preprocess.size, "cuda" if gpu else "cpu")
+    batch_size = config.encoder.batch_size or default_batch_size(
+        config.preprocess.reference_size, "cuda" if gpu else "cpu"
+    )
+    batch_size *= min(shapes, MIXED_BATCH_CHUNKS)
     return _Execution(remote_args, actors, cpu_threads, gpu, decode, batch_size)
 
 
@@ -389,14 +510,14 @@ def _actors_see_cuda(gpus: float) -> bool:
     return bool(ray.get(remote(probe).remote()))
 
 
-def _decode_block(block: pa.Table, *, config: PreprocessConfig) -> Any:
+def _decode_block(block: pa.Table, *, config: PreprocessConfig, targets: Targets) -> Any:
     """Read-task transform: a block of encoded samples -> a block of pixels (see preprocess_batch)."""
     from ray.data.block import BlockAccessor
 
     from latentize.preprocess import preprocess_batch
 
     batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-    return BlockAccessor.batch_to_block(preprocess_batch(batch, config=config))
+    return BlockAccessor.batch_to_block(preprocess_batch(batch, config=config, targets=targets))
 
 
 def _build_dataset(
@@ -422,9 +543,11 @@ def _build_dataset(
     except ImportError:  # pragma: no cover - older Ray
         pass
     cfg = p.config
-    ex = execution or _execution(cfg)
+    ex = execution or _execution(cfg, shapes=len(p.targets.sizes))
     # Bytes travel to the actors when they decode; else the read tasks decode to uint8 pixels.
-    transform = functools.partial(_decode_block, config=cfg.preprocess) if ex.decode == "cpu" else None
+    transform = (
+        functools.partial(_decode_block, config=cfg.preprocess, targets=p.targets) if ex.decode == "cpu" else None
+    )
     source = ShardDatasource(shards=p.pending, fmt=p.fmt, config=cfg.input, transform=transform)
     ds = ray.data.read_datasource(source, override_num_blocks=len(p.pending))
     ds = ds.map_batches(
@@ -451,10 +574,11 @@ def _build_dataset(
         stage_batch,
         fn_kwargs={
             "layout": p.layout,
-            "tensor_columns": list(p.spec.columns),
+            "tensor_columns": list(tensor_columns(p.spec, flip=cfg.preprocess.flip)),
             "folder": p.folder,
             "sink_name": cfg.output.format,
             "compression": cfg.output.compression,
+            "tensor_type": cfg.output.tensor_type,
         },
         batch_format="numpy",
         batch_size=cfg.output.rows_per_part,
@@ -575,7 +699,7 @@ def _prepare(p: Plan) -> _Execution:
     )
     _init_ray(config)
     _check_nodes(config, layout, [url for url, _ in p.pending])
-    ex = _execution(config)
+    ex = _execution(config, shapes=len(p.targets.sizes))
     logger.info("encoder pool: %s", ex.describe())
     if p.fresh:
         layout.write_inputs(p.shards)
@@ -597,6 +721,7 @@ def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor], starte
         parallelism=p.config.ray.commit_parallelism,
         sink_name=p.config.output.format,
         fingerprint=p.fingerprint,
+        slots=len(p.targets.per_resolution),
     )
     last_log = time.time()
     for reports in _build_dataset(p, encode_actor=encode_actor, execution=ex).iter_batches(

@@ -36,6 +36,8 @@ class Preset:
         fp16_safe: whether float16 is known not to overflow (``encoder.dtype: auto`` uses it).
         codebook_size: VQ codebook entries.
         notes: one line for ``latentize models``.
+        packaged: a weights file shipped inside latentize (``latentize.weights``), used when
+            ``encoder.model`` is null and there are no hub weights.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Preset:
     fp16_safe: bool = False
     codebook_size: int | None = None
     notes: str = ""
+    packaged: str | None = None
 
 
 PRESETS: Registry[Preset] = Registry("encoder preset", config_key="encoder.preset")
@@ -232,7 +235,8 @@ for _p in (
         1.0,
         deterministic=True,
         fp16_safe=True,
-        notes="tiny FLUX.2 encoder; set encoder.model to taef2_encoder.pth (ComfyUI models/vae_approx)",
+        notes="tiny FLUX.2 encoder; its weights ship with latentize (MIT)",
+        packaged="taef2/taef2_encoder.pth",
     ),
     Preset(
         "taesana",
@@ -301,5 +305,14 @@ for _p in (
 
 
 def preset_table() -> list[dict[str, Any]]:
-    """Every preset as a plain dict, in name order (``latentize models``)."""
-    return [asdict(PRESETS.get(name)) for name in PRESETS.names()]
+    """Every preset as a plain dict, in name order (``latentize models``); ``packaged`` is the
+    absolute path of the weights file that ships with latentize, or None."""
+    from latentize.weights import packaged_weights
+
+    rows = []
+    for name in PRESETS.names():
+        row = asdict(PRESETS.get(name))
+        if row["packaged"]:
+            row["packaged"] = str(packaged_weights(row["packaged"]))
+        rows.append(row)
+    return rows

@@ -29,8 +29,10 @@ def output_status(layout: OutputLayout) -> dict[str, Any]:
 
     Returns:
         A JSON-ready dict: ``shards`` (total, committed, failed, pending, plus the failed and
-        pending shard ids with reasons), ``samples`` (ok, failed), ``errors`` (reason -> count,
-        most frequent first, and by stage), ``complete`` and the manifest's ``status``.
+        pending shard ids with reasons), ``samples`` (ok, failed), ``folders`` (data rows per
+        data folder ``WxH``, by name: one folder per aspect-ratio bucket and resolution, where a
+        sample has a row in a folder of each resolution), ``errors`` (reason -> count, most
+        frequent first, and by stage), ``complete`` and the manifest's ``status``.
 
     Raises:
         LatentizeError: the root holds no latentize run.
@@ -46,6 +48,9 @@ def output_status(layout: OutputLayout) -> dict[str, Any]:
     pending = [shard for _, shard in inputs if shard not in markers]
     ok = sum(int(m.get("ok", 0)) for m in markers.values())
     bad = sum(int(m.get("failed", 0)) for m in markers.values())
+    folders: Counter[str] = Counter()
+    for m in markers.values():
+        folders.update({str(name): int(rows) for name, rows in (m.get("rows") or {}).items()})
     reasons, stages = _error_counts(layout)
     return {
         "output": layout.url,
@@ -60,6 +65,7 @@ def output_status(layout: OutputLayout) -> dict[str, Any]:
             "pending_shards": pending,
         },
         "samples": {"ok": ok, "failed": bad},
+        "folders": dict(sorted(folders.items())),
         "errors": {"by_reason": reasons, "by_stage": stages},
     }
 
@@ -85,6 +91,10 @@ def format_status(status: dict[str, Any]) -> str:
         f"shards:   {sh['committed']} committed, {sh['failed']} failed, {sh['pending']} pending, of {sh['total']}",
         f"samples:  {sa['ok']} ok, {sa['failed']} failed",
     ]
+    if status.get("folders"):
+        lines.append("data rows per folder:")
+        width = max(len(name) for name in status["folders"])
+        lines += [f"  {name:<{width}}  {rows:>8}" for name, rows in sorted(status["folders"].items())]
     for shard, reason in list(sh["failed_shards"].items())[:10]:
         lines.append(f"  failed shard {shard}: {reason}")
     if status["errors"]["by_reason"]:

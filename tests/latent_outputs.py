@@ -69,7 +69,10 @@ def _rows_batch(shard: str, rows: list[tuple[int, str | None]], shape: tuple[int
     }
     for column in columns:
         batch[column] = np.stack(
-            [np.zeros(shape, np.float16) if f else tensor_of(column, k, shape) for k, f in zip(keys, failed)]
+            [
+                np.zeros(shape, np.float16) if f else tensor_of(column, k, shape)
+                for k, f in zip(keys, failed, strict=True)
+            ]
         )
     return batch
 

@@ -76,7 +76,9 @@ def write_output(
         )
         files = []
         data_path = layout.join(folder, final_name(shard, 0, "parquet"))
-        layout.write_bytes(data_path, sink.serialize(table, tensor_columns=[column], compression="zstd", tensor_type=tensor_type))
+        layout.write_bytes(
+            data_path, sink.serialize(table, tensor_columns=[column], compression="zstd", tensor_type=tensor_type)
+        )
         files.append(layout.relative(data_path))
         bad = errors.get(shard, [])
         if bad:

@@ -83,6 +83,7 @@ def _help_of(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
         (["qa", "--help"], "QA report of a latent dataset"),
         (["status", "--help"], "committed, failed or pending"),
         (["models", "--help"], "List the encoder presets"),
+        (["plan", "--help"], "Dry run"),
         (["jobs/encode_laion.py", "--help"], "Encode image shards"),
         (["jobs/qa_report.py", "--help"], "QA report of a latent dataset"),
     ],
@@ -108,7 +109,8 @@ def test_unknown_key_fails_at_start_with_its_path(tmp_path: Path) -> None:
 def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> None:
     started = time.time()
     result = subprocess.run(
-        [sys.executable, str(JOB), "--set", f"output.path={tmp_path / 'out'}"],
+        # The README's switch of the demo to the Stable Diffusion VAE, which comes from the hub.
+        [sys.executable, str(JOB), "--set", "encoder.preset=sd15", "--set", f"output.path={tmp_path / 'out'}"],
         capture_output=True,
         text=True,
         env=_env(HF_HOME=str(tmp_path / "hf")),
@@ -125,21 +127,33 @@ def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_demo_with_local_model_runs_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
-    """The README's demo command path: no config, embedded default, local model override."""
+    """The README's demo command path switched to the SD VAE from a local folder: no config,
+    embedded default, preset and model overridden; then the demo's QA report, which fails on
+    these random weights (and so does the exit code)."""
     result = subprocess.run(
-        [sys.executable, str(JOB), "--set", f"encoder.model={tiny_models['kl']}", "--set", "preprocess.resolution=64"],
+        [
+            sys.executable,
+            str(JOB),
+            "--set",
+            "encoder.preset=sd15",
+            "--set",
+            f"encoder.model={tiny_models['kl']}",
+            "--set",
+            "preprocess.resolution=64",
+        ],
         capture_output=True,
         text=True,
         env=_env(),
         cwd=tmp_path,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "demo_data" / "latents"
-    assert f"latentize: latents in {out}" in result.stdout
+    out = tmp_path / "demo_data" / "latents" / "sd15"
+    assert f"latentize: latents in {out}" in result.stdout, result.stderr[-3000:]
     table = pq.read_table(out)
     assert table.num_rows == len(photo_samples())
     assert "samples ok, 0 failed" in result.stdout
+    assert "latentize qa: FAIL" in result.stdout and "mean reconstruction PSNR" in result.stdout
+    assert result.returncode == 1
 
 
 @pytest.mark.slow
@@ -244,32 +258,8 @@ def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_mod
         assert "6 samples ok, 0 failed" in submit.stdout
         assert "succeeded" in submit.stdout
         assert pq.read_table(tmp_path / "out").num_rows == 6
-
-        # The QA report as a job on the same cluster (tolerances opened up: random weights).
-        qa = _submit(
-            ray_cli,
-            dashboard,
-            env,
-            [
-                "python",
-                "jobs/qa_report.py",
-                str(tmp_path / "out"),
-                "--sample",
-                "2",
-                "--min-psnr",
-                "0",
-                "--scale-tolerance",
-                "1000",
-                "--shift-tolerance",
-                "1000",
-                "--report",
-                str(tmp_path / "qa"),
-            ],
-        )
-        assert qa.returncode == 0, (qa.stdout + qa.stderr)[-4000:]
-        assert "latentize qa: PASS" in qa.stdout and "succeeded" in qa.stdout
-        report = json.loads((tmp_path / "qa" / "report.json").read_text())
-        assert report["rows"]["data"] == 6 and report["reconstruction"]["sample"] == 2
+        # The QA entry point on a cluster is tests/test_qa.py's (jobs/qa_report.py joining by
+        # RAY_ADDRESS): a second submission here would add half a minute for nothing new.
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from latentize.config import (
+    BucketGenerator,
     Config,
+    config_from_dict,
     config_to_dict,
     fingerprint,
     load_config,
@@ -141,7 +143,7 @@ def test_wrong_type_rejected_naming_the_key(sections: dict, path: str) -> None:
 
 
 def test_wrong_type_from_yaml_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^encoder\.batch_size: expected int, got 'x'"):
+    with pytest.raises(ConfigError, match=r"^encoder\.batch_size: expected int or null, got 'x'"):
         load_config(write(tmp_path, 'encoder:\n  batch_size: "x"\n'))
 
 
@@ -361,7 +363,54 @@ def test_every_shipped_config_loads() -> None:
     """configs/*.yaml are documentation users copy: each must validate as written."""
     root = Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.glob("*.yaml"))
-    assert {p.name for p in paths} >= {"demo.yaml", "laion-sd15-256.yaml", "sdxl-512.yaml", "vqgan-f16-256.yaml"}
+    assert {p.name for p in paths} >= {
+        "demo.yaml",
+        "laion-sd15-256.yaml",
+        "sdxl-512.yaml",
+        "vqgan-f16-256.yaml",
+        "sdxl-buckets-1024.yaml",
+        "multires-256-512.yaml",
+    }
     for path in paths:
         cfg = load_config(path)
         assert cfg.encoder.type and cfg.encoder.model and cfg.output.path, path.name
+
+
+# --- sizes: resolution, resolutions, buckets ---------------------------------------------------
+
+
+def test_resolution_defaults_to_256_and_the_resolved_config_shows_it() -> None:
+    cfg = load_config(base={"output": {"path": "x"}})
+    assert cfg.preprocess.resolution == 256 and cfg.preprocess.targets == [(256, 256)]
+    assert cfg.preprocess.size == (256, 256) and cfg.preprocess.fixed_size
+
+
+def test_resolutions_exclude_resolution_with_a_clear_message() -> None:
+    both = {"output": {"path": "x"}, "preprocess": {"resolution": 256, "resolutions": [256, 512]}}
+    with pytest.raises(ConfigError, match=r"^preprocess\.resolutions: give either preprocess\.resolution"):
+        load_config(base=both)
+    cfg = load_config(base={"output": {"path": "x"}, "preprocess": {"resolutions": [256, [768, 512]]}})
+    assert cfg.preprocess.targets == [(256, 256), (768, 512)] and not cfg.preprocess.fixed_size
+    with pytest.raises(ConfigError, match="no single size"):
+        cfg.preprocess.size  # noqa: B018 - the property raises
+
+
+def test_buckets_as_a_list_or_a_generator() -> None:
+    listed = load_config(base={"output": {"path": "x"}, "preprocess": {"buckets": [[1024, 1024], [1152, 896]]}})
+    assert listed.preprocess.buckets == [[1024, 1024], [1152, 896]] and listed.preprocess.resolution is None
+    made = load_config(
+        base={"output": {"path": "x"}, "preprocess": {"buckets": {"area": 1048576, "step": 64}, "flip": True}}
+    )
+    assert made.preprocess.buckets == BucketGenerator(area=1048576, step=64, min_ratio=0.25, max_ratio=4.0)
+    # The config round-trips through plain data (manifest, Ray actors), null buckets too.
+    assert config_from_dict(config_to_dict(made)).preprocess.buckets == made.preprocess.buckets
+    plain = load_config(base={"output": {"path": "x"}})
+    assert config_from_dict(config_to_dict(plain)) == plain
+    with pytest.raises(ConfigError, match=r"^preprocess\.buckets: missing key\(s\): area"):
+        load_config(base={"output": {"path": "x"}, "preprocess": {"buckets": {"step": 64}}})
+    with pytest.raises(ConfigError, match=r"^preprocess\.buckets: the buckets give the sizes"):
+        load_config(base={"output": {"path": "x"}, "preprocess": {"resolution": 512, "buckets": [[512, 512]]}})
+    with pytest.raises(ConfigError, match=r"^preprocess\.buckets\.ares: unknown key"):
+        load_config(base={"output": {"path": "x"}, "preprocess": {"buckets": {"ares": 1}}})
+    with pytest.raises(ConfigError, match=r"^preprocess\.buckets: \[1024\] is not a \[width, height\]"):
+        load_config(base={"output": {"path": "x"}, "preprocess": {"buckets": [[1024]]}})

@@ -108,7 +108,7 @@ def test_order_is_seeded_per_epoch_and_plain_without_shuffle(built: Built) -> No
     plain = order(0, shuffle=False)
     assert plain == order(5, shuffle=False)
     # File order within each folder: shards in name order, rows by index.
-    for folder, keys in built.keys.items():
+    for _folder, keys in built.keys.items():
         assert [k for k in plain if k in set(keys)] == sorted(keys)
 
 
@@ -198,7 +198,9 @@ def test_flipped_twin_is_chosen_per_seed_epoch_and_key(tmp_path: Path) -> None:
         out = {}
         for batch in batches(ds):
             assert "latent_flipped" not in batch
-            for key, flipped, value in zip(batch["key"], batch["flipped"].tolist(), batch["latent"].numpy()):
+            for key, flipped, value in zip(
+                batch["key"], batch["flipped"].tolist(), batch["latent"].numpy(), strict=True
+            ):
                 column = "latent_flipped" if flipped else "latent"
                 np.testing.assert_array_equal(value, built.tensors[column][key])
                 out[key] = flipped

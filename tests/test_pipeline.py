@@ -250,6 +250,31 @@ def test_corrupt_samples_are_error_rows_and_plain_pyarrow_reads(
     assert result["shape"] == [5, 4, RES // 8, RES // 8] and result["finite"]
 
 
+def test_gpu_decode_path_gives_the_rows_of_the_cpu_path(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    # preprocess.decode=gpu on a CPU actor runs the device path with torchvision's CPU decoder:
+    # the same data rows, error rows and geometry as the exact CPU path, latents within
+    # resampling noise, and the manifest says which path ran.
+    inputs, keys = _shards_with_corruption(tmp_path / "in", "webdataset")
+    tables = {}
+    for decode in ("gpu", "cpu"):
+        out = tmp_path / decode
+        cfg = _config(inputs, str(out), tiny_models["kl"], preprocess={"decode": decode, "exact": True})
+        summary = run(cfg)
+        assert (summary.samples_ok, summary.samples_failed) == (5, 3)
+        manifest = json.loads((out / "_manifest.json").read_text())
+        assert manifest["runs"][-1]["decode"] == decode
+        tables[decode] = (pq.read_table(out).sort_by("key"), pq.read_table(out / "_errors").sort_by("key"))
+    (gpu, gpu_err), (cpu, cpu_err) = tables["gpu"], tables["cpu"]
+    assert gpu_err.select(["key", "stage", "error"]).equals(cpu_err.select(["key", "stage", "error"]))
+    for column in ("key", "width", "height", "crop_top", "crop_left", "notes"):
+        assert gpu.column(column).to_pylist() == cpu.column(column).to_pylist(), column
+    np.testing.assert_allclose(
+        gpu.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32),
+        cpu.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32),
+        atol=0.05,
+    )
+
+
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import tiny_dc
 
+import latentize
 from latentize.config import load_config
 from latentize.encoders import ENCODERS
 from latentize.encoders.base import resolve_dtype
@@ -99,8 +100,13 @@ def test_preset_fills_what_is_left_null_and_explicit_keys_win(tiny_models: dict[
     )
     cfg = load_config(base={"encoder": {"preset": "sdxl", "model": str(tiny_models["kl"])}, "output": {"path": "x"}})
     assert cfg.encoder.model == str(tiny_models["kl"]) and cfg.encoder.subfolder is None
-    with pytest.raises(ConfigError, match="taef2_encoder.pth"):
-        load_config(base={"encoder": {"preset": "taef2"}, "output": {"path": "x"}})
+    with pytest.raises(ConfigError, match="taesana_encoder.pth"):
+        load_config(base={"encoder": {"preset": "taesana"}, "output": {"path": "x"}})
+    # TAEF2's weights ship with latentize: the preset alone finds them.
+    taef2 = load_config(base={"encoder": {"preset": "taef2"}, "output": {"path": "x"}})
+    packaged = Path(latentize.__file__).parent / "weights" / "taef2" / "taef2_encoder.pth"
+    assert (taef2.encoder.type, taef2.encoder.model) == ("tiny", str(packaged.resolve()))
+    assert packaged.is_file() and (packaged.parent / "LICENSE").is_file()
     with pytest.raises(ConfigError, match="contradicts"):
         load_config(base={"encoder": {"preset": "sdxl", "type": "vq"}, "output": {"path": "x"}})
     default = load_config(base={"output": {"path": "x"}})
@@ -118,6 +124,9 @@ def test_models_command_prints_every_preset() -> None:
         [sys.executable, "-m", "latentize.cli", "models"], capture_output=True, text=True, check=True
     ).stdout
     assert all(name in table for name in PRESETS.names())
+    assert rows["taef2"]["model"] is None and rows["taef2"]["packaged"].endswith("taef2/taef2_encoder.pth")
+    (taef2_line,) = [line for line in table.splitlines() if line.startswith("taef2 ")]
+    assert taef2_line.endswith("taef2_encoder.pth (packaged)")
 
 
 def test_hub_id_loads_from_the_local_cache_offline_with_its_identity(

@@ -161,7 +161,9 @@ def test_both_tensor_layouts_give_the_same_report(tmp_path: Path) -> None:
     assert str(stored_type).startswith("fixed_size_list<")
     assert reports["list"]["statistics"] == reports["fixed_shape_tensor"]["statistics"]
     assert reports["list"]["statistics"]["latent"]["stored"]["all"]["count"] == stored.size
-    assert [c["status"] for c in reports["list"]["checks"]] == [c["status"] for c in reports["fixed_shape_tensor"]["checks"]]
+    assert [c["status"] for c in reports["list"]["checks"]] == [
+        c["status"] for c in reports["fixed_shape_tensor"]["checks"]
+    ]
 
 
 @pytest.mark.slow
@@ -336,13 +338,7 @@ def test_qa_of_a_folder_without_a_run_says_so(tmp_path: Path) -> None:
     assert main(["qa", str(tmp_path)]) == 2
 
 
-# --- real TAEF2 weights: reconstruction of real photos, and the report in a browser ---------
-
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
-needs_taef2 = pytest.mark.skipif(
-    not (WEIGHTS / "taef2_encoder.pth").exists() or not (WEIGHTS / "taef2_decoder.pth").exists(),
-    reason=f"no TAEF2 weights in {WEIGHTS}",
-)
+# --- real (packaged) TAEF2 weights: reconstruction of real photos, and the report in a browser ---------
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +355,7 @@ def taef2_report(tmp_path_factory: pytest.TempPathFactory, ray_session: None) ->
         base={
             "input": {"urls": str(root / "in" / "{00000..00001}.tar")},
             "preprocess": {"resolution": 256},
-            "encoder": {"preset": "taef2", "model": str(WEIGHTS / "taef2_encoder.pth"), "batch_size": 4},
+            "encoder": {"preset": "taef2", "batch_size": 4},  # the packaged weights
             "output": {"path": str(root / "out")},
         }
     )
@@ -369,7 +365,6 @@ def taef2_report(tmp_path_factory: pytest.TempPathFactory, ray_session: None) ->
 
 
 @pytest.mark.slow
-@needs_taef2
 def test_taef2_reconstruction_psnr_of_real_photos_is_reported(taef2_report: Any) -> None:
     recon = taef2_report.report["reconstruction"]
     assert recon["sample"] == 8 and "taef2_decoder.pth" in recon["decoder"]
@@ -380,7 +375,6 @@ def test_taef2_reconstruction_psnr_of_real_photos_is_reported(taef2_report: Any)
 
 
 @pytest.mark.slow
-@needs_taef2
 def test_real_report_opens_in_headless_chromium(taef2_report: Any, tmp_path: Path) -> None:
     import shutil
 

@@ -36,8 +36,8 @@ from latentize.qa.recon import (
     ssim,
     unpatchify,
 )
+from latentize.weights import TAEF2_DECODER, packaged_weights
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
 #: Decodes of float32-stored latents must equal diffusers' own to this.
 ATOL = 1e-4
 
@@ -383,7 +383,10 @@ def test_flux2_decoder_undoes_batchnorm_and_patchify(tmp_path: Path, sample: str
     got = load_decoder(manifest, device="cpu").decode(arrays)
     with torch.no_grad():
         want = to_images(vae.decode(vae.encode(to_signed(pixels)).latent_dist.mode()).sample)
-    np.testing.assert_allclose(got, want, atol=ATOL)
+    # The encoder runs its batch padded to a fixed chunk shape and channels-last, so its fp32
+    # latents differ from this unpadded NCHW reference by convolution rounding (~4e-5), which this
+    # random decoder amplifies to ~2e-4. Skipping the batch-norm undo is off by up to 1.0.
+    np.testing.assert_allclose(got, want, atol=1e-3)
 
 
 def test_autoencoder_tiny_folder_decodes_to_unit_range(tmp_path: Path) -> None:
@@ -449,14 +452,13 @@ def test_taesd_file_without_sibling_decoder_asks_for_decoder(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (WEIGHTS / "taef2_decoder.pth").exists(), reason=f"no TAEF2 weights in {WEIGHTS}")
 def test_taef2_reconstructs_real_photos() -> None:
     pixels, keys = photos(resolution=256, n=6)
-    cfg = make_config(256, preset="taef2", model=str(WEIGHTS / "taef2_encoder.pth"), batch_size=3)
+    cfg = make_config(256, preset="taef2", batch_size=3)  # the packaged weights
     cfg.output.dtype = "float16"  # what a real run stores
     manifest, arrays = encode_run(cfg, pixels, keys)
     decoder = load_decoder(manifest, device="cpu", batch_size=3)
-    assert decoder.description == f"TAESD decoder {(WEIGHTS / 'taef2_decoder.pth').resolve()}"
+    assert decoder.description == f"TAESD decoder {packaged_weights(TAEF2_DECODER)}"
     images = decoder.decode(arrays)
     scores = psnr(images, as_unit(pixels))
     # Real photos through TAEF2 at 256² score about 25-36 dB (docs/encoders.md, "TAESD family").

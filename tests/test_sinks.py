@@ -323,10 +323,10 @@ def test_stage_batch_writes_ok_rows_per_shard_and_reports_the_rest(layout: Outpu
     assert out["00000"]["total"] == -1 and out["00001"]["total"] == 2
     assert out["00001"]["read_node"] == "node-1" and out["00001"]["shard_error"] is None
     assert out["00000"]["errors"] == [
-        {"key": "000000002", "index": 2, "stage": "decode", "error": "cannot identify image file"}
+        {"key": "000000002", "index": 2, "stage": "decode", "error": "cannot identify image file", "slot": -1}
     ]
     (part,) = out["00000"]["parts"]
-    assert part["folder"] == FOLDER and part["indices"] == [0, 1] and part["reencoded"] == 0
+    assert part["folder"] == FOLDER and part["indices"] == [0, 1] and part["reencoded"] == 0 and part["slot"] == 0
     assert Path(part["path"]).parent == tmp_path / "out" / "_staging" / "00000" / FOLDER
     assert part["bytes"] == Path(part["path"]).stat().st_size
     # The part is already the final file: data columns only, ok rows only, in index order.
@@ -697,6 +697,51 @@ def test_webdataset_output_is_byte_identical_on_rerun(tmp_path: Path) -> None:
         commit(layout, done["00000"], sink="webdataset")
         blobs.append((tmp_path / run / data_file("00000", 0, "tar")).read_bytes())
     assert blobs[0] == blobs[1]
+
+
+def test_tracker_of_several_resolutions_waits_for_every_slot() -> None:
+    t = ShardTracker(slots=2)
+    first = report("a", [0, 1])
+    first["parts"][0]["slot"] = 0
+    assert not t.add(first)
+    assert not t.add(end("a", 3))
+    assert t.incomplete()["a"] == (2, 3)
+    second = report("a", [0, 1], path="p-512")
+    second["parts"][0]["slot"] = 1
+    assert not t.add(second)
+    # Sample 2 failed to decode: one error row stands for both resolutions.
+    assert t.add(report("a", [], errors=[2]))
+    done = t.pop("a")
+    assert sorted(p.slot for p in done.parts) == [0, 1] and len(done.errors) == 1
+
+
+def test_tracker_counts_an_encode_error_for_its_resolution_only() -> None:
+    t = ShardTracker(slots=2)
+    ok = report("a", [0])
+    ok["parts"][0]["slot"] = 0
+    t.add(ok)
+    failed = report("a", [], errors=[0])
+    failed["errors"][0].update(stage="encode", slot=1)
+    assert not t.add(end("a", 1))  # the 512 row of sample 0 is still missing
+    assert t.add(failed)
+
+
+def test_webdataset_sink_writes_every_tensor_column_flipped_ones_too(layout: OutputLayout, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    rows = [sample("00000", i) for i in range(2)] + [sentinel("00000", 2)]
+    for i, r in enumerate(rows):
+        r["latent_flipped"] = (latent_of("00000", i)[:, :, ::-1] * 3).astype(np.float16)
+    tracker = ShardTracker()
+    for r in stage(layout, rows, tensor_columns=("latent", "latent_flipped"), sink="webdataset"):
+        tracker.add(r)
+    marker = commit(layout, tracker.pop("00000"), sink="webdataset")
+    (path,) = marker["files"]
+    samples = list(wds.WebDataset(str(tmp_path / "out" / path), shardshuffle=False).decode())
+    assert [sorted(k for k in s if k.endswith(".npy")) for s in samples] == [["latent.npy", "latent_flipped.npy"]] * 2
+    np.testing.assert_array_equal(
+        samples[1]["latent_flipped.npy"], (latent_of("00000", 1)[:, :, ::-1] * 3).astype(np.float16)
+    )
 
 
 # --- tensor layouts (output.tensor_type) -------------------------------------------------------

@@ -6,6 +6,7 @@ through s3fs, exactly as a run would.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -21,18 +22,21 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import S3_BUCKET
 
-from latentize.config import InputConfig
+from latentize.config import Config, InputConfig, load_config
 from latentize.demo import (
+    IMG2DATASET_SCHEMA,
     ShardSample,
     build_demo_shards,
     corrupt_samples,
+    failed_download,
     photo_images,
     photo_samples,
+    write_img2dataset_shard,
     write_parquet_shard,
     write_webdataset_shard,
 )
 from latentize.errors import ConfigError, LatentizeError
-from latentize.sources import SOURCES, RawSample, expand_urls, infer_format, shard_ids
+from latentize.sources import SOURCES, RawSample, expand_urls, infer_format, resolve_input_fields, shard_ids
 
 # --------------------------------------------------------------------------- helpers
 
@@ -582,7 +586,7 @@ def test_parquet_hf_image_struct_without_key_column(tmp_path: Path, caplog: pyte
     )
     path = tmp_path / "hf.parquet"
     pq.write_table(table, path)
-    with caplog.at_level(logging.WARNING, logger="latentize.sources.parquet"):
+    with caplog.at_level(logging.DEBUG, logger="latentize.sources"):
         rows = _read(
             "parquet",
             str(path),
@@ -593,6 +597,8 @@ def test_parquet_hf_image_struct_without_key_column(tmp_path: Path, caplog: pyte
             rows_per_block=3,
         )
     assert [r.key for r in rows] == ["000000000", "000000001", "000000002", "000000003"]
+    # A read task only logs the missing key column for debugging; the driver reports it once.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "id_not_here" in caplog.text
     assert (rows[0].image, rows[0].caption, rows[0].error) == (b"img0", "zero", None)
     assert json.loads(rows[0].json or "") == {"w": 1}
@@ -675,6 +681,162 @@ def test_parquet_missing_or_wrong_image_column(tmp_path: Path) -> None:
 def test_parquet_not_a_parquet_file_raises() -> None:
     rows, exc = _read_until_error("parquet", b"definitely not parquet" * 10)
     assert rows == [] and isinstance(exc, pa.ArrowInvalid)
+
+
+def test_parquet_duplicate_keys_the_second_is_the_error(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "key": ["a", "b", "a", None, "c", "a", "b"],
+            "jpg": [b"a1", b"b1", b"a2", b"n", b"c1", b"a3", b"b2"],
+            "txt": ["first a", "b", "again", "null", "c", "third", "b again"],
+        }
+    )
+    path = tmp_path / "dup.parquet"
+    pq.write_table(table, path)
+    rows = _read("parquet", str(path), rows_per_block=2)  # the duplicates span record batches
+    assert [r.key for r in rows] == ["a", "b", "a", "000000003", "c", "a", "b"]
+    assert [r.error for r in rows] == [
+        None,
+        None,
+        "duplicate key in shard: second occurrence",
+        "null key",
+        None,
+        "duplicate key in shard: third occurrence",
+        "duplicate key in shard: second occurrence",
+    ]
+    assert rows[0].image == b"a1" and rows[1].image == b"b1"  # the first occurrence keeps its data
+    assert all(r.image is None for r in rows if r.error)
+    assert rows[2].caption == "again"  # carried with the error row
+    # Keys are per shard: another file may hold the same keys.
+    other = tmp_path / "other.parquet"
+    pq.write_table(table.slice(0, 2), other)
+    assert [r.error for r in _read("parquet", str(other))] == [None, None]
+
+
+# --------------------------------------------------------------------------- img2dataset's layout
+
+
+@pytest.fixture(scope="module")
+def img2dataset_samples(small_photos: list[ShardSample]) -> list[ShardSample]:
+    """Three downloads, a failed download and a failed resize, in img2dataset's key order."""
+    ok = [dataclasses.replace(s, meta=dict(s.meta or {})) for s in small_photos[:3]]
+    lost = failed_download("000000003", caption="a lost photo")
+    unresizable = failed_download(
+        "000000004", caption="an odd photo", status="failed_to_resize", error_message="image too large"
+    )
+    return [ok[0], lost, ok[1], unresizable, ok[2]]
+
+
+def test_img2dataset_parquet_keeps_captions_and_names_failed_downloads(
+    tmp_path: Path, img2dataset_samples: list[ShardSample]
+) -> None:
+    url = write_img2dataset_shard(str(tmp_path), 0, img2dataset_samples, fmt="parquet")
+    assert url == str(tmp_path / "00000.parquet")
+    schema = pq.read_schema(url)
+    # Exactly img2dataset's columns and types (its writer's schema, the image column last).
+    assert schema.names == [
+        "caption",
+        "url",
+        "key",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "sha256",
+        "jpg",
+    ]
+    assert [str(schema.field(n).type) for n, _ in IMG2DATASET_SCHEMA] == [tp for _, tp in IMG2DATASET_SCHEMA]
+    assert schema.field("jpg").type == pa.binary()
+    stats = json.loads((tmp_path / "00000_stats.json").read_text())
+    assert (stats["count"], stats["successes"], stats["failed_to_download"], stats["failed_to_resize"]) == (5, 3, 1, 1)
+
+    rows = _read("parquet", url)  # caption_field: auto
+    assert [r.key for r in rows] == [s.key for s in img2dataset_samples]
+    good = [r for r in rows if r.error is None]
+    assert [r.caption for r in good] == [s.caption for s in img2dataset_samples if s.image is not None]
+    assert [r.image for r in good] == [s.image for s in img2dataset_samples if s.image is not None]
+    lost, odd = rows[1], rows[3]
+    assert lost.image is None and lost.error == "img2dataset: failed_to_download: HTTP Error 404: Not Found"
+    assert odd.image is None and odd.error == "img2dataset: failed_to_resize: image too large"
+    assert (lost.caption, odd.caption) == ("a lost photo", "an odd photo")
+    # An explicit caption column still wins over auto; null carries none.
+    assert [r.caption for r in _read("parquet", url, caption_field="url")][0].startswith("https://")
+    assert {r.caption for r in _read("parquet", url, caption_field=None)} == {None}
+
+
+def test_img2dataset_webdataset_layout(tmp_path: Path, img2dataset_samples: list[ShardSample]) -> None:
+    url = write_img2dataset_shard(str(tmp_path), 3, img2dataset_samples)
+    assert url == str(tmp_path / "00003.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00003.parquet", "00003.tar", "00003_stats.json"]
+    with tarfile.open(url) as tar:
+        names = tar.getnames()
+    downloaded = [s for s in img2dataset_samples if s.image is not None]
+    assert names == [f"{s.key}.{ext}" for s in downloaded for ext in ("jpg", "json", "txt")]
+    # Failed downloads are only in the metadata Parquet beside the tar, which has no image column.
+    meta = pq.read_table(tmp_path / "00003.parquet")
+    assert meta.column_names == [name for name, _ in IMG2DATASET_SCHEMA]
+    assert meta.column("status").to_pylist().count("success") == 3
+
+    rows = _read("webdataset", url)  # caption_field: auto
+    assert [(r.key, r.caption, r.error) for r in rows] == [(s.key, s.caption, None) for s in downloaded]
+    first = json.loads(rows[0].json or "")
+    assert list(first) == [name for name, _ in IMG2DATASET_SCHEMA]
+    assert first["status"] == "success" and first["caption"] == downloaded[0].caption
+
+
+# --------------------------------------------------------------------------- input fields, once per run
+
+
+def _config(urls: list[str], **input_cfg: Any) -> Config:
+    return load_config(base={"input": {"urls": urls, **input_cfg}, "output": {"path": "unused"}})
+
+
+def test_caption_field_auto_resolves_per_format(tmp_path: Path, img2dataset_samples: list[ShardSample]) -> None:
+    i2d = write_img2dataset_shard(str(tmp_path / "i2d"), 0, img2dataset_samples, fmt="parquet")
+    hf = str(tmp_path / "hf.parquet")
+    pq.write_table(pa.table({"key": ["k"], "jpg": [b"x"], "txt": ["t"]}), hf)
+    bare = str(tmp_path / "bare.parquet")
+    pq.write_table(pa.table({"key": ["k"], "jpg": [b"x"]}), bare)
+    assert _config([i2d]).input.caption_field == "auto"
+    cases = [([i2d], "parquet", "caption"), ([hf], "parquet", "txt"), ([bare], "parquet", None)]
+    cases.append(([str(tmp_path / "x.tar")], "webdataset", "txt"))
+    for urls, fmt, expected in cases:
+        cfg = _config(urls)
+        resolved = resolve_input_fields(cfg, urls, fmt)
+        assert resolved.input.caption_field == expected, (urls, fmt)
+        assert cfg.input.caption_field == "auto"  # the caller's config is left as it was
+    # What the user set is kept, whatever the files hold.
+    assert resolve_input_fields(_config([i2d], caption_field="url"), [i2d], "parquet").input.caption_field == "url"
+    assert resolve_input_fields(_config([i2d], caption_field=None), [i2d], "parquet").input.caption_field is None
+    # A first shard that cannot be read: the next one tells.
+    missing = str(tmp_path / "gone.parquet")
+    assert resolve_input_fields(_config([i2d]), [missing, i2d], "parquet").input.caption_field == "caption"
+
+
+def test_missing_optional_columns_are_logged_once_per_run(
+    tmp_path: Path, img2dataset_samples: list[ShardSample], caplog: pytest.LogCaptureFixture
+) -> None:
+    urls = [
+        write_img2dataset_shard(str(tmp_path), i, img2dataset_samples, fmt="parquet", storage_options=None)
+        for i in range(4)
+    ]
+    cfg = _config(urls, key_field="id", caption_field="auto")
+    with caplog.at_level(logging.WARNING, logger="latentize.sources"):
+        resolved = resolve_input_fields(cfg, urls, "parquet")
+        for url in urls:  # what the read tasks do: nothing more is logged
+            with fsspec.open(url, "rb") as f:
+                assert len(list(SOURCES.get("parquet")(f, config=resolved.input))) == 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # img2dataset's Parquet has no json column (its metadata are columns) and no "id" here.
+    assert len(warnings) == 2, warnings
+    assert "input.key_field: no column 'id'" in warnings[0] and "row's index" in warnings[0]
+    assert "input.json_field: column 'json' is not in the parquet files" in warnings[1]
+    assert "caption, url, key, status" in warnings[1]
+    with pytest.raises(ConfigError, match="no column 'image'.*available columns: caption, url"):
+        resolve_input_fields(_config(urls, image_field="image"), urls, "parquet")
 
 
 # --------------------------------------------------------------------------- real S3 API (moto)

@@ -1,8 +1,9 @@
 """TAESD family (``encoder.type: tiny``): original .pth layouts, real-weight reconstructions,
 diffusers ``AutoencoderTiny`` parity.
 
-The real-weight tests use ../shared/weights/taesd beside the repository (TAEF2 encoder and
-decoder, TAESana encoder; MIT) and skip when it is absent. Reconstruction quality is the check
+The real-weight tests use the TAEF2 encoder and decoder that ship inside latentize
+(``latentize/weights/taef2``, MIT); the TAESana encoder is not shipped, so its tests read
+../shared/weights/taesd beside the repository and skip when it is absent. Reconstruction quality is the check
 that the architecture *and* the input range are right: TAEF2 round trips of real photos at 256²
 score ~25-36 dB PSNR, while feeding [-1, 1] instead of [0, 1] drops to ~10 dB (docs/encoders.md).
 Everything runs on CPU, without Ray.
@@ -35,16 +36,14 @@ from latentize.encoders.taesd import (
     load_tiny_encoder,
 )
 from latentize.errors import ConfigError, LatentizeError
+from latentize.weights import TAEF2_DECODER, TAEF2_ENCODER, packaged_weights
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
-TAEF2_ENC = WEIGHTS / "taef2_encoder.pth"
-TAEF2_DEC = WEIGHTS / "taef2_decoder.pth"
-TAESANA_ENC = WEIGHTS / "taesana_encoder.pth"
+TAEF2_ENC = packaged_weights(TAEF2_ENCODER)
+TAEF2_DEC = packaged_weights(TAEF2_DECODER)
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
+TAESANA_ENC = SHARED / "taesana_encoder.pth"
 
-needs_weights = pytest.mark.skipif(
-    not all(p.is_file() for p in (TAEF2_ENC, TAEF2_DEC, TAESANA_ENC)),
-    reason=f"TAESD-family weights not found in {WEIGHTS}",
-)
+needs_taesana = pytest.mark.skipif(not TAESANA_ENC.is_file(), reason=f"TAESana weights not found in {SHARED}")
 
 #: Colour photographs among the demo images (grayscale and RGBA ones are left out).
 PHOTOS = ("astronaut", "chelsea", "china", "coffee", "flower", "motorcycle_left", "retina", "rocket")
@@ -105,13 +104,12 @@ def stride2_indices(seq: torch.nn.Sequential) -> list[int]:
 # --- the original files ---------------------------------------------------------------------
 
 
-@needs_weights
 @pytest.mark.parametrize(
     ("path", "role", "variant", "channels", "factor", "layers"),
     [
         (TAEF2_ENC, "encoder", "flux_2", 32, 8, 15),
         (TAEF2_DEC, "decoder", "flux_2", 32, 8, 20),
-        (TAESANA_ENC, "encoder", "f32", 32, 32, 18),
+        pytest.param(TAESANA_ENC, "encoder", "f32", 32, 32, 18, marks=needs_taesana),
     ],
     ids=["taef2-encoder", "taef2-decoder", "taesana-encoder"],
 )
@@ -143,11 +141,9 @@ def test_pth_loads_strictly_with_inferred_layout(
     assert (again.variant, again.latent_channels, again.factor) == (variant, channels, factor)
 
 
-@needs_weights
 def test_architecture_facts() -> None:
     enc = load_tiny_encoder(TAEF2_ENC).encoder
     dec = load_tiny_decoder(TAEF2_DEC).decoder
-    sana = load_tiny_encoder(TAESANA_ENC).encoder
     # TAEF2: global branches in the three deepest encoder blocks and the first three decoder ones.
     assert block_indices(enc, with_branch=True) == [11, 12, 13]
     assert block_indices(enc, with_branch=False) == [1, 3, 4, 5, 7, 8, 9]
@@ -155,20 +151,25 @@ def test_architecture_facts() -> None:
     assert block_indices(dec, with_branch=False) == [8, 9, 10, 13, 14, 15, 18]
     assert stride2_indices(enc) == [2, 6, 10]
     assert [i for i, m in enumerate(dec) if isinstance(m, torch.nn.Upsample)] == [6, 11, 16]
-    assert block_indices(sana, with_branch=True) == []
-    assert stride2_indices(sana) == [0, 2, 5, 9, 13]
     branch = enc[11].pool
     assert isinstance(branch[1], torch.nn.GroupNorm) and branch[1].num_groups == 4 and branch[1].num_channels == 256
 
     with torch.no_grad():
-        z = load_tiny_encoder(TAESANA_ENC)(torch.rand(1, 3, 64, 96))
-        assert z.shape == (1, 32, 2, 3)
         img = load_tiny_decoder(TAEF2_DEC)(torch.randn(1, 32, 3, 5) * 4)
     assert img.shape == (1, 3, 24, 40)
     assert 0.0 <= img.min() and img.max() <= 1.0
 
 
-@needs_weights
+@needs_taesana
+def test_taesana_architecture_facts() -> None:
+    sana = load_tiny_encoder(TAESANA_ENC).encoder
+    assert block_indices(sana, with_branch=True) == []
+    assert stride2_indices(sana) == [0, 2, 5, 9, 13]
+    with torch.no_grad():
+        z = load_tiny_encoder(TAESANA_ENC)(torch.rand(1, 3, 64, 96))
+    assert z.shape == (1, 32, 2, 3)
+
+
 def test_wrong_role_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LatentizeError, match="decoder, not an encoder"):
         detect_layout(load_state_dict(TAEF2_DEC), "encoder")
@@ -183,14 +184,13 @@ def test_wrong_role_is_refused(tmp_path: Path) -> None:
         load_tiny_encoder(truncated)
 
 
-@needs_weights
 def test_read_config_and_decoder_path(tmp_path: Path) -> None:
     cfg = tiny_config(TAEF2_ENC)
     info = TaesdPthLoader().read_config(TAEF2_ENC, cfg)
     assert info["latent_channels"] == 32 and info["downsample_factor"] == 8
     assert info["variant"] == "flux_2" and info["input_range"] == "[0, 1]"
     assert decoder_path_for(TAEF2_ENC) == TAEF2_DEC
-    assert decoder_path_for(str(TAESANA_ENC)) is None  # no TAESana decoder shipped here
+    assert decoder_path_for(str(tmp_path / "taesana_encoder.pth")) is None  # no decoder beside it
     assert decoder_path_for(TAEF2_DEC) is None
     assert decoder_path_for(tmp_path / "x_encoder.pth") is None
 
@@ -201,8 +201,6 @@ def test_read_config_and_decoder_path(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def taef2_round_trip() -> dict[str, Any]:
     """Encodes the photos through TinyEncoder (right and wrong range) and decodes them."""
-    if not (TAEF2_ENC.is_file() and TAEF2_DEC.is_file()):
-        pytest.skip(f"TAEF2 weights not found in {WEIGHTS}")
     pixels, names = photos(256)
     cfg = tiny_config(TAEF2_ENC)
     cls = ENCODERS.get("tiny")
@@ -261,7 +259,7 @@ def test_wrong_input_range_is_caught(taef2_round_trip: dict[str, Any]) -> None:
     assert right - wrong > 10
 
 
-@needs_weights
+@needs_taesana
 def test_taesana_encodes_photos() -> None:
     pixels, names = photos(256)
     pixels, names = pixels[:3], names[:3]
@@ -276,7 +274,7 @@ def test_taesana_encodes_photos() -> None:
     assert np.isfinite(latent).all() and latent.std() > 0.1
 
 
-@needs_weights
+@needs_taesana
 def test_resolution_must_divide_by_factor() -> None:
     with pytest.raises(ConfigError, match="downsampling factor 32"):
         TinyEncoder.inspect(tiny_config(TAESANA_ENC, resolution=240))

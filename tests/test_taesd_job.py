@@ -1,5 +1,6 @@
-"""The real TAEF2 weights through the whole job: preset ``taef2``, real photos at 256², stored
-latents decoded with the TAEF2 decoder. Skips when ../shared/weights/taesd is absent."""
+"""The real TAEF2 weights through the whole job: preset ``taef2`` (the weights that ship with
+latentize, found without ``encoder.model``), real photos at 256², stored latents decoded with
+the TAEF2 decoder."""
 
 from __future__ import annotations
 
@@ -17,19 +18,15 @@ from latentize.encoders import ENCODERS
 from latentize.encoders.taesd import load_tiny_decoder
 from latentize.pipeline import run
 from latentize.preprocess import preprocess_sample
+from latentize.weights import TAEF2_DECODER, TAEF2_ENCODER, packaged_weights
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "taesd"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.usefixtures("ray_session"),
-    pytest.mark.skipif(not (WEIGHTS / "taef2_encoder.pth").exists(), reason=f"no TAEF2 weights in {WEIGHTS}"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
 def reconstruction_psnr(latents: np.ndarray, originals: np.ndarray) -> float:
     """Mean PSNR (dB) of TAEF2 decodes of ``latents`` (N, 32, h, w) against ``originals``
     (N, H, W, 3) uint8."""
-    decoder = load_tiny_decoder(WEIGHTS / "taef2_decoder.pth")
+    decoder = load_tiny_decoder(packaged_weights(TAEF2_DECODER))
     with torch.no_grad():
         images = decoder(torch.from_numpy(latents.astype(np.float32))).clamp(0, 1)
     target = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 255.0
@@ -44,10 +41,11 @@ def test_taef2_preset_through_the_job_reconstructs_real_photos(tmp_path: Path) -
         base={
             "input": {"urls": str(tmp_path / "in" / "00000.tar")},
             "preprocess": {"resolution": 256},
-            "encoder": {"preset": "taef2", "model": str(WEIGHTS / "taef2_encoder.pth"), "batch_size": 4},
+            "encoder": {"preset": "taef2", "batch_size": 4},
             "output": {"path": str(tmp_path / "out")},
         }
     )
+    assert cfg.encoder.model == str(packaged_weights(TAEF2_ENCODER))
     summary = run(cfg)
     assert summary.samples_ok == len(photos)
 

@@ -413,7 +413,9 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
                 order = np.arange(len(ids))
                 if self.shuffle:
                     order = rng(WINDOWS, self.seed, self.epoch, partition, partitions, w).permutation(len(ids))
-                events, leftover = window_events(folders, order, {f: len(v) for f, v in carried.items()}, self.batch_size)
+                events, leftover = window_events(
+                    folders, order, {f: len(v) for f, v in carried.items()}, self.batch_size
+                )
                 if live or emitted + len(events) > skip:
                     if not live:
                         tables = {f: self._read_ids(files, seen, v) for f, v in carried.items()}
@@ -425,7 +427,10 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
                             return
                         if emitted >= skip:
                             new = _gather(data, starts, event.rows)
-                            yield self._folders[event.folder], _concat([tables[event.folder], new] if event.carry else [new])
+                            yield (
+                                self._folders[event.folder],
+                                _concat([tables[event.folder], new] if event.carry else [new]),
+                            )
                         emitted += 1
                     for f, (keep, rows) in leftover.items():
                         pieces = [tables[f]] if keep and f in tables else []
@@ -468,7 +473,9 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
     # -- batches ------------------------------------------------------------------------------
     def _to_batch(self, table: pa.Table, folder: str) -> dict[str, Any]:
         keys = [str(k) for k in table.column("key").to_pylist()]
-        arrays = {n: tensor_numpy(table.column(n)) for n in table.column_names if is_tensor_type(table.schema.field(n).type)}
+        arrays = {
+            n: tensor_numpy(table.column(n)) for n in table.column_names if is_tensor_type(table.schema.field(n).type)
+        }
         batch: dict[str, Any] = {"key": keys, "folder": folder}
         twins = [n for n in arrays if n.endswith(FLIPPED)]
         if twins:

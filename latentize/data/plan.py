@@ -94,7 +94,9 @@ def read_output(layout: OutputLayout) -> OutputInfo:
             units.extend(_units(layout, shard, marker))
     units.sort(key=lambda u: (u.folder, u.shard))
     folders = sorted({u.folder for u in units})
-    logger.info("%s: %d committed unit(s), %d row(s) in %s", layout.url, len(units), sum(u.rows for u in units), folders)
+    logger.info(
+        "%s: %d committed unit(s), %d row(s) in %s", layout.url, len(units), sum(u.rows for u in units), folders
+    )
     return OutputInfo(layout=layout, manifest=manifest, units=units, folders=folders)
 
 

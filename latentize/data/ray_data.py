@@ -65,11 +65,11 @@ def read_latents(
     if columns:
         nested = [n for n in nested if n in columns]
     if nested:
-        ds = ds.map_batches(_canonical, fn_kwargs={"names": nested}, batch_format="pyarrow")
+        ds = ds.map_batches(_canonical, fn_kwargs={"names": tuple(nested)}, batch_format="pyarrow")
     return ds
 
 
-def _canonical(table: pa.Table, *, names: list[str]) -> pa.Table:
+def _canonical(table: pa.Table, names: tuple[str, ...] = ()) -> pa.Table:
     """Nested fixed-size list columns -> canonical Arrow tensors."""
     for name in names:
         table = table.set_column(table.schema.get_field_index(name), name, canonical_tensor(table.column(name)))

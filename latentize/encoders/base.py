@@ -223,6 +223,12 @@ class EncoderSpec:
     latent_channels: int
     model_config: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def columns_for(self, size: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The stored columns of crops of ``size`` ``(width, height)``: the last two dims of each
+        shape are the latent grid, ``(height // downsample, width // downsample)``."""
+        grid = (size[1] // self.downsample, size[0] // self.downsample)
+        return {name: ((*shape[:-2], *grid), dtype) for name, (shape, dtype) in self.columns.items()}
+
     def to_manifest(self) -> dict[str, Any]:
         return {
             "type": self.type,
@@ -303,7 +309,10 @@ class TorchEncoder:
         # 2-core CPU for a small VAE, and the layout uint8 pixels arrive in anyway.
         self.model = model.to(self.device, dtype=self.dtype).to(memory_format=torch.channels_last).eval()
         self._model_fp32: torch.nn.Module | None = None
-        self.chunk_size = config.encoder.batch_size or default_batch_size(config.preprocess.size, self.device)
+        self.chunk_size = config.encoder.batch_size or default_batch_size(config.preprocess.reference_size, self.device)
+        # Runs of several crop sizes chunk by pixels: chunk_size images of the reference size.
+        reference = config.preprocess.reference_size
+        self.chunk_pixels = self.chunk_size * reference[0] * reference[1]
         # One model call at a time (memory, and chunk_size changes on OOM); copies run outside.
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -433,22 +442,29 @@ class TorchEncoder:
         pixels: torch.Tensor,
         keys: Sequence[str],
         *,
-        one_at_a_time: bool = False,
+        chunking: str = "fixed",
     ) -> dict[str, torch.Tensor]:
         """Runs the model over ``pixels`` (on the device) in chunks; halves the chunk on CUDA
         out-of-memory and retries. Returns the outputs on the device.
 
-        Every chunk has exactly ``chunk_size`` images (a short last chunk is padded with copies
-        of its last image), or one image with ``one_at_a_time``: convolution kernels may round
-        differently for another batch shape, so one fixed shape makes a sample's bytes
-        independent of how Ray formed its batch.
+        ``chunking``:
+
+        * ``fixed``: every chunk has exactly ``chunk_size`` images (a short last chunk is padded
+          with copies of its last image): convolution kernels may round differently for
+          another batch shape, so one fixed shape makes a sample's bytes independent of how
+          Ray formed its batch;
+        * ``one``: one image at a time (also one fixed shape);
+        * ``mixed``: runs of several crop sizes (aspect buckets, resolutions): chunks of the
+          same pixels whatever the size (``chunk_pixels``), not padded (padding every size's
+          last chunk would waste up to a chunk per size and batch), except to a power of two
+          when compiled (a few static shapes).
         """
         outputs: list[dict[str, torch.Tensor]] = []
         start = 0
         n = pixels.shape[0]
+        area = int(pixels.shape[1]) * int(pixels.shape[2])
         while start < n:
-            shape = 1 if one_at_a_time else self.chunk_size
-            size = min(shape, n - start)
+            size, shape = self._chunk(chunking, n - start, area)
             try:
                 chunk = pixels[start : start + size]
                 chunk_keys = list(keys[start : start + size])
@@ -459,15 +475,26 @@ class TorchEncoder:
                 x = self._to_input(chunk, dtype)
                 out = {k: v[:size] for k, v in self._forward(model, x, chunk_keys).items()}
             except torch.cuda.OutOfMemoryError:
-                if self.chunk_size == 1:
+                if shape == 1:
                     raise
                 torch.cuda.empty_cache()
                 self.chunk_size = max(1, self.chunk_size // 2)
+                self.chunk_pixels = max(1, self.chunk_pixels // 2)
                 logger.warning("CUDA out of memory; encoder chunk halved to %d", self.chunk_size)
                 continue
             outputs.append({k: v.detach() for k, v in out.items()})
             start += size
         return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+
+    def _chunk(self, chunking: str, remaining: int, area: int) -> tuple[int, int]:
+        """``(images in this chunk, padded shape)``."""
+        if chunking == "one":
+            return 1, 1
+        if chunking == "fixed":
+            return min(self.chunk_size, remaining), self.chunk_size
+        cap = max(1, self.chunk_pixels // max(area, 1))
+        size = min(cap, remaining)
+        return size, (min(cap, 1 << (size - 1).bit_length()) if self._compiled else size)
 
     def _fp32_model(self) -> torch.nn.Module:
         if self._model_fp32 is None:
@@ -479,7 +506,9 @@ class TorchEncoder:
     # Inference mode for the whole call: ``_run`` returns inference tensors, and the float32
     # re-encode below writes into them in place (not allowed outside inference mode).
     @torch.inference_mode()
-    def encode(self, pixels: np.ndarray | torch.Tensor | Staged, keys: Sequence[str]) -> EncodeResult:
+    def encode(
+        self, pixels: np.ndarray | torch.Tensor | Staged, keys: Sequence[str], *, mixed: bool = False
+    ) -> EncodeResult:
         """Encodes uint8 pixels.
 
         Safe to call from several threads at once: the copies to and from the device run
@@ -489,6 +518,8 @@ class TorchEncoder:
             pixels: (N, H, W, 3) uint8, values 0..255: a host array (may be a read-only view),
                 a tensor (on the device, e.g. decoded there), or what :meth:`stage` returned.
             keys: the N sample keys (seed the per-key noise of ``sample`` mode).
+            mixed: the run has crops of several sizes; this call holds one of them (chunks of
+                constant pixels, see :meth:`_run`).
 
         Returns:
             An :class:`EncodeResult`; samples whose outputs are not finite are re-encoded in
@@ -502,7 +533,7 @@ class TorchEncoder:
             if staged.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(staged.ready)
                 staged.tensor.record_stream(torch.cuda.current_stream(self.device))
-            out, reencoded, bad = self._encode_on_device(staged.tensor, keys)
+            out, reencoded, bad = self._encode_on_device(staged.tensor, keys, mixed=mixed)
             host, done = self._copy_back(out)
             chunk_size = self.chunk_size
         if done is not None:
@@ -518,14 +549,14 @@ class TorchEncoder:
         return EncodeResult(arrays, errors, chunk_size, len(reencoded), reencoded)
 
     def _encode_on_device(
-        self, tensor: torch.Tensor, keys: Sequence[str]
+        self, tensor: torch.Tensor, keys: Sequence[str], *, mixed: bool = False
     ) -> tuple[dict[str, torch.Tensor], list[int], np.ndarray]:
         """The model over ``tensor``, then the float32 redo of non-finite samples.
 
         Returns the outputs (on the device), the positions re-encoded and a (N,) bool array of
         the samples still not finite.
         """
-        out = self._run(self.model, self.dtype, tensor, keys)
+        out = self._run(self.model, self.dtype, tensor, keys, chunking="mixed" if mixed else "fixed")
         bad = self._nonfinite(out)
         reencoded: list[int] = []
         if bad.any() and self.dtype != torch.float32:
@@ -533,7 +564,7 @@ class TorchEncoder:
             logger.warning("%d sample(s) gave non-finite latents in %s; re-encoding in float32", len(idx), self.dtype)
             # One at a time: a fixed shape whatever else failed in this batch (bad samples are rare).
             redo = self._run(
-                self._fp32_model(), torch.float32, tensor[idx], [keys[i] for i in idx.tolist()], one_at_a_time=True
+                self._fp32_model(), torch.float32, tensor[idx], [keys[i] for i in idx.tolist()], chunking="one"
             )
             for k in out:
                 out[k][idx] = redo[k].to(out[k].dtype)

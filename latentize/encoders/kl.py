@@ -80,9 +80,10 @@ def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]
 
 
 def latent_size(config: Config, factor: int) -> tuple[int, int]:
-    """``(h, w)`` of the stored latent for the crop size and downsampling ``factor``."""
-    width, height = config.preprocess.size
-    if width % factor or height % factor:
+    """``(h, w)`` of the stored latent for the crop size (the reference size of a run with
+    several sizes, whose every size the pipeline checks) and downsampling ``factor``."""
+    width, height = config.preprocess.reference_size
+    if config.preprocess.fixed_size and (width % factor or height % factor):
         raise ConfigError(
             f"preprocess.resolution: {width}x{height} is not divisible by the model's downsampling factor {factor}"
         )

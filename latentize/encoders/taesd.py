@@ -29,6 +29,7 @@ from torch import nn
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.files import FILE_LOADERS, load_state_dict
+from latentize.encoders.kl import latent_size
 from latentize.errors import ConfigError, LatentizeError
 
 if TYPE_CHECKING:
@@ -425,11 +426,7 @@ class TinyEncoder(TorchEncoder):
         else:
             # AutoencoderTiny: stage 0 keeps the size, every further stage halves it.
             factor = 2 ** (len(model_config["encoder_block_out_channels"]) - 1)
-        width, height = config.preprocess.size
-        if width % factor or height % factor:
-            raise ConfigError(
-                f"preprocess.resolution: {width}x{height} is not divisible by the model's downsampling factor {factor}"
-            )
+        height, width = (side * factor for side in latent_size(config, factor))
         # Only the original files run without diffusers' internal [-1, 1] -> [0, 1] rescale.
         input_range = str(model_config.get("input_range", "[-1, 1]"))
         return EncoderSpec(

@@ -15,11 +15,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from latentize.errors import LatentizeError, SampleError
 
-__all__ = ["decode_image", "to_rgb"]
+__all__ = [
+    "decode_image",
+    "decode_jpeg_reduced",
+    "load_pixels",
+    "OrientationUnclear",
+    "open_image",
+    "pillow_guard",
+    "to_rgb",
+    "transposed_size",
+    "upright_transpose",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,41 +84,74 @@ def _pillow_bomb_message(exc: Exception, max_pixels: int | None) -> str:
     )
 
 
+@contextmanager
+def pillow_guard(max_pixels: int | None) -> Iterator[None]:
+    """The block in which an image is opened and decoded under the ``max_pixels`` guard.
+
+    Lifts Pillow's own limit where it is below ``max_pixels`` (see
+    :func:`_pillow_limit_at_least`) and silences its warning between its soft and hard limits:
+    the size check of :func:`open_image` is the one that decides.
+    """
+    with _pillow_limit_at_least(max_pixels), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def open_image(data: bytes, *, max_pixels: int | None) -> Image.Image:
+    """Opens ``data`` and checks its size against ``max_pixels``; no pixel is decoded yet.
+
+    Call inside :func:`pillow_guard`. The image's ``size`` is the size as stored (before EXIF
+    orientation); ``format``, ``mode`` and ``info`` (EXIF included) are read from the header.
+
+    Raises:
+        SampleError: stage ``"decode"``: unknown format, unreadable header, or more pixels
+            than ``max_pixels``.
+    """
+    try:
+        # Image.open only parses the header: no pixel data is decoded yet.
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise SampleError(
+            "decode",
+            f"not a recognised image format ({len(data)} bytes starting {data[:16]!r})",
+        ) from None
+    except Image.DecompressionBombError as exc:
+        # Only reached when Pillow's own limit is below ours, i.e. ours is exceeded too.
+        raise SampleError("decode", _pillow_bomb_message(exc, max_pixels)) from None
+    except Exception as exc:
+        raise SampleError(
+            "decode",
+            f"truncated or corrupt image header ({type(exc).__name__}: {exc})",
+        ) from None
+
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise SampleError("decode", _bomb_message(width, height, max_pixels))
+    return img
+
+
+def load_pixels(img: Image.Image, *, max_pixels: int | None) -> None:
+    """Decodes the pixels of an image from :func:`open_image` (frame 0), inside :func:`pillow_guard`.
+
+    Raises:
+        SampleError: stage ``"decode"``: truncated or corrupt pixel data.
+    """
+    try:
+        # Forces the full decode now so that truncation surfaces here, as a decode error,
+        # and not later inside a resize. ImageFile.LOAD_TRUNCATED_IMAGES stays off on
+        # purpose: a half-grey image is worse than a recorded error.
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise SampleError("decode", _pillow_bomb_message(exc, max_pixels)) from None
+    except Exception as exc:
+        raise SampleError("decode", f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
+
+
 def _open_and_load(data: bytes, max_pixels: int | None) -> Image.Image:
     """Opens ``data``, checks its size against ``max_pixels``, then decodes frame 0's pixels."""
-    # Between Pillow's soft and hard limits it only warns; the size check below is ours.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            # Image.open only parses the header: no pixel data is decoded yet.
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise SampleError(
-                "decode",
-                f"not a recognised image format ({len(data)} bytes starting {data[:16]!r})",
-            ) from None
-        except Image.DecompressionBombError as exc:
-            # Only reached when Pillow's own limit is below ours, i.e. ours is exceeded too.
-            raise SampleError("decode", _pillow_bomb_message(exc, max_pixels)) from None
-        except Exception as exc:
-            raise SampleError(
-                "decode",
-                f"truncated or corrupt image header ({type(exc).__name__}: {exc})",
-            ) from None
-
-        width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise SampleError("decode", _bomb_message(width, height, max_pixels))
-
-        try:
-            # Forces the full decode now so that truncation surfaces here, as a decode error,
-            # and not later inside a resize. ImageFile.LOAD_TRUNCATED_IMAGES stays off on
-            # purpose: a half-grey image is worse than a recorded error.
-            img.load()
-        except Image.DecompressionBombError as exc:
-            raise SampleError("decode", _pillow_bomb_message(exc, max_pixels)) from None
-        except Exception as exc:
-            raise SampleError("decode", f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from None
+    with pillow_guard(max_pixels):
+        img = open_image(data, max_pixels=max_pixels)
+        load_pixels(img, max_pixels=max_pixels)
     return img
 
 
@@ -122,6 +165,131 @@ def _upright(img: Image.Image) -> Image.Image:
         logger.debug("ignoring unreadable EXIF orientation: %s: %s", type(exc).__name__, exc)
         return img
     return img if out is None else out
+
+
+# EXIF orientation -> the transposition that makes the image upright (what exif_transpose does).
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# A 2x2 stand-in whose four pixels differ, so that each orientation leaves its own pattern.
+_PROBE = np.arange(4, dtype=np.uint8).reshape(2, 2)
+_TRANSPOSE_BY_PATTERN = {Image.fromarray(_PROBE).transpose(t).tobytes(): t for t in Image.Transpose}
+
+
+# Where Image.getexif finds an orientation (TIFF files also carry it in their own tags).
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+class OrientationUnclear(ValueError):
+    """The EXIF orientation cannot be told from the header alone; decode with :func:`decode_image`."""
+
+
+def upright_transpose(img: Image.Image) -> Image.Transpose | None:
+    """The transposition :func:`decode_image` will apply to ``img`` to make it upright.
+
+    ``img`` comes from :func:`open_image`: only the header is read, no pixel is decoded.
+
+    Returns:
+        The ``Image.Transpose`` to apply, or None (no EXIF orientation, orientation 1, or EXIF
+        that cannot be read: the image is used as stored).
+
+    Raises:
+        OrientationUnclear: malformed EXIF where the answer could differ from
+            :func:`decode_image`'s; the caller must decode the exact way.
+    """
+    if not hasattr(img, "tag_v2") and not any(key in img.info for key in _ORIENTATION_SOURCES):
+        return None
+    try:
+        # The same (cached) EXIF object that exif_transpose reads after the full decode.
+        stated = _ORIENTATIONS.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:
+        stated = None
+    # exif_transpose can still fail after choosing (rewriting the EXIF of the turned copy),
+    # and then decode_image keeps the image as stored. Running the very same code on a 2x2
+    # stand-in that carries img's metadata shows the outcome without decoding a pixel.
+    probe = Image.fromarray(_PROBE)
+    probe.info = dict(img.info)
+    applied = _TRANSPOSE_BY_PATTERN.get(_upright(probe).tobytes())
+    if applied != stated:
+        raise OrientationUnclear(f"EXIF orientation states {stated}, but {applied} would be applied")
+    return stated
+
+
+def transposed_size(size: tuple[int, int], transpose: Image.Transpose | None) -> tuple[int, int]:
+    """``size`` (W, H) after ``transpose``: swapped by the four that turn the image on its side."""
+    if transpose in _SIDEWAYS:
+        return size[1], size[0]
+    return size[0], size[1]
+
+
+_SIDEWAYS = (
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
+
+
+def decode_jpeg_reduced(
+    data: bytes,
+    *,
+    max_pixels: int | None,
+    min_size: Callable[[tuple[int, int]], tuple[int, int] | None],
+) -> tuple[Image.Image, tuple[int, int]] | None:
+    """Decodes a JPEG at a reduced DCT scale (1/2, 1/4 or 1/8: libjpeg-turbo via Pillow's draft).
+
+    Only baseline and progressive JPEGs (``format == "JPEG"``) are reduced; the decode sees
+    the same header checks as :func:`decode_image` (the ``max_pixels`` guard on the stored
+    size, before any pixel), and the same EXIF orientation (:func:`upright_transpose`).
+
+    Args:
+        data: the encoded file.
+        max_pixels: as for :func:`decode_image`.
+        min_size: ``upright source (W, H) -> (W, H)``: the smallest upright size the reduced
+            image may have, or None to decode at full size.
+
+    Returns:
+        ``(image, source)``: the upright ``RGB`` reduced image, at least ``min_size(source)``
+        in both sides, and the upright ``(W, H)`` of the full image. None wherever the exact
+        path has to do the work: not a JPEG, no reduction asked for or possible, and every
+        failure (bad header, over ``max_pixels``, truncated data...), so that the exact path
+        reports it with its own message.
+    """
+    if not data:
+        return None
+    try:
+        with pillow_guard(max_pixels):
+            img = open_image(data, max_pixels=max_pixels)
+            if img.format != "JPEG":
+                return None
+            try:
+                transpose = upright_transpose(img)
+            except OrientationUnclear:
+                return None
+            stored = img.size
+            source = transposed_size(stored, transpose)
+            want = min_size(source)
+            if want is None:
+                return None
+            img.draft(None, transposed_size(want, transpose))
+            if img.size == stored:
+                return None
+            load_pixels(img, max_pixels=max_pixels)
+        if transpose is not None:
+            img = img.transpose(transpose)
+        return to_rgb(img), source
+    except SampleError:
+        return None
+    except Exception as exc:
+        logger.debug("reduced decode failed, decoding at full size: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 def decode_image(data: bytes, *, max_pixels: int | None) -> Image.Image:
@@ -143,8 +311,7 @@ def decode_image(data: bytes, *, max_pixels: int | None) -> Image.Image:
     """
     if not data:
         raise SampleError("decode", "empty image data (0 bytes)")
-    with _pillow_limit_at_least(max_pixels):
-        img = _open_and_load(data, max_pixels)
+    img = _open_and_load(data, max_pixels)
     img = _upright(img)
     try:
         return to_rgb(img)

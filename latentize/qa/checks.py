@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from latentize.qa.stats import affine_summary
+from latentize.qa.values import sample_label
 
 if TYPE_CHECKING:
     from latentize.qa.recon import Reconstruction
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Check",
+    "FolderCounts",
     "NormalizationMap",
     "alignment_section",
     "codebook_range_check",
@@ -42,6 +44,7 @@ __all__ = [
     "complete_check",
     "counts_check",
     "data_check",
+    "distinct_samples",
     "duplicates_check",
     "finite_check",
     "keys_unique_check",
@@ -266,6 +269,56 @@ def _scale_diagnosis(std: float, constants: Mapping[str, Any]) -> str | None:
 # --------------------------------------------------------------------------- alignment
 
 
+@dataclass(frozen=True)
+class FolderCounts:
+    """What an output of several data folders (aspect-ratio buckets, several resolutions) adds
+    to the alignment: there a sample is one data row in a folder of each resolution.
+
+    Attributes:
+        rows: data rows by shard, then data folder.
+        samples: distinct samples with data rows, by shard (:func:`distinct_samples`; None
+            where the rows do not add up to whole samples).
+        errors: error rows by shard, then the resolution slot they stand for (-1: every slot,
+            a sample that failed as a whole).
+        slot_of: data folder -> its resolution slot (position in ``preprocess.resolutions``).
+        slots: how many resolutions the run wrote.
+        missing: key -> the resolution slots it has data rows but no row at all for (a lost
+            row: a resolution that failed writes an error row).
+    """
+
+    rows: Mapping[str, Mapping[str, int]]
+    samples: Mapping[str, int | None]
+    errors: Mapping[str, Mapping[int, int]]
+    slot_of: Mapping[str, int]
+    slots: int
+    missing: Mapping[str, Sequence[int]] = field(default_factory=dict)
+
+
+def distinct_samples(
+    rows: Mapping[str, int], irregular: Mapping[str, tuple[int, int]], *, slots: int
+) -> dict[str, int | None]:
+    """Distinct samples with data rows, by shard, from row counts.
+
+    A sample whose rows are regular has one data row per resolution slot, so a shard's regular
+    rows are ``slots`` per sample; the others (repeated or partial keys) are counted one by one
+    by pass 2.
+
+    Args:
+        rows: data rows by shard.
+        irregular: shard -> (keys, data rows) of the irregular keys.
+        slots: how many resolutions the run wrote.
+
+    Returns:
+        Samples by shard; None where the regular rows are not a multiple of ``slots``.
+    """
+    out: dict[str, int | None] = {}
+    for shard, n in rows.items():
+        keys, irregular_rows = irregular.get(shard, (0, 0))
+        regular = int(n) - irregular_rows
+        out[shard] = None if regular < 0 or regular % slots else keys + regular // slots
+    return out
+
+
 def alignment_section(
     *,
     manifest: Mapping[str, Any],
@@ -275,6 +328,7 @@ def alignment_section(
     error_rows: Mapping[str, int],
     orphans: Sequence[str],
     duplicate_keys: Sequence[Sequence[str]],
+    folders: FolderCounts | None = None,
 ) -> dict[str, Any]:
     """Do data rows, error rows, commit markers and manifest totals tell one story?
 
@@ -288,17 +342,26 @@ def alignment_section(
             in ``_staging``, never here, so these should not exist).
         duplicate_keys: groups ``[key, shard, shard, ...]`` of rows (data and error) that share
             a key; the first 100 are listed.
+        folders: the per-folder counts of an output of several data folders (None: one
+            folder). Then each shard's data rows are compared per folder with its marker's
+            ``rows``, its distinct samples with ``ok``, and each resolution's data and error
+            rows with the samples read; the manifest's ``rows_by_folder`` with the data; and
+            keys without a row at some resolution are named (``missing_keys``).
 
     Returns:
         The report's ``alignment`` section: ``totals``, ``problems`` (one sentence per
-        disagreement, judged by :func:`counts_check`), ``shards`` (one row per input shard) and
-        ``duplicate_keys``.
+        disagreement, judged by :func:`counts_check`), ``shards`` (one row per input shard),
+        ``duplicate_keys`` and, with ``folders``, ``missing_keys`` (``[key, slot, ...]``).
     """
     shards = []
     problems: list[str] = []
     for _, shard in inputs:
         m = markers.get(shard)
-        row, found = _shard_alignment(shard, m, int(data_rows.get(shard, 0)), int(error_rows.get(shard, 0)))
+        data, errors = int(data_rows.get(shard, 0)), int(error_rows.get(shard, 0))
+        if folders is None:
+            row, found = _shard_alignment(shard, m, data, errors)
+        else:
+            row, found = _shard_folder_alignment(shard, m, data, errors, folders)
         shards.append(row)
         problems += found
     known = {shard for _, shard in inputs}
@@ -323,7 +386,14 @@ def alignment_section(
             f"the manifest says {samples.get('ok')} ok / {samples.get('failed')} failed, "
             f"the markers {totals['marker_ok']} / {totals['marker_failed']}"
         )
-    return {"totals": totals, "problems": problems, "shards": shards, "duplicate_keys": list(duplicate_keys[:100])}
+    section: dict[str, Any] = {"totals": totals, "problems": problems, "shards": shards}
+    section["duplicate_keys"] = list(duplicate_keys[:100])
+    if folders is not None:
+        totals["data_samples"] = sum(int(n) for n in folders.samples.values() if n is not None)
+        problems += _manifest_folder_rows(manifest, folders)
+        problems += _missing_keys_problem(folders)
+        section["missing_keys"] = [[key, *map(int, slots)] for key, slots in list(folders.missing.items())[:100]]
+    return section
 
 
 def _shard_alignment(
@@ -352,6 +422,76 @@ def _shard_alignment(
             f"shard {shard}: {data + errors} rows in all, its marker says {marker.get('samples')} samples read"
         )
     return row, problems
+
+
+def _shard_folder_alignment(
+    shard: str, marker: Mapping[str, Any] | None, data: int, errors: int, folders: FolderCounts
+) -> tuple[dict[str, Any], list[str]]:
+    """:func:`_shard_alignment` of an output of several data folders."""
+    samples = folders.samples.get(shard, 0 if not data else None)
+    row, found = _shard_alignment(shard, marker, data, errors)
+    # The same row with the distinct samples beside the data rows.
+    row = {**dict(list(row.items())[:3]), "data_samples": samples, **dict(list(row.items())[3:])}
+    if marker is None:
+        return row, found
+    problems = []
+    rows = folders.rows.get(shard, {})
+    said = {str(k): int(v) for k, v in (marker.get("rows") or {}).items()}
+    for folder in sorted(set(rows) | set(said)):
+        if int(rows.get(folder, 0)) != said.get(folder, 0):
+            problems.append(
+                f"shard {shard}: {rows.get(folder, 0)} data rows in {folder}, its marker says {said.get(folder, 0)}"
+            )
+    if samples is None:
+        problems.append(f"shard {shard}: its {data} data rows are not whole samples of {folders.slots} resolutions")
+    elif samples != row["marker_ok"]:
+        problems.append(f"shard {shard}: {samples} samples with data rows, its marker says {row['marker_ok']} ok")
+    if errors != row["marker_failed"]:
+        problems.append(f"shard {shard}: {errors} error rows, its marker says {row['marker_failed']} failed")
+    read = marker.get("samples")
+    shard_errors = folders.errors.get(shard, {})
+    for slot in range(folders.slots):
+        in_slot = sum(int(n) for f, n in rows.items() if folders.slot_of.get(f, 0) == slot)
+        failed = int(shard_errors.get(slot, 0)) + int(shard_errors.get(-1, 0))
+        if read is not None and in_slot + failed != int(read):
+            problems.append(
+                f"shard {shard}: resolution {slot} holds {in_slot} data and {failed} error rows, "
+                f"its marker says {read} samples read"
+            )
+    return row, problems
+
+
+def _missing_keys_problem(folders: FolderCounts) -> list[str]:
+    """One sentence naming the keys that lack a row (data or error) at some resolution."""
+    if not folders.missing:
+        return []
+    names: dict[int, list[str]] = {}
+    for folder, slot in sorted(folders.slot_of.items()):
+        names.setdefault(slot, []).append(folder)
+
+    def where(slot: int) -> str:
+        return f"resolution {slot} ({', '.join(names.get(slot, [])) or 'no folder'})"
+
+    listed = "; ".join(
+        f"{key} at {', '.join(where(s) for s in slots)}" for key, slots in list(folders.missing.items())[:5]
+    )
+    return [f"{len(folders.missing)} key(s) have data rows but no row, data or error, at some resolution: {listed}"]
+
+
+def _manifest_folder_rows(manifest: Mapping[str, Any], folders: FolderCounts) -> list[str]:
+    """The manifest's ``output.rows_by_folder`` against the data rows per folder."""
+    said = (manifest.get("output") or {}).get("rows_by_folder")
+    if not isinstance(said, Mapping):
+        return []
+    found: dict[str, int] = {}
+    for by_folder in folders.rows.values():
+        for folder, n in by_folder.items():
+            found[folder] = found.get(folder, 0) + int(n)
+    return [
+        f"folder {folder}: {found.get(folder, 0)} data rows, the manifest says {said.get(folder, 0)}"
+        for folder in sorted(set(found) | set(said))
+        if found.get(folder, 0) != int(said.get(folder, 0))
+    ]
 
 
 def complete_check(inputs: Sequence[tuple[str, str]], markers: Mapping[str, Mapping[str, Any]]) -> Check:
@@ -523,5 +663,6 @@ def reconstruction_check(recon: Reconstruction, *, min_psnr: float) -> Check:
         "reconstruction",
         mean_psnr >= min_psnr,
         f"mean PSNR {mean_psnr:.2f} dB, SSIM {metrics['ssim']['mean']:.3f} over {section['sample']} sampled latents "
-        f"decoded by the model's decoder (threshold {min_psnr:g} dB; worst {worst['key']}: {worst['psnr']:.2f} dB)",
+        f"decoded by the model's decoder (threshold {min_psnr:g} dB; "
+        f"worst {sample_label(worst['key'], worst.get('folder'))}: {worst['psnr']:.2f} dB)",
     )

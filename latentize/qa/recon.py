@@ -19,6 +19,11 @@ Per encoder type (:data:`DECODERS`), stored columns -> raw latents -> images:
   ``AutoencoderKLFlux2.decode``; ``moments`` rows decode their raw (unpatchified) ``mean``.
 
 Decoding runs in float32 under ``torch.inference_mode``, ``batch_size`` rows at a time.
+
+Outputs of several data folders (aspect-ratio buckets, several resolutions) are sampled by data
+row ``(key, folder)``: each source is preprocessed once to every size its run cropped it to, and
+each folder's rows are decoded together at that folder's shape and scored against the crop of
+their own resolution, with scores per folder as well as in total.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ import os
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from latentize.config import Config, InputConfig, PreprocessConfig, config_from_dict
 from latentize.errors import LatentizeError, SampleError
+from latentize.preprocess.buckets import Targets
+from latentize.qa.values import sample_label
 from latentize.registry import Registry
 
 __all__ = [
@@ -46,6 +53,7 @@ __all__ = [
     "Outcome",
     "Reconstruction",
     "TorchDecoder",
+    "fetch_crops",
     "fetch_sources",
     "load_decoder",
     "lpips_distance",
@@ -56,6 +64,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 # --- the decoder interface --------------------------------------------------------------------
@@ -615,9 +625,52 @@ def fetch_sources(
         LatentizeError: a run-level problem (e.g. an unknown format or crop mode).
     """
     from latentize.preprocess import preprocess_sample
+
+    def pixels(data: bytes, key: str) -> np.ndarray:
+        return preprocess_sample(data, key=key, config=preprocess_config).pixels
+
+    return _read_wanted(shards=shards, wanted=wanted, fmt=fmt, input_config=input_config, convert=pixels)
+
+
+def fetch_crops(
+    *,
+    shards: dict[str, str],
+    wanted: dict[str, list[str]],
+    fmt: str,
+    input_config: InputConfig,
+    preprocess_config: PreprocessConfig,
+    targets: Targets,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, str]]:
+    """:func:`fetch_sources` for runs of several sizes: each image is decoded once and cropped
+    to the size of each resolution (``targets.for_source``, aspect-ratio buckets included),
+    as :func:`~latentize.preprocess.preprocess_sizes` did when encoding.
+
+    Returns:
+        ``(crops, missing)``: key -> one (H, W, 3) uint8 array per resolution slot, and key ->
+        why it could not be fetched or decoded.
+    """
+    from latentize.preprocess import preprocess_sizes
+
+    def crops(data: bytes, key: str) -> list[np.ndarray]:
+        out = preprocess_sizes(data, key=key, config=preprocess_config, sizes_of=targets.for_source)
+        return [c.pixels for c in out]
+
+    return _read_wanted(shards=shards, wanted=wanted, fmt=fmt, input_config=input_config, convert=crops)
+
+
+def _read_wanted(
+    *,
+    shards: dict[str, str],
+    wanted: dict[str, list[str]],
+    fmt: str,
+    input_config: InputConfig,
+    convert: Callable[[bytes, str], _T],
+) -> tuple[dict[str, _T], dict[str, str]]:
+    """Streams each shard with wanted keys until they are all found; ``convert(bytes, key)``
+    preprocesses each found image (a :class:`SampleError` makes the key missing)."""
     from latentize.sources.datasource import read_shard
 
-    pixels: dict[str, np.ndarray] = {}
+    found: dict[str, _T] = {}
     missing: dict[str, str] = {}
     for shard, keys in wanted.items():
         remaining = {str(k) for k in keys}
@@ -650,7 +703,7 @@ def fetch_sources(
                         missing[key] = "read: the sample has no image"
                     else:
                         try:
-                            pixels[key] = preprocess_sample(image, key=key, config=preprocess_config).pixels
+                            found[key] = convert(image, key)
                         except SampleError as exc:
                             missing[key] = f"{exc.stage}: {exc.message}"
                 if not remaining:
@@ -658,8 +711,8 @@ def fetch_sources(
         for key in remaining:
             tail = f" (reading stopped: {shard_error})" if shard_error else ""
             missing[key] = f"key not found in shard {shard} ({url}){tail}"
-    logger.info("fetched %d source image(s); %d could not be fetched", len(pixels), len(missing))
-    return pixels, missing
+    logger.info("fetched %d source image(s); %d could not be fetched", len(found), len(missing))
+    return found, missing
 
 
 # --- the QA sample: fetch, decode, score -------------------------------------------------------
@@ -691,30 +744,36 @@ class Reconstruction:
 def reconstruct(
     manifest: Mapping[str, Any],
     inputs: Sequence[tuple[str, str]],
-    sample: Sequence[tuple[str, str]],
-    stored: Mapping[str, Mapping[str, np.ndarray]],
+    sample: Sequence[tuple[str, str, str]],
+    stored: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
     *,
     requested: int,
     seed: int,
     decoder: str | None = None,
     device: str | None = None,
     input_storage_options: Mapping[str, Any] | None = None,
+    by_folder: bool = False,
 ) -> Reconstruction:
     """Decodes the QA sample's stored latents and scores them against their source images.
 
     The sources are re-read from the input shards (one Ray task per shard) and preprocessed as
-    encoding did; decodes are scored with PSNR, SSIM and, when available, LPIPS.
+    encoding did; each data folder's rows are decoded together (one shape per folder) and
+    scored with PSNR, SSIM and, when available, LPIPS.
 
     Args:
-        manifest: ``_manifest.json`` (``encoder``, ``config``).
+        manifest: ``_manifest.json`` (``encoder``, ``config``, ``preprocess``, ``output.folders``).
         inputs: the run's ``(url, shard)`` list.
-        sample: ``(key, shard)`` of the sampled rows, in sample order; each key is in ``stored``.
-        stored: key -> stored column name -> that row's stored array (as written).
+        sample: ``(key, folder, shard)`` of the sampled rows, in sample order; each
+            ``(key, folder)`` is in ``stored``.
+        stored: ``(key, folder)`` -> stored column name -> that row's stored array (as written).
         requested: the sample size asked for (0 or less: not run).
         seed: the sample's seed, for the report.
         decoder: where the decoder weights are, when not beside the encoder's.
         device: torch device of the decoder (None: CUDA when present).
         input_storage_options: fsspec options of the input shards, over the manifest's.
+        by_folder: the output has several data folders: samples name their folder, the
+            section has scores per folder (``folders``) and images are keyed by
+            :func:`~latentize.qa.values.sample_label`.
 
     Returns:
         The section, the image pairs and the outcome; a missing decoder or unreachable sources
@@ -739,40 +798,76 @@ def reconstruct(
         return Reconstruction(section, outcome="no_decoder")
     section["decoder"] = model.description
     logger.info("qa: reconstruction of %d sampled latents (%s)", len(sample), model.description)
-    pixels, failed = _fetch_sample(manifest, inputs, sample, input_storage_options or {})
+    pixels, failed = _fetch_sample(manifest, inputs, sample, input_storage_options or {}, by_folder=by_folder)
     section["failed"] = dict(failed)
-    keys = [k for k, _ in sample if k in pixels]
-    if not keys:
+    rows = [(k, f, s) for k, f, s in sample if (k, f) in pixels]
+    if not rows:
         section["skipped"] = "no source image of the sample could be fetched"
         return Reconstruction(section, outcome="no_sources")
-    columns = list(stored[keys[0]])
-    decoded = model.decode({c: np.stack([stored[k][c] for k in keys]) for c in columns})
-    originals = np.stack([pixels[k] for k in keys]).astype(np.float32) / 255.0
-    section.update(_scores(keys, dict(sample), decoded, originals))
-    images = {k: (pixels[k], np.clip(np.rint(decoded[i] * 255.0), 0, 255).astype(np.uint8)) for i, k in enumerate(keys)}
+    scored: list[_Scored] = []
+    images: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for folder in dict.fromkeys(f for _, f, _ in rows):
+        mine = [(k, s) for k, f, s in rows if f == folder]
+        keys = [k for k, _ in mine]
+        columns = list(stored[(keys[0], folder)])
+        decoded = model.decode({c: np.stack([stored[(k, folder)][c] for k in keys]) for c in columns})
+        originals = np.stack([pixels[(k, folder)] for k in keys]).astype(np.float32) / 255.0
+        scored.append(_Scored(folder, mine, *_metric_values(decoded, originals)))
+        for i, k in enumerate(keys):
+            label = sample_label(k, folder) if by_folder else k
+            images[label] = (pixels[(k, folder)], np.clip(np.rint(decoded[i] * 255.0), 0, 255).astype(np.uint8))
+    section.update(_scores(scored, by_folder=by_folder))
     return Reconstruction(section, images)
 
 
-def _scores(keys: list[str], shard_of: Mapping[str, str], decoded: np.ndarray, originals: np.ndarray) -> dict[str, Any]:
-    """``sample``, ``metrics`` and ``samples`` (worst PSNR first) of decodes against originals,
-    both (N, H, W, 3) float32 in [0, 1]."""
-    psnr_values = psnr(decoded, originals)
-    ssim_values = ssim(decoded, originals)
-    lpips_values = lpips_distance(decoded, originals)
-    samples = [
-        {
-            "key": key,
-            "shard": shard_of[key],
-            "psnr": float(psnr_values[i]),
-            "ssim": float(ssim_values[i]),
-            "lpips": None if lpips_values is None else float(lpips_values[i]),
-        }
-        for i, key in enumerate(keys)
-    ]
+@dataclass(frozen=True)
+class _Scored:
+    """One data folder's decoded rows: ``(key, shard)`` and (N,) float64 metrics each."""
+
+    folder: str
+    rows: list[tuple[str, str]]
+    psnr: np.ndarray
+    ssim: np.ndarray
+    lpips: np.ndarray | None
+
+
+def _metric_values(decoded: np.ndarray, originals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """PSNR, SSIM and LPIPS (None when unavailable) of decodes against originals, both
+    (N, H, W, 3) float32 in [0, 1]."""
+    return psnr(decoded, originals), ssim(decoded, originals), lpips_distance(decoded, originals)
+
+
+def _metrics(groups: Sequence[_Scored]) -> dict[str, Any]:
+    lpips = [g.lpips for g in groups if g.lpips is not None]
+    lpips_values = np.concatenate(lpips) if len(lpips) == len(groups) else None
+    return {
+        "psnr": _summary(np.concatenate([g.psnr for g in groups])),
+        "ssim": _summary(np.concatenate([g.ssim for g in groups])),
+        "lpips": _summary(lpips_values),
+    }
+
+
+def _scores(groups: list[_Scored], *, by_folder: bool) -> dict[str, Any]:
+    """``sample``, ``metrics`` and ``samples`` (worst PSNR first) of the scored folders; with
+    ``by_folder`` each sample names its folder and ``folders`` holds each folder's figures."""
+    samples = []
+    for g in groups:
+        for i, (key, shard) in enumerate(g.rows):
+            sample: dict[str, Any] = {"key": key, "shard": shard}
+            if by_folder:
+                sample["folder"] = g.folder
+            sample.update(
+                psnr=float(g.psnr[i]), ssim=float(g.ssim[i]), lpips=None if g.lpips is None else float(g.lpips[i])
+            )
+            samples.append(sample)
     # Worst first; identical images (infinite PSNR) last. json_ready writes inf as null.
-    samples.sort(key=lambda s: (s["psnr"], s["key"]))
-    metrics = {"psnr": _summary(psnr_values), "ssim": _summary(ssim_values), "lpips": _summary(lpips_values)}
-    return {"sample": len(keys), "metrics": metrics, "samples": samples}
+    samples.sort(key=lambda s: (s["psnr"], s["key"], s.get("folder") or ""))
+    out: dict[str, Any] = {"sample": len(samples), "metrics": _metrics(groups), "samples": samples}
+    if by_folder:
+        out["folders"] = {
+            g.folder: {"sample": len(g.rows), "metrics": _metrics([g])} for g in sorted(groups, key=lambda g: g.folder)
+        }
+    return out
 
 
 def _summary(values: np.ndarray | None) -> dict[str, float] | None:
@@ -797,11 +892,18 @@ def _unredacted(options: Any) -> Any:
 def _fetch_sample(
     manifest: Mapping[str, Any],
     inputs: Sequence[tuple[str, str]],
-    sample: Sequence[tuple[str, str]],
+    sample: Sequence[tuple[str, str, str]],
     input_storage_options: Mapping[str, Any],
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """:func:`fetch_sources` of the sample, one Ray task per shard: a random sample of a large
-    dataset touches about as many shards as it has keys, each read only up to its keys."""
+    *,
+    by_folder: bool,
+) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, str]]:
+    """:func:`fetch_crops` of the sample, one Ray task per shard: a random sample of a large
+    dataset touches about as many shards as it has keys, each read only up to its keys.
+
+    Returns:
+        ``(pixels, failed)``: ``(key, folder)`` -> (H, W, 3) uint8, the crop of the folder's
+        resolution; and why a row has none, by key (by :func:`sample_label` with ``by_folder``).
+    """
     import ray
 
     from latentize.sources import infer_format
@@ -814,20 +916,53 @@ def _fetch_sample(
     fmt = cfg.input.format or infer_format([u for u, _ in inputs])
     urls = {shard: url for url, shard in inputs}
     wanted: dict[str, list[str]] = {}
-    for key, shard in sample:
-        wanted.setdefault(shard, []).append(key)
+    for key, _, shard in sample:
+        keys = wanted.setdefault(shard, [])
+        if key not in keys:
+            keys.append(key)
+    targets = _targets(manifest, cfg)
     fetch = ray.remote(num_cpus=1, max_retries=2)(_fetch_shard)
     refs = [
-        fetch.remote(shard, urls.get(shard), keys, fmt, input_cfg, cfg.preprocess) for shard, keys in wanted.items()
+        fetch.remote(shard, urls.get(shard), keys, fmt, input_cfg, cfg.preprocess, targets)
+        for shard, keys in wanted.items()
     ]
-    pixels: dict[str, np.ndarray] = {}
-    failed: dict[str, str] = {}
+    crops: dict[str, list[np.ndarray]] = {}
+    missing: dict[str, str] = {}
     for done, ref in enumerate(refs, 1):
-        got, missing = ray.get(ref)
-        pixels.update(got)
-        failed.update(missing)
+        got, lost = ray.get(ref)
+        crops.update(got)
+        missing.update(lost)
         logger.info("qa: source images: %d of %d shard(s) read", done, len(refs))
+    folders = (manifest.get("output") or {}).get("folders") or {}
+    pixels: dict[tuple[str, str], np.ndarray] = {}
+    failed: dict[str, str] = {}
+    for key, folder, _ in sample:
+        label = sample_label(key, folder) if by_folder else key
+        if key not in crops:
+            failed[label] = missing.get(key, "not fetched")
+            continue
+        spec = folders.get(folder) or {}
+        crop = crops[key][int(spec.get("slot") or 0)]
+        size = spec.get("size")
+        if size is not None and crop.shape[:2] != (int(size[1]), int(size[0])):
+            # The source's bucket at this resolution is another one: not what the run stored.
+            failed[label] = f"the source now crops to {crop.shape[1]}x{crop.shape[0]}, not to its folder {folder}"
+            continue
+        pixels[(key, folder)] = crop
     return pixels, failed
+
+
+def _targets(manifest: Mapping[str, Any], config: Config) -> Targets:
+    """The sizes the run cropped to, per resolution: the manifest's resolved buckets, else its
+    resolutions, else (outputs written before these were recorded) the one fixed size."""
+    recorded = manifest.get("preprocess") or {}
+    if recorded.get("buckets"):
+        per_resolution = recorded["buckets"]
+    elif recorded.get("resolutions"):
+        per_resolution = [[size] for size in recorded["resolutions"]]
+    else:
+        per_resolution = [[config.preprocess.size]]
+    return Targets(tuple(tuple((int(w), int(h)) for w, h in sizes) for sizes in per_resolution))
 
 
 def _fetch_shard(
@@ -837,13 +972,15 @@ def _fetch_shard(
     fmt: str,
     input_config: InputConfig,
     preprocess_config: PreprocessConfig,
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """:func:`fetch_sources` of one shard, with positional arguments: Ray types remote functions
+    targets: Targets,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, str]]:
+    """:func:`fetch_crops` of one shard, with positional arguments: Ray types remote functions
     by their positional parameters."""
-    return fetch_sources(
+    return fetch_crops(
         shards={} if url is None else {shard: url},
         wanted={shard: keys},
         fmt=fmt,
         input_config=input_config,
         preprocess_config=preprocess_config,
+        targets=targets,
     )

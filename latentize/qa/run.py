@@ -6,12 +6,18 @@ files, then decodes a seeded sample of stored latents and scores them against th
 images (:func:`latentize.qa.recon.reconstruct`); *assess* builds the report's sections and runs
 the named checks of :mod:`latentize.qa.checks` on them; *write* writes ``report.json`` and a
 self-contained ``report.html``.
+
+An output of several data folders (aspect-ratio buckets, several resolutions: the manifest's
+``output.folders``) gets a ``folders`` section too: per folder its rows, statistics, scale
+verdict and reconstruction scores; the other sections stay totals over every folder. An output
+of one folder gets the same report as before folders existed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,12 +30,14 @@ from latentize import __version__
 from latentize.errors import LatentizeError
 from latentize.qa.checks import (
     Check,
+    FolderCounts,
     alignment_section,
     codebook_range_check,
     codebook_usage_check,
     complete_check,
     counts_check,
     data_check,
+    distinct_samples,
     duplicates_check,
     finite_check,
     keys_unique_check,
@@ -64,6 +72,8 @@ REPORT_FOLDER = "_qa"
 ROWS_PER_PARTITION = 1_000_000
 #: Keys listed per finding in the report.
 KEY_LIMIT = 100
+#: An error row of one resolution of a sample: ``at WxH: <reason>`` (the folder it was bound for).
+_AT_FOLDER = re.compile(r"^at (\d+x\d+): ")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +159,10 @@ class _Loaded:
         markers: commit markers of this run's fingerprint, by shard.
         files: the committed data files.
         orphans: data or error files no marker lists.
-        errors: the rows of the errors tables (``key``, ``shard``).
+        errors: the rows of the errors tables (``key``, ``shard``, ``slot``: the resolution
+            slot an error row stands for, -1 for the whole sample).
+        folders: the manifest's ``output.folders``: data folder -> ``size``, ``resolution``,
+            ``slot`` and ``columns`` (empty for outputs written before folders were recorded).
     """
 
     layout: OutputLayout
@@ -160,6 +173,7 @@ class _Loaded:
     files: list[DataFile]
     orphans: list[str]
     errors: pa.Table
+    folders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def encoder(self) -> dict[str, Any]:
@@ -173,11 +187,36 @@ class _Loaded:
     def index_columns(self) -> list[TensorColumn]:
         return [c for c in self.columns if c.is_index]
 
+    @property
+    def multi(self) -> bool:
+        """Several data folders (declared, or holding data): the report gets per-folder parts."""
+        return len(self.folders) > 1 or len({f.folder for f in self.files}) > 1
+
+    @property
+    def slot_of(self) -> dict[str, int]:
+        """Data folder -> its resolution slot (folders the manifest does not name: 0)."""
+        return {name: int(spec.get("slot") or 0) for name, spec in self.folders.items()}
+
+    @property
+    def slots(self) -> int:
+        """How many resolutions the run wrote."""
+        return 1 + max(self.slot_of.values(), default=0)
+
     def error_rows(self) -> dict[str, int]:
         """Error rows by shard."""
         counts: dict[str, int] = {}
         for shard in self.errors.column("shard").to_pylist():
             counts[shard] = counts.get(shard, 0) + 1
+        return counts
+
+    def error_slots(self) -> dict[str, dict[int, int]]:
+        """Error rows by shard, then the slot they stand for (-1: the whole sample)."""
+        counts: dict[str, dict[int, int]] = {}
+        for shard, slot in zip(
+            self.errors.column("shard").to_pylist(), self.errors.column("slot").to_pylist(), strict=True
+        ):
+            by_slot = counts.setdefault(shard, {})
+            by_slot[int(slot)] = by_slot.get(int(slot), 0) + 1
         return counts
 
 
@@ -191,8 +230,12 @@ def _load(output: str, options: QAOptions) -> _Loaded:
         )
     fp = manifest.get("fingerprint")
     markers = {s: m for s, m in layout.read_markers().items() if m.get("fingerprint") == fp}
-    folders = list((manifest.get("output") or {}).get("data_folders") or [])
-    files, orphans, error_paths = list_files(layout, markers, folders)
+    recorded = manifest.get("output") or {}
+    folders = {str(k): dict(v) for k, v in (recorded.get("folders") or {}).items()}
+    # A run of several sizes lists its data folders only when it ends: look in the declared ones.
+    names = sorted(set(recorded.get("data_folders") or []) | set(folders))
+    files, orphans, error_paths = list_files(layout, markers, names)
+    slot_of = {name: int(spec.get("slot") or 0) for name, spec in folders.items()}
     loaded = _Loaded(
         layout=layout,
         manifest=manifest,
@@ -201,7 +244,8 @@ def _load(output: str, options: QAOptions) -> _Loaded:
         markers=markers,
         files=files,
         orphans=orphans,
-        errors=_read_errors(layout, error_paths),
+        errors=_read_errors(layout, error_paths, slot_of),
+        folders=folders,
     )
     logger.info(
         "qa: %s: %d committed shard(s), %d data file(s), %d error row(s)",
@@ -230,15 +274,38 @@ def _columns(encoder: dict[str, Any]) -> list[TensorColumn]:
     return out
 
 
-def _read_errors(layout: OutputLayout, paths: dict[str, str]) -> pa.Table:
+def _read_errors(layout: OutputLayout, paths: dict[str, str], slot_of: dict[str, int]) -> pa.Table:
+    """``key``, ``shard`` and ``slot`` of every error row: an encode error of one resolution
+    (``at WxH: ...``) stands for that folder's slot, any other error for the whole sample (-1)."""
     tables = []
     shard_of = {path: shard for shard, path in paths.items()}
     for path, data in layout.iter_contents(sorted(shard_of, key=shard_of.__getitem__)):
-        table = pq.read_table(pa.BufferReader(data), columns=["key"])
-        tables.append(table.append_column("shard", pa.array([shard_of[path]] * table.num_rows, pa.string())))
+        table = pq.read_table(pa.BufferReader(data), columns=["key", "stage", "error"])
+        slots = [
+            _error_slot(stage, error, slot_of)
+            for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(), strict=True)
+        ]
+        tables.append(
+            pa.table(
+                {
+                    "key": table.column("key"),
+                    "shard": pa.array([shard_of[path]] * table.num_rows, pa.string()),
+                    "slot": pa.array(slots, pa.int32()),
+                }
+            )
+        )
     if not tables:
-        return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
+        return pa.table(
+            {"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()), "slot": pa.array([], pa.int32())}
+        )
     return pa.concat_tables(tables)
+
+
+def _error_slot(stage: str | None, error: str | None, slot_of: dict[str, int]) -> int:
+    match = _AT_FOLDER.match(error or "") if stage == "encode" else None
+    if match is None or match.group(1) not in slot_of:
+        return -1
+    return slot_of[match.group(1)]
 
 
 # --------------------------------------------------------------------------- scan
@@ -281,16 +348,18 @@ def _scan(loaded: _Loaded, options: QAOptions) -> _Scanned:
     )
     state = _pass1(ds, loaded, options)
     findings = _pass2(ds, state, loaded, options)
+    sample = list(dict.fromkeys((k, f, s) for k, f, s in state.sampled if (k, f) in findings.samples))
     reconstruction = recon.reconstruct(
         loaded.manifest,
         loaded.inputs,
-        [(k, s) for k, s in state.sampled if k in findings.samples],
-        {k: arrays for k, (_, arrays) in findings.samples.items()},
+        sample,
+        {row: arrays for row, (_, arrays) in findings.samples.items()},
         requested=options.sample,
         seed=options.seed,
         decoder=options.decoder,
         device=options.device,
         input_storage_options=options.input_storage_options,
+        by_folder=loaded.multi,
     )
     return _Scanned(state, findings, reconstruction)
 
@@ -320,8 +389,10 @@ def _pass2(ds: Any, state: ScanState, loaded: _Loaded, options: QAOptions) -> Fi
         mean=mean,
         std=std,
         outlier_std=options.outlier_std,
-        sampled=frozenset(k for k, _ in state.sampled),
+        sampled=frozenset((k, f) for k, f, _ in state.sampled),
         partitions=min(512, 1 + sum(state.rows.values()) // ROWS_PER_PARTITION),
+        slot_of=loaded.slot_of,
+        slots=loaded.slots,
     )
     logger.info("qa: pass 2/2 done in %.1f s", time.time() - started)
     return findings
@@ -338,7 +409,7 @@ def _assess(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> dict[str,
     """The report: its sections, the checks that apply to this output, and the verdict."""
     report = _header(loaded, options)
     checks: list[Check] = []
-    for part in (_alignment, _values, _codebook, _reconstruction):
+    for part in (_alignment, _values, _codebook, _reconstruction, _folders):
         sections, found = part(loaded, scanned, options)
         report.update(sections)
         checks += found
@@ -353,6 +424,7 @@ def _alignment(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
     """Row counts and the alignment of data rows, error rows, markers and manifest."""
     data_rows = scanned.data_rows
     duplicate_keys = scanned.findings.duplicate_keys if scanned.findings else []
+    folders = _folder_counts(loaded, scanned) if loaded.multi else None
     alignment = alignment_section(
         manifest=loaded.manifest,
         inputs=loaded.inputs,
@@ -361,6 +433,7 @@ def _alignment(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
         error_rows=loaded.error_rows(),
         orphans=loaded.orphans,
         duplicate_keys=duplicate_keys,
+        folders=folders,
     )
     checks = [
         complete_check(loaded.inputs, loaded.markers),
@@ -370,7 +443,23 @@ def _alignment(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
     if not loaded.files:
         checks.append(data_check())
     rows = {"data": sum(data_rows.values()), "errors": loaded.errors.num_rows, "shards": len(loaded.inputs)}
+    if folders is not None:
+        rows["samples"] = alignment["totals"]["data_samples"]
     return {"rows": rows, "alignment": alignment}, checks
+
+
+def _folder_counts(loaded: _Loaded, scanned: _Scanned) -> FolderCounts:
+    """Rows per folder and distinct samples per shard (pass 1's rows, pass 2's irregular keys)."""
+    state, findings = scanned.state, scanned.findings
+    irregular = findings.irregular if findings else {}
+    return FolderCounts(
+        rows=dict(state.folder_rows) if state else {},
+        samples=distinct_samples(scanned.data_rows, irregular, slots=loaded.slots),
+        errors=loaded.error_slots(),
+        slot_of=loaded.slot_of,
+        slots=loaded.slots,
+        missing=findings.missing_keys if findings else {},
+    )
 
 
 def _values(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
@@ -436,26 +525,48 @@ def _header(loaded: _Loaded, options: QAOptions) -> dict[str, Any]:
 def _statistics(state: ScanState, loaded: _Loaded) -> dict[str, Any]:
     """Per float column: stored and raw statistics, the normalisation and the histogram."""
     out: dict[str, Any] = {}
+    totals = state.stats
     for c in loaded.float_columns:
-        stats = state.stats[c.name]
+        stats = totals[c.name]
         assert isinstance(stats, LatentStats)
-        stored = stats.to_dict()
-        norm = normalization_map(loaded.encoder, c.shape[0])
-        raw = None
-        if norm is not None and norm.applied:
-            raw = affine_summary(stored, norm.scale, norm.offset)
-        elif norm is not None:
-            raw = stored  # raw moments are stored as they are
         counts, edges = stats.histogram()
         out[c.name] = {
-            "dtype": c.dtype,
-            "shape": list(c.shape),
-            "stored": stored,
-            "raw": raw,
-            "normalization": None if norm is None else {"form": norm.form, "applied": norm.applied},
+            **_column_statistics(stats, c, loaded.encoder, shape=_common_shape(loaded, c)),
             "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
         }
     return out
+
+
+def _column_statistics(
+    stats: LatentStats, column: TensorColumn, encoder: dict[str, Any], *, shape: list[int] | None
+) -> dict[str, Any]:
+    """One float column's dtype, shape, stored and raw statistics and normalisation."""
+    stored = stats.to_dict()
+    norm = normalization_map(encoder, column.shape[0])
+    raw = None
+    if norm is not None and norm.applied:
+        raw = affine_summary(stored, norm.scale, norm.offset)
+    elif norm is not None:
+        raw = stored  # raw moments are stored as they are
+    return {
+        "dtype": column.dtype,
+        "shape": shape,
+        "stored": stored,
+        "raw": raw,
+        "normalization": None if norm is None else {"form": norm.form, "applied": norm.applied},
+    }
+
+
+def _common_shape(loaded: _Loaded, column: TensorColumn) -> list[int] | None:
+    """The column's per-row shape over the whole output; None when its folders differ."""
+    shapes = {
+        tuple(spec["columns"][column.name]["shape"])
+        for spec in loaded.folders.values()
+        if column.name in (spec.get("columns") or {})
+    }
+    if len(shapes) > 1:
+        return None
+    return list(shapes.pop()) if shapes else list(column.shape)
 
 
 def _nonfinite(state: ScanState, columns: list[TensorColumn]) -> dict[str, Any]:
@@ -508,6 +619,75 @@ def _scale(
     )
     section["column"] = column.name
     return section, check
+
+
+def _folders(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
+    """Per data folder of an output of several: its rows, statistics, scale verdict and
+    reconstruction scores (nothing for an output of one folder)."""
+    if not loaded.multi:
+        return {}, []
+    state = scanned.state
+    stats = state.folders if state else {}
+    recon = (scanned.reconstruction.section.get("folders") or {}) if scanned.reconstruction else {}
+    names = sorted(set(loaded.folders) | set(stats))
+    out = {}
+    for name in names:
+        spec = loaded.folders.get(name, {})
+        entry: dict[str, Any] = {
+            "size": spec.get("size"),
+            "resolution": spec.get("resolution"),
+            "slot": loaded.slot_of.get(name, 0),
+            "rows": sum(by_folder.get(name, 0) for by_folder in (state.folder_rows.values() if state else [])),
+            "marker_rows": sum(int((m.get("rows") or {}).get(name, 0)) for m in loaded.markers.values()),
+            "columns": spec.get("columns"),
+        }
+        entry.update(_folder_values(stats.get(name), spec, loaded, options))
+        found = recon.get(name)
+        entry["reconstruction"] = None
+        if found and found.get("metrics"):
+            metrics = found["metrics"]
+            entry["reconstruction"] = {
+                "sample": found["sample"],
+                "psnr": metrics["psnr"]["mean"],
+                "ssim": metrics["ssim"]["mean"],
+            }
+        out[name] = entry
+    return {"folders": out}, []
+
+
+def _folder_values(
+    stats: dict[str, LatentStats | CodeUsage] | None, spec: dict[str, Any], loaded: _Loaded, options: QAOptions
+) -> dict[str, Any]:
+    """A folder's statistics (stored and raw, no histograms), codebook usage and scale verdict."""
+    out: dict[str, Any] = {"statistics": {}, "codebook": None, "scale": None}
+    if not stats:
+        return out
+    shapes = spec.get("columns") or {}
+    for c in loaded.float_columns:
+        column = stats[c.name]
+        assert isinstance(column, LatentStats)
+        shape = (shapes.get(c.name) or {}).get("shape")
+        out["statistics"][c.name] = _column_statistics(column, c, loaded.encoder, shape=shape)
+    if loaded.index_columns:
+        usage = stats[loaded.index_columns[0].name]
+        assert isinstance(usage, CodeUsage)
+        out["codebook"] = {
+            "used": usage.used,
+            "usage": usage.usage,
+            "perplexity": usage.perplexity,
+            "out_of_range": usage.out_of_range,
+        }
+    if loaded.float_columns:
+        first = loaded.float_columns[0]
+        section, check = _scale(out["statistics"], first, loaded.encoder, options)
+        out["scale"] = {
+            "column": first.name,
+            "status": check.status,
+            "normalized_mean": section["normalized_mean"],
+            "normalized_std": section["normalized_std"],
+            "message": check.message,
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- write

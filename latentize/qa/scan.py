@@ -13,6 +13,14 @@
    sampled rows (with their stored arrays) come back to the driver.
 
 Both passes read only the key and tensor columns of the data files.
+
+Outputs with several data folders (aspect-ratio buckets, several resolutions) keep every
+figure per folder: blocks carry their file's ``folder``, statistics and rows are accumulated per
+folder (the totals merge them), the sample is drawn over data rows ``(key, folder)``, and a key
+is *repeated* only when it is stored twice for one resolution *slot* (or in two shards): a
+sample appears once in a folder of each resolution. A sample whose rows miss some slot (its
+encoding failed at one resolution) is *partial*; its rows come back to the driver too, which is
+what lets the driver count distinct samples from row counts.
 """
 
 from __future__ import annotations
@@ -23,12 +31,13 @@ import io
 import logging
 import posixpath
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from latentize.qa.stats import CodeUsage, LatentStats
@@ -43,8 +52,12 @@ __all__ = [
     "ScanState",
     "TensorColumn",
     "find_rows",
+    "key_verdict",
+    "missing_slots",
     "read_data_file",
     "scan_statistics",
+    "split_folders",
+    "tensor_values",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,10 +70,12 @@ OUTLIER_LIMIT = 100
 
 @dataclass(frozen=True)
 class DataFile:
-    """One committed data file: its path under the output's filesystem and its shard id."""
+    """One committed data file: its path under the output's filesystem, its shard id and its
+    data folder (``WxH``; empty for a file at the root)."""
 
     path: str
     shard: str
+    folder: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,14 +101,48 @@ DataReader = Callable[[OutputLayout, DataFile, list[TensorColumn]], Iterator[pa.
 DATA_READERS: Registry[DataReader] = Registry("output format", config_key="output.format")
 
 
-def _block(keys: list[str], shard: str, arrays: dict[str, np.ndarray]) -> pa.Table:
+def _block(keys: list[str], data: DataFile, arrays: dict[str, np.ndarray]) -> pa.Table:
     columns: dict[str, pa.Array] = {
         "key": pa.array(keys, pa.string()),
-        "shard": pa.array([shard] * len(keys), pa.string()),
+        "shard": pa.array([data.shard] * len(keys), pa.string()),
+        "folder": pa.array([data.folder] * len(keys), pa.string()),
     }
     for name, values in arrays.items():
         columns[name] = tensor_array(values)
     return pa.table(columns)
+
+
+def _with_origin(table: pa.Table, data: DataFile) -> pa.Table:
+    n = table.num_rows
+    table = table.append_column("shard", pa.array([data.shard] * n, pa.string()))
+    return table.append_column("folder", pa.array([data.folder] * n, pa.string()))
+
+
+def split_folders(block: pa.Table) -> list[tuple[str, pa.Table]]:
+    """A block's rows by data folder, ``[(folder, rows)]`` in folder order.
+
+    Ray may concatenate blocks of several data files (and so of several folders) before an
+    aggregation; each folder's rows share their tensor shapes.
+    """
+    folders = block.column("folder")
+    unique = sorted(str(f) for f in pc.unique(folders).to_pylist())
+    if len(unique) == 1:
+        return [(unique[0], block)]
+    return [(f, block.filter(pc.equal(folders, f))) for f in unique]
+
+
+def tensor_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A tensor column whose rows share one shape -> (N, *shape) numpy array.
+
+    Blocks of one data file hold canonical ``arrow.fixed_shape_tensor`` columns; when Ray
+    concatenates blocks of different shapes it turns them into its variable-shaped tensor
+    type, whose rows are read one by one here.
+    """
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return tensor_numpy(column)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    rows = [np.asarray(row) for chunk in chunks for row in chunk.to_numpy(zero_copy_only=False)]
+    return np.stack(rows)
 
 
 @DATA_READERS.register("parquet")
@@ -107,7 +156,7 @@ def _read_parquet(layout: OutputLayout, data: DataFile, columns: list[TensorColu
             for c in columns:
                 i = table.schema.get_field_index(c.name)
                 table = table.set_column(i, c.name, canonical_tensor(table.column(c.name)))
-            yield table.append_column("shard", pa.array([data.shard] * table.num_rows, pa.string()))
+            yield _with_origin(table, data)
 
 
 @DATA_READERS.register("webdataset")
@@ -121,7 +170,7 @@ def _read_tar(layout: OutputLayout, data: DataFile, columns: list[TensorColumn])
 
     def flush() -> Iterator[pa.Table]:
         if keys:
-            yield _block(list(keys), data.shard, {c.name: np.stack(values[c.name]) for c in columns})
+            yield _block(list(keys), data, {c.name: np.stack(values[c.name]) for c in columns})
             keys.clear()
             for v in values.values():
                 v.clear()
@@ -153,8 +202,8 @@ def _read_tar(layout: OutputLayout, data: DataFile, columns: list[TensorColumn])
 def read_data_file(
     layout: OutputLayout, data: DataFile, *, fmt: str, columns: list[TensorColumn]
 ) -> Iterator[pa.Table]:
-    """Streams a data file as Arrow blocks: ``key``, ``shard`` and the tensor columns
-    (canonical ``arrow.fixed_shape_tensor``), at most :data:`ROWS_PER_BLOCK` rows each."""
+    """Streams a data file as Arrow blocks: ``key``, ``shard``, ``folder`` and the tensor
+    columns (canonical ``arrow.fixed_shape_tensor``), at most :data:`ROWS_PER_BLOCK` rows each."""
     return DATA_READERS.get(fmt)(layout, data, columns)
 
 
@@ -211,60 +260,104 @@ def sample_priority(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+#: Per-column accumulators of one data folder.
+FolderStats = dict[str, LatentStats | CodeUsage]
+
+
 class ScanState:
-    """Mergeable result of pass 1 (see the module docstring)."""
+    """Mergeable result of pass 1 (see the module docstring).
+
+    Attributes:
+        folders: data folder -> column -> accumulator (a folder appears once it has rows).
+        rows: data rows by shard.
+        folder_rows: data rows by shard, then data folder.
+    """
 
     def __init__(self, *, columns: list[TensorColumn], sample: int, seed: int) -> None:
         self.columns = columns
         self.sample = sample
         self.seed = seed
-        self.stats: dict[str, LatentStats | CodeUsage] = {}
-        for c in columns:
-            if c.is_index:
-                self.stats[c.name] = CodeUsage(codebook_size=int(c.codebook_size or 0))
-            else:
-                self.stats[c.name] = LatentStats(channels=int(c.shape[0]))
+        self.folders: dict[str, FolderStats] = {}
         self.rows: dict[str, int] = {}
-        # Max-heap by priority (negated) of the ``sample`` smallest (priority, key, shard).
-        self._heap: list[tuple[int, str, str]] = []
+        self.folder_rows: dict[str, dict[str, int]] = {}
+        # Max-heap by priority (negated) of the ``sample`` smallest (priority, key, folder, shard).
+        self._heap: list[tuple[int, str, str, str]] = []
+
+    def _empty(self) -> FolderStats:
+        out: FolderStats = {}
+        for c in self.columns:
+            if c.is_index:
+                out[c.name] = CodeUsage(codebook_size=int(c.codebook_size or 0))
+            else:
+                out[c.name] = LatentStats(channels=int(c.shape[0]))
+        return out
+
+    @property
+    def stats(self) -> FolderStats:
+        """The accumulators of the whole output: the folders' merged (a fresh object each
+        time, except with one folder, whose own accumulators are returned)."""
+        if len(self.folders) == 1:
+            return next(iter(self.folders.values()))
+        total = self._empty()
+        for folder in sorted(self.folders):
+            for name, stats in self.folders[folder].items():
+                total[name].merge(stats)  # type: ignore[arg-type]
+        return total
 
     def update(self, block: pa.Table) -> ScanState:
+        for folder, rows in split_folders(block):
+            self._update_folder(folder, rows)
+        return self
+
+    def _update_folder(self, folder: str, block: pa.Table) -> None:
         keys = [str(k) for k in block.column("key").to_pylist()]
         shards = block.column("shard").to_pylist()
+        accumulators = self.folders.setdefault(folder, self._empty())
         for c in self.columns:
-            values = tensor_numpy(block.column(c.name))
-            stats = self.stats[c.name]
+            values = tensor_values(block.column(c.name))
+            stats = accumulators[c.name]
             if isinstance(stats, CodeUsage):
                 stats.update(values)
             else:
                 stats.update(values, keys)
         for shard in shards:
             self.rows[shard] = self.rows.get(shard, 0) + 1
+            by_folder = self.folder_rows.setdefault(shard, {})
+            by_folder[folder] = by_folder.get(folder, 0) + 1
         for key, shard in zip(keys, shards, strict=False):
-            self._offer(sample_priority(self.seed, key), key, shard)
-        return self
+            self._offer(sample_priority(self.seed, key), key, folder, shard)
 
-    def _offer(self, priority: int, key: str, shard: str) -> None:
+    def _offer(self, priority: int, key: str, folder: str, shard: str) -> None:
         if self.sample <= 0:
             return
-        item = (-priority, key, shard)
+        item = (-priority, key, folder, shard)
         if len(self._heap) < self.sample:
             heapq.heappush(self._heap, item)
         elif item > self._heap[0]:
             heapq.heapreplace(self._heap, item)
 
     @property
-    def sampled(self) -> list[tuple[str, str]]:
-        """The sampled ``(key, shard)`` pairs, by priority."""
-        return [(k, s) for _, k, s in sorted(self._heap, reverse=True)]
+    def sampled(self) -> list[tuple[str, str, str]]:
+        """The sampled data rows ``(key, folder, shard)``, by priority. A key's rows in several
+        folders share its priority, so the sample holds whole samples but perhaps the last."""
+        return [(k, f, s) for _, k, f, s in sorted(self._heap, reverse=True)]
 
     def merge(self, other: ScanState) -> ScanState:
-        for name, stats in self.stats.items():
-            stats.merge(other.stats[name])  # type: ignore[arg-type]
+        for folder, stats in other.folders.items():
+            mine = self.folders.get(folder)
+            if mine is None:
+                self.folders[folder] = stats
+                continue
+            for name, s in mine.items():
+                s.merge(stats[name])  # type: ignore[arg-type]
         for shard, n in other.rows.items():
             self.rows[shard] = self.rows.get(shard, 0) + n
-        for neg, key, shard in other._heap:
-            self._offer(-neg, key, shard)
+        for shard, by_folder in other.folder_rows.items():
+            mine_rows = self.folder_rows.setdefault(shard, {})
+            for folder, n in by_folder.items():
+                mine_rows[folder] = mine_rows.get(folder, 0) + n
+        for neg, key, folder, shard in other._heap:
+            self._offer(-neg, key, folder, shard)
         return self
 
     def to_bytes(self) -> bytes:
@@ -272,8 +365,12 @@ class ScanState:
 
         head = {
             "rows": self.rows,
-            "heap": [[-neg, k, s] for neg, k, s in self._heap],
-            "stats": {name: s.to_bytes().hex() for name, s in self.stats.items()},
+            "folder_rows": self.folder_rows,
+            "heap": [[-neg, k, f, s] for neg, k, f, s in self._heap],
+            "stats": {
+                folder: {name: s.to_bytes().hex() for name, s in stats.items()}
+                for folder, stats in self.folders.items()
+            },
         }
         return json.dumps(head).encode()
 
@@ -284,10 +381,15 @@ class ScanState:
             return self
         head = json.loads(data)
         self.rows = {k: int(v) for k, v in head["rows"].items()}
-        self._heap = [(-int(p), k, s) for p, k, s in head["heap"]]
+        self.folder_rows = {s: {f: int(n) for f, n in v.items()} for s, v in head["folder_rows"].items()}
+        self._heap = [(-int(p), k, f, s) for p, k, f, s in head["heap"]]
         heapq.heapify(self._heap)
-        for name, hexed in head["stats"].items():
-            self.stats[name] = type(self.stats[name]).from_bytes(bytes.fromhex(hexed))
+        self.folders = {}
+        for folder, hexed in head["stats"].items():
+            stats = self._empty()
+            for name, value in hexed.items():
+                stats[name] = type(stats[name]).from_bytes(bytes.fromhex(value))
+            self.folders[folder] = stats
         return self
 
 
@@ -330,6 +432,14 @@ FINDINGS_SCHEMA = pa.schema(
         ("group", pa.string()),
         ("key", pa.string()),
         ("shard", pa.string()),
+        # The data folder of a data row (None on error rows).
+        ("folder", pa.string()),
+        # The resolution slot the row stands for; -1: an error row of the whole sample.
+        ("slot", pa.int32()),
+        # A data row (else an error row).
+        ("data", pa.bool_()),
+        # Set by keep_interesting on every row of a key group that comes back whole.
+        ("whole", pa.bool_()),
         ("outliers", pa.int64()),
         ("column", pa.string()),
         ("channel", pa.int32()),
@@ -364,17 +474,47 @@ def row_findings(
     mean: Mapping[str, list[float]],
     std: Mapping[str, list[float]],
     outlier_std: float,
-    sampled: frozenset[str],
+    sampled: frozenset[tuple[str, str]],
+    slot_of: Mapping[str, int] | None = None,
 ) -> pa.Table:
     """Per data row: a digest group row and a key group row (see :data:`FINDINGS_SCHEMA`).
 
     A value is an outlier when ``|x - mean[c]| > outlier_std * std[c]`` for its channel ``c``
     (non-finite values are reported by pass 1, not here); ``z`` and ``value`` describe the
-    row's most extreme value.
+    row's most extreme value. ``sampled`` holds the ``(key, folder)`` of the sampled rows;
+    ``slot_of`` maps a data folder to its resolution slot (0 for folders it does not name).
     """
+    tables = [
+        _folder_findings(
+            rows,
+            folder=folder,
+            slot=int((slot_of or {}).get(folder, 0)),
+            columns=columns,
+            mean=mean,
+            std=std,
+            outlier_std=outlier_std,
+            sampled=sampled,
+        )
+        for folder, rows in split_folders(block)
+    ]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _folder_findings(
+    block: pa.Table,
+    *,
+    folder: str,
+    slot: int,
+    columns: list[TensorColumn],
+    mean: Mapping[str, list[float]],
+    std: Mapping[str, list[float]],
+    outlier_std: float,
+    sampled: frozenset[tuple[str, str]],
+) -> pa.Table:
+    """:func:`row_findings` of rows of one data folder."""
     keys = [str(k) for k in block.column("key").to_pylist()]
     shards = block.column("shard").to_pylist()
-    arrays = {c.name: tensor_numpy(block.column(c.name)) for c in columns}
+    arrays = {c.name: tensor_values(block.column(c.name)) for c in columns}
     n = len(keys)
     outliers = np.zeros(n, dtype=np.int64)
     zmax = np.zeros(n)
@@ -403,12 +543,16 @@ def row_findings(
     flat_arrays = [arrays[c.name] for c in columns]
     rows: dict[str, list[Any]] = {name: [] for name in FINDINGS_SCHEMA.names}
     for i, key in enumerate(keys):
-        is_sampled = key in sampled
+        is_sampled = (key, folder) in sampled
         payload = _npz({c.name: arrays[c.name][i] for c in columns}) if is_sampled else None
         for group in (f"d:{_digest(flat_arrays, i)}", f"k:{key}"):
             rows["group"].append(group)
             rows["key"].append(key)
             rows["shard"].append(shards[i])
+            rows["folder"].append(folder)
+            rows["slot"].append(slot)
+            rows["data"].append(True)
+            rows["whole"].append(False)
             rows["outliers"].append(int(outliers[i]))
             rows["column"].append(zcol[i])
             rows["channel"].append(int(zch[i]))
@@ -421,14 +565,21 @@ def row_findings(
     return pa.table(rows, schema=FINDINGS_SCHEMA)
 
 
-def error_key_rows(keys: list[str], shards: list[str]) -> pa.Table:
-    """Key group rows for the error rows, so a key that is both data and error is caught."""
+def error_key_rows(keys: list[str], shards: list[str], slots: list[int] | None = None) -> pa.Table:
+    """Key group rows for the error rows, so a key that is both data and error is caught.
+
+    ``slots``: the resolution slot each error row stands for (-1, the default: the whole sample).
+    """
     n = len(keys)
     return pa.table(
         {
             "group": [f"k:{k}" for k in keys],
             "key": keys,
             "shard": shards,
+            "folder": [None] * n,
+            "slot": slots if slots is not None else [-1] * n,
+            "data": [False] * n,
+            "whole": [False] * n,
             "outliers": [0] * n,
             "column": [None] * n,
             "channel": [-1] * n,
@@ -441,28 +592,95 @@ def error_key_rows(keys: list[str], shards: list[str]) -> pa.Table:
     )
 
 
-def keep_interesting(group: pa.Table) -> pa.Table:
-    """``map_groups`` body: the whole group when it has several rows, else the row only if it
-    is an outlier or sampled."""
-    if group.num_rows > 1:
-        return group
-    import pyarrow.compute as pc
+def key_verdict(
+    slots: Sequence[int], data: Sequence[bool], shards: Sequence[str], *, total_slots: int
+) -> tuple[bool, bool]:
+    """Whether the rows of one key are ``(repeated, partial)``.
 
+    Each row stands for one resolution slot (``-1``: an error row of the whole sample, which
+    stands for every slot). The key is *repeated* when its rows are in more than one shard or a
+    slot is stood for more than once (a second data row, or a data and an error row); *partial*
+    when it has data rows but not in every one of the ``total_slots`` slots.
+
+    Args:
+        slots: the slot of each row.
+        data: whether each row is a data row (else an error row).
+        shards: the shard of each row.
+        total_slots: the resolutions of the run (1 for one resolution).
+    """
+    per_slot: dict[int, int] = {}
+    whole = 0
+    for slot in slots:
+        if slot < 0:
+            whole += 1
+        else:
+            per_slot[slot] = per_slot.get(slot, 0) + 1
+    covered = set(range(total_slots)) | set(per_slot)
+    repeated = len(set(shards)) > 1 or any(per_slot.get(s, 0) + whole > 1 for s in covered)
+    with_data = {s for s, d in zip(slots, data, strict=True) if d}
+    partial = bool(with_data) and not set(range(total_slots)) <= with_data
+    return repeated, partial
+
+
+def missing_slots(slots: Sequence[int], data: Sequence[bool], *, total_slots: int) -> list[int]:
+    """The resolution slots for which a key with data rows has no row at all, data or error.
+
+    A sample encoded at one resolution but not at another must say why in an error row; one
+    that has neither lost a row. An error row of the whole sample (slot -1) stands for every
+    slot (a data row beside it is a repeat, not a gap).
+
+    Args:
+        slots: the slot of each of the key's rows.
+        data: whether each row is a data row (else an error row).
+        total_slots: the resolutions of the run.
+    """
+    if not any(data) or any(slot < 0 for slot in slots):
+        return []
+    return sorted(set(range(total_slots)) - set(slots))
+
+
+def keep_interesting(group: pa.Table, *, slots: int = 1) -> pa.Table:
+    """``map_groups`` body: a digest group whole when it has several rows; a key group whole
+    (``whole`` set) when :func:`key_verdict` finds it repeated or partial; else only the rows
+    that are outliers or sampled."""
+    name = str(group.column("group")[0].as_py())
+    if name.startswith("k:"):
+        repeated, partial = key_verdict(
+            group.column("slot").to_pylist(),
+            group.column("data").to_pylist(),
+            group.column("shard").to_pylist(),
+            total_slots=slots,
+        )
+        if repeated or partial:
+            index = group.schema.get_field_index("whole")
+            return group.set_column(index, "whole", pa.array([True] * group.num_rows, pa.bool_()))
+    elif group.num_rows > 1:
+        return group
     mask = pc.or_(pc.greater(group.column("outliers"), 0), group.column("sampled"))
     return group.filter(mask)
 
 
 @dataclass
 class Findings:
-    """What pass 2 found. ``outlier_rows`` / ``outlier_values`` are exact counts."""
+    """What pass 2 found. ``outlier_rows`` / ``outlier_values`` are exact counts.
+
+    Attributes:
+        samples: ``(key, folder)`` -> (shard, the sampled row's stored arrays).
+        irregular: shard -> (keys, data rows) of the keys whose rows came back whole (repeated
+            or partial); every other key with data holds one row per resolution slot.
+        missing_keys: key -> the resolution slots it has data rows but no row at all for
+            (:func:`missing_slots`), by key.
+    """
 
     duplicate_latents: list[list[tuple[str, str]]]
     duplicate_keys: list[list[str]]
     outlier_rows: int
     outlier_values: int
     worst: list[dict[str, Any]]
-    samples: dict[str, tuple[str, dict[str, np.ndarray]]]
+    samples: dict[tuple[str, str], tuple[str, dict[str, np.ndarray]]]
     duplicate_rows: int
+    irregular: dict[str, tuple[int, int]]
+    missing_keys: dict[str, list[int]] = field(default_factory=dict)
 
 
 def find_rows(
@@ -473,11 +691,14 @@ def find_rows(
     mean: Mapping[str, list[float]],
     std: Mapping[str, list[float]],
     outlier_std: float,
-    sampled: frozenset[str],
+    sampled: frozenset[tuple[str, str]],
     partitions: int = 1,
+    slot_of: Mapping[str, int] | None = None,
+    slots: int = 1,
 ) -> Findings:
-    """Pass 2 over ``ds``; ``errors`` (``key``, ``shard``) joins the key groups; ``partitions``:
-    of the shuffle on the group column."""
+    """Pass 2 over ``ds``; ``errors`` (``key``, ``shard``, and ``slot`` when the run wrote
+    several resolutions) joins the key groups; ``partitions``: of the shuffle on the group
+    column; ``slot_of`` / ``slots``: each data folder's resolution slot and their number."""
     import ray
 
     found = ds.map_batches(
@@ -488,20 +709,29 @@ def find_rows(
             "std": dict(std),
             "outlier_std": outlier_std,
             "sampled": sampled,
+            "slot_of": dict(slot_of or {}),
         },
         batch_format="pyarrow",
         batch_size=None,
     )
     if errors is not None and errors.num_rows:
-        found = found.union(
-            ray.data.from_arrow(error_key_rows(errors.column("key").to_pylist(), errors.column("shard").to_pylist()))
-        )
-    kept = found.groupby("group", num_partitions=partitions).map_groups(keep_interesting, batch_format="pyarrow")
+        error_slots = errors.column("slot").to_pylist() if "slot" in errors.column_names else None
+        error_rows = error_key_rows(errors.column("key").to_pylist(), errors.column("shard").to_pylist(), error_slots)
+        found = found.union(ray.data.from_arrow(error_rows))
+    kept = found.groupby("group", num_partitions=partitions).map_groups(
+        keep_interesting, batch_format="pyarrow", fn_kwargs={"slots": slots}
+    )
+    return _collect(kept, slots=slots)
+
+
+def _collect(kept: Any, *, slots: int) -> Findings:
+    """The driver's side of pass 2: the rows :func:`keep_interesting` kept, as findings."""
     dup_latents: dict[str, list[tuple[str, str]]] = {}
-    dup_keys: dict[str, list[str]] = {}
+    whole: dict[str, list[tuple[str, int, bool]]] = {}
+    counted: set[tuple[str, str]] = set()
     worst: list[tuple[float, int, dict[str, Any]]] = []
     outlier_rows = outlier_values = 0
-    samples: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
+    samples: dict[tuple[str, str], tuple[str, dict[str, np.ndarray]]] = {}
     tie = 0
     for batch in kept.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
@@ -509,11 +739,18 @@ def find_rows(
             if group.startswith("d:"):
                 dup_latents.setdefault(group[2:], []).append((row["key"], row["shard"]))
                 continue
-            dup_keys.setdefault(row["key"], []).append(row["shard"])
-            if row["sampled"] and row["payload"] is not None and row["key"] not in samples:
+            key = row["key"]
+            if row["whole"]:
+                whole.setdefault(key, []).append((row["shard"], int(row["slot"]), bool(row["data"])))
+            if not row["data"]:
+                continue
+            stored = (key, row["folder"])
+            if row["sampled"] and row["payload"] is not None and stored not in samples:
                 with np.load(io.BytesIO(row["payload"]), allow_pickle=False) as npz:
-                    samples[row["key"]] = (row["shard"], {name: npz[name] for name in npz.files})
-            if row["outliers"] > 0 and len(dup_keys[row["key"]]) == 1:
+                    samples[stored] = (row["shard"], {name: npz[name] for name in npz.files})
+            # A data row stored twice (a repeated key) counts once.
+            if row["outliers"] > 0 and stored not in counted:
+                counted.add(stored)
                 outlier_rows += 1
                 outlier_values += int(row["outliers"])
                 item = {k: row[k] for k in ("key", "shard", "column", "channel", "value", "z", "outliers")}
@@ -525,16 +762,48 @@ def find_rows(
                     heapq.heapreplace(worst, entry)
     groups = [sorted(v) for v in dup_latents.values() if len(v) > 1]
     groups.sort(key=lambda g: (-len(g), g))
-    repeated = sorted(k for k, shards in dup_keys.items() if len(shards) > 1)
+    repeated = sorted(k for k, rows in whole.items() if _repeated(rows, slots))
     return Findings(
         duplicate_latents=groups,
-        duplicate_keys=[[k, *sorted(dup_keys[k])] for k in repeated],
+        duplicate_keys=[[k, *sorted(shard for shard, _, _ in whole[k])] for k in repeated],
         outlier_rows=outlier_rows,
         outlier_values=outlier_values,
         worst=[item for _, _, item in sorted(worst, key=lambda e: (-e[0], -e[1]))],
         samples=samples,
         duplicate_rows=sum(len(g) for g in groups),
+        irregular=_irregular(whole),
+        missing_keys=_missing(whole, slots),
     )
+
+
+def _repeated(rows: list[tuple[str, int, bool]], slots: int) -> bool:
+    """:func:`key_verdict`'s ``repeated`` of one key's ``(shard, slot, data)`` rows."""
+    shards = [shard for shard, _, _ in rows]
+    return key_verdict([s for _, s, _ in rows], [d for _, _, d in rows], shards, total_slots=slots)[0]
+
+
+def _missing(whole: Mapping[str, list[tuple[str, int, bool]]], slots: int) -> dict[str, list[int]]:
+    """Key -> :func:`missing_slots` of the keys that came back whole, those with a gap only."""
+    out = {}
+    for key in sorted(whole):
+        rows = whole[key]
+        gap = missing_slots([s for _, s, _ in rows], [d for _, _, d in rows], total_slots=slots)
+        if gap:
+            out[key] = gap
+    return out
+
+
+def _irregular(whole: Mapping[str, list[tuple[str, int, bool]]]) -> dict[str, tuple[int, int]]:
+    """Shard -> (keys with data rows there, their data rows) of the keys that came back whole."""
+    keys: dict[str, int] = {}
+    rows: dict[str, int] = {}
+    for entries in whole.values():
+        data_shards = [shard for shard, _, is_data in entries if is_data]
+        for shard in set(data_shards):
+            keys[shard] = keys.get(shard, 0) + 1
+        for shard in data_shards:
+            rows[shard] = rows.get(shard, 0) + 1
+    return {shard: (keys[shard], rows[shard]) for shard in sorted(keys)}
 
 
 def list_files(
@@ -555,7 +824,7 @@ def list_files(
             if rel.startswith("_errors/"):
                 errors[shard] = path
             else:
-                data.append(DataFile(path=path, shard=shard))
+                data.append(DataFile(path=path, shard=shard, folder=posixpath.dirname(rel)))
     orphans: list[str] = []
     for folder in [*data_folders, "_errors"]:
         try:

@@ -31,10 +31,20 @@ from latentize.qa.plots import (
     pair_image,
     scale_plot,
 )
-from latentize.qa.values import as_list, as_mapping, is_finite, is_number, percent, percentile, text
+from latentize.qa.values import (
+    as_list,
+    as_mapping,
+    is_finite,
+    is_number,
+    percent,
+    percentile,
+    sample_label,
+    text,
+)
 
 __all__ = [
     "CHANNELS_COLLAPSE",
+    "FOLDERS_COLLAPSE",
     "KEY_LIST_CAP",
     "MAX_PAIRS",
     "SHARDS_COLLAPSE",
@@ -45,6 +55,7 @@ __all__ = [
     "DuplicatesView",
     "EncoderView",
     "Facts",
+    "FoldersView",
     "Header",
     "KeyList",
     "NonfiniteBlock",
@@ -70,6 +81,8 @@ KEY_LIST_CAP = 50
 SHARDS_COLLAPSE = 20
 #: Per-channel tables collapse into a ``<details>`` above this many channels.
 CHANNELS_COLLAPSE = 32
+#: The per-folder table collapses into a ``<details>`` above this many data folders.
+FOLDERS_COLLAPSE = 40
 #: At most this many reconstruction pairs are drawn (the worst ones).
 MAX_PAIRS = 64
 
@@ -170,9 +183,12 @@ def _facts(pairs: Iterable[tuple[str, Any]]) -> Facts:
     return [(label, value if isinstance(value, Cell) else Cell.of(value)) for label, value in pairs]
 
 
+def _row(values: Sequence[Any], *, css: str = "") -> Row:
+    return Row([v if isinstance(v, Cell) else Cell.of(v) for v in values], css)
+
+
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, summary: str | None = None) -> Table:
-    cells = [Row([v if isinstance(v, Cell) else Cell.of(v) for v in row]) for row in rows]
-    return Table(list(headers), cells, summary)
+    return Table(list(headers), [_row(row) for row in rows], summary)
 
 
 def _key_list(keys: Any, *, total: Any = None, truncated: Any = False, what: str = "keys") -> KeyList:
@@ -236,6 +252,7 @@ def build_page(report: Mapping[str, Any], images: Images) -> Page:
     """
     builders: list[tuple[str, str, Callable[[], Any]]] = [
         ("encoder", "Encoder", lambda: _encoder_view(report)),
+        ("folders", "Data folders", lambda: _folders_view(report)),
         ("scale", "Scale check", lambda: _scale_view(report)),
         ("statistics", "Per-channel statistics", lambda: _statistics_view(report)),
         ("nonfinite", "Non-finite values and outliers", lambda: _nonfinite_view(report)),
@@ -362,6 +379,75 @@ def _scale_view(report: Mapping[str, Any]) -> ScaleView | None:
         )
     figures = _facts((k, scale.get(k)) for k in _SCALE_FIGURES if k in scale)
     return ScaleView(True, message_text, scale_plot(scale), constants, figures)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+@dataclass(frozen=True)
+class FoldersView:
+    """One row per data folder (an aspect-ratio bucket or a resolution) and one for the whole
+    output: rows, stored mean and std per column, the scale verdict, reconstruction scores."""
+
+    table: Table
+
+
+def _size_text(size: Any) -> str:
+    values = as_list(size)
+    return " × ".join(text(v) for v in values) if values else "—"
+
+
+def _folders_view(report: Mapping[str, Any]) -> FoldersView | None:
+    entries = [(str(name), as_mapping(f)) for name, f in as_mapping(report.get("folders")).items()]
+    entries = [(name, f) for name, f in entries if f]
+    if not entries:
+        return None
+    columns = list(dict.fromkeys(c for _, f in entries for c in as_mapping(f.get("statistics"))))
+    codebook = any(as_mapping(f.get("codebook")) for _, f in entries)
+    headers = ["folder", "size", "resolution", "rows", "marker rows"]
+    for c in columns:
+        headers += [f"{c} mean", f"{c} std"]
+    if codebook:
+        headers += ["codes used", "perplexity"]
+    headers += ["scale", "normalised std", "sampled", "PSNR (dB)", "SSIM"]
+    rows = []
+    for name, f in entries:
+        stats = as_mapping(f.get("statistics"))
+        pooled = [as_mapping(as_mapping(as_mapping(stats.get(c)).get("stored")).get("all")) for c in columns]
+        book, scale, rec = (as_mapping(f.get(k)) for k in ("codebook", "scale", "reconstruction"))
+        row: list[Any] = [Cell.code(name), _size_text(f.get("size")), _size_text(f.get("resolution"))]
+        row += [f.get("rows"), f.get("marker_rows")]
+        row += [v for p in pooled for v in (p.get("mean"), p.get("std"))]
+        row += [book.get("used"), book.get("perplexity")] if codebook else []
+        row += [Cell.status(scale.get("status")), scale.get("normalized_std")]
+        row += [rec.get("sample"), rec.get("psnr"), rec.get("ssim")]
+        rows.append(_row(row))
+    rows.append(_row(_folders_total(report, entries, columns, codebook), css="all"))
+    summary = f"{len(entries)} data folders" if len(entries) > FOLDERS_COLLAPSE else None
+    return FoldersView(Table(headers, rows, summary))
+
+
+def _folders_total(
+    report: Mapping[str, Any], entries: list[tuple[str, Mapping[str, Any]]], columns: list[str], codebook: bool
+) -> list[Any]:
+    """The whole output's row of the folders table, from the report's total sections."""
+    stats = as_mapping(report.get("statistics"))
+    markers = [f.get("marker_rows") for _, f in entries]
+    row: list[Any] = ["all", "", "", as_mapping(report.get("rows")).get("data")]
+    row.append(sum(int(m) for m in markers if is_finite(m)) if all(is_finite(m) for m in markers) else None)
+    for c in columns:
+        pooled = as_mapping(as_mapping(as_mapping(stats.get(c)).get("stored")).get("all"))
+        row += [pooled.get("mean"), pooled.get("std")]
+    if codebook:
+        book = as_mapping(report.get("codebook"))
+        row += [book.get("used"), book.get("perplexity")]
+    checks = [c for c in as_list(report.get("checks")) if isinstance(c, Mapping) and c.get("name") == "scale"]
+    verdict = checks[0].get("status") if checks else None
+    row += [Cell.status(verdict), as_mapping(report.get("scale")).get("normalized_std")]
+    rec = as_mapping(report.get("reconstruction"))
+    metrics = as_mapping(rec.get("metrics"))
+    row += [rec.get("sample"), as_mapping(metrics.get("psnr")).get("mean"), as_mapping(metrics.get("ssim")).get("mean")]
+    return row
 
 
 # --------------------------------------------------------------------------- statistics
@@ -683,13 +769,16 @@ def _caption(sample: Mapping[str, Any]) -> str:
         f"SSIM {text(sample.get('ssim'))}" if "ssim" in sample else "",
         f"LPIPS {text(sample.get('lpips'))}" if sample.get("lpips") is not None else "",
         f"shard {sample.get('shard')}" if sample.get("shard") is not None else "",
+        f"folder {sample.get('folder')}" if sample.get("folder") else "",
     )
     return " · ".join(p for p in parts if p) or "no metrics"
 
 
 def _pairs(samples: list[Mapping[str, Any]], images: Images) -> tuple[list[Pair], int, list[str]]:
-    """The drawn pairs (worst first), how many keys have images, and the undrawable keys."""
-    by_key = {str(s.get("key")): s for s in samples}
+    """The drawn pairs (worst first), how many keys have images, and the undrawable keys.
+    A sample and its images go by :func:`~latentize.qa.values.sample_label` (the key, and its
+    folder when the output has several)."""
+    by_key = {sample_label(s.get("key"), s.get("folder")): s for s in samples}
     # Scored samples worst first, then any images the report holds no metrics for.
     order = list(by_key) + [str(k) for k in images if str(k) not in by_key]
     lookup = {str(k): v for k, v in images.items()}

@@ -25,6 +25,7 @@ __all__ = [
     "number",
     "percent",
     "percentile",
+    "sample_label",
     "text",
 ]
 
@@ -147,3 +148,9 @@ def percentile(percentiles: Any, q: float) -> Any:
         except (TypeError, ValueError):
             continue
     return None
+
+
+def sample_label(key: Any, folder: Any = None) -> str:
+    """How the report names a sampled row: its key, and its data folder when the output has
+    several (a key is then stored once per resolution)."""
+    return str(key) if not folder else f"{key} ({folder})"

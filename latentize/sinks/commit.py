@@ -88,9 +88,20 @@ _PART_TYPE = pa.struct(
         ("indices", pa.list_(pa.int64())),
         ("bytes", pa.int64()),
         ("reencoded", pa.int64()),
+        # The resolution (position in preprocess.resolutions) of the part's rows.
+        ("slot", pa.int32()),
     ]
 )
-_ERROR_TYPE = pa.struct([("key", pa.string()), ("index", pa.int64()), ("stage", pa.string()), ("error", pa.string())])
+_ERROR_TYPE = pa.struct(
+    [
+        ("key", pa.string()),
+        ("index", pa.int64()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+        # -1: the sample failed as a whole (read, decode); else the resolution that failed.
+        ("slot", pa.int32()),
+    ]
+)
 
 #: What :func:`stage_batch` returns: one row per shard present in the batch. An explicit schema:
 #: left to Ray, equal-length index lists would become a tensor column in one block and objects
@@ -126,13 +137,16 @@ def _stage_part(
     tensor_columns: list[str],
     sink_name: str,
     compression: str,
+    slot: int,
     tensor_type: str,
 ) -> dict[str, Any]:
     """Writes the ok rows ``rows`` (positions in ``batch``, in index order) as one staged part."""
     sink = SINKS.get(sink_name)
     columns = {name: _column(np.asarray(batch[name])[rows], dtype) for name, dtype in _PASSTHROUGH.items()}
     for name in tensor_columns:
-        columns[name] = tensor_array(np.asarray(batch[name])[rows])
+        values = np.asarray(batch[name])[rows]
+        # A run of several sizes hands over per-row arrays; one part holds one size.
+        columns[name] = tensor_array(np.stack(list(values)) if values.dtype == object else values)
     data = sink.serialize(
         pa.table(columns), tensor_columns=tensor_columns, compression=compression, tensor_type=tensor_type
     )
@@ -148,6 +162,7 @@ def _stage_part(
         "indices": indices.tolist(),
         "bytes": len(data),
         "reencoded": sum(1 for note in notes if note and REENCODED_NOTE in note),
+        "slot": slot,
     }
 
 
@@ -183,7 +198,9 @@ def stage_batch(
     keys = text_column(batch["key"], n)
     nodes = text_column(batch.get("read_node"), n)
     folders = text_column(batch["folder"], n) if "folder" in batch else np.full(n, folder, dtype=object)
+    slots = np.asarray(batch["slot"]).astype(np.int32) if "slot" in batch else np.zeros(n, np.int32)
     indices = np.asarray(batch["index"]).astype(np.int64)
+    multi = "slot" in batch
     sentinel = totals >= 0
     failed = ~sentinel & np.array([e is not None for e in errors], dtype=bool)
     ok = ~sentinel & ~failed
@@ -194,7 +211,12 @@ def stage_batch(
         for i in np.flatnonzero(mine & sentinel):
             report.update(total=int(totals[i]), shard_error=errors[i], read_node=nodes[i])
         for i in np.flatnonzero(mine & failed):
-            report["errors"].append({"key": keys[i], "index": int(indices[i]), "stage": stages[i], "error": errors[i]})
+            # An error row of a sample-wide failure (slot -1) stands for every resolution.
+            slot = int(slots[i]) if stages[i] == "encode" else -1
+            error = errors[i] if slot < 0 or not multi else f"at {folders[i]}: {errors[i]}"
+            report["errors"].append(
+                {"key": keys[i], "index": int(indices[i]), "stage": stages[i], "error": error, "slot": slot}
+            )
         for name in sorted(set(folders[mine & ok].tolist())):
             sel = np.flatnonzero(mine & ok & (folders == name))
             sel = sel[np.argsort(indices[sel], kind="stable")]
@@ -208,6 +230,7 @@ def stage_batch(
                     tensor_columns=tensor_columns,
                     sink_name=sink_name,
                     compression=compression,
+                    slot=int(slots[sel[0]]),
                     tensor_type=tensor_type,
                 )
             )
@@ -224,12 +247,13 @@ class Part:
     indices: np.ndarray
     bytes: int
     reencoded: int
+    slot: int = 0
 
 
 @dataclass
 class _ShardState:
     parts: dict[str, Part] = field(default_factory=dict)
-    errors: dict[int, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     count: int = 0
     total: int | None = None
@@ -264,12 +288,21 @@ class ShardCommit:
 class ShardTracker:
     """Driver-side bookkeeping: which shards have all their rows staged or failed.
 
-    Duplicated reports (a retried task or actor) are harmless: coverage is counted per index.
+    Coverage is counted per (row index, resolution slot): a run of ``slots`` resolutions
+    writes every sample once per resolution, and a shard is complete when each sample has a
+    staged row or an error for each slot (an error of the whole sample covers all its slots).
+    Duplicated reports (a retried task or actor) are harmless.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, slots: int = 1) -> None:
+        self._slots = slots
         self._shards: dict[str, _ShardState] = {}
         self._done: set[str] = set()
+
+    def _units(self, indices: np.ndarray, slot: int) -> np.ndarray:
+        if slot >= 0:
+            return indices * self._slots + slot
+        return (indices[:, None] * self._slots + np.arange(self._slots)[None, :]).ravel()
 
     def add(self, report: dict[str, Any]) -> bool:
         """Records one row of :data:`REPORT_SCHEMA`; True when its shard has just become complete."""
@@ -279,12 +312,15 @@ class ShardTracker:
             return False
         state = self._shards.setdefault(shard, _ShardState())
         for p in report["parts"]:
-            part = Part(p["folder"], p["path"], np.asarray(p["indices"], dtype=np.int64), p["bytes"], p["reencoded"])
+            indices = np.asarray(p["indices"], dtype=np.int64)
+            slot = int(p.get("slot") or 0)
+            part = Part(p["folder"], p["path"], indices, p["bytes"], p["reencoded"], slot)
             state.parts[part.path] = part
-            state.cover(part.indices)
+            state.cover(self._units(indices, slot))
         for e in report["errors"]:
-            state.errors.setdefault(int(e["index"]), e)
-        state.cover(np.fromiter((int(e["index"]) for e in report["errors"]), dtype=np.int64))
+            slot = -1 if e.get("slot") is None else int(e["slot"])
+            state.errors.setdefault((int(e["index"]), slot), e)
+            state.cover(self._units(np.array([int(e["index"])], dtype=np.int64), slot))
         if report["total"] >= 0:
             state.total = int(report["total"])
             state.error = report.get("shard_error")
@@ -295,19 +331,20 @@ class ShardTracker:
         state = self._shards.get(shard)
         if state is None or state.total is None:
             return False
-        # Distinct indices seen == total, none of them out of range: every row is accounted for.
-        return state.count == state.total and not state.seen[state.total :].any()
+        # Distinct units seen == total x slots, none out of range: every row is accounted for.
+        expected = state.total * self._slots
+        return state.count == expected and not state.seen[expected:].any()
 
     def pop(self, shard: str) -> ShardCommit:
         """Removes a complete shard's state; returns what its commit needs."""
         state = self._shards.pop(shard)
         self._done.add(shard)
         assert state.total is not None
-        errors = [state.errors[i] for i in sorted(state.errors)]
+        errors = [state.errors[k] for k in sorted(state.errors)]
         return ShardCommit(shard, state.total, list(state.parts.values()), errors, state.error, state.read_node)
 
     def incomplete(self) -> dict[str, tuple[int, int | None]]:
-        """Shards still open: ``shard -> (rows seen, total or None)``."""
+        """Shards still open: ``shard -> (rows seen (per slot), total or None)``."""
         return {s: (st.count, st.total) for s, st in self._shards.items()}
 
 
@@ -440,6 +477,7 @@ class Committer:
         sink_name: the output format.
         fingerprint: the run's config fingerprint (recorded in each marker).
         ledger_every_s: seconds between rewrites of ``_ledger.parquet`` during the run.
+        slots: resolutions written per sample (``preprocess.resolutions``).
     """
 
     #: Staged files removed per bulk delete (S3's limit per DeleteObjects request).
@@ -455,6 +493,7 @@ class Committer:
         sink_name: str,
         fingerprint: str,
         ledger_every_s: float = 300.0,
+        slots: int = 1,
     ) -> None:
         import ray
 
@@ -467,7 +506,7 @@ class Committer:
         # SPREAD: commits are I/O, so they go to every node rather than pile up on the driver's.
         remote: Any = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=True, scheduling_strategy="SPREAD")
         self._task = remote(commit_shard)
-        self._tracker = ShardTracker()
+        self._tracker = ShardTracker(slots=slots)
         self._in_flight: dict[Any, ShardCommit] = {}
         self._staged_done: list[str] = []
         self._ledger_every_s = ledger_every_s

@@ -10,21 +10,24 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from latentize.config import InputConfig
+from latentize.config import AUTO_FIELD, InputConfig
 from latentize.errors import ConfigError
 from latentize.registry import Registry
 
 __all__ = [
+    "CAPTION_DEFAULTS",
     "RawSample",
     "Reader",
     "SOURCES",
     "caption_text",
+    "duplicate_key_error",
     "infer_format",
     "json_text",
+    "resolve_caption_field",
     "unsafe_key",
 ]
 
@@ -84,6 +87,37 @@ def unsafe_key(key: str) -> str | None:
     if ".." in _KEY_PARTS.split(key):
         return "unsafe key: has a '..' path component (would point outside the output folder)"
     return None
+
+
+_ORDINALS = {2: "second", 3: "third"}
+
+#: What ``input.caption_field: auto`` reads, per input format, in order of preference: the first
+#: of these columns that a Parquet file has (img2dataset's Parquet output names it ``caption``);
+#: WebDataset members cannot be known before reading, so the first is the one.
+CAPTION_DEFAULTS: dict[str, tuple[str, ...]] = {"webdataset": ("txt",), "parquet": ("caption", "txt")}
+
+
+def resolve_caption_field(field: str | None, fmt: str, columns: Collection[str] | None = None) -> str | None:
+    """The caption member suffix or column that ``input.caption_field`` means for ``fmt``.
+
+    Anything but ``auto`` is returned as given (``None``: no caption). ``auto`` becomes the
+    first of :data:`CAPTION_DEFAULTS` present in ``columns`` (``None`` when none is), or the
+    first of them when ``columns`` is not known (WebDataset).
+    """
+    if field != AUTO_FIELD:
+        return field
+    candidates = CAPTION_DEFAULTS.get(fmt, ("txt",))
+    if columns is None:
+        return candidates[0]
+    return next((c for c in candidates if c in columns), None)
+
+
+def duplicate_key_error(occurrence: int) -> str:
+    """The read-stage error of the ``occurrence``-th (2 or more) sample of one key in a shard."""
+    nth = _ORDINALS.get(occurrence)
+    if nth:
+        return f"duplicate key in shard: {nth} occurrence"
+    return f"duplicate key in shard: occurrence {occurrence}"
 
 
 def _short(text: str) -> str:

@@ -29,15 +29,15 @@ from latentize.sources.base import (
     SOURCES,
     RawSample,
     caption_text,
+    duplicate_key_error,
     json_text,
+    resolve_caption_field,
     unsafe_key,
 )
 
 __all__ = ["read_webdataset"]
 
 logger = logging.getLogger(__name__)
-
-_ORDINALS = {2: "second", 3: "third"}
 
 
 def _suffixes(field: str | None) -> list[str]:
@@ -66,10 +66,7 @@ class _Sample:
         if unsafe is not None:
             return unsafe
         if self.occurrence > 1:
-            nth = _ORDINALS.get(self.occurrence)
-            if nth:
-                return f"duplicate key in shard: {nth} occurrence"
-            return f"duplicate key in shard: occurrence {self.occurrence}"
+            return duplicate_key_error(self.occurrence)
         if self.repeated:
             return f"duplicate member(s) in sample: {', '.join(sorted(set(self.repeated)))}"
         if image is None:
@@ -114,8 +111,8 @@ def read_webdataset(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[Ra
     """Streams the samples of one WebDataset tar shard (plain or gzip-compressed).
 
     Yields one :class:`RawSample` per key, in archive order. ``config.image_field`` lists the
-    image suffixes in order of preference (``"jpg;png;webp"``); ``caption_field`` and
-    ``json_field`` name the text members (``None``: not read). Non-regular members and names
+    image suffixes in order of preference (``"jpg;png;webp"``); ``caption_field`` (``auto``:
+    ``txt``) and ``json_field`` name the text members (``None``: not read). Non-regular members and names
     starting with ``__`` or ``.`` are skipped; members of other suffixes are skipped unread (so
     ``.pth`` / ``.pkl`` / ``.pickle`` members are never unpickled, nor even read). A key without
     an image member, seen again after other keys, or unsafe as a path (empty, NUL, absolute,
@@ -127,7 +124,7 @@ def read_webdataset(fileobj: BinaryIO, /, *, config: InputConfig) -> Iterator[Ra
             the damage were yielded (the sample being read at that point is not yielded).
     """
     image_exts = _suffixes(config.image_field)
-    caption_ext = next(iter(_suffixes(config.caption_field)), None)
+    caption_ext = next(iter(_suffixes(resolve_caption_field(config.caption_field, "webdataset"))), None)
     json_ext = next(iter(_suffixes(config.json_field)), None)
     wanted = set(image_exts) | {e for e in (caption_ext, json_ext) if e}
     occurrences: dict[str, int] = {}

@@ -1,0 +1,1091 @@
+#!/usr/bin/env python
+"""GPU throughput of latentize's SD-VAE encoder path, in images per second.
+
+The encoder is the Stable Diffusion VAE's architecture (diffusers ``AutoencoderKL`` with SD's
+configuration) with random weights, saved to a temporary folder and loaded through latentize's
+own ``kl`` encoder, at 256² and 512², bfloat16 and float32, eager and ``torch.compile``-d, over a
+batch sweep:
+
+(a) ``encoder.encode`` on uint8 (N, H, W, 3) pixels already on the device (or from host memory
+    where ``encode`` takes only NumPy arrays), with the bare ``model.encode`` on the same pixels
+    beside it, so that the wrapper's overhead shows;
+(b) GPU decode (``latentize.preprocess.gpu.preprocess_on_device``) + ``encode`` from real JPEG
+    bytes (LAION-like sizes, carried in ``.gpu_data``), and the decode alone;
+(c) the whole Ray pipeline (``latentize.pipeline.run``) over WebDataset tar shards, when Ray is
+    importable: the whole run's seconds and the encoder actors' busy window.
+
+Sections run in order of importance, each point only while the time budget (``--budget-s``)
+lasts: bf16 eager 256² (a), then (b), then compiled, then 512², then fp32, then (c). Every point
+is printed as it is measured and the JSON (``--json``; ``$OUT/gpu.json`` when OUT is set, else
+``./gpu.json``) is rewritten after each, so a run cut short still leaves its figures.
+``--smoke`` runs every section on the CPU with a tiny model at 64² in a minute or two.
+
+On a GPU machine without network (Python 3.12 with CUDA torch, torchvision, pyarrow, pandas,
+huggingface_hub, safetensors; no diffusers, Ray or webdataset), from the repository root:
+
+    # here, where pip reaches PyPI (both folders are git-ignored):
+    bash bench/gpu_wheels.sh                 # .whl/: diffusers, a slim Ray wheel, ... (~49 MB)
+    python bench/gpu.py --make-data .gpu_data  # 160 LAION-like JPEGs in 2 tar shards (~10 MB)
+
+    # there, one call carrying [".whl", ".gpu_data"] with timeout_s 540 (about 8 minutes of work;
+    # the JSON is rewritten after every point, so figures survive a timeout):
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD &&
+    PYTHONUNBUFFERED=1 python3 bench/gpu.py --budget-s 420 2>&1 | tee $OUT/gpu.log
+
+With ``bash bench/gpu_wheels.sh --split-ray`` (the unmodified Ray wheel in two 40 MB parts,
+``.ray1/`` and ``.ray2/``), two calls instead; the second must start while the machine is still
+warm (30 s after the first returns), since the first part waits in its /tmp:
+
+    # call 1, carrying [".whl", ".gpu_data", ".ray1"], timeout_s 480: (a) and (b)
+    set -o pipefail; cp .ray1/* /tmp/ && python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD &&
+    PYTHONUNBUFFERED=1 python3 bench/gpu.py --no-ray --budget-s 360 --json $OUT/gpu_ab.json 2>&1 | tee $OUT/ab.log
+    # call 2, carrying [".whl", ".gpu_data", ".ray2"], timeout_s 240: (c) and its (a) reference
+    set -o pipefail; cat /tmp/part.00 .ray2/part.01 > /tmp/$(cat /tmp/NAME) &&
+    echo "$(cat /tmp/SHA256)  /tmp/$(cat /tmp/NAME)" | sha256sum -c - &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl /tmp/ray-*.whl && export PYTHONPATH=/tmp/site:$PWD &&
+    PYTHONUNBUFFERED=1 python3 bench/gpu.py --sections c --budget-s 180 --json $OUT/gpu_c.json 2>&1 | tee $OUT/c.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# Ray workers start from the driver's environment: they must import this checkout's latentize.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Random weights from a local folder: nothing may try the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+#: Stable Diffusion's VAE (sd-vae-ft-mse and SD 1.x/2.x) as diffusers configures it.
+SD_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+#: The same architecture at a width that a CPU runs in milliseconds (--smoke).
+TINY_VAE: dict[str, Any] = {
+    **SD_VAE,
+    "block_out_channels": (8, 16, 32, 32),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+
+#: Targets on one H100 (img/s of (a); ratios of (b) and (c) to (a)).
+TARGETS = {"a_256_bf16": 1800.0, "a_512_bf16": 440.0, "b_ratio": 0.9, "c_ratio": 0.8}
+
+_MTIME = 1_704_067_200  # fixed tar member mtime: the same data gives the same shard bytes
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def make_data(folder: Path, *, images: int, shards: int, seed: int = 0) -> list[Path]:
+    """Writes ``images`` LAION-like JPEGs (0.04-4 MP, median 0.28 MP) into ``shards`` WebDataset
+    tars ``folder/shards/NNNNN.tar`` in img2dataset's layout (``KEY.jpg``, ``KEY.txt``,
+    ``KEY.json``), with plain ``tarfile`` (webdataset may be missing where they are read).
+
+    Needs scikit-image and scikit-learn (the photos of :mod:`latentize.demo`).
+    """
+    from latentize.demo import laion_like_samples
+
+    out = folder / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    per, extra = divmod(images, shards)
+    for shard in range(shards):
+        samples = laion_like_samples(per + (shard < extra), seed=seed + shard, shard=shard)
+        path = out / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for s in samples:
+                members = {"jpg": s.image, "txt": (s.caption or "").encode(), "json": json.dumps(s.meta).encode()}
+                for ext, data in members.items():
+                    if data is None:
+                        continue
+                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+@dataclasses.dataclass
+class JpegSet:
+    """Sample keys and JPEG bytes read from the shards, and the shard paths."""
+
+    keys: list[str]
+    jpegs: list[bytes]
+    shards: list[Path]
+
+    def take(self, n: int, offset: int = 0) -> tuple[list[str], list[bytes]]:
+        """``n`` samples from ``offset`` on, cycling through the set."""
+        idx = [(offset + i) % len(self.keys) for i in range(n)]
+        return [f"{self.keys[i]}_{offset + k}" for k, i in enumerate(idx)], [self.jpegs[i] for i in idx]
+
+
+def read_data(folder: Path) -> JpegSet:
+    shards = sorted((folder / "shards").glob("*.tar"))
+    keys, jpegs = [], []
+    for path in shards:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".jpg"):
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        keys.append(member.name[: -len(".jpg")])
+                        jpegs.append(f.read())
+    return JpegSet(keys, jpegs, shards)
+
+
+# -- measurement ------------------------------------------------------------------------------
+
+
+class Budget:
+    """Seconds left of ``total`` since construction."""
+
+    def __init__(self, total: float) -> None:
+        self.total = total
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.total - self.elapsed()
+
+
+class Report:
+    """Every measured point and the run's facts; rewritten as JSON after each point."""
+
+    def __init__(self, path: Path, args: argparse.Namespace, budget: Budget) -> None:
+        self.path = path
+        self.budget = budget
+        self.data: dict[str, Any] = {
+            "benchmark": "bench/gpu.py",
+            "smoke": bool(args.smoke),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "budget_s": args.budget_s,
+            "args": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
+            "environment": {},
+            "model": {},
+            "points": [],
+            "compile": [],
+            "pipeline": None,
+            "ratios": {},
+            "targets": {},
+            # The two sizes measured: 256² and 512², or the smoke run's stand-ins for them.
+            "resolutions": list(args.res),
+            "skipped": [],
+            "errors": [],
+        }
+
+    def add(self, point: dict[str, Any]) -> None:
+        self.data["points"].append(point)
+        say(format_point(point))
+        self.save()
+
+    def skip(self, what: str, why: str) -> None:
+        self.data["skipped"].append({"what": what, "why": why})
+        say(f"skipped: {what}: {why}")
+        self.save()
+
+    def error(self, what: str, exc: BaseException) -> None:
+        self.data["errors"].append({"what": what, "error": f"{type(exc).__name__}: {exc}"})
+        say(f"error in {what}: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        sys.stdout.flush()
+        self.save()
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(self.budget.elapsed(), 2)
+        self.data["ratios"], self.data["targets"] = ratios(self.data)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+
+def label(p: dict[str, Any]) -> str:
+    """``section:path res dtype eager|compiled b=batch`` of a point."""
+    mode = "compiled" if p["compiled"] else "eager"
+    return f"{p['section']}:{p['path']} {p['res']} {p['dtype']} {mode} b={p['batch']}"
+
+
+def format_point(p: dict[str, Any]) -> str:
+    mode = "compiled" if p["compiled"] else "eager"
+    head = f"({p['section']}) {p['res']:>4}² {p['dtype']:<8} {mode:<8} b={p['batch']:<4} {p['path']:<13}"
+    if p["status"] != "ok":
+        return f"{head} {p['status']}"
+    extra = f"  ({p['images']} img, median {p['seconds']:.3f} s of {len(p['seconds_all'])})"
+    for key in ("reencoded_fp32", "errors", "cpu_fallback"):
+        if p.get(key):
+            extra += f" {key}={p[key]}"
+    return f"{head} {p['img_per_s']:>9.1f} img/s{extra}"
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None], *, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    """Median wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls; the
+    device is synchronised before and after each timed call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every section shares."""
+
+    args: argparse.Namespace
+    report: Report
+    budget: Budget
+    device: torch.device
+    model_dir: Path
+    work: Path
+    data: JpegSet | None = None
+    data_why: str = ""
+    #: Whether ``TorchEncoder.encode`` takes a torch tensor on the device (None: not known yet).
+    encode_takes_device_tensor: bool | None = None
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @property
+    def repeats(self) -> int:
+        return 2 if self.args.smoke else 3
+
+    def images_for(self, res: int, batch: int) -> int:
+        """Images per timed call: whole chunks, about a quarter second on the target GPU."""
+        target = 4 if self.args.smoke else (512 if res <= 256 else 128)
+        return batch * max(1, math.ceil(target / batch))
+
+
+def encoder_config(b: Bench, *, res: int, dtype: str, batch: int, compiled: bool, **extra: Any) -> Any:
+    from latentize.config import load_config
+
+    base: dict[str, Any] = {
+        "encoder": {
+            "type": "kl",
+            "model": str(b.model_dir),
+            "dtype": dtype,
+            "batch_size": batch,
+            "compile": compiled,
+            "device": b.device.type,
+        },
+        "preprocess": {"resolution": res},
+        "output": {"path": str(b.work / "unused")},
+    }
+    for section, values in extra.items():
+        base.setdefault(section, {}).update(values)
+    return load_config(base=base)
+
+
+_SPECS: dict[int, Any] = {}
+
+
+def make_encoder(b: Bench, *, res: int, dtype: str, batch: int, compiled: bool) -> Any:
+    """latentize's ``kl`` encoder for the saved SD-VAE, as an encoder actor builds it."""
+    from latentize.encoders import ENCODERS
+
+    cfg = encoder_config(b, res=res, dtype=dtype, batch=batch, compiled=compiled)
+    cls = ENCODERS.get("kl")
+    if res not in _SPECS:  # inspect hashes the weights file: once per resolution
+        _SPECS[res] = cls.inspect(cfg)
+    return cls(config=cfg, spec=_SPECS[res])
+
+
+def free_cache() -> None:
+    """Returns the cached blocks of a dropped encoder to the device (callers ``del`` it first)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def point(section: str, path: str, *, res: int, dtype: str, compiled: bool, batch: int, **rest: Any) -> dict[str, Any]:
+    return {"section": section, "path": path, "res": res, "dtype": dtype, "compiled": compiled, "batch": batch, **rest}
+
+
+def measure(
+    b: Bench, base: dict[str, Any], fn: Callable[[], Any], *, images: int, encoder: Any = None, warmup: int = 1
+) -> dict[str, Any]:
+    """Times ``fn`` (``images`` per call) into a point; CUDA OOM and errors become its status."""
+    out = dict(base, images=images)
+    try:
+        seconds, all_s = timed(fn, b.sync, warmup=warmup, repeats=b.repeats)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(out, status="oom")
+    except Exception as exc:  # noqa: BLE001 - one failing point must not end the run
+        traceback.print_exc()
+        return dict(out, status=f"error: {type(exc).__name__}: {exc}")
+    out.update(status="ok", seconds=round(seconds, 5), seconds_all=[round(t, 5) for t in all_s])
+    out["img_per_s"] = round(images / seconds, 2)
+    if encoder is not None and encoder.chunk_size != base["batch"]:
+        # The encoder halved its chunk after a CUDA OOM: the figure is not this batch size's.
+        out["status"] = f"oom: chunk halved to {encoder.chunk_size}"
+        encoder.chunk_size = base["batch"]
+    return out
+
+
+# -- (a) encoder only -------------------------------------------------------------------------
+
+
+def random_pixels(b: Bench, n: int, res: int) -> torch.Tensor:
+    """(n, res, res, 3) uint8 noise on the device."""
+    gen = torch.Generator(device=b.device).manual_seed(0)
+    return torch.randint(0, 256, (n, res, res, 3), dtype=torch.uint8, device=b.device, generator=gen)
+
+
+def check_device_tensors(b: Bench, encoder: Any, pixels: torch.Tensor) -> bool:
+    """Whether ``encode`` takes a device tensor (today it calls ``np.asarray`` on its input)."""
+    if b.encode_takes_device_tensor is None:
+        try:
+            encoder.encode(pixels[:1], ["probe"])
+            b.encode_takes_device_tensor = True
+        except (TypeError, RuntimeError, ValueError) as exc:
+            b.encode_takes_device_tensor = False
+            b.report.data["environment"]["encode_device_tensor_error"] = f"{type(exc).__name__}: {exc}"
+        b.report.data["environment"]["encode_takes_device_tensor"] = b.encode_takes_device_tensor
+        say(f"encoder.encode takes a {b.device.type} tensor: {b.encode_takes_device_tensor}")
+    return bool(b.encode_takes_device_tensor)
+
+
+@torch.inference_mode()
+def bare_encode(model: torch.nn.Module, pixels: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """The model alone on uint8 (n, H, W, 3) device pixels: to ``dtype`` in [-1, 1] (channels-last
+    on CUDA, as latentize feeds it), ``encode``, posterior mean; latents stay on the device."""
+    out = pixels
+    for start in range(0, pixels.shape[0], chunk):
+        x = pixels[start : start + chunk].permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+        x = x.to(dtype)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model.encode(x).latent_dist.mean  # type: ignore[operator]
+    return out
+
+
+def encode_points(
+    b: Bench, encoder: Any, *, res: int, dtype: str, compiled: bool, batch: int, host_path: bool, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """(a) at one batch size: ``encode`` on device pixels (or host pixels), and the bare model."""
+    n = b.images_for(res, batch)
+    pixels = random_pixels(b, n, res)
+    keys = [f"k{i:06d}" for i in range(n)]
+    encoder.chunk_size = batch  # what encoder.batch_size sets; set here to keep the loaded weights
+    base = point("a", "", res=res, dtype=dtype, compiled=compiled, batch=batch)
+    out: dict[str, dict[str, Any]] = {}
+    results: list[Any] = []
+
+    def run_encode(x: Any) -> Callable[[], Any]:
+        def go() -> None:
+            results[:] = [encoder.encode(x, keys)]
+
+        return go
+
+    paths: list[tuple[str, Any]] = []
+    if check_device_tensors(b, encoder, pixels):
+        paths.append(("encode", pixels))
+    if host_path or not b.encode_takes_device_tensor:
+        paths.append(("encode_host", pixels.cpu().numpy()))
+    if host_path and pixels.is_cuda:
+        # The same host pixels in page-locked memory: what a pinned staging buffer would give.
+        pinned = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        pinned.copy_(pixels)
+        paths.append(("encode_pinned", pinned.numpy()))
+    for name, x in paths:
+        p = measure(b, dict(base, path=name), run_encode(x), images=n, encoder=encoder, warmup=warmup)
+        if p["status"] == "ok" and results:
+            p["reencoded_fp32"] = results[0].reencoded_fp32
+            p["errors"] = len(results[0].errors)
+        b.report.add(p)
+        out[name] = p
+    p = measure(
+        b,
+        dict(base, path="bare"),
+        lambda: bare_encode(encoder.model, pixels, batch, encoder.dtype),
+        images=n,
+        warmup=warmup,
+    )
+    b.report.add(p)
+    out["bare"] = p
+    return out
+
+
+def sweep_a(
+    b: Bench, encoder: Any, *, res: int, dtype: str, batches: Sequence[int], host_path: bool, reserve: float
+) -> int | None:
+    """(a) over ``batches`` while the budget lasts; returns the fastest batch size (None: none ran)."""
+    best: tuple[float, int] | None = None
+    for batch in batches:
+        if b.budget.left() < reserve:
+            b.report.skip(f"(a) {res}² {dtype} eager b={batch}", "time budget")
+            continue
+        pts = encode_points(b, encoder, res=res, dtype=dtype, compiled=False, batch=batch, host_path=host_path)
+        ref = reference(pts)
+        if ref is not None and (best is None or ref["img_per_s"] > best[0]):
+            best = (ref["img_per_s"], batch)
+        if any(p["status"].startswith("oom") for p in pts.values()):
+            break  # larger batches would not fit either
+    return None if best is None else best[1]
+
+
+def reference(pts: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The (a) figure that (b) and (c) are compared with: ``encode`` on device pixels, else host."""
+    for name in _REFERENCE_PATHS:
+        p = pts.get(name)
+        if p is not None and p["status"] == "ok":
+            return p
+    return None
+
+
+# -- (b) GPU decode + encoder -----------------------------------------------------------------
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool | int):
+        return int(value)
+    try:
+        return len(value)
+    except TypeError:
+        return int(value)
+
+
+def decode_points(b: Bench, encoder: Any, *, res: int, dtype: str, compiled: bool, batch: int) -> None:
+    """(b) at one batch size: ``preprocess_on_device`` + ``encode`` per batch, and decode alone."""
+    from latentize.preprocess.gpu import preprocess_on_device  # type: ignore[import-not-found,unused-ignore]
+
+    assert b.data is not None
+    cfg = encoder_config(b, res=res, dtype=dtype, batch=batch, compiled=compiled).preprocess
+    n = b.images_for(res, batch)
+    chunks = [b.data.take(batch, offset=start) for start in range(0, n, batch)]
+    encoder.chunk_size = batch
+    stats: dict[str, int] = {}
+
+    def decode(keys: list[str], jpegs: list[bytes]) -> Any:
+        batch_out = preprocess_on_device(jpegs, keys, config=cfg, device=b.device)
+        for name in ("errors", "gpu_decoded", "cpu_fallback"):
+            value = getattr(batch_out, name, None)
+            if value is not None:
+                stats[name] = stats.get(name, 0) + _count(value)
+        return batch_out
+
+    def decode_only() -> None:
+        stats.clear()
+        for keys, jpegs in chunks:
+            decode(keys, jpegs)
+
+    def decode_and_encode() -> None:
+        stats.clear()
+        for keys, jpegs in chunks:
+            pixels = decode(keys, jpegs).pixels
+            if not b.encode_takes_device_tensor:
+                pixels = pixels.cpu().numpy()
+            encoder.encode(pixels, keys)
+
+    path = "decode+encode" if b.encode_takes_device_tensor else "decode+host"
+    base = point("b", "", res=res, dtype=dtype, compiled=compiled, batch=batch)
+    for name, fn, enc in ((path, decode_and_encode, encoder), ("decode", decode_only, None)):
+        p = measure(b, dict(base, path=name), fn, images=n, encoder=enc)
+        if p["status"] == "ok":
+            p.update(stats)
+        b.report.add(p)
+
+
+def gpu_decode_missing() -> str | None:
+    try:
+        importlib.import_module("latentize.preprocess.gpu")
+    except ImportError as exc:
+        return f"latentize.preprocess.gpu missing ({exc})"
+    return None
+
+
+def sweep_b(b: Bench, encoder: Any, *, res: int, dtype: str, compiled: bool, batches: Sequence[int]) -> None:
+    why = gpu_decode_missing() or (None if b.data is not None else b.data_why)
+    if why:
+        b.report.skip(f"(b) {res}² {dtype}", why)
+        return
+    if b.encode_takes_device_tensor is None:
+        check_device_tensors(b, encoder, random_pixels(b, 1, res))
+    for batch in batches:
+        if b.budget.left() < b.args.reserve_s:
+            b.report.skip(f"(b) {res}² {dtype} b={batch}", "time budget")
+            continue
+        try:
+            decode_points(b, encoder, res=res, dtype=dtype, compiled=compiled, batch=batch)
+        except Exception as exc:  # noqa: BLE001 - an API mismatch must not end the run
+            b.report.error(f"(b) {res}² {dtype} b={batch}", exc)
+            return
+
+
+# -- compiled ---------------------------------------------------------------------------------
+
+
+def compiled_points(b: Bench, *, res: int, dtype: str, batch: int, with_b: bool, estimate_s: float) -> None:
+    """Compiles the encoder for one batch size (timed apart), then (a) and, with ``with_b``, (b)."""
+    what = f"compiled {res}² {dtype} b={batch}"
+    if b.args.no_compile:
+        b.report.skip(what, "--no-compile")
+        return
+    if b.budget.left() < estimate_s + b.args.reserve_s:
+        b.report.skip(what, f"time budget ({b.budget.left():.0f} s left, compiling takes ~{estimate_s:.0f} s)")
+        return
+    encoder = make_encoder(b, res=res, dtype=dtype, batch=batch, compiled=True)
+    n = b.images_for(res, batch)
+    pixels = random_pixels(b, n, res)
+    keys = [f"k{i:06d}" for i in range(n)]
+    x: Any = pixels[:batch] if check_device_tensors(b, encoder, pixels) else pixels[:batch].cpu().numpy()
+    try:
+        start = time.perf_counter()
+        encoder.encode(x, keys[:batch])
+        b.sync()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        encoder.encode(x, keys[:batch])
+        b.sync()
+        steady = time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001 - a compiler failure is a finding, not the end
+        b.report.error(what, exc)
+        del encoder
+        free_cache()
+        return
+    entry = {
+        "res": res,
+        "dtype": dtype,
+        "batch": batch,
+        "first_call_s": round(first, 3),
+        "compile_s": round(first - steady, 3),
+    }
+    b.report.data["compile"].append(entry)
+    say(f"compile: {res}² {dtype} b={batch}: {entry['compile_s']:.1f} s")
+    del pixels, x
+    encode_points(b, encoder, res=res, dtype=dtype, compiled=True, batch=batch, host_path=False)
+    if with_b:
+        sweep_b(b, encoder, res=res, dtype=dtype, compiled=True, batches=[batch])
+    del encoder
+    free_cache()
+
+
+# -- (c) the Ray pipeline ---------------------------------------------------------------------
+
+
+def ray_missing(b: Bench) -> str | None:
+    if b.args.no_ray:
+        return "--no-ray"
+    for name in ("ray", "webdataset", "diffusers"):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            return f"{name} is not importable ({exc})"
+    return None
+
+
+def timed_actor(log_dir: Path) -> type:
+    """An encoder actor that appends ``start end rows`` of every batch to a file per process."""
+    from latentize.pipeline import EncodeActor
+
+    class TimedEncodeActor(EncodeActor):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            start = time.time()
+            out = super().__call__(batch)
+            rows = int((np.asarray(batch["total"]) < 0).sum())
+            with open(log_dir / f"{os.getpid()}.log", "a") as f:
+                f.write(f"{start} {time.time()} {rows}\n")
+            return out
+
+    return TimedEncodeActor
+
+
+def write_pipeline_shards(data: JpegSet, folder: Path, *, images: int, per_shard: int) -> list[str]:
+    """Writes ``images`` samples (the carried JPEGs over and over) into tars of ``per_shard``
+    samples, img2dataset style (``KEY.jpg``, ``KEY.txt``); returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for shard in range(math.ceil(images / per_shard)):
+        path = folder / f"{shard:05d}.tar"
+        count = min(per_shard, images - shard * per_shard)
+        with tarfile.open(path, "w") as tar:
+            for i in range(count):
+                jpeg = data.jpegs[(shard * per_shard + i) % len(data.jpegs)]
+                for ext, payload in (("jpg", jpeg), ("txt", f"a photo, copy {shard}".encode())):
+                    info = tarfile.TarInfo(f"{shard:05d}{i:04d}.{ext}")
+                    info.size, info.mtime, info.mode = len(payload), _MTIME, 0o644
+                    tar.addfile(info, io.BytesIO(payload))
+        urls.append(str(path))
+    return urls
+
+
+def pipeline_section(b: Bench, *, res: int, batch: int) -> None:
+    """(c) ``latentize.pipeline.run`` over the shards, bf16 at ``res`` with ``batch``."""
+    import ray
+    from ray.data import DataContext
+
+    from latentize.pipeline import run
+
+    assert b.data is not None
+    images = b.args.pipeline_images
+    # Shards of 500: as many read tasks at once as a 16-core machine runs.
+    per_shard = max(1, min(500, images // 2))
+    urls = write_pipeline_shards(b.data, b.work / "pipeline_in", images=images, per_shard=per_shard)
+    log_dir = b.work / "actor_logs"
+    log_dir.mkdir(exist_ok=True)
+    cuda = b.device.type == "cuda"
+    cfg = encoder_config(
+        b,
+        res=res,
+        dtype="bfloat16",
+        batch=batch,
+        compiled=False,
+        input={"urls": urls},
+        preprocess={"decode": b.args.pipeline_decode},
+        output={"path": str(b.work / "pipeline_out")},
+        ray={"actors": 1, "gpus_per_actor": 1.0 if cuda else 0.0},
+    )
+    result: dict[str, Any] = {
+        "res": res,
+        "dtype": "bfloat16",
+        "batch": batch,
+        "shards": len(urls),
+        "decode": cfg.preprocess.decode,
+        "ray": ray.__version__,
+        "status": "running",
+    }
+    b.report.data["pipeline"] = result
+    start = time.perf_counter()
+    ray.init(
+        num_cpus=2 if b.args.smoke else None,
+        num_gpus=1 if cuda else 0,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    result["ray_init_s"] = round(time.perf_counter() - start, 2)
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        start = time.perf_counter()
+        summary = run(cfg, encode_actor=timed_actor(log_dir))
+        result["run_s"] = round(time.perf_counter() - start, 2)
+    finally:
+        ray.shutdown()
+    batches = [tuple(map(float, line.split())) for f in log_dir.glob("*.log") for line in f.read_text().splitlines()]
+    window = max(e for _, e, _ in batches) - min(s for s, _, _ in batches) if batches else float("nan")
+    result.update(
+        status="ok" if summary.complete else "incomplete",
+        images=summary.samples_now,
+        samples_ok=summary.samples_ok,
+        samples_failed=summary.samples_failed,
+        run_summary_s=round(summary.seconds, 2),
+        img_per_s_run=round(summary.samples_now / result["run_s"], 2),
+        encode_batches=len(batches),
+        encode_window_s=round(window, 3),
+        encode_busy_s=round(sum(e - s for s, e, _ in batches), 3),
+        img_per_s_window=round(summary.samples_now / window, 2) if window > 0 else None,
+    )
+    say(
+        f"(c) {res}² bfloat16 b={batch} pipeline: {result['images']} img in {result['run_s']} s "
+        f"({result['img_per_s_run']} img/s whole run; {result['img_per_s_window']} img/s over the "
+        f"encoder's {result['encode_window_s']} s window; ray.init {result['ray_init_s']} s)"
+    )
+    b.report.save()
+
+
+# -- ratios and targets -----------------------------------------------------------------------
+
+
+#: The (a) paths that other figures are compared with, preferred first: ``encode`` on device
+#: pixels, else from pageable host memory (what a Ray actor hands it today).
+_REFERENCE_PATHS = ("encode", "encode_host", "encode_pinned")
+
+
+def _key(p: dict[str, Any]) -> tuple[Any, ...]:
+    return (p["res"], p["dtype"], p["compiled"], p["batch"])
+
+
+def ratios(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ratios to the matching (a) point, and the targets with the best figures measured."""
+    points = [p for p in data["points"] if p["status"] == "ok"]
+    a_ref: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for p in points:
+        if p["section"] == "a" and p["path"] in _REFERENCE_PATHS:
+            held = a_ref.get(_key(p))
+            if held is None or _REFERENCE_PATHS.index(p["path"]) < _REFERENCE_PATHS.index(held["path"]):
+                a_ref[_key(p)] = p
+    out: dict[str, Any] = {}
+    for p in points:
+        ref = a_ref.get(_key(p))
+        if ref is None or p is ref:
+            continue
+        out[label(p)] = round(p["img_per_s"] / ref["img_per_s"], 3)
+
+    def best_a(res: int, dtype: str, compiled: bool | None = None) -> dict[str, Any] | None:
+        cands = [
+            p for k, p in a_ref.items() if k[0] == res and k[1] == dtype and (compiled is None or k[2] == compiled)
+        ]
+        return max(cands, key=lambda p: p["img_per_s"], default=None)
+
+    targets: dict[str, Any] = {}
+    r256, r512 = data["resolutions"]
+    for res, key in ((r256, "a_256_bf16"), (r512, "a_512_bf16")):
+        best = best_a(res, "bfloat16")
+        if best is not None:
+            targets[key] = _target(best["img_per_s"], TARGETS[key], best)
+    b_pts = [p for p in points if p["section"] == "b" and p["path"] != "decode" and p["res"] == r256]
+    b_best = max(b_pts, key=lambda p: p["img_per_s"], default=None)
+    a_best = best_a(r256, "bfloat16")
+    if b_best is not None and a_best is not None:
+        targets["b_ratio"] = _target(b_best["img_per_s"] / a_best["img_per_s"], TARGETS["b_ratio"], b_best)
+    pipe = data.get("pipeline") or {}
+    a_eager = best_a(r256, "bfloat16", compiled=False)
+    if pipe.get("img_per_s_window") and a_eager is not None:
+        same = a_ref.get((pipe["res"], "bfloat16", False, pipe["batch"]))
+        ref = same or a_eager
+        out[f"c:pipeline window vs {label(ref)}"] = round(pipe["img_per_s_window"] / ref["img_per_s"], 3)
+        out[f"c:pipeline whole run vs {label(ref)}"] = round(pipe["img_per_s_run"] / ref["img_per_s"], 3)
+        targets["c_ratio"] = _target(pipe["img_per_s_window"] / ref["img_per_s"], TARGETS["c_ratio"], ref)
+    return out, targets
+
+
+def _target(value: float, goal: float, at: dict[str, Any]) -> dict[str, Any]:
+    return {"value": round(value, 3), "goal": goal, "met": value >= goal, "at": label(at)}
+
+
+# -- environment and model --------------------------------------------------------------------
+
+
+def _version(name: str) -> str | None:
+    try:
+        return str(importlib.import_module(name).__version__)
+    except Exception:  # noqa: BLE001 - missing or broken: reported as absent
+        return None
+
+
+def environment(device: torch.device, *, no_ray: bool) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "diffusers": _version("diffusers"),
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+    }
+    env["ray"] = "not imported (--no-ray)" if no_ray else _version("ray")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+        )
+    return env
+
+
+def build_model(folder: Path, *, smoke: bool) -> dict[str, Any]:
+    """Saves a random-weight SD-VAE (tiny with ``smoke``) to ``folder``; returns its config."""
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
+
+    # Each load says that no module needs float32 when cast with .to(): true, and noise here.
+    diffusers_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    arch = TINY_VAE if smoke else SD_VAE
+    model: Any = AutoencoderKL(**arch)
+    model.save_pretrained(folder)
+    params = sum(p.numel() for p in model.encoder.parameters()) + sum(p.numel() for p in model.quant_conv.parameters())
+    return {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}, "encoder_params": params}
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="every section on the CPU, tiny model at 64²")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="seconds the whole run may take")
+    parser.add_argument("--grace-s", type=float, default=60.0, help="seconds past the budget before a hard stop")
+    parser.add_argument("--json", type=Path, help="figures file (default $OUT/gpu.json, else ./gpu.json)")
+    parser.add_argument("--data", type=Path, default=REPO / ".gpu_data", help="folder of --make-data")
+    parser.add_argument("--make-data", type=Path, metavar="DIR", help="write the JPEG shards to DIR and exit")
+    parser.add_argument("--images", type=int, default=160, help="JPEGs that --make-data writes")
+    parser.add_argument("--shards", type=int, default=2, help="tar shards that --make-data writes")
+    parser.add_argument("--sections", default="a,b,c", help="comma-separated subset of a, b, c")
+    parser.add_argument("--no-ray", action="store_true", help="never import Ray; skip (c)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile points")
+    parser.add_argument("--pipeline-images", type=int, default=12000, help="images through the (c) pipeline")
+    parser.add_argument(
+        "--pipeline-decode", default="auto", choices=("auto", "cpu", "gpu"), help="(c) preprocess.decode"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
+    args = parser.parse_args(argv)
+    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if args.smoke:
+        args.sweep256, args.sweep512 = [2, 4], [2]
+        args.res, args.fp32_256, args.fp32_512 = (64, 96), [2], [2]
+        args.pipeline_images = min(args.pipeline_images, args.images)
+        args.reserve_s = 0.0
+        args.compile_estimate = (60.0, 60.0)
+    else:
+        args.sweep256, args.sweep512 = [16, 32, 64, 128, 256], [8, 16, 32, 64]
+        args.res, args.fp32_256, args.fp32_512 = (256, 512), [32, 128], [16, 32]
+        args.reserve_s = 10.0
+        args.compile_estimate = (100.0, 120.0)
+    return args
+
+
+def load_data(b: Bench) -> None:
+    folder = b.args.data
+    if not any((folder / "shards").glob("*.tar")):
+        # The photos of latentize.demo come with scikit-image / scikit-learn; try them here.
+        try:
+            folder = b.work / "data"
+            make_data(folder, images=b.args.images, shards=b.args.shards)
+            say(f"no shards under {b.args.data}: made {b.args.images} JPEGs in {folder}")
+        except Exception as exc:  # noqa: BLE001 - without data (b) and (c) are skipped
+            b.data_why = f"no shards under {b.args.data} and none could be made ({type(exc).__name__}: {exc})"
+            return
+    b.data = read_data(folder)
+    sizes = [len(j) for j in b.data.jpegs]
+    b.report.data["data"] = {
+        "folder": str(folder),
+        "shards": len(b.data.shards),
+        "images": len(sizes),
+        "bytes_median": int(statistics.median(sizes)),
+        "bytes_total": sum(sizes),
+    }
+
+
+def guarded(b: Bench, what: str, fn: Callable[[], Any]) -> Any:
+    """Runs one step; an exception is reported and the later steps still run."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON
+        b.report.error(what, exc)
+        free_cache()
+        return None
+
+
+def eager_sweep(
+    b: Bench, *, res: int, dtype: str, batches: Sequence[int], host_path: bool, reserve: float
+) -> int | None:
+    """(a) over ``batches`` with one eager encoder; returns the fastest batch size."""
+    enc = make_encoder(b, res=res, dtype=dtype, batch=batches[0], compiled=False)
+    best = sweep_a(b, enc, res=res, dtype=dtype, batches=batches, host_path=host_path, reserve=reserve)
+    del enc
+    free_cache()
+    return best
+
+
+def first_steps(b: Bench, *, res: int) -> int | None:
+    """bf16 eager at 256²: (a) over the sweep, then (b) on the same encoder."""
+    args, secs = b.args, b.args.sections
+    enc = make_encoder(b, res=res, dtype="bfloat16", batch=args.sweep256[0], compiled=False)
+    # Known before any compiled encoder exists: probing one would compile it untimed.
+    check_device_tensors(b, enc, random_pixels(b, 1, res))
+    best = None
+    if "a" in secs:
+        best = sweep_a(b, enc, res=res, dtype="bfloat16", batches=args.sweep256, host_path=True, reserve=args.reserve_s)
+    if "b" in secs:
+        sweep_b(b, enc, res=res, dtype="bfloat16", compiled=False, batches=args.sweep256)
+    del enc
+    free_cache()
+    return best
+
+
+def pipeline_steps(b: Bench, *, res: int, batch: int) -> None:
+    """(c), after its (a) point when (a) did not run."""
+    if "a" not in b.args.sections:
+        enc = make_encoder(b, res=res, dtype="bfloat16", batch=batch, compiled=False)
+        encode_points(b, enc, res=res, dtype="bfloat16", compiled=False, batch=batch, host_path=False)
+        del enc
+        free_cache()
+    try:
+        pipeline_section(b, res=res, batch=batch)
+    except Exception:
+        if isinstance(b.report.data.get("pipeline"), dict):
+            b.report.data["pipeline"]["status"] = "error (see errors)"
+        raise
+
+
+def run_sections(b: Bench) -> None:
+    """The sections in order of importance, each step while the budget lasts."""
+    args, secs = b.args, b.args.sections
+    r256, r512 = args.res
+    c_why = None
+    if "c" in secs:
+        c_why = ray_missing(b) or (None if b.data is not None else b.data_why)
+    # Seconds kept for the pipeline from the compiled and float32 steps.
+    c_reserve = (15.0 if args.smoke else 75.0) if "c" in secs and c_why is None else 0.0
+
+    best256 = None
+    if secs & {"a", "b"}:
+        best256 = guarded(b, "bf16 eager 256", lambda: first_steps(b, res=r256))
+        compile_est = args.compile_estimate[0] + c_reserve
+        batch = best256 or args.sweep256[-2]
+        guarded(
+            b,
+            "compiled 256",
+            lambda: compiled_points(
+                b, res=r256, dtype="bfloat16", batch=batch, with_b="b" in secs, estimate_s=compile_est
+            ),
+        )
+    if "a" in secs:
+        best512 = guarded(
+            b,
+            "bf16 eager 512",
+            lambda: eager_sweep(
+                b, res=r512, dtype="bfloat16", batches=args.sweep512, host_path=False, reserve=args.reserve_s
+            ),
+        )
+        if best512 is not None:
+            compile_est = args.compile_estimate[1] + c_reserve
+            guarded(
+                b,
+                "compiled 512",
+                lambda: compiled_points(
+                    b, res=r512, dtype="bfloat16", batch=best512, with_b=False, estimate_s=compile_est
+                ),
+            )
+        for res, batches in ((r256, args.fp32_256), (r512, args.fp32_512)):
+            if b.budget.left() < c_reserve + 20.0:
+                b.report.skip(f"(a) {res}² float32", "time budget (kept for (c))")
+                continue
+            guarded(
+                b,
+                f"fp32 eager {res}",
+                functools.partial(
+                    eager_sweep,
+                    b,
+                    res=res,
+                    dtype="float32",
+                    batches=batches,
+                    host_path=False,
+                    reserve=args.reserve_s + c_reserve,
+                ),
+            )
+    if "c" in secs:
+        if c_why is not None:
+            b.report.skip("(c) pipeline", c_why)
+            b.report.data["pipeline"] = {"status": f"skipped: {c_why}"}
+            b.report.save()
+            return
+        # Ray's start, the actor's model load and a few seconds of encoding at the least.
+        least = 5.0 if args.smoke else 40.0
+        if b.budget.left() < least:
+            b.report.skip("(c) pipeline", f"time budget ({b.budget.left():.0f} s left)")
+            b.report.data["pipeline"] = {"status": "skipped: time budget"}
+            b.report.save()
+            return
+        batch = best256 or args.sweep256[-2]
+        guarded(b, "(c) pipeline", lambda: pipeline_steps(b, res=r256, batch=batch))
+
+
+def watchdog(report: Report, seconds: float) -> None:
+    """Ends the process ``seconds`` from now whatever it is doing (a hung compile or Ray run
+    would otherwise hold the GPU machine until the call's limit); the JSON keeps the figures."""
+
+    def stop() -> None:
+        say(f"watchdog: {seconds:.0f} s passed; stopping (the JSON holds what was measured)")
+        try:
+            report.data["errors"].append({"what": "watchdog", "error": f"stopped after {seconds:.0f} s"})
+            report.save()
+        finally:
+            os._exit(3)
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        # Inductor's C++ code generation takes minutes on a small CPU; Dynamo's tracing (the
+        # part that fails on an unsupported model) is what the smoke run must go through.
+        torch.compile = functools.partial(torch.compile, backend="eager")
+    if args.make_data is not None:
+        paths = make_data(args.make_data, images=args.images, shards=args.shards)
+        total = sum(p.stat().st_size for p in paths)
+        say(f"wrote {args.images} JPEGs in {len(paths)} shards under {args.make_data} ({total / 1e6:.1f} MB)")
+        return 0
+    budget = Budget(args.budget_s)
+    out = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else Path("gpu.json"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    report = Report(out, args, budget)
+    watchdog(report, args.budget_s + args.grace_s)
+    report.data["environment"] = environment(device, no_ray=args.no_ray)
+    say(json.dumps(report.data["environment"]))
+    work = Path(tempfile.mkdtemp(prefix="latentize-gpu-"))
+    try:
+        start = time.perf_counter()
+        report.data["model"] = build_model(work / "sd-vae", smoke=args.smoke)
+        report.data["model"]["build_s"] = round(time.perf_counter() - start, 2)
+        b = Bench(args, report, budget, device, work / "sd-vae", work)
+        if args.sections & {"b", "c"}:
+            load_data(b)
+        report.save()
+        run_sections(b)
+    except Exception as exc:  # noqa: BLE001 - whatever was measured stays in the JSON
+        report.error("run", exc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.save()
+    say("\nratios to the (a) point of the same size, dtype, mode and batch:")
+    for name, value in report.data["ratios"].items():
+        say(f"  {value:>7.3f}  {name}")
+    say("targets:")
+    for name, t in report.data["targets"].items():
+        say(f"  {name}: {t['value']} (goal {t['goal']}, {'met' if t['met'] else 'NOT met'}; {t['at']})")
+    say(f"wrote {out} after {budget.elapsed():.0f} s")
+    return 1 if report.data["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
