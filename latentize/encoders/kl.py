@@ -1,6 +1,6 @@
 """KL autoencoders (diffusers ``AutoencoderKL``): scaled latents, per-key samples or raw moments.
 
-Semantics follow the Stable Diffusion sources (design.md §2): pixels in [-1, 1]; the posterior
+Semantics follow the Stable Diffusion sources: pixels in [-1, 1]; the posterior
 is a diagonal Gaussian whose ``mode`` is its mean; normalisation is
 ``(z - latents_mean) * scaling_factor / latents_std`` when the model config carries
 ``latents_mean``/``latents_std`` (Playground v2.5), else ``(z - shift_factor) * scaling_factor``.
