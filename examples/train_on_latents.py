@@ -72,20 +72,23 @@ def latent_batches(
     storage_options: dict[str, Any] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless float32 batches (B, C, h, w) of the ``column`` latents of ``root``, epoch after
-    epoch, each epoch shuffled with its own seed."""
+    epoch, each epoch in its own order (``set_epoch``)."""
     from torch.utils.data import DataLoader
 
+    # One reader for every epoch: it reads the manifest and the commit markers once, and
+    # set_epoch reseeds the shuffles (and the moments draws and flip choices).
+    dataset = LatentDataset(
+        root,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        columns=[column],
+        storage_options=storage_options,
+    )
     for epoch in itertools.count():
-        dataset = LatentDataset(
-            root,
-            batch_size,
-            shuffle=True,
-            seed=seed + epoch,
-            rank=rank,
-            world_size=world_size,
-            columns=[column],
-            storage_options=storage_options,
-        )
+        dataset.set_epoch(epoch)
         empty = True
         for batch in DataLoader(dataset, batch_size=None, num_workers=workers):
             empty = False

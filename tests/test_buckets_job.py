@@ -1,5 +1,6 @@
 """The real job with aspect-ratio buckets, flipped latents and several resolutions, through the
-session's local Ray: parity with diffusers, every key exactly once, plain pyarrow per folder."""
+session's local Ray: parity with diffusers, every key exactly once, plain pyarrow per folder, the
+list tensor layout through the training reader and status."""
 
 from __future__ import annotations
 
@@ -156,3 +157,59 @@ def test_each_resolution_folder_equals_a_single_resolution_run(tmp_path: Path, t
             want.column("latent").combine_chunks().to_numpy_ndarray(),
             maxulp=1,
         )
+
+
+def test_list_layout_job_is_read_by_the_reader_and_status(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """``output.tensor_type: list`` through the real job: nested lists in every folder, which the
+    training reader and ``status`` read (every key once, one manifest shape per batch, the flipped
+    twin chosen for some samples). QA of the list layout: tests/test_qa.py."""
+    from latentize.data import LatentDataset
+    from latentize.sinks.layout import OutputLayout
+    from latentize.status import output_status
+
+    samples = laion_like_samples(10, seed=11)
+    write_webdataset_shard(str(tmp_path / "in" / "00000.tar"), samples[:6])
+    write_webdataset_shard(str(tmp_path / "in" / "00001.tar"), samples[6:])
+    out = tmp_path / "out"
+    cfg = load_config(
+        base={
+            "input": {"urls": str(tmp_path / "in" / "*.tar"), "image_field": "jpg;png"},
+            "preprocess": {"buckets": BUCKETS, "flip": True},
+            "encoder": {"model": str(tiny_models["kl"]), "batch_size": 4},
+            "output": {"path": str(out), "tensor_type": "list"},
+        }
+    )
+    assert run(cfg).samples_ok == 10
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["output"]["tensor_type"] == "list"
+    stored: dict[str, np.ndarray] = {}
+    for folder in manifest["output"]["rows_by_folder"]:
+        table = pq.read_table(out / folder)
+        assert str(table.schema.field("latent").type).startswith("fixed_size_list<")
+        shape = manifest["output"]["folders"][folder]["columns"]["latent"]["shape"]
+        for name in ("latent", "latent_flipped"):
+            values = np.asarray(table.column(name).to_pylist(), dtype=np.float16)
+            stored.update({f"{k}/{name}": v for k, v in zip(table.column("key").to_pylist(), values, strict=True)})
+            assert values.shape[1:] == tuple(shape)
+
+    seen: list[str] = []
+    flips: set[bool] = set()
+    per_folder: dict[str, int] = {}
+    for rank in (0, 1):
+        for batch in LatentDataset(str(out), 3, rank=rank, world_size=2, seed=4):
+            folder = batch["folder"]
+            shape = manifest["output"]["folders"][folder]["columns"]["latent"]["shape"]
+            assert tuple(batch["latent"].shape) == (len(batch["key"]), *shape)
+            for key, flipped, value in zip(
+                batch["key"], batch["flipped"].tolist(), batch["latent"].numpy(), strict=True
+            ):
+                np.testing.assert_array_equal(value, stored[f"{key}/latent{'_flipped' if flipped else ''}"])
+            seen += batch["key"]
+            flips.update(batch["flipped"].tolist())
+            per_folder[folder] = per_folder.get(folder, 0) + len(batch["key"])
+    assert sorted(seen) == sorted(s.key for s in samples)
+    assert per_folder == manifest["output"]["rows_by_folder"] and len(per_folder) >= 2
+
+    status = output_status(OutputLayout(str(out)))
+    assert status["complete"] and status["folders"] == per_folder
+    assert flips == {False, True}

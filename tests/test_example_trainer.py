@@ -15,14 +15,7 @@ from latentize.pipeline import run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_on_latents.py"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.usefixtures("ray_session"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("latentize.data") is None,
-        reason="latentize.data.LatentDataset, which the example reads through, is not in this tree yet",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
 def _example() -> object:
