@@ -152,6 +152,11 @@ def run_encode(args: argparse.Namespace) -> int:
             f"latentize: this run encoded {summary.samples_now} samples from {summary.shards_done_now} "
             f"shard(s) in {summary.seconds:.1f} s ({summary.images_per_second:.2f} img/s)"
         )
+        if summary.encoding_seconds and summary.encoder_start_seconds is not None:
+            print(
+                f"latentize: encoder start-up {summary.encoder_start_seconds:.1f} s; then "
+                f"{summary.samples_now / summary.encoding_seconds:.2f} img/s while encoding"
+            )
     print(f"latentize: output holds {summary.samples_ok} samples ok, {summary.samples_failed} failed")
     if summary.shards_failed:
         print(

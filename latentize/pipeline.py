@@ -15,21 +15,22 @@ import os
 import platform
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from latentize import __version__
 from latentize.columns import join_notes, normalize_text, text_column
-from latentize.config import Config, PreprocessConfig, config_from_dict, config_to_dict, fingerprint, redact
+from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.encoders.base import resolved_source
 from latentize.errors import LatentizeError
+from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
-from latentize.sinks.commit import REENCODED_NOTE
+from latentize.sinks.commit import ENCODE_STARTED, REENCODED_NOTE
 from latentize.sources import SOURCES, expand_urls, infer_format, shard_ids
 
 __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
@@ -55,6 +56,13 @@ class RunSummary:
     nothing_to_do: bool
     #: Seconds of the Ray execution alone (first read to last commit); 0 when nothing ran.
     execution_seconds: float = 0.0
+    #: Seconds from the execution's start to the first encoder call: the encoder pool's
+    #: start-up (a process per actor, torch and the model's imports, the weights); None when
+    #: nothing was encoded.
+    encoder_start_seconds: float | None = None
+    #: Seconds from the first encoder call to the last part staged: the run's steady state,
+    #: without the encoder's start-up and the commit tail; None when nothing was encoded.
+    encoding_seconds: float | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -274,6 +282,7 @@ class EncodeActor:
         logger.info("encoder actor ready on %s (%s), decode on %s", self.encoder.device, self.encoder.dtype, decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        called_at = time.time()
         n = len(batch["key"])
         errors = text_column(batch["error"], n)
         stages = text_column(batch["stage"], n)
@@ -303,6 +312,9 @@ class EncodeActor:
         out["error"] = errors
         out["stage"] = stages
         out["notes"] = notes
+        # When this call began (epoch seconds): the driver's measure of the encoder's start-up
+        # and of the steady state (see RunSummary). Staging reports it and never writes it.
+        out[ENCODE_STARTED] = np.full(n, called_at)
         return normalize_text(out)
 
     def _encode(self, pixels: Any, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str], list[int]]:
@@ -510,16 +522,6 @@ def _actors_see_cuda(gpus: float) -> bool:
     return bool(ray.get(remote(probe).remote()))
 
 
-def _decode_block(block: pa.Table, *, config: PreprocessConfig, targets: Targets) -> Any:
-    """Read-task transform: a block of encoded samples -> a block of pixels (see preprocess_batch)."""
-    from ray.data.block import BlockAccessor
-
-    from latentize.preprocess import preprocess_batch
-
-    batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-    return BlockAccessor.batch_to_block(preprocess_batch(batch, config=config, targets=targets))
-
-
 def _build_dataset(
     p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor, execution: _Execution | None = None
 ) -> Any:
@@ -546,7 +548,7 @@ def _build_dataset(
     ex = execution or _execution(cfg, shapes=len(p.targets.sizes))
     # Bytes travel to the actors when they decode; else the read tasks decode to uint8 pixels.
     transform = (
-        functools.partial(_decode_block, config=cfg.preprocess, targets=p.targets) if ex.decode == "cpu" else None
+        functools.partial(preprocess_block, config=cfg.preprocess, targets=p.targets) if ex.decode == "cpu" else None
     )
     source = ShardDatasource(shards=p.pending, fmt=p.fmt, config=cfg.input, transform=transform)
     ds = ray.data.read_datasource(source, override_num_blocks=len(p.pending))
@@ -662,7 +664,7 @@ def run(
             of several nodes).
     """
     started = time.time()
-    p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
+    p = _plan_while_ray_starts(config, overwrite=overwrite, retry_failed=retry_failed)
     if not p.pending:
         t = _totals(p.markers, p.shards, p.fingerprint)
         logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), p.layout.url)
@@ -671,7 +673,8 @@ def run(
     execution_started = time.time()
     committer = _execute(p, ex, encode_actor=encode_actor, started=started)
     execution_s = time.time() - execution_started
-    t = _finish(p, committer, ex, started=started, execution_s=execution_s)
+    timing = _RunTiming.of(committer, execution_started=execution_started, execution_s=execution_s)
+    t = _finish(p, committer, ex, started=started, timing=timing)
     return RunSummary(
         p.layout.url,
         len(p.shards),
@@ -683,7 +686,61 @@ def run(
         time.time() - started,
         False,
         execution_s,
+        timing.encoder_start_seconds,
+        timing.encoding_seconds,
     )
+
+
+@dataclass(frozen=True)
+class _RunTiming:
+    """Where the execution's seconds went (see :class:`RunSummary`)."""
+
+    execution_seconds: float
+    encoder_start_seconds: float | None
+    encoding_seconds: float | None
+
+    @classmethod
+    def of(cls, committer: Committer, *, execution_started: float, execution_s: float) -> _RunTiming:
+        first, last = committer.first_encode_started, committer.last_staged_at
+        if first is None or last is None:
+            return cls(execution_s, None, None)
+        # Clocks of other nodes may be a little off; a negative span is reported as 0.
+        return cls(execution_s, max(0.0, first - execution_started), max(0.0, last - first))
+
+    def describe(self) -> dict[str, Any]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {
+            "execution_seconds": round(self.execution_seconds, 3),
+            "encoder_start_seconds": rounded(self.encoder_start_seconds),
+            "encoding_seconds": rounded(self.encoding_seconds),
+        }
+
+
+def _plan_while_ray_starts(config: Config, *, overwrite: bool, retry_failed: bool) -> Plan:
+    """:func:`plan` in a thread while a local Ray starts on this one.
+
+    The two need nothing from each other and take seconds each (the plan: listing, markers and
+    the encoder's imports; Ray: its processes), so the run starts executing that much sooner.
+    If the plan fails, the Ray just started is shut down and the plan's error raised.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return plan(config, overwrite=overwrite, retry_failed=retry_failed)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentize-plan") as pool:
+        planned = pool.submit(plan, config, overwrite=overwrite, retry_failed=retry_failed)
+        try:
+            _init_ray(config)
+        except BaseException:
+            planned.result()  # a bad config or input says more than the Ray error it caused
+            raise
+        try:
+            return planned.result()
+        except BaseException:
+            ray.shutdown()
+            raise
 
 
 def _prepare(p: Plan) -> _Execution:
@@ -742,7 +799,7 @@ def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor], starte
     return committer
 
 
-def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, execution_s: float) -> _Totals:
+def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, timing: _RunTiming) -> _Totals:
     """Rewrites the manifest with the totals of the markers the driver holds, and this run."""
     t = _totals(committer.markers, p.shards, p.fingerprint)
     complete = t.committed == len(p.shards) and t.failed_shards == 0
@@ -760,7 +817,7 @@ def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, ex
             "shards": committer.shards_done,
             "samples": committer.samples_done,
             "seconds": round(time.time() - started, 3),
-            "execution_seconds": round(execution_s, 3),
+            **timing.describe(),
             **ex.describe(),
         }
     )

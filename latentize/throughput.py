@@ -9,8 +9,9 @@ How an entry gets filled: on a machine with that GPU, run ``latentize encode`` w
 over LAION-like shards (``latentize.demo.laion_like_samples``, or real ones) large enough that
 the run lasts minutes, at one resolution, with the default ``encoder.batch_size`` and
 ``encoder.dtype: auto``; its manifest's last ``runs`` entry holds ``samples`` and
-``execution_seconds`` (the Ray execution alone), whose ratio is the images per second of one
-encoder actor when ``ray.actors`` is 1. Record the figure with the machine, versions and date in
+``encoding_seconds`` (first encoder call to last part staged: the steady state, without the
+pool's start-up and the commit tail), whose ratio is the images per second of one encoder actor
+when ``ray.actors`` is 1. Record the figure with the machine, versions and date in
 bench/RESULTS.md, then add it here as a :class:`Throughput` naming that section.
 """
 

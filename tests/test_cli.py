@@ -125,6 +125,21 @@ def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> No
     assert time.time() - started < 60
 
 
+def test_a_plan_error_is_reported_as_such_while_ray_starts_beside_it(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    # The plan runs in a thread while the local Ray starts: its error, not Ray's, reaches the
+    # user, with the exit code of a bad config, and the Ray just started is shut down.
+    cfg = _write_config(tmp_path / "cfg.yaml", str(tmp_path / "none" / "*.tar"), tmp_path / "out", tiny_models["kl"])
+    result = subprocess.run(
+        [str(BIN / "latentize"), "encode", str(cfg)], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "latentize: error: input.urls: no file matches" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_demo_with_local_model_runs_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     """The README's demo command path switched to the SD VAE from a local folder: no config,
@@ -163,6 +178,7 @@ def test_latentize_encode_cli_and_rerun(tmp_path: Path, shards: str, tiny_models
     first = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "6 samples ok, 0 failed" in first.stdout and "img/s" in first.stdout
+    assert re.search(r"encoder start-up [0-9.]+ s; then [0-9.]+ img/s while encoding", first.stdout), first.stdout
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["config"]["encoder"]["batch_size"] == 2
     second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)

@@ -286,6 +286,14 @@ def test_rerun_writes_nothing_and_other_config_is_refused(
     cfg = _config(wds_shards, str(out), tiny_models["kl"])
     first = run(cfg)
     assert not first.nothing_to_do
+    # Where the execution's seconds went: the encoder's start-up, then the steady state.
+    assert first.encoder_start_seconds is not None and first.encoding_seconds is not None
+    assert first.encoder_start_seconds >= 0 and first.encoding_seconds > 0
+    assert first.encoder_start_seconds + first.encoding_seconds <= first.execution_seconds
+    record = json.loads((out / "_manifest.json").read_text())["runs"][-1]
+    assert record["encoding_seconds"] == round(first.encoding_seconds, 3)
+    assert record["encoder_start_seconds"] == round(first.encoder_start_seconds, 3)
+    assert "encode_started" not in pq.read_table(out).column_names
     before = _snapshot(out)
     again = run(cfg)
     assert again.nothing_to_do and again.samples_ok == 10

@@ -47,6 +47,7 @@ __all__ = [
     "crop_box",
     "decode_image",
     "preprocess_batch",
+    "preprocess_block",
     "preprocess_batch_sizes",
     "preprocess_sample",
     "preprocess_sizes",
@@ -280,6 +281,19 @@ def _preprocess_row(data: Any, key: str, sizes_of: SizesOf, config: PreprocessCo
         # A bug or an exotic failure in one sample must not take the batch down with it.
         logger.warning("sample %s: unexpected %s: %s", key, type(exc).__name__, exc)
         return SampleError("preprocess", f"{type(exc).__name__}: {exc}")
+
+
+def preprocess_block(block: Any, *, config: PreprocessConfig, targets: Targets) -> Any:
+    """Read-task transform: a Ray Data block (a ``pyarrow.Table``) of encoded samples -> a block
+    of pixels, through :func:`preprocess_batch` (see there for the columns).
+
+    It lives here, not beside the pipeline, so that a read worker unpickling it imports only
+    the preprocess stage (Pillow, numpy), never torch or the encoders.
+    """
+    from ray.data.block import BlockAccessor
+
+    batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+    return BlockAccessor.batch_to_block(preprocess_batch(batch, config=config, targets=targets))
 
 
 def preprocess_batch_sizes(

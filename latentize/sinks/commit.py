@@ -43,6 +43,7 @@ from latentize.sinks.layout import OutputLayout
 __all__ = [
     "ERROR_SCHEMA",
     "REENCODED_NOTE",
+    "ENCODE_STARTED",
     "REPORT_SCHEMA",
     "Committer",
     "Part",
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The flight column in which the encoder actor stamps when each call began (epoch seconds).
+ENCODE_STARTED = "encode_started"
 
 #: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
 REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
@@ -117,6 +121,10 @@ REPORT_SCHEMA = pa.schema(
         ("shard_error", pa.string()),
         # The Ray node that read the shard (sentinel only).
         ("read_node", pa.string()),
+        # Epoch seconds: when the first encoder call of the batch began (None without one),
+        # and when staging the batch ended. Timing only; the driver's run figures.
+        ("encode_started", pa.float64()),
+        ("staged_at", pa.float64()),
     ]
 )
 
@@ -201,6 +209,7 @@ def stage_batch(
     slots = np.asarray(batch["slot"]).astype(np.int32) if "slot" in batch else np.zeros(n, np.int32)
     indices = np.asarray(batch["index"]).astype(np.int64)
     multi = "slot" in batch
+    called = np.asarray(batch[ENCODE_STARTED], dtype=np.float64) if ENCODE_STARTED in batch else np.zeros(0)
     sentinel = totals >= 0
     failed = ~sentinel & np.array([e is not None for e in errors], dtype=bool)
     ok = ~sentinel & ~failed
@@ -235,6 +244,9 @@ def stage_batch(
                 )
             )
         out.append(report)
+    staged_at = time.time()
+    for report in out:
+        report.update(encode_started=float(called.min()) if called.size else None, staged_at=staged_at)
     return pa.Table.from_pylist(out, schema=REPORT_SCHEMA)
 
 
@@ -514,12 +526,16 @@ class Committer:
         #: Shards committed and samples they hold, this run.
         self.shards_done = 0
         self.samples_done = 0
+        #: Epoch seconds of the first encoder call and of the last part staged (None before).
+        self.first_encode_started: float | None = None
+        self.last_staged_at: float | None = None
 
     def add(self, reports: pa.Table) -> None:
         """Takes one block of :func:`stage_batch` reports."""
         import ray
 
         for report in reports.to_pylist():
+            self._time(report)
             if not self._tracker.add(report):
                 continue
             commit = self._tracker.pop(report["shard"])
@@ -528,6 +544,14 @@ class Committer:
             if len(self._in_flight) >= self._parallelism:
                 ready, _ = ray.wait(list(self._in_flight), num_returns=1)
                 self._record(ready)
+
+    def _time(self, report: dict[str, Any]) -> None:
+        called, staged = report.get("encode_started"), report.get("staged_at")
+        if called is not None:
+            first = self.first_encode_started
+            self.first_encode_started = called if first is None else min(first, called)
+        if staged is not None:
+            self.last_staged_at = staged if self.last_staged_at is None else max(self.last_staged_at, staged)
 
     def finish(self) -> None:
         """Waits for the commits in flight, removes the last staged files, writes the ledger.

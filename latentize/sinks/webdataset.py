@@ -9,10 +9,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import webdataset as wds
-from webdataset.tariterators import base_plus_ext
 
 from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_numpy
+from latentize.tarnames import base_plus_ext
 
 __all__ = ["WebDatasetSink"]
 
@@ -55,6 +54,8 @@ class WebDatasetSink:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 for member in tar:
                     key, ext = base_plus_ext(member.name)
+                    if ext is None:
+                        raise ValueError(f"staged tar member without an extension: {member.name!r}")
                     if not mine or mine[-1]["__key__"] != key:
                         mine.append({"__key__": key})
                     extracted = tar.extractfile(member)
@@ -65,6 +66,9 @@ class WebDatasetSink:
 
 
 def _tar(samples: list[dict[str, Any]]) -> bytes:
+    # Imported here: webdataset imports torch, which staging and commit workers otherwise never load.
+    import webdataset as wds
+
     buf = io.BytesIO()
     # A fixed mtime makes reruns produce byte-identical tars.
     with wds.TarWriter(buf, mtime=0.0) as sink:

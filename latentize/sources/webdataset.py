@@ -2,8 +2,9 @@
 
 A shard holds members ``KEY.jpg`` (or png, webp, ...), ``KEY.txt``, ``KEY.json``; the members of
 one key are contiguous. The key/extension split is WebDataset's own
-(:func:`webdataset.tariterators.base_plus_ext`: the extension is everything after the first dot
-of the basename), so keys match what any WebDataset pipeline would see.
+(:func:`webdataset.tariterators.base_plus_ext`, as :mod:`latentize.tarnames` repeats it without
+importing webdataset: the extension is everything after the first dot of the basename), so keys
+match what any WebDataset pipeline would see.
 
 The tar loop itself is hand-written on :mod:`tarfile` rather than taken from
 ``webdataset.tariterators.tar_file_iterator`` / ``group_by_keys`` because this reader needs three
@@ -21,8 +22,6 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from webdataset.tariterators import base_plus_ext
-
 from latentize.columns import join_notes
 from latentize.config import InputConfig
 from latentize.sources.base import (
@@ -34,6 +33,7 @@ from latentize.sources.base import (
     resolve_caption_field,
     unsafe_key,
 )
+from latentize.tarnames import base_plus_ext
 
 __all__ = ["read_webdataset"]
 

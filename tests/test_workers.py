@@ -1,0 +1,75 @@
+"""What Ray's read, staging and commit workers import: never torch.
+
+Every such worker is a fresh process; webdataset's package imports torch (seconds of CPU and
+hundreds of MB each), which a node with a hundred read workers would pay before its first image.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+from webdataset.tariterators import base_plus_ext as wds_base_plus_ext
+
+from latentize.config import load_config
+from latentize.demo import photo_samples, write_webdataset_shard
+from latentize.preprocess import preprocess_block
+from latentize.preprocess.buckets import resolve_targets
+from latentize.sinks.commit import commit_shard, stage_batch
+from latentize.sources.datasource import ShardDatasource
+from latentize.tarnames import base_plus_ext
+
+NAMES = [
+    "00001.jpg",
+    "00001.seg.npy",
+    "a/b/00001.latent.npy",
+    "dir.with.dots/key.txt",
+    "key",
+    "dir/key",
+    ".hidden",
+    "a/.b.c",
+    "k.",
+    "k..json",
+    "./k.jpg",
+    "caf\u00e9 photo.JPEG",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tar_member_split_is_webdatasets(name: str) -> None:
+    assert base_plus_ext(name) == wds_base_plus_ext(name)
+
+
+UNPICKLE_AND_READ = """
+import json, pickle, sys
+read_task, stage, commit = pickle.load(open(sys.argv[1], "rb"))
+rows = sum(block.num_rows for block in read_task())
+heavy = sorted(m for m in ("torch", "webdataset", "diffusers") if m in sys.modules)
+print(json.dumps({"rows": rows, "heavy": heavy}))
+"""
+
+
+def test_read_stage_and_commit_workers_never_import_torch(tmp_path: Path) -> None:
+    samples = photo_samples()[:4]
+    write_webdataset_shard(str(tmp_path / "00000.tar"), samples)
+    cfg = load_config(base={"input": {"urls": str(tmp_path / "00000.tar")}, "output": {"path": str(tmp_path / "o")}})
+    transform = functools.partial(
+        preprocess_block, config=cfg.preprocess, targets=resolve_targets(cfg.preprocess, factor=8)
+    )
+    source = ShardDatasource(
+        shards=[(str(tmp_path / "00000.tar"), "00000")], fmt="webdataset", config=cfg.input, transform=transform
+    )
+    # What Ray ships to the workers, pickled as Ray pickles it, opened in a fresh interpreter.
+    payload = tmp_path / "tasks.pkl"
+    payload.write_bytes(ray.cloudpickle.dumps((source.get_read_tasks(1)[0], stage_batch, commit_shard)))
+    out = subprocess.run(
+        [sys.executable, "-c", UNPICKLE_AND_READ, str(payload)], check=True, capture_output=True, text=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["rows"] == len(samples) + 1  # the images and the end-of-shard sentinel
+    assert result["heavy"] == []
