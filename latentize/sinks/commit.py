@@ -41,9 +41,9 @@ from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array
 from latentize.sinks.layout import OutputLayout
 
 __all__ = [
+    "ENCODE_STARTED",
     "ERROR_SCHEMA",
     "REENCODED_NOTE",
-    "ENCODE_STARTED",
     "REPORT_SCHEMA",
     "Committer",
     "Part",
