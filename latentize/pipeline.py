@@ -100,16 +100,18 @@ def _absolute(url: str) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
+    """Versions of what produced the output. Read from package metadata: importing torch and
+    diffusers here would cost the driver seconds and ~600 MB for two strings."""
+    from importlib.metadata import version
+
     import pyarrow
     import ray
-    import torch
 
     return {
         "latentize": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
+        "torch": version("torch"),
+        "diffusers": version("diffusers"),
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }
@@ -721,9 +723,9 @@ class _RunTiming:
 def _plan_while_ray_starts(config: Config, *, overwrite: bool, retry_failed: bool) -> Plan:
     """:func:`plan` in a thread while a local Ray starts on this one.
 
-    The two need nothing from each other and take seconds each (the plan: listing, markers and
-    the encoder's imports; Ray: its processes), so the run starts executing that much sooner.
-    If the plan fails, the Ray just started is shut down and the plan's error raised.
+    The two need nothing from each other (the plan: listing, markers, model configs; Ray: its
+    processes), so the run starts executing that much sooner. If the plan fails, the Ray just
+    started is shut down and the plan's error raised.
     """
     import ray
 

@@ -411,11 +411,9 @@ def test_resolution_not_divisible_by_the_factor_is_refused(tiny_models, resoluti
 
 
 def test_folder_without_config_json(tmp_path) -> None:
-    from diffusers import AutoencoderKL
-
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(LatentizeError, match="no config.json"):
-        load_model_config(AutoencoderKL, str(tmp_path), subfolder=None, revision=None)
+        load_model_config(str(tmp_path), subfolder=None, revision=None)
     # ... and through the encoder's driver-side check as well.
     with pytest.raises(LatentizeError, match="no config.json"):
         KLEncoder.inspect(make_config(tmp_path))

@@ -415,7 +415,7 @@ def test_autoencoder_tiny_folder_decodes_to_unit_range(tmp_path: Path) -> None:
 
 def _random_taesd_files(folder: Path, *, decoder: bool) -> Path:
     """A random f8 TAESD encoder (and sibling decoder) saved as original state dicts."""
-    from latentize.encoders.taesd import build_decoder, build_encoder
+    from latentize.encoders.taesd_net import build_decoder, build_encoder
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -426,7 +426,7 @@ def _random_taesd_files(folder: Path, *, decoder: bool) -> Path:
 
 
 def test_taesd_file_decoder_is_found_beside_the_encoder(tmp_path: Path) -> None:
-    from latentize.encoders.taesd import load_tiny_decoder
+    from latentize.encoders.taesd_net import load_tiny_decoder
 
     encoder = _random_taesd_files(tmp_path / "w", decoder=True)
     pixels, keys = photos()

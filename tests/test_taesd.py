@@ -26,15 +26,8 @@ from latentize.config import Config, load_config
 from latentize.demo import photo_images
 from latentize.encoders.base import ENCODERS, EncodeResult, TorchEncoder
 from latentize.encoders.files import load_state_dict
-from latentize.encoders.taesd import (
-    TaesdBlock,
-    TaesdPthLoader,
-    TinyEncoder,
-    decoder_path_for,
-    detect_layout,
-    load_tiny_decoder,
-    load_tiny_encoder,
-)
+from latentize.encoders.taesd import TaesdPthLoader, TinyEncoder, decoder_path_for
+from latentize.encoders.taesd_net import TaesdBlock, detect_layout, load_tiny_decoder, load_tiny_encoder
 from latentize.errors import ConfigError, LatentizeError
 from latentize.weights import TAEF2_DECODER, TAEF2_ENCODER, packaged_weights
 

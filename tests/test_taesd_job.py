@@ -15,7 +15,7 @@ import torch
 from latentize.config import load_config
 from latentize.demo import photo_samples, write_webdataset_shard
 from latentize.encoders import ENCODERS
-from latentize.encoders.taesd import load_tiny_decoder
+from latentize.encoders.taesd_net import load_tiny_decoder
 from latentize.pipeline import run
 from latentize.preprocess import preprocess_sample
 from latentize.weights import TAEF2_DECODER, TAEF2_ENCODER, packaged_weights

@@ -1,7 +1,9 @@
-"""What Ray's read, staging and commit workers import: never torch.
+"""What the driver and Ray's read, staging and commit workers import: never torch.
 
 Every such worker is a fresh process; webdataset's package imports torch (seconds of CPU and
 hundreds of MB each), which a node with a hundred read workers would pay before its first image.
+The driver only reads model configs; importing torch and diffusers there cost every run seconds
+of start-up beside a starting Ray.
 """
 
 from __future__ import annotations
@@ -73,3 +75,43 @@ def test_read_stage_and_commit_workers_never_import_torch(tmp_path: Path) -> Non
     result = json.loads(out.strip().splitlines()[-1])
     assert result["rows"] == len(samples) + 1  # the images and the end-of-shard sentinel
     assert result["heavy"] == []
+
+
+PLAN_IN_A_FRESH_DRIVER = """
+import json, sys
+from latentize.cli import main  # noqa: F401  (what `latentize encode` imports first)
+from latentize.config import load_config
+from latentize.pipeline import _versions, plan
+cfg = load_config(base=json.loads(sys.argv[1]))
+p = plan(cfg)
+versions = _versions()
+heavy = sorted(m for m in ("torch", "diffusers", "webdataset", "safetensors") if m in sys.modules)
+print(json.dumps({"pending": len(p.pending), "columns": sorted(p.spec.columns), "heavy": heavy, "versions": versions}))
+"""
+
+
+@pytest.mark.parametrize(("model", "typ"), [("kl", "kl"), ("vq", "vq")])
+def test_the_driver_plans_a_diffusers_model_without_importing_torch(
+    tmp_path: Path, tiny_models: dict[str, Path], model: str, typ: str
+) -> None:
+    write_webdataset_shard(str(tmp_path / "00000.tar"), photo_samples()[:2])
+    base = {
+        "input": {"urls": str(tmp_path / "*.tar")},
+        "output": {"path": str(tmp_path / "o")},
+        "encoder": {"model": str(tiny_models[model]), "type": typ},
+        "preprocess": {"resolution": 64},
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PLAN_IN_A_FRESH_DRIVER, json.dumps(base)], check=True, capture_output=True, text=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["pending"] == 1
+    assert result["columns"] == (["indices"] if typ == "vq" else ["latent"])
+    assert result["heavy"] == []
+    import diffusers
+    import torch
+
+    # Read from package metadata, they still name the installed builds (a local "+cu130" tag
+    # appears in the metadata of PyTorch's own wheels, not in every build's).
+    assert result["versions"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
+    assert result["versions"]["diffusers"] == diffusers.__version__

@@ -11,25 +11,29 @@ An encoder lives in two places:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import math
 import os
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar, cast
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
 
 from latentize.config import Config
 from latentize.encoders.files import sha256_file
 from latentize.errors import LatentizeError
 from latentize.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ENCODERS",
@@ -50,13 +54,28 @@ logger = logging.getLogger(__name__)
 #: Encoder classes by ``encoder.type``.
 ENCODERS: Registry[type[TorchEncoder]] = Registry("encoder type", config_key="encoder.type")
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _inference_mode(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``@torch.inference_mode()`` that imports torch when called rather than when defined.
+
+    The driver imports every encoder class (the registry) but only reads model configs: keeping
+    torch (2-3 s and ~600 MB) out of it is start-up time on every run.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def stable_seed(seed: int, key: str) -> int:
@@ -75,9 +94,11 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     float16 for presets known to be fp16-safe (fix-VAEs, the TAESD family), else float32;
     always float32 on CPU.
     """
+    import torch
+
     name = config.encoder.dtype
     if name != "auto":
-        return _DTYPES[name]
+        return cast("torch.dtype", getattr(torch, name))
     if device.type != "cuda":
         return torch.float32
     if torch.cuda.is_bf16_supported():
@@ -98,6 +119,8 @@ def resolved_source(config: Config) -> tuple[str, str]:
 
 def pick_device(requested: str | None) -> torch.device:
     """``cuda`` when present (or when asked), else ``cpu``."""
+    import torch
+
     if requested == "cuda" and not torch.cuda.is_available():
         raise LatentizeError("encoder.device is 'cuda' but no CUDA device is visible to this actor")
     if requested is None:
@@ -121,10 +144,20 @@ def _is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LatentizeError(f"encoder.model: {path} is not a valid JSON file ({exc})") from None
+
+
 def load_model_config(
-    model_cls: Any, model: str, *, subfolder: str | None, revision: str | None
+    model: str, *, subfolder: str | None, revision: str | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Loads a diffusers model config (no weights) from a local folder or a hub id.
+
+    The file is read as diffusers' ``ConfigMixin.load_config`` reads it (the JSON as it is),
+    without importing diffusers: its model classes pull in torch, which the driver never needs.
 
     Returns ``(config, identity)``; identity holds what names the weights (model, subfolder,
     revision, resolved commit, sha256 of a local weights file).
@@ -140,15 +173,16 @@ def load_model_config(
                 f"encoder.model: {folder} has no config.json; give a diffusers model folder "
                 "(saved with save_pretrained) or a hub id"
             )
-        config = model_cls.load_config(str(Path(model).expanduser()), subfolder=subfolder)
+        config = _read_json(folder / "config.json")
         for name in _WEIGHT_FILES:
             if (folder / name).exists():
                 identity["weights_file"] = name
                 identity["sha256"] = sha256_file(folder / name)
                 break
-        return dict(config), identity
+        return config, identity
 
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
 
     cfg_name = f"{subfolder}/config.json" if subfolder else "config.json"
     cached = try_to_load_from_cache(model, cfg_name, revision=revision)
@@ -164,16 +198,19 @@ def load_model_config(
             "pipeline folder), or download it first on a machine with network access."
         )
     try:
-        config = model_cls.load_config(model, subfolder=subfolder, revision=revision, local_files_only=local_only)
-    except (OSError, ValueError) as exc:
+        path = hf_hub_download(
+            model, "config.json", subfolder=subfolder, revision=revision, local_files_only=local_only
+        )
+    except (OSError, ValueError, EntryNotFoundError) as exc:
         raise LatentizeError(f"encoder.model: cannot load the config of {model!r}: {exc}") from None
+    config = _read_json(Path(path))
     if local_only:
         # The snapshot folder is named after the resolved commit: the exact weights' identity.
         parts = Path(str(cached)).parts
         if "snapshots" in parts:
             identity["commit"] = parts[parts.index("snapshots") + 1]
     identity.update(_hub_weights_identity(model, subfolder=subfolder, revision=revision, local_only=local_only))
-    return dict(config), identity
+    return config, identity
 
 
 def _hub_weights_identity(
@@ -260,7 +297,8 @@ def default_batch_size(size: tuple[int, int], device: torch.device | str) -> int
     still halves it; on CPU 16 of 256², since batches there only amortise Python overhead.
     """
     width, height = size
-    images = (256 if torch.device(device).type == "cuda" else 16) * (256 * 256) / (width * height)
+    kind = device if isinstance(device, str) else device.type
+    images = (256 if kind.split(":")[0] == "cuda" else 16) * (256 * 256) / (width * height)
     return int(min(1024, max(1, 2 ** round(math.log2(max(images, 1.0))))))
 
 
@@ -294,6 +332,8 @@ class TorchEncoder:
     diffusers_class: ClassVar[str] = ""
 
     def __init__(self, *, config: Config, spec: EncoderSpec, device: torch.device | None = None) -> None:
+        import torch
+
         self.config = config
         self.spec = spec
         self.device = device or pick_device(config.encoder.device)
@@ -337,6 +377,8 @@ class TorchEncoder:
         """Compiles the encoder network once for a fixed input shape (chunks are padded to it)."""
         import copy
 
+        import torch
+
         self._compiled = True
         inner = getattr(model, "encoder", None)
         if not isinstance(inner, torch.nn.Module):
@@ -370,9 +412,7 @@ class TorchEncoder:
             model_config = FILE_LOADERS.get(kind).read_config(path, config)
             identity = {"model": str(path), "source": "file", "sha256": sha256_file(path)}
         else:
-            model_config, identity = load_model_config(
-                cls._diffusers_cls(), model, subfolder=enc.subfolder, revision=enc.revision
-            )
+            model_config, identity = load_model_config(model, subfolder=enc.subfolder, revision=enc.revision)
         return cls.spec_from(model_config, config, identity)
 
     def _load(self) -> torch.nn.Module:
@@ -387,6 +427,8 @@ class TorchEncoder:
 
     def _drop_decoder(self, model: torch.nn.Module) -> torch.nn.Module:
         """Encoding never decodes: replacing the decoder halves the actor's weight memory."""
+        import torch
+
         if isinstance(getattr(model, "decoder", None), torch.nn.Module):
             model.decoder = torch.nn.Identity()
         return model
@@ -401,6 +443,8 @@ class TorchEncoder:
     # -- shared machinery ---------------------------------------------------------------
     def _to_input(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """uint8 (n, H, W, 3) on the device -> (n, 3, H, W) ``dtype`` in the encoder's range."""
+        import torch
+
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 255.0
         if self.spec.input_range == "[-1, 1]":
             x = x * 2.0 - 1.0
@@ -414,6 +458,8 @@ class TorchEncoder:
         overlaps the compute of the previous one. A tensor already on the device (decoded
         there) is used as it is.
         """
+        import torch
+
         if isinstance(pixels, torch.Tensor) and pixels.device == self.device:
             return Staged(pixels, None)
         host = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
@@ -429,12 +475,14 @@ class TorchEncoder:
         return Staged(on_device, ready, keep=pinned)
 
     def _side_stream(self) -> Any:
+        import torch
+
         stream = getattr(self._local, "stream", None)
         if stream is None:
             stream = self._local.stream = torch.cuda.Stream(device=self.device)
         return stream
 
-    @torch.inference_mode()
+    @_inference_mode
     def _run(
         self,
         model: torch.nn.Module,
@@ -459,6 +507,8 @@ class TorchEncoder:
           last chunk would waste up to a chunk per size and batch), except to a power of two
           when compiled (a few static shapes).
         """
+        import torch
+
         outputs: list[dict[str, torch.Tensor]] = []
         start = 0
         n = pixels.shape[0]
@@ -497,6 +547,8 @@ class TorchEncoder:
         return size, (min(cap, 1 << (size - 1).bit_length()) if self._compiled else size)
 
     def _fp32_model(self) -> torch.nn.Module:
+        import torch
+
         if self._model_fp32 is None:
             import copy
 
@@ -505,7 +557,7 @@ class TorchEncoder:
 
     # Inference mode for the whole call: ``_run`` returns inference tensors, and the float32
     # re-encode below writes into them in place (not allowed outside inference mode).
-    @torch.inference_mode()
+    @_inference_mode
     def encode(
         self, pixels: np.ndarray | torch.Tensor | Staged, keys: Sequence[str], *, mixed: bool = False
     ) -> EncodeResult:
@@ -525,6 +577,8 @@ class TorchEncoder:
             An :class:`EncodeResult`; samples whose outputs are not finite are re-encoded in
             float32 once, and become errors if they still are not.
         """
+        import torch
+
         n = len(keys)
         if n == 0:
             return EncodeResult(self._empty(0), {}, self.chunk_size, 0)
@@ -556,6 +610,8 @@ class TorchEncoder:
         Returns the outputs (on the device), the positions re-encoded and a (N,) bool array of
         the samples still not finite.
         """
+        import torch
+
         out = self._run(self.model, self.dtype, tensor, keys, chunking="mixed" if mixed else "fixed")
         bad = self._nonfinite(out)
         reencoded: list[int] = []
@@ -575,6 +631,8 @@ class TorchEncoder:
     def _copy_back(self, out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         """Starts copying the outputs to pinned host memory; returns them and an event to wait on
         (None when they are already on the host)."""
+        import torch
+
         if self.device.type != "cuda":
             return out, None
         host = {}
@@ -587,6 +645,8 @@ class TorchEncoder:
 
     @staticmethod
     def _nonfinite(out: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         bad = None
         for v in out.values():
             if not v.is_floating_point():

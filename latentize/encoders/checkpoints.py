@@ -57,14 +57,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
-import torch
 import yaml
 
 from latentize.config import Config
 from latentize.encoders.files import FILE_LOADERS, load_state_dict
 from latentize.errors import LatentizeError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "INERT_GLOBAL_PREFIXES",
@@ -122,6 +124,8 @@ def _stub(full_name: str) -> type:
 
 def _stubs_for(path: Path) -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     """Stubs for the bookkeeping globals of ``path``; refuses any other non-tensor global."""
+    import torch
+
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # legacy (non-zip) format or unreadable: torch.load decides below
@@ -137,6 +141,8 @@ def _stubs_for(path: Path) -> list[Callable[..., Any] | tuple[Callable[..., Any]
 
 
 def _tensors_of(data: Any) -> dict[str, torch.Tensor]:
+    import torch
+
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
@@ -154,6 +160,8 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor
     Raises:
         LatentizeError: unreadable file, or a pickle that references code.
     """
+    import torch
+
     path = Path(path)
     try:
         if path.suffix.lower() == ".safetensors":
@@ -543,20 +551,13 @@ def _diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class _MissingDecoder(torch.nn.Module):
-    """Stands in for the decoder side of an encoder-only file; using it is an error."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = str(path)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise LatentizeError(f"encoder.model: {self.path} has no decoder weights; it can encode only")
-
-
 def _build_and_load(cls: Any, model_config: Mapping[str, Any], path: Path) -> torch.nn.Module:
     """Builds ``cls`` from ``model_config``, loads the file's tensors strictly, float32 CPU eval."""
     import inspect
+
+    import torch
+
+    from latentize.encoders.missing import MissingDecoder
 
     tensors = read_checkpoint(path)
     layout = _detect_layout(list(tensors), path)
@@ -595,9 +596,9 @@ def _build_and_load(cls: Any, model_config: Mapping[str, Any], path: Path) -> to
     except RuntimeError as exc:
         raise LatentizeError(f"encoder.model: {path}: tensor shapes do not fit the model: {exc}") from None
     if not has_decoder:
-        model.decoder = _MissingDecoder(path)
+        model.decoder = MissingDecoder(path)
         if not any(k.startswith("post_quant_conv.") for k in converted):
-            model.post_quant_conv = _MissingDecoder(path)
+            model.post_quant_conv = MissingDecoder(path)
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         torch.nn.Module.to(model, device="cpu", dtype=torch.float32)  # plain Module.to: no diffusers warning
     return model.eval()

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-import torch
-
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.kl import latent_size
 
 if TYPE_CHECKING:
+    import torch
+
     # diffusers' top-level names are dummy objects to type checkers; the classes live here.
     from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
 

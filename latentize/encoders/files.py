@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from latentize.config import Config
 from latentize.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FILE_LOADERS", "FileLoader", "SINGLE_FILE_SUFFIXES", "is_single_file", "load_state_dict", "sha256_file"]
 
@@ -55,6 +56,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ``torch.load(weights_only=True)``. Lightning/ldm checkpoints nest the weights under
     ``state_dict``; that level is removed.
     """
+    import torch
+
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 

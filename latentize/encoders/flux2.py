@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
-import torch
-
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.kl import KLEncoder, latent_size
 from latentize.errors import LatentizeError
 
 if TYPE_CHECKING:
+    import torch
+
     # diffusers' top-level names are dummy objects to type checkers; the classes live here.
     from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
 
@@ -68,6 +68,8 @@ class Flux2Encoder(KLEncoder):
         return TorchEncoder._load(self)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        import torch
+
         # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' AutoencoderKLFlux2.
         bn = cast("AutoencoderKLFlux2", self.model).bn
         if bn.running_mean is None or bn.running_var is None:  # a BatchNorm without track_running_stats

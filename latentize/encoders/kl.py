@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, cast
-
-import torch
+from typing import TYPE_CHECKING, Any, cast
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, stable_seed
 from latentize.errors import ConfigError
 from latentize.presets import PRESETS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["KLEncoder", "kl_constants", "latent_size"]
 
@@ -125,6 +126,8 @@ class KLEncoder(TorchEncoder):
         )
 
     def _load(self) -> torch.nn.Module:
+        import torch
+
         c = self.spec.constants
         self._scale = c["scaling_factor"]
         self._shift = c["shift_factor"]
@@ -133,6 +136,8 @@ class KLEncoder(TorchEncoder):
         return super()._load()
 
     def _noise(self, keys: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         seed = self.config.encoder.seed
         gens = [torch.Generator().manual_seed(stable_seed(seed, k)) for k in keys]
         return torch.stack([torch.randn(shape, generator=g) for g in gens])
@@ -144,6 +149,8 @@ class KLEncoder(TorchEncoder):
         return (z - self._shift) * self._scale
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        import torch
+
         posterior = cast(Any, model).encode(x).latent_dist
         mean = posterior.mean.float()
         logvar = posterior.logvar.float()

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.kl import _latent_geometry
 
 if TYPE_CHECKING:
+    import torch
+
     # diffusers' top-level names are dummy objects to type checkers; the classes live here.
     from diffusers.models.autoencoders.vq_model import VQModel
 
@@ -55,6 +56,8 @@ class VQEncoder(TorchEncoder):
         )
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        import torch
+
         # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' VQModel.
         vq = cast("VQModel", model)
         h = vq.encode(x).latents

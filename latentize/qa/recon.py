@@ -285,9 +285,9 @@ def _from_pretrained(class_name: str, model: str, *, subfolder: str | None, revi
 
 def _require_decoder(model: torch.nn.Module, path: Path) -> None:
     """Raises when a single file was encoder-only (its loader put stand-ins on the decoder side)."""
-    from latentize.encoders.checkpoints import _MissingDecoder
+    from latentize.encoders.missing import MissingDecoder
 
-    if any(isinstance(getattr(model, name, None), _MissingDecoder) for name in ("decoder", "post_quant_conv")):
+    if any(isinstance(getattr(model, name, None), MissingDecoder) for name in ("decoder", "post_quant_conv")):
         raise LatentizeError(
             f"{path} holds no decoder weights (an encoder-only checkpoint); pass --decoder with the "
             "full autoencoder (a diffusers folder, a hub id or a checkpoint that includes the decoder)"
@@ -423,7 +423,8 @@ def _tiny_decoder(
     *, encoder: Mapping[str, Any], config: Config, decoder: str | None
 ) -> tuple[torch.nn.Module, DecodeFn, str]:
     from latentize.encoders.files import is_single_file
-    from latentize.encoders.taesd import decoder_path_for, load_tiny_decoder
+    from latentize.encoders.taesd import decoder_path_for
+    from latentize.encoders.taesd_net import load_tiny_decoder
 
     identity = encoder.get("identity") or {}
     source = decoder
