@@ -24,18 +24,33 @@ the encoder's start-up (``encoder_start_seconds``) and the stage rates of the lo
 alone, encode alone) for context. Targets on the 2-core machine: whole-run >= 0.8x the loop,
 in-execution (start-up and commit tail excluded) >= 1.0x.
 
-    python bench/pipeline.py [--images 1536] [--per-shard 64] [--resolution 256] [--repeats 3]
+``--cluster`` adds two runs to each repeat: the same job submitted twice to a Ray cluster that
+is already running, as production jobs run (``ray job submit``): ``ray start --head`` on this
+machine, started after the local run and stopped after these two, so that the loop and the
+local run never share the cores with an idle cluster. The first job on the fresh cluster
+(``cluster_first_*``) also creates Ray Data's detached helper actors, which the second
+(``cluster_*``) reuses, as every later job on a long-running cluster does. Their whole-run
+ratios leave out what a local Ray costs each job (starting and stopping it) but keep the
+driver's connection, Ray Data's start and the encoder actor's start-up. The local run always
+passes ``ray.address=local``, so that it starts its own Ray whatever runs here.
+
+    python bench/pipeline.py [--images 1536] [--per-shard 64] [--resolution 256] [--repeats 3] [--cluster]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,18 +122,37 @@ def _make_inputs(root: Path, images: int, per_shard: int, resolution: int) -> tu
     return path, count
 
 
-def _once(root: Path, config: Path, images: int, env: dict[str, str]) -> dict[str, Any]:
+def _encode(root: Path, config: Path, images: int, env: dict[str, str], address: str) -> tuple[float, dict]:
+    """One ``latentize encode`` into an empty output; its wall seconds and its last run's record."""
+    shutil.rmtree(root / "out", ignore_errors=True)
+    cmd = [sys.executable, "-m", "latentize.cli", "encode", str(config)]
+    run_s, _ = timed([*cmd, "--set", f"ray.address={address}"], env, REPO)
+    manifest = json.loads((root / "out" / "_manifest.json").read_text())
+    assert manifest["samples"]["ok"] + manifest["samples"]["failed"] == images, manifest["samples"]
+    return run_s, manifest["runs"][-1]
+
+
+def _once(root: Path, config: Path, images: int, env: dict[str, str], cluster: bool) -> dict[str, Any]:
     loop_out = root / "loop-out"
     shutil.rmtree(loop_out, ignore_errors=True)
     loop_out.mkdir()
     loop_s, stdout = timed([sys.executable, "-c", LOOP, str(config), str(loop_out)], env, REPO)
     loop = json.loads(stdout.strip().splitlines()[-1])
-    shutil.rmtree(root / "out", ignore_errors=True)
-    run_s, _ = timed([sys.executable, "-m", "latentize.cli", "encode", str(config)], env, REPO)
-    manifest = json.loads((root / "out" / "_manifest.json").read_text())
-    assert manifest["samples"]["ok"] + manifest["samples"]["failed"] == images, manifest["samples"]
-    last = manifest["runs"][-1]
+    # "local": a Ray of its own even where `ray start` runs one (ray.init would join that).
+    run_s, last = _encode(root, config, images, env, "local")
     execution_s, encoding_s = last["execution_seconds"], last["encoding_seconds"]
+    on_cluster: dict[str, Any] = {}
+    if cluster:
+        with _running_cluster(root, env) as address:
+            for prefix in ("cluster_first", "cluster"):
+                cluster_s, cluster_last = _encode(root, config, images, env, address)
+                on_cluster |= {
+                    f"{prefix}_whole_img_s": images / cluster_s,
+                    f"{prefix}_whole_ratio": loop_s / cluster_s,
+                    f"{prefix}_execution_ratio": loop["loop_s"] / cluster_last["execution_seconds"],
+                    f"{prefix}_encoder_start_s": float(cluster_last["encoder_start_seconds"]),
+                    f"{prefix}_seconds": cluster_s,
+                }
     return {
         "loop_whole_img_s": images / loop_s,
         "loop_inside_img_s": images / loop["loop_s"],
@@ -133,9 +167,52 @@ def _once(root: Path, config: Path, images: int, env: dict[str, str]) -> dict[st
         "encode_alone_img_s": images / loop["encode_s"],
         "latentize_seconds": run_s,
         "loop_seconds": loop_s,
-        "decode": manifest["runs"][-1]["decode"],
-        "batch_size": manifest["runs"][-1]["batch_size"],
+        "decode": last["decode"],
+        "batch_size": last["batch_size"],
+        **on_cluster,
     }
+
+
+#: Seconds between the cluster's answering ``ray status`` and the job's start.
+SETTLE_S = 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _running_cluster(root: Path, env: dict[str, str]) -> Iterator[str]:
+    """A Ray head on this machine for the length of the block (``ray start --block``, stopped
+    through its own process, never ``ray stop``, which would stop every Ray of the user)."""
+    port = _free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    # A temp folder of its own: `ray start` records its address there, where a plain
+    # `ray.init()` never looks (after SIGTERM it stays; only `ray stop` would remove it). Short,
+    # for the length limit of Unix socket paths under it.
+    temp = tempfile.mkdtemp(prefix="lzray", dir="/tmp")
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp}"]
+    log = (root / "ray-start.log").open("w")
+    head = subprocess.Popen(
+        [*cmd, "--include-dashboard=false", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([str(ray_bin), "status", f"--address={address}"], env=env, capture_output=True).returncode:
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start failed: {(root / 'ray-start.log').read_text()[-2000:]}")
+            time.sleep(1)
+        # A running cluster is an idle one: let its agents finish starting before the job.
+        time.sleep(SETTLE_S)
+        yield address
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def main() -> None:
@@ -145,27 +222,36 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--cluster", action="store_true", help="also submit to an already running Ray cluster")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="latentize-pipeline-"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     try:
         config, images = _make_inputs(root, args.images, args.per_shard, args.resolution)
-        runs = repeat(
-            lambda: _once(root, config, images, env),
-            args.repeats,
-            lambda r: (
-                f"loop {r['loop_whole_img_s']:.1f} img/s whole ({r['loop_inside_img_s']:.1f} inside); "
-                f"latentize {r['latentize_whole_img_s']:.1f} img/s whole ({r['latentize_execution_img_s']:.1f} in "
-                f"execution, {r['latentize_encoding_img_s']:.1f} while encoding after a "
-                f"{r['encoder_start_seconds']:.1f} s encoder start-up); ratios {r['whole_ratio']:.2f} whole, "
-                f"{r['execution_ratio']:.2f} in execution, {r['encoding_ratio']:.2f} while encoding"
-            ),
-        )
+        runs = repeat(lambda: _once(root, config, images, env, args.cluster), args.repeats, _line)
         report(runs, f"{images} LAION-like images at {args.resolution}², median of {args.repeats}:", images, args.json)
         print(f"  decode path: {runs[0]['decode']}, encoder batch: {runs[0]['batch_size']}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _line(r: dict[str, Any]) -> str:
+    line = (
+        f"loop {r['loop_whole_img_s']:.1f} img/s whole ({r['loop_inside_img_s']:.1f} inside); "
+        f"latentize {r['latentize_whole_img_s']:.1f} img/s whole ({r['latentize_execution_img_s']:.1f} in "
+        f"execution, {r['latentize_encoding_img_s']:.1f} while encoding after a "
+        f"{r['encoder_start_seconds']:.1f} s encoder start-up); ratios {r['whole_ratio']:.2f} whole, "
+        f"{r['execution_ratio']:.2f} in execution, {r['encoding_ratio']:.2f} while encoding"
+    )
+    if "cluster_whole_ratio" in r:
+        line += (
+            f"; on a running cluster, first job {r['cluster_first_whole_img_s']:.1f} img/s whole, ratio "
+            f"{r['cluster_first_whole_ratio']:.2f} ({r['cluster_first_encoder_start_s']:.1f} s encoder start-up), "
+            f"second {r['cluster_whole_img_s']:.1f} img/s, ratio {r['cluster_whole_ratio']:.2f} "
+            f"({r['cluster_encoder_start_s']:.1f} s)"
+        )
+    return line
 
 
 if __name__ == "__main__":

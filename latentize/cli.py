@@ -397,7 +397,10 @@ def _add_qa_args(parser: argparse.ArgumentParser) -> None:
         help="fsspec options of the input shards (for the reconstruction's source images)",
     )
     parser.add_argument("--strict", action="store_true", help="warnings (outliers, duplicates) fail the report too")
-    parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument(
+        "--ray-address",
+        help="Ray cluster address (default: RAY_ADDRESS, else a running `ray start` cluster, else a local Ray)",
+    )
     parser.add_argument("--json", action="store_true", help="print report.json instead of the summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(fn=run_qa)

@@ -230,7 +230,9 @@ class OutputConfig:
 class RayConfig:
     """How the job runs on Ray."""
 
-    #: null: connect to the cluster of ``ray job submit`` / RAY_ADDRESS, else start local Ray.
+    #: null: join the cluster of ``ray job submit`` / RAY_ADDRESS, else the one ``ray start``
+    #: runs on this machine, else start a local Ray; ``local``: always start a local Ray;
+    #: ``auto`` or ``HOST:PORT``: that cluster (as ``ray.init(address=...)``).
     address: str | None = None
     #: Encoder actors (one model replica each); on a GPU cluster, usually the number of GPUs.
     actors: int = 1
