@@ -122,7 +122,7 @@ def _make_inputs(root: Path, images: int, per_shard: int, resolution: int) -> tu
     return path, count
 
 
-def _encode(root: Path, config: Path, images: int, env: dict[str, str], address: str) -> tuple[float, dict]:
+def _encode(root: Path, config: Path, images: int, env: dict[str, str], address: str) -> tuple[float, dict[str, Any]]:
     """One ``latentize encode`` into an empty output; its wall seconds and its last run's record."""
     shutil.rmtree(root / "out", ignore_errors=True)
     cmd = [sys.executable, "-m", "latentize.cli", "encode", str(config)]

@@ -198,8 +198,11 @@ def load_model_config(
             "pipeline folder), or download it first on a machine with network access."
         )
     try:
-        path = hf_hub_download(
-            model, "config.json", subfolder=subfolder, revision=revision, local_files_only=local_only
+        # A cached config is read where it lies; only a missing one is downloaded.
+        path = (
+            cached
+            if isinstance(cached, str)
+            else hf_hub_download(model, "config.json", subfolder=subfolder, revision=revision)
         )
     except (OSError, ValueError, EntryNotFoundError) as exc:
         raise LatentizeError(f"encoder.model: cannot load the config of {model!r}: {exc}") from None
