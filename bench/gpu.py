@@ -209,6 +209,7 @@ class Report:
             "points": [],
             "compile": [],
             "pipeline": None,
+            "quality": {"bf16_vs_fp32": [], "nvjpeg_vs_cpu": [], "oom_halving": None},
             "ratios": {},
             "targets": {},
             # The two sizes measured: 256² and 512², or the smoke run's stand-ins for them.
@@ -608,6 +609,323 @@ def compiled_points(b: Bench, *, res: int, dtype: str, batch: int, with_b: bool,
     free_cache()
 
 
+# -- (q) quality: bf16 against fp32, nvJPEG against the CPU path, the OOM halving -------------
+
+
+def _psnr(ref: np.ndarray, test: np.ndarray, peak: float) -> float:
+    """PSNR in dB of ``test`` against ``ref`` for a signal of ``peak`` range (inf when equal)."""
+    mse = float(np.mean((ref.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, 10th percentile and minimum of finite values (equal pairs count as 99 dB)."""
+    arr = np.array([min(v, 99.0) for v in values], dtype=np.float64)
+    return {
+        "median": round(float(np.median(arr)), 2),
+        "p10": round(float(np.percentile(arr, 10)), 2),
+        "min": round(float(arr.min()), 2),
+    }
+
+
+def cpu_pixels(b: Bench, res: int, *, exact: bool = False) -> tuple[list[str], np.ndarray]:
+    """The carried photos through the CPU preprocess path: keys and (N, res, res, 3) uint8."""
+    from latentize.errors import SampleError
+    from latentize.preprocess import preprocess_sample
+
+    assert b.data is not None
+    cfg = encoder_config(b, res=res, dtype="float32", batch=1, compiled=False, preprocess={"exact": exact}).preprocess
+    keys, rows = [], []
+    for key, jpeg in zip(b.data.keys, b.data.jpegs, strict=True):
+        try:
+            rows.append(preprocess_sample(jpeg, key=key, config=cfg).pixels)
+        except SampleError:
+            continue
+        keys.append(key)
+    return keys, np.stack(rows)
+
+
+def precision_point(b: Bench, *, res: int, batch: int) -> None:
+    """bf16 latents against fp32 ones on the same photos: PSNR over the fp32 latents' range,
+    per-channel mean and std shift in units of the fp32 channel std; the float16 storage of the
+    fp32 latents beside it, as the floor that storage alone costs."""
+    keys, pixels = cpu_pixels(b, res)
+    latents: dict[str, np.ndarray] = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = encoder_config(b, res=res, dtype=dtype, batch=batch, compiled=False, output={"dtype": "float32"})
+        from latentize.encoders import ENCODERS
+
+        cls = ENCODERS.get("kl")
+        enc = cls(config=cfg, spec=cls.inspect(cfg))
+        latents[dtype] = enc.encode(pixels, keys).arrays["latent"].astype(np.float32)
+        del enc
+        free_cache()
+    ref, test = latents["float32"], latents["bfloat16"]
+    peak = float(ref.max() - ref.min())
+    per_sample = [_psnr(r, t, peak) for r, t in zip(ref, test, strict=True)]
+    mean32, std32 = ref.mean(axis=(0, 2, 3)), ref.std(axis=(0, 2, 3))
+    mean16, std16 = test.mean(axis=(0, 2, 3)), test.std(axis=(0, 2, 3))
+    stored = ref.astype(np.float16).astype(np.float32)
+    result = {
+        "res": res,
+        "images": len(keys),
+        "latent_range": round(peak, 4),
+        "psnr_db": round(_psnr(ref, test, peak), 2),
+        "psnr_per_image_db": _summary(per_sample),
+        "max_abs_diff": round(float(np.abs(ref - test).max()), 5),
+        "mean_shift_in_std": [round(float(v), 5) for v in (mean16 - mean32) / std32],
+        "std_ratio": [round(float(v), 5) for v in std16 / std32],
+        "fp32_channel_mean": [round(float(v), 4) for v in mean32],
+        "fp32_channel_std": [round(float(v), 4) for v in std32],
+        "float16_storage_psnr_db": round(_psnr(ref, stored, peak), 2),
+    }
+    b.report.data["quality"]["bf16_vs_fp32"].append(result)
+    say(
+        f"(q) {res}² bf16 vs fp32 latents over {len(keys)} photos: PSNR {result['psnr_db']} dB "
+        f"(per image {result['psnr_per_image_db']}), mean shift {result['mean_shift_in_std']} std, "
+        f"std ratio {result['std_ratio']}; float16 storage alone {result['float16_storage_psnr_db']} dB"
+    )
+    b.report.save()
+
+
+def nvjpeg_point(b: Bench, *, res: int) -> None:
+    """GPU decode (``preprocess_on_device``) against the CPU path on the same JPEGs: per-image
+    PSNR of the uint8 pixels, against the default (reduced-DCT) and the ``exact`` CPU decode."""
+    from latentize.preprocess.gpu import preprocess_on_device  # type: ignore[import-not-found,unused-ignore]
+
+    assert b.data is not None
+    cfg = encoder_config(b, res=res, dtype="bfloat16", batch=1, compiled=False).preprocess
+    result: dict[str, Any] = {"res": res}
+    for exact in (False, True):
+        keys, cpu = cpu_pixels(b, res, exact=exact)
+        jpegs = [b.data.jpegs[b.data.keys.index(k)] for k in keys]
+        out = preprocess_on_device(jpegs, keys, config=cfg, device=b.device)
+        gpu = out.pixels.cpu().numpy()
+        scores = [_psnr(c, g, 255.0) for c, g in zip(cpu, gpu, strict=True)]
+        name = "against_exact_cpu" if exact else "against_default_cpu"
+        result[name] = _summary(scores)
+        result.update(images=len(keys), gpu_decoded=out.gpu_decoded, cpu_fallback=out.cpu_fallback)
+    b.report.data["quality"]["nvjpeg_vs_cpu"].append(result)
+    say(
+        f"(q) {res}² GPU decode vs CPU path, PSNR of pixels over {result['images']} photos "
+        f"({result['gpu_decoded']} decoded on the device, {result['cpu_fallback']} fell back): "
+        f"default CPU {result['against_default_cpu']}, exact CPU {result['against_exact_cpu']}"
+    )
+    b.report.save()
+
+
+class _Warnings(logging.Handler):
+    """Collects the encoder's log records (the OOM halving logs a warning per halving)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def oom_point(b: Bench, *, res: int, images: int) -> None:
+    """Asks for a chunk of ``images`` images at ``res``² in bf16, which cannot fit: the encoder
+    must halve it on CUDA OOM until it fits, and give the latents of a run at the final chunk
+    size, byte for byte."""
+    pixels = random_pixels(b, images, res)
+    keys = [f"k{i:06d}" for i in range(images)]
+    enc = make_encoder(b, res=res, dtype="bfloat16", batch=images, compiled=False)
+    if b.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(b.device)
+    handler = _Warnings()
+    log = logging.getLogger("latentize.encoders.base")
+    log.addHandler(handler)
+    result: dict[str, Any] = {"res": res, "asked_chunk": images}
+    b.report.data["quality"]["oom_halving"] = result
+    try:
+        start = time.perf_counter()
+        first = enc.encode(pixels, keys)
+        b.sync()
+        result.update(
+            seconds=round(time.perf_counter() - start, 2),
+            final_chunk=enc.chunk_size,
+            halvings=sum("halved" in m for m in handler.messages),
+            peak_gib=round(torch.cuda.max_memory_allocated(b.device) / 2**30, 1) if b.device.type == "cuda" else None,
+        )
+        free_cache()
+        start = time.perf_counter()
+        again = enc.encode(pixels, keys)  # chunk_size stays at the size that fitted
+        b.sync()
+        result["seconds_at_final_chunk"] = round(time.perf_counter() - start, 2)
+        result["identical_to_final_chunk_run"] = bool(np.array_equal(first.arrays["latent"], again.arrays["latent"]))
+        result["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - what the halving does not catch is the finding
+        result["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+        result["warnings"] = handler.messages[-5:]
+        traceback.print_exc()
+    finally:
+        log.removeHandler(handler)
+        del enc, pixels
+        free_cache()
+    say(f"(q) OOM halving at {res}², asked chunk {images}: {result}")
+    b.report.save()
+
+
+# -- (k) knobs: memory layout, cuDNN autotuning and compilation of the bare SD-VAE encoder ----
+
+
+def knob_point(b: Bench, *, res: int, batch: int, layout: str, autotune: bool, compiled: bool) -> None:
+    """The bare bf16 SD-VAE ``encode`` on device pixels with one setting of each knob:
+    ``layout`` ``cl`` (channels-last, latentize's) or ``nchw``; ``autotune``
+    (``torch.backends.cudnn.benchmark``); ``compiled`` (``torch.compile`` of the encoder
+    network, as ``encoder.compile`` does), whose first call is timed apart."""
+    from diffusers import AutoencoderKL
+
+    torch.backends.cudnn.benchmark = autotune
+    model: Any = AutoencoderKL.from_pretrained(b.model_dir, torch_dtype=torch.bfloat16)
+    model.decoder = torch.nn.Identity()
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    model = model.to(b.device).to(memory_format=fmt).eval()
+    if compiled:
+        model.encoder = torch.compile(model.encoder, dynamic=False)
+    n = b.images_for(res, batch)
+    pixels = random_pixels(b, n, res)
+
+    @torch.inference_mode()
+    def go() -> None:
+        for start in range(0, n, batch):
+            x = pixels[start : start + batch].permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+            _ = model.encode(x.to(torch.bfloat16).contiguous(memory_format=fmt)).latent_dist.mean
+
+    path = f"{layout}{'+autotune' if autotune else ''}"
+    base = point("k", path, res=res, dtype="bfloat16", compiled=compiled, batch=batch)
+    start = time.perf_counter()
+    go()
+    b.sync()
+    first = time.perf_counter() - start
+    p = measure(b, base, go, images=n)
+    p["first_call_s"] = round(first, 2)
+    b.report.add(p)
+
+
+def knob_steps(b: Bench, *, reserve: float) -> None:
+    r256, r512 = b.args.res
+    small = 4 if b.args.smoke else None
+    plan = [
+        (r256, small or 128, "cl", False, False),
+        (r256, small or 128, "cl", True, False),
+        (r256, small or 128, "nchw", True, False),
+        (r512, small or 32, "cl", False, False),
+        (r512, small or 32, "cl", True, False),
+        (r512, small or 32, "nchw", True, False),
+        (r256, small or 128, "cl", True, True),
+        (r256, small or 128, "nchw", True, True),
+        (r512, small or 32, "cl", True, True),
+        (r512, small or 32, "nchw", True, True),
+    ]
+    try:
+        for res, batch, layout, autotune, compiled in plan:
+            what = f"(k) {res}² b={batch} {layout} autotune={autotune} compiled={compiled}"
+            if b.budget.left() < reserve + (40.0 if compiled else 10.0):
+                b.report.skip(what, "time budget")
+                continue
+            guarded(
+                b,
+                what,
+                functools.partial(
+                    knob_point, b, res=res, batch=batch, layout=layout, autotune=autotune, compiled=compiled
+                ),
+            )
+            free_cache()
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+# -- (z) the model zoo: the bare encoder of each architecture beside the SD VAE ---------------
+
+#: Architectures whose encoder cost ``latentize plan`` may need: diffusers class, config (the
+#: released models' own shapes), and whether it takes a frame axis (N, C, T=1, H, W).
+ZOO: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "sd-vae": ("AutoencoderKL", SD_VAE, False),
+    "flux1": (
+        "AutoencoderKL",
+        {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False},
+        False,
+    ),
+    "flux2": ("AutoencoderKLFlux2", {}, False),
+    "taesd": ("AutoencoderTiny", {}, False),
+    "dc-ae-f32c32": ("AutoencoderDC", {}, False),
+    "qwen-image": ("AutoencoderKLQwenImage", {}, True),
+    "wan2.1": ("AutoencoderKLWan", {}, True),
+    "wan2.2": (
+        "AutoencoderKLWan",
+        {
+            "base_dim": 160,
+            "decoder_base_dim": 256,
+            "z_dim": 48,
+            "is_residual": True,
+            "in_channels": 12,
+            "out_channels": 12,
+            "patch_size": 2,
+            "scale_factor_spatial": 16,
+            "latents_mean": [0.0] * 48,
+            "latents_std": [1.0] * 48,
+        },
+        True,
+    ),
+    "hunyuanimage-2.1": (
+        "AutoencoderKLHunyuanImage",
+        {
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 64,
+            "block_out_channels": (128, 256, 512, 512, 1024, 1024),
+            "layers_per_block": 2,
+            "spatial_compression_ratio": 32,
+            "sample_size": 512,
+        },
+        False,
+    ),
+}
+
+
+def zoo_point(b: Bench, name: str, *, res: int, batch: int) -> None:
+    """The bare ``model.encode`` of one architecture (random weights, decoder dropped) in bf16
+    on device pixels at ``res``², as :func:`bare_encode` times the SD VAE."""
+    import diffusers
+
+    cls_name, cfg, frames = ZOO[name]
+    torch.manual_seed(0)
+    with torch.device(b.device):
+        model: Any = getattr(diffusers, cls_name)(**cfg)
+    if isinstance(getattr(model, "decoder", None), torch.nn.Module):
+        model.decoder = torch.nn.Identity()
+    model = model.to(dtype=torch.bfloat16).eval()
+    if not frames:
+        model = model.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in model.parameters())
+    n = b.images_for(res, batch)
+    gen = torch.Generator(device=b.device).manual_seed(0)
+    x = (torch.rand((n, 3, res, res), generator=gen, device=b.device) * 2 - 1).to(torch.bfloat16)
+    x = x.unsqueeze(2) if frames else x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def go() -> None:
+        for start in range(0, n, batch):
+            model.encode(x[start : start + batch])
+
+    base = point("z", name, res=res, dtype="bfloat16", compiled=False, batch=batch)
+    p = measure(b, base, go, images=n)
+    p["params_without_decoder"] = params
+    b.report.add(p)
+
+
+def zoo_steps(b: Bench, *, res: int, batch: int, reserve: float) -> None:
+    for name in ZOO:
+        if b.budget.left() < reserve + 10.0:
+            b.report.skip(f"(z) {name}", "time budget")
+            continue
+        guarded(b, f"(z) {name}", functools.partial(zoo_point, b, name, res=res, batch=batch))
+        free_cache()  # the model and its pixels went with zoo_point's frame
+
+
 # -- (c) the Ray pipeline ---------------------------------------------------------------------
 
 
@@ -658,41 +976,18 @@ def write_pipeline_shards(data: JpegSet, folder: Path, *, images: int, per_shard
 
 
 def pipeline_section(b: Bench, *, res: int, batch: int) -> None:
-    """(c) ``latentize.pipeline.run`` over the shards, bf16 at ``res`` with ``batch``."""
+    """(c) ``latentize.pipeline.run`` over the shards, bf16 at ``res`` with ``batch``: once per
+    ``--pipeline-decode`` mode (the first is ``pipeline`` in the JSON, the rest
+    ``pipeline_<mode>``), all in one local Ray, while the budget lasts."""
     import ray
     from ray.data import DataContext
-
-    from latentize.pipeline import run
 
     assert b.data is not None
     images = b.args.pipeline_images
     # Shards of 500: as many read tasks at once as a 16-core machine runs.
     per_shard = max(1, min(500, images // 2))
     urls = write_pipeline_shards(b.data, b.work / "pipeline_in", images=images, per_shard=per_shard)
-    log_dir = b.work / "actor_logs"
-    log_dir.mkdir(exist_ok=True)
     cuda = b.device.type == "cuda"
-    cfg = encoder_config(
-        b,
-        res=res,
-        dtype="bfloat16",
-        batch=batch,
-        compiled=False,
-        input={"urls": urls},
-        preprocess={"decode": b.args.pipeline_decode},
-        output={"path": str(b.work / "pipeline_out")},
-        ray={"actors": 1, "gpus_per_actor": 1.0 if cuda else 0.0},
-    )
-    result: dict[str, Any] = {
-        "res": res,
-        "dtype": "bfloat16",
-        "batch": batch,
-        "shards": len(urls),
-        "decode": cfg.preprocess.decode,
-        "ray": ray.__version__,
-        "status": "running",
-    }
-    b.report.data["pipeline"] = result
     start = time.perf_counter()
     ray.init(
         num_cpus=2 if b.args.smoke else None,
@@ -700,15 +995,60 @@ def pipeline_section(b: Bench, *, res: int, batch: int) -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
     )
-    result["ray_init_s"] = round(time.perf_counter() - start, 2)
+    ray_init_s = round(time.perf_counter() - start, 2)
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        start = time.perf_counter()
-        summary = run(cfg, encode_actor=timed_actor(log_dir))
-        result["run_s"] = round(time.perf_counter() - start, 2)
+        for i, decode in enumerate(b.args.pipeline_decode):
+            if i and b.budget.left() < (5.0 if b.args.smoke else 45.0):
+                b.report.skip(f"(c) pipeline decode={decode}", f"time budget ({b.budget.left():.0f} s left)")
+                continue
+            name = "pipeline" if i == 0 else f"pipeline_{decode}"
+            run_one = functools.partial(pipeline_run, b, name, urls, res=res, batch=batch, decode=decode)
+            guarded(b, f"(c) {name}", run_one)
+            entry = b.report.data.setdefault(name, {"decode": decode, "status": "running"})
+            entry["ray_init_s"] = ray_init_s
+            if entry["status"] == "running":
+                entry["status"] = "error (see errors)"
+            b.report.save()
     finally:
         ray.shutdown()
+
+
+def pipeline_run(b: Bench, name: str, urls: list[str], *, res: int, batch: int, decode: str) -> None:
+    """One ``run`` of (c) into a fresh output, figures under ``name`` in the JSON."""
+    import ray
+
+    from latentize.pipeline import run
+
+    log_dir = b.work / f"actor_logs_{name}"
+    log_dir.mkdir(exist_ok=True)
+    cuda = b.device.type == "cuda"
+    cfg = encoder_config(
+        b,
+        res=res,
+        dtype="bfloat16",
+        batch=batch,
+        compiled=b.args.pipeline_compile,
+        input={"urls": urls},
+        preprocess={"decode": decode},
+        output={"path": str(b.work / f"out_{name}")},
+        ray={"actors": 1, "gpus_per_actor": 1.0 if cuda else 0.0},
+    )
+    result: dict[str, Any] = {
+        "res": res,
+        "dtype": "bfloat16",
+        "batch": batch,
+        "compiled": b.args.pipeline_compile,
+        "shards": len(urls),
+        "decode": decode,
+        "ray": ray.__version__,
+        "status": "running",
+    }
+    b.report.data[name] = result
+    start = time.perf_counter()
+    summary = run(cfg, encode_actor=timed_actor(log_dir))
+    result["run_s"] = round(time.perf_counter() - start, 2)
     batches = [tuple(map(float, line.split())) for f in log_dir.glob("*.log") for line in f.read_text().splitlines()]
     window = max(e for _, e, _ in batches) - min(s for s, _, _ in batches) if batches else float("nan")
     result.update(
@@ -724,9 +1064,9 @@ def pipeline_section(b: Bench, *, res: int, batch: int) -> None:
         img_per_s_window=round(summary.samples_now / window, 2) if window > 0 else None,
     )
     say(
-        f"(c) {res}² bfloat16 b={batch} pipeline: {result['images']} img in {result['run_s']} s "
+        f"(c) {res}² bfloat16 b={batch} decode={decode}: {result['images']} img in {result['run_s']} s "
         f"({result['img_per_s_run']} img/s whole run; {result['img_per_s_window']} img/s over the "
-        f"encoder's {result['encode_window_s']} s window; ray.init {result['ray_init_s']} s)"
+        f"encoder's {result['encode_window_s']} s window)"
     )
     b.report.save()
 
@@ -856,16 +1196,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--make-data", type=Path, metavar="DIR", help="write the JPEG shards to DIR and exit")
     parser.add_argument("--images", type=int, default=160, help="JPEGs that --make-data writes")
     parser.add_argument("--shards", type=int, default=2, help="tar shards that --make-data writes")
-    parser.add_argument("--sections", default="a,b,c", help="comma-separated subset of a, b, c")
+    parser.add_argument("--sections", default="a,b,c,q,z", help="comma-separated subset of a, b, c, k, q, z")
     parser.add_argument("--no-ray", action="store_true", help="never import Ray; skip (c)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile points")
     parser.add_argument("--pipeline-images", type=int, default=12000, help="images through the (c) pipeline")
     parser.add_argument(
-        "--pipeline-decode", default="auto", choices=("auto", "cpu", "gpu"), help="(c) preprocess.decode"
+        "--pipeline-decode",
+        default="auto,cpu",
+        help="(c) preprocess.decode modes, comma-separated (auto, cpu, gpu): one run each, in order",
     )
+    parser.add_argument("--pipeline-compile", action="store_true", help="(c) with encoder.compile true")
     parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
     args = parser.parse_args(argv)
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    args.pipeline_decode = [d.strip() for d in args.pipeline_decode.split(",") if d.strip()]
+    if not set(args.pipeline_decode) <= {"auto", "cpu", "gpu"}:
+        parser.error(f"--pipeline-decode: {args.pipeline_decode} (auto, cpu, gpu)")
     if args.smoke:
         args.sweep256, args.sweep512 = [2, 4], [2]
         args.res, args.fp32_256, args.fp32_512 = (64, 96), [2], [2]
@@ -955,27 +1301,36 @@ def pipeline_steps(b: Bench, *, res: int, batch: int) -> None:
 
 
 def run_sections(b: Bench) -> None:
-    """The sections in order of importance, each step while the budget lasts."""
+    """The sections in order of importance, each step while the budget lasts: bf16 eager 256²
+    (a) and (b), the quality checks, compiled 256², eager 512², the pipeline (c), float32,
+    compiled 512², and last the OOM halving (a failure there may spoil the CUDA context)."""
     args, secs = b.args, b.args.sections
     r256, r512 = args.res
     c_why = None
     if "c" in secs:
         c_why = ray_missing(b) or (None if b.data is not None else b.data_why)
-    # Seconds kept for the pipeline from the compiled and float32 steps.
+    # Seconds kept for the pipeline and the OOM check from the compiled and float32 steps.
     c_reserve = (15.0 if args.smoke else 75.0) if "c" in secs and c_why is None else 0.0
+    q_reserve = (5.0 if args.smoke else 25.0) if "q" in secs else 0.0
 
+    if "k" in secs:
+        knob_steps(b, reserve=c_reserve)
     best256 = None
     if secs & {"a", "b"}:
         best256 = guarded(b, "bf16 eager 256", lambda: first_steps(b, res=r256))
-        compile_est = args.compile_estimate[0] + c_reserve
-        batch = best256 or args.sweep256[-2]
+    batch256 = best256 or args.sweep256[-2]
+    if "q" in secs:
+        quality_steps(b, res=r256, res2=r512)
+    if secs & {"a", "b"}:
+        compile_est = args.compile_estimate[0] + c_reserve + q_reserve
         guarded(
             b,
             "compiled 256",
             lambda: compiled_points(
-                b, res=r256, dtype="bfloat16", batch=batch, with_b="b" in secs, estimate_s=compile_est
+                b, res=r256, dtype="bfloat16", batch=batch256, with_b="b" in secs, estimate_s=compile_est
             ),
         )
+    best512 = None
     if "a" in secs:
         best512 = guarded(
             b,
@@ -984,18 +1339,14 @@ def run_sections(b: Bench) -> None:
                 b, res=r512, dtype="bfloat16", batches=args.sweep512, host_path=False, reserve=args.reserve_s
             ),
         )
-        if best512 is not None:
-            compile_est = args.compile_estimate[1] + c_reserve
-            guarded(
-                b,
-                "compiled 512",
-                lambda: compiled_points(
-                    b, res=r512, dtype="bfloat16", batch=best512, with_b=False, estimate_s=compile_est
-                ),
-            )
+    if "c" in secs:
+        pipeline_or_skip(b, c_why, res=r256, batch=batch256, reserve=q_reserve)
+    if "z" in secs:
+        zoo_steps(b, res=r512, batch=4 if args.smoke else 32, reserve=q_reserve + 60.0)
+    if "a" in secs:
         for res, batches in ((r256, args.fp32_256), (r512, args.fp32_512)):
-            if b.budget.left() < c_reserve + 20.0:
-                b.report.skip(f"(a) {res}² float32", "time budget (kept for (c))")
+            if b.budget.left() < q_reserve + 20.0:
+                b.report.skip(f"(a) {res}² float32", "time budget (kept for the OOM check)")
                 continue
             guarded(
                 b,
@@ -1007,24 +1358,49 @@ def run_sections(b: Bench) -> None:
                     dtype="float32",
                     batches=batches,
                     host_path=False,
-                    reserve=args.reserve_s + c_reserve,
+                    reserve=args.reserve_s + q_reserve,
                 ),
             )
-    if "c" in secs:
-        if c_why is not None:
-            b.report.skip("(c) pipeline", c_why)
-            b.report.data["pipeline"] = {"status": f"skipped: {c_why}"}
-            b.report.save()
-            return
-        # Ray's start, the actor's model load and a few seconds of encoding at the least.
-        least = 5.0 if args.smoke else 40.0
-        if b.budget.left() < least:
-            b.report.skip("(c) pipeline", f"time budget ({b.budget.left():.0f} s left)")
-            b.report.data["pipeline"] = {"status": "skipped: time budget"}
-            b.report.save()
-            return
-        batch = best256 or args.sweep256[-2]
-        guarded(b, "(c) pipeline", lambda: pipeline_steps(b, res=r256, batch=batch))
+        if best512 is not None:
+            compile_est = args.compile_estimate[1] + q_reserve
+            guarded(
+                b,
+                "compiled 512",
+                lambda: compiled_points(
+                    b, res=r512, dtype="bfloat16", batch=best512, with_b=False, estimate_s=compile_est
+                ),
+            )
+    if "q" in secs:
+        images = 8 if args.smoke else 1024
+        guarded(b, "(q) OOM halving", lambda: oom_point(b, res=r512, images=images))
+
+
+def quality_steps(b: Bench, *, res: int, res2: int) -> None:
+    """bf16 against fp32 latents and GPU decode against the CPU path (needs the photos)."""
+    if b.data is None:
+        b.report.skip("(q) bf16 vs fp32, nvJPEG vs CPU", b.data_why)
+        return
+    guarded(b, f"(q) bf16 vs fp32 {res}", lambda: precision_point(b, res=res, batch=4 if b.args.smoke else 32))
+    if gpu_decode_missing() is None:
+        for r in (res, res2):
+            guarded(b, f"(q) nvJPEG vs CPU {r}", functools.partial(nvjpeg_point, b, res=r))
+
+
+def pipeline_or_skip(b: Bench, why: str | None, *, res: int, batch: int, reserve: float) -> None:
+    """(c) when Ray is there and the budget allows it."""
+    if why is not None:
+        b.report.skip("(c) pipeline", why)
+        b.report.data["pipeline"] = {"status": f"skipped: {why}"}
+        b.report.save()
+        return
+    # Ray's start, the actor's model load and a few seconds of encoding at the least.
+    least = (5.0 if b.args.smoke else 40.0) + reserve
+    if b.budget.left() < least:
+        b.report.skip("(c) pipeline", f"time budget ({b.budget.left():.0f} s left)")
+        b.report.data["pipeline"] = {"status": "skipped: time budget"}
+        b.report.save()
+        return
+    guarded(b, "(c) pipeline", lambda: pipeline_steps(b, res=res, batch=batch))
 
 
 def watchdog(report: Report, seconds: float) -> None:
