@@ -14,8 +14,13 @@ batch sweep:
 (c) the whole Ray pipeline (``latentize.pipeline.run``) over WebDataset tar shards, when Ray is
     importable: the whole run's seconds and the encoder actors' busy window.
 
+(q) quality: bf16 against fp32 latents, GPU decode against the CPU path, the OOM halving;
+(z) the bare encoders of the model zoo's architectures at 512²;
+(k) knobs (``--sections k``): memory layout, cuDNN autotuning and compilation.
+
 Sections run in order of importance, each point only while the time budget (``--budget-s``)
-lasts: bf16 eager 256² (a), then (b), then compiled, then 512², then fp32, then (c). Every point
+lasts: (k) when asked, bf16 eager 256² (a) and (b), (q), compiled 256², eager 512², (c), (z),
+fp32, compiled 512², and the OOM halving last. Every point
 is printed as it is measured and the JSON (``--json``; ``$OUT/gpu.json`` when OUT is set, else
 ``./gpu.json``) is rewritten after each, so a run cut short still leaves its figures.
 ``--smoke`` runs every section on the CPU with a tiny model at 64² in a minute or two.
@@ -27,11 +32,13 @@ huggingface_hub, safetensors; no diffusers, Ray or webdataset), from the reposit
     bash bench/gpu_wheels.sh                 # .whl/: diffusers, a slim Ray wheel, ... (~49 MB)
     python bench/gpu.py --make-data .gpu_data  # 160 LAION-like JPEGs in 2 tar shards (~10 MB)
 
-    # there, one call carrying [".whl", ".gpu_data"] with timeout_s 540 (about 8 minutes of work;
-    # the JSON is rewritten after every point, so figures survive a timeout):
+    # there, one call carrying [".whl", ".gpu_data"] (58.8 MB with the 6.9 MB tree: under the
+    # 64 MiB a call carries) with timeout_s 540; the JSON is rewritten after every point, so
+    # figures survive a timeout. On an H200 (2026-12-04) the machine started in about 30 s and
+    # --budget-s 400 ran in 370 s (bench/RESULTS.md, "GPU run"):
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD &&
-    PYTHONUNBUFFERED=1 python3 bench/gpu.py --budget-s 420 2>&1 | tee $OUT/gpu.log
+    PYTHONUNBUFFERED=1 python3 bench/gpu.py --budget-s 400 --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 
 With ``bash bench/gpu_wheels.sh --split-ray`` (the unmodified Ray wheel in two 40 MB parts,
 ``.ray1/`` and ``.ray2/``), two calls instead; the second must start while the machine is still
@@ -1015,6 +1022,19 @@ def pipeline_section(b: Bench, *, res: int, batch: int) -> None:
         ray.shutdown()
 
 
+def steady_rate(batches: list[tuple[float, ...]]) -> float | None:
+    """Images per second of the encoder calls after the first one ends (the first call loads
+    cuDNN's kernels, or compiles): rows of the calls that start after it, over the time from its
+    end to the last call's end."""
+    if len(batches) < 2:
+        return None
+    ordered = sorted(batches)
+    first_end = ordered[0][1]
+    later = [(s0, e, r) for s0, e, r in ordered[1:] if s0 >= first_end]
+    span = max((e for _, e, _ in later), default=first_end) - first_end
+    return round(sum(r for _, _, r in later) / span, 2) if span > 0 else None
+
+
 def pipeline_run(b: Bench, name: str, urls: list[str], *, res: int, batch: int, decode: str) -> None:
     """One ``run`` of (c) into a fresh output, figures under ``name`` in the JSON."""
     import ray
@@ -1051,6 +1071,7 @@ def pipeline_run(b: Bench, name: str, urls: list[str], *, res: int, batch: int, 
     result["run_s"] = round(time.perf_counter() - start, 2)
     batches = [tuple(map(float, line.split())) for f in log_dir.glob("*.log") for line in f.read_text().splitlines()]
     window = max(e for _, e, _ in batches) - min(s for s, _, _ in batches) if batches else float("nan")
+    t0 = min((s0 for s0, _, _ in batches), default=0.0)
     result.update(
         status="ok" if summary.complete else "incomplete",
         images=summary.samples_now,
@@ -1062,6 +1083,10 @@ def pipeline_run(b: Bench, name: str, urls: list[str], *, res: int, batch: int, 
         encode_window_s=round(window, 3),
         encode_busy_s=round(sum(e - s for s, e, _ in batches), 3),
         img_per_s_window=round(summary.samples_now / window, 2) if window > 0 else None,
+        img_per_s_after_first=steady_rate(batches),
+        # (start, end, rows) of every encoder call, seconds from the first start: what a later
+        # reading needs to tell the first (compiling) call from the steady state.
+        batches=[(round(s0 - t0, 3), round(e - t0, 3), int(r)) for s0, e, r in sorted(batches)],
     )
     say(
         f"(c) {res}² bfloat16 b={batch} decode={decode}: {result['images']} img in {result['run_s']} s "

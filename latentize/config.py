@@ -124,7 +124,8 @@ class PreprocessConfig:
     exact: bool = False
     #: Where images are decoded: ``cpu`` (in the read tasks), ``gpu`` (nvJPEG in the encoder
     #: actors, bytes travel to them; what nvJPEG rejects falls back to the CPU path per sample)
-    #: or ``auto`` (``gpu`` when the encoder actors have a CUDA device, else ``cpu``).
+    #: or ``auto`` (``gpu`` when the encoder actors have a CUDA device and the cluster has fewer
+    #: than 16 CPUs per GPU, else ``cpu``; always ``cpu`` for runs of several crop sizes).
     decode: str = "auto"
 
     @property
@@ -187,8 +188,9 @@ class EncoderConfig:
     #: Compute dtype on the device: ``float32``, ``float16``, ``bfloat16`` or ``auto`` (bf16 on
     #: GPUs that support it, else fp16 for fp16-safe presets, else fp32 with TF32; fp32 on CPU).
     dtype: str = "auto"
-    #: ``torch.compile`` the encoder once per actor (fixed input shape).
-    compile: bool = False
+    #: ``torch.compile`` the encoder once per actor (fixed input shape): true, false, or ``auto``
+    #: (on CUDA for runs of one crop size; falls back to eager if compiling fails).
+    compile: bool | str = "auto"
     #: Images per encoder call (also the Ray batch size of the encoder actors); null: the same
     #: pixels per batch at every resolution (256 images of 256² on a GPU, 16 on CPU).
     batch_size: int | None = None
@@ -268,6 +270,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "encoder.type": (None, "kl", "vq", "tiny", "dc", "flux2"),
     "encoder.sample": ("mode", "sample", "moments"),
     "encoder.dtype": ("float32", "float16", "bfloat16", "auto"),
+    "encoder.compile": (True, False, "auto"),
     "encoder.device": (None, "cuda", "cpu"),
     "output.format": ("parquet", "webdataset"),
     "output.dtype": ("float16", "float32"),

@@ -502,12 +502,25 @@ def _execution(config: Config, *, shapes: int = 1) -> _Execution:
     if decode == "auto" and not config.preprocess.fixed_size:
         decode = "cpu"
     if decode == "auto":
-        decode = "gpu" if gpu and _actors_see_cuda(per_actor) else "cpu"
+        decode = "gpu" if gpu and _few_cpus_per_gpu(resources) and _actors_see_cuda(per_actor) else "cpu"
     batch_size = config.encoder.batch_size or default_batch_size(
         config.preprocess.reference_size, "cuda" if gpu else "cpu"
     )
     batch_size *= min(shapes, MIXED_BATCH_CHUNKS)
     return _Execution(remote_args, actors, cpu_threads, gpu, decode, batch_size)
+
+
+#: ``preprocess.decode: auto`` decodes on the CPU when the cluster has at least this many CPUs
+#: per GPU. On an H200 node with 16 CPUs, CPU decode fed the SD-VAE encoder 1.16x (eager) and
+#: 1.21x (compiled) as fast as nvJPEG in the encoder actor, which spends GPU time on decoding
+#: (bench/RESULTS.md, "GPU run"); with fewer CPUs the read tasks may not keep up.
+CPU_DECODE_MIN_CPUS_PER_GPU = 16
+
+
+def _few_cpus_per_gpu(resources: dict[str, float]) -> bool:
+    """Whether the cluster has too few CPUs per GPU to decode on the CPUs (see above)."""
+    gpus = resources.get("GPU", 0.0)
+    return gpus > 0 and resources.get("CPU", 0.0) / gpus < CPU_DECODE_MIN_CPUS_PER_GPU
 
 
 def _actors_see_cuda(gpus: float) -> bool:

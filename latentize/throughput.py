@@ -2,8 +2,10 @@
 GPU-hours.
 
 Only figures a benchmark measured go here, each with where it was recorded; everything else is
-``None`` and ``latentize plan`` then says it cannot estimate. No figure has been measured on a
-GPU yet, so every entry is ``None``.
+``None`` and ``latentize plan`` then says it cannot estimate. Measured so far: one H200, with the
+Stable Diffusion VAE's encoder architecture, which the ``kl`` presets below share layer for
+layer (only the latent channels of the last convolution differ: 4 or 16, and the H200 ran both
+at the same speed).
 
 How an entry gets filled: on a machine with that GPU, run ``latentize encode`` with the preset
 over LAION-like shards (``latentize.demo.laion_like_samples``, or real ones) large enough that
@@ -57,8 +59,26 @@ class Throughput:
 #: The GPUs the table has a column for.
 GPUS: tuple[str, ...] = ("H100", "H200", "A100-80GB")
 
+#: ``bench/gpu.py`` section (c) on an H200 (16 CPUs, 2026-12-04): the whole Ray pipeline over
+#: 16,000 LAION-like JPEGs in 32 tar shards, the SD-VAE encoder compiled, decoded on the CPUs
+#: (what ``auto`` picks there). The encoder actor's busy window includes its first call, so
+#: this is a lower bound; the compiled encoder alone ran 1,324 img/s.
+_H200_SD_VAE = Throughput(
+    images_per_second=990.3,
+    resolution=(256, 256),
+    dtype="bfloat16",
+    batch_size=128,
+    source="bench/RESULTS.md, GPU run (H200): (c) compiled, CPU decode",
+)
+
+#: Presets whose encoder is the SD VAE's architecture (block widths 128-256-512-512, two layers
+#: per block, mid-block attention).
+_SD_VAE_ARCHITECTURE = ("sd15", "sd2", "sdxl", "sdxl-fp16-fix", "sd3", "flux1", "playground-v2.5")
+
 #: Images per second per preset and GPU; ``None``: not measured (see the module docstring).
 GPU_THROUGHPUT: dict[str, dict[str, Throughput | None]] = {name: dict.fromkeys(GPUS, None) for name in PRESETS.names()}
+for _name in _SD_VAE_ARCHITECTURE:
+    GPU_THROUGHPUT[_name]["H200"] = _H200_SD_VAE
 
 
 def throughput_for(preset: str | None, gpu: str) -> Throughput | None:

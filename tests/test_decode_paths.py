@@ -578,3 +578,14 @@ def test_device_rows_match_preprocess_batch() -> None:
         i: e for i, e in enumerate(ref["error"]) if e is not None
     }
     assert [out.errors.get(i, (None,))[0] for i in range(len(keys))] == list(ref["stage"])
+
+
+def test_decode_auto_keeps_decoding_on_the_cpus_when_there_are_16_per_gpu() -> None:
+    from latentize.pipeline import CPU_DECODE_MIN_CPUS_PER_GPU, _few_cpus_per_gpu
+
+    assert CPU_DECODE_MIN_CPUS_PER_GPU == 16  # what the H200 run measured (bench/RESULTS.md)
+    assert _few_cpus_per_gpu({"CPU": 8.0, "GPU": 1.0})
+    assert _few_cpus_per_gpu({"CPU": 120.0, "GPU": 8.0})  # 15 per GPU
+    assert not _few_cpus_per_gpu({"CPU": 16.0, "GPU": 1.0})
+    assert not _few_cpus_per_gpu({"CPU": 208.0, "GPU": 8.0})
+    assert not _few_cpus_per_gpu({"CPU": 4.0})  # no GPU: nothing to decode on

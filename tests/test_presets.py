@@ -222,6 +222,86 @@ def test_auto_dtype_is_float32_on_cpu_and_explicit_dtypes_pass_through() -> None
     assert resolve_dtype(bf16, torch.device("cpu")) == torch.bfloat16
 
 
+def _cfg(**sections: Any) -> Any:
+    return load_config(base={"output": {"path": "x"}, **sections})
+
+
+def test_compile_auto_compiles_on_cuda_for_runs_of_one_size_only() -> None:
+    from latentize.encoders.base import wants_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _cfg().encoder.compile == "auto"
+    assert wants_compile(_cfg(), cuda)
+    assert not wants_compile(_cfg(), cpu)
+    buckets = _cfg(preprocess={"resolutions": [256, 512]})
+    assert not wants_compile(buckets, cuda)  # every crop size would compile again
+    assert wants_compile(_cfg(encoder={"compile": True}), cpu)
+    assert not wants_compile(_cfg(encoder={"compile": False}), cuda)
+    with pytest.raises(ConfigError, match="encoder.compile"):
+        _cfg(encoder={"compile": "always"})
+
+
+def test_groupnorm_models_stay_nchw_on_cuda_and_others_are_channels_last() -> None:
+    from latentize.encoders.base import _memory_format
+
+    with_groupnorm = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8))
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    assert _memory_format(with_groupnorm, torch.device("cuda")) == torch.contiguous_format
+    assert _memory_format(plain, torch.device("cuda")) == torch.channels_last
+    assert _memory_format(with_groupnorm, torch.device("cpu")) == torch.channels_last
+
+
+class _BrokenCompile(torch.nn.Module):
+    """Stands in for a compiled encoder network whose compilation fails at the first call."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("BackendCompilerFailed: no kernel for this op")
+
+
+def _broken_compile_encoder(model: Path, setting: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from latentize.encoders.base import TorchEncoder
+
+    def broken(self: TorchEncoder, model: torch.nn.Module) -> torch.nn.Module:
+        self._compiled = True
+        shallow = __import__("copy").copy(model)
+        shallow._modules = dict(model._modules, encoder=_BrokenCompile())
+        return shallow
+
+    monkeypatch.setattr(TorchEncoder, "_compile", broken)
+    # The CPU never compiles under auto: force the decision, keep the setting's fallback rule.
+    monkeypatch.setattr("latentize.encoders.base.wants_compile", lambda config, device: True)
+    cfg = load_config(
+        base={
+            "encoder": {"type": "kl", "model": str(model), "compile": setting},
+            "preprocess": {"resolution": 64},
+            "output": {"path": "x", "dtype": "float32"},
+        }
+    )
+    return ENCODERS.get("kl")(config=cfg, spec=ENCODERS.get("kl").inspect(cfg))
+
+
+def test_compile_auto_falls_back_to_eager_when_the_first_compiled_call_fails(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    eager = _encode("kl", tiny_models["kl"], compile=False)
+    encoder = _broken_compile_encoder(tiny_models["kl"], "auto", monkeypatch)
+    pixels, _ = _pixels()
+    with caplog.at_level("WARNING", logger="latentize.encoders.base"):
+        got = encoder.encode(pixels, ["a", "b", "c"]).arrays["latent"]
+    np.testing.assert_array_equal(got, eager)
+    assert "torch.compile failed (RuntimeError: BackendCompilerFailed" in caplog.text
+    assert encoder.model is encoder._eager and not encoder._compiled
+
+
+def test_an_explicit_compile_true_that_fails_is_raised(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = _broken_compile_encoder(tiny_models["kl"], True, monkeypatch)
+    pixels, _ = _pixels()
+    with pytest.raises(RuntimeError, match="BackendCompilerFailed"):
+        encoder.encode(pixels, ["a", "b", "c"])
+
+
 @pytest.mark.slow
 def test_compiled_encoder_gives_the_same_latents(tiny_models: dict[str, Path]) -> None:
     eager = _encode("kl", tiny_models["kl"], batch_size=2)

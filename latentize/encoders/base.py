@@ -47,6 +47,7 @@ __all__ = [
     "resolve_dtype",
     "resolved_source",
     "stable_seed",
+    "wants_compile",
 ]
 
 logger = logging.getLogger(__name__)
@@ -348,9 +349,8 @@ class TorchEncoder:
             dtype = torch.float32
         self.dtype = dtype
         model = self._drop_decoder(self._load())
-        # Channels-last (NHWC) is what cuDNN's and oneDNN's fastest convolutions take: 1.5x on a
-        # 2-core CPU for a small VAE, and the layout uint8 pixels arrive in anyway.
-        self.model = model.to(self.device, dtype=self.dtype).to(memory_format=torch.channels_last).eval()
+        self.memory_format = _memory_format(model, self.device)
+        self.model = model.to(self.device, dtype=self.dtype).to(memory_format=self.memory_format).eval()
         self._model_fp32: torch.nn.Module | None = None
         self.chunk_size = config.encoder.batch_size or default_batch_size(config.preprocess.reference_size, self.device)
         # Runs of several crop sizes chunk by pixels: chunk_size images of the reference size.
@@ -366,8 +366,11 @@ class TorchEncoder:
             torch.backends.cudnn.allow_tf32 = True
         self._eager = self.model
         self._compiled = False
-        if config.encoder.compile:
+        #: ``encoder.compile: auto`` compiled the model: a failing first call falls back to eager.
+        self._compile_may_fail = False
+        if wants_compile(config, self.device):
             self.model = self._compile(self.model)
+            self._compile_may_fail = config.encoder.compile == "auto"
         logger.info(
             "encoder %s on %s in %s%s",
             type(self).__name__,
@@ -451,7 +454,7 @@ class TorchEncoder:
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 255.0
         if self.spec.input_range == "[-1, 1]":
             x = x * 2.0 - 1.0
-        return x.to(dtype).contiguous(memory_format=torch.channels_last)
+        return x.to(dtype).contiguous(memory_format=self.memory_format)
 
     def stage(self, pixels: np.ndarray | torch.Tensor) -> Staged:
         """Starts moving uint8 pixels (N, H, W, 3) to the device; returns at once on CUDA.
@@ -615,7 +618,18 @@ class TorchEncoder:
         """
         import torch
 
-        out = self._run(self.model, self.dtype, tensor, keys, chunking="mixed" if mixed else "fixed")
+        chunking = "mixed" if mixed else "fixed"
+        try:
+            out = self._run(self.model, self.dtype, tensor, keys, chunking=chunking)
+        except Exception as exc:
+            if not self._compile_may_fail or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            # encoder.compile auto: a model that torch.compile cannot handle is encoded eagerly
+            # (the compiler's error surfaces at the first call, not at torch.compile).
+            logger.warning("torch.compile failed (%s: %s); encoding without it", type(exc).__name__, exc)
+            self.model, self._compiled = self._eager, False
+            out = self._run(self.model, self.dtype, tensor, keys, chunking=chunking)
+        self._compile_may_fail = False
         bad = self._nonfinite(out)
         reencoded: list[int] = []
         if bad.any() and self.dtype != torch.float32:
@@ -663,6 +677,36 @@ class TorchEncoder:
 
     def _empty(self, n: int) -> dict[str, np.ndarray]:
         return {name: np.zeros((n, *shape), dtype=dtype) for name, (shape, dtype) in self.spec.columns.items()}
+
+
+def wants_compile(config: Config, device: torch.device) -> bool:
+    """Whether the encoder is ``torch.compile``-d: ``encoder.compile`` true, or ``auto`` on a
+    CUDA device in a run of one crop size (each new input shape compiles again, and a run of
+    buckets or several resolutions has many).
+
+    On an H200 the compiled SD-VAE encoder ran 2.3x the eager one at 256² and 512² in bf16 after
+    a 12.5 s compile (bench/RESULTS.md, "GPU run"); on a CPU compiling takes minutes.
+    """
+    setting = config.encoder.compile
+    if setting == "auto":
+        return device.type == "cuda" and config.preprocess.fixed_size
+    return bool(setting)
+
+
+def _memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory_format:
+    """The layout the model and its inputs take on ``device``.
+
+    Channels-last (NHWC) is what oneDNN's and cuDNN's fastest convolutions take: 1.5x on a
+    2-core CPU for a small VAE. On CUDA, PyTorch's eager GroupNorm kernel works on NCHW and
+    copies a channels-last input into it, so models with GroupNorm (the KL and VQ autoencoders)
+    stay NCHW there: 1.33x (256²) and 1.36x (512²) the channels-last speed of the bf16 SD-VAE
+    encoder on an H200 (bench/RESULTS.md, "GPU run"). Compiled, both layouts ran alike.
+    """
+    import torch
+
+    if device.type == "cuda" and any(isinstance(m, torch.nn.GroupNorm) for m in model.modules()):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def _from_pretrained(model_cls: Any, config: Config, dtype: torch.dtype) -> torch.nn.Module:
