@@ -494,3 +494,13 @@ def test_models_lists_the_text_presets() -> None:
     table = subprocess.run([sys.executable, "-m", "latentize.cli", "models"], capture_output=True, text=True).stdout
     (flux_line,) = [line for line in table.splitlines() if line.startswith("flux1 ") and "T5" in line]
     assert "512x4096" in flux_line and "no" in flux_line.split()
+
+
+def test_encode_refuses_a_text_section_until_the_pipeline_runs_it(tmp_path: Path) -> None:
+    """An output written without text columns must not carry a fingerprint that says text."""
+    from latentize.cli import main
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"input: {{urls: {tmp_path}/x.tar}}\noutput: {{path: {tmp_path}/out}}\ntext: {{preset: sdxl}}\n")
+    assert main(["encode", str(config)]) == 2
+    assert not (tmp_path / "out").exists()
