@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from latentize.encoders.text.presets import TEXT_PRESETS, Shapes, TextPreset
 from latentize.errors import LatentizeError
 
 __all__ = ["LENGTH", "MASK", "TextColumn", "TextSpec", "inspect_text", "stored_columns"]
+
+logger = logging.getLogger(__name__)
 
 #: The attention-mask column (``storage: padded`` of the masked families), 0/1 as uint8.
 MASK = "prompt_attention_mask"
@@ -154,9 +157,7 @@ def inspect_text(config: Config) -> TextSpec:
     source = _open_source(cast(str, text.model), text.revision)
     index = source.json("model_index.json", optional=True) or {}
     if index.get("_class_name") not in (None, preset.pipeline_class):
-        import logging
-
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "text.model %s holds a %s; preset %r reproduces %s.encode_prompt with its text components",
             text.model,
             index.get("_class_name"),
