@@ -311,6 +311,19 @@ def test_cuda_out_of_memory_halves_the_chunk(tiny_text_pipelines: dict[str, Path
     assert enc.chunk_size == 1
 
 
+def test_concurrent_calls_give_what_sequential_calls_give(tiny_text_pipelines: dict[str, Path]) -> None:
+    # Ray's threaded actor may run two calls at once; the pipeline is serialised inside encode().
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = _encoder("pixart-sigma", tiny_text_pipelines, batch_size=2)
+    halves = [(CAPTIONS[:3], KEYS[:3]), (CAPTIONS[3:], KEYS[3:])]
+    sequential = [enc.encode(c, k).arrays["prompt_embeds"] for c, k in halves]
+    with ThreadPoolExecutor(2) as pool:
+        concurrent = list(pool.map(lambda ck: enc.encode(*ck).arrays["prompt_embeds"], halves))
+    for got, want in zip(concurrent, sequential, strict=True):
+        assert got.tobytes() == want.tobytes()
+
+
 def test_values_beyond_the_storage_dtype_are_error_rows(tiny_text_pipelines: dict[str, Path]) -> None:
     enc = _encoder("sd15", tiny_text_pipelines)
     norm = enc.pipe.text_encoder.final_layer_norm
