@@ -54,7 +54,10 @@ _ENCODE_DESCRIPTION = (
 _MODELS_DESCRIPTION = (
     "List the encoder presets (the values of encoder.preset): the weights each one loads, its "
     "encoder type, latent channels, downsampling factor, scaling and shift constants, input range "
-    "and whether it is deterministic."
+    "and whether it is deterministic; then the text presets (the values of text.preset): the "
+    "pipeline whose encode_prompt each reproduces, its text encoders, default sequence length, "
+    "whether its denoiser masks padding, the storage it allows and the per-sample output shapes "
+    "of the released models. --text lists only the text presets (with --json, as JSON)."
 )
 _PLAN_DESCRIPTION = (
     "Dry run: say what 'latentize encode CONFIG' would do, writing nothing and starting no Ray. "
@@ -142,6 +145,13 @@ def run_encode(args: argparse.Namespace) -> int:
 
     demo = args.config is None
     cfg = _demo_config(args.overrides) if demo else load_config(args.config, args.overrides)
+    if cfg.text is not None:
+        # The text encoders exist (latentize.encoders.text) but the pipeline does not run them
+        # yet: an output written now would lack the text columns while its fingerprint says text.
+        raise LatentizeError(
+            "text: caption embeddings are not part of 'latentize encode' yet (the text encoders are, in "
+            "latentize.encoders.text; the pipeline stage follows); remove the text section to encode latents"
+        )
     if demo:
         _prepare_demo(cfg)
     summary = run(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed)
@@ -196,9 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_encode_args(enc, config_flag=False)
     enc.set_defaults(fn=run_encode)
     models = sub.add_parser(
-        "models", help="list the encoder presets (encoder.preset) and their constants", description=_MODELS_DESCRIPTION
+        "models",
+        help="list the encoder presets (encoder.preset) and the text presets (text.preset)",
+        description=_MODELS_DESCRIPTION,
     )
     models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.add_argument("--text", action="store_true", help="only the text presets (text.preset)")
     models.set_defaults(fn=run_models)
     pl = sub.add_parser(
         "plan",
@@ -231,8 +244,15 @@ def run_models(args: argparse.Namespace) -> int:
     """``latentize models``: every preset with its weights, class, range, constants, geometry."""
     import json
 
+    from latentize.encoders.text.presets import text_preset_table
     from latentize.presets import preset_table
 
+    if args.text:
+        if args.json:
+            print(json.dumps(text_preset_table(), indent=2))
+        else:
+            _print_text_presets()
+        return 0
     rows = preset_table()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -249,7 +269,25 @@ def run_models(args: argparse.Namespace) -> int:
             f"{r['name']:<19} {r['type']:<6} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
             f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}"
         )
+    print()
+    _print_text_presets()
     return 0
+
+
+def _print_text_presets() -> None:
+    """The text presets: pipeline, sequence length, masking, storage, shapes, encoders."""
+    from latentize.encoders.text.presets import text_preset_table
+
+    print("text presets (text.preset); shapes per sample with storage: padded, N: varies per caption")
+    print(f"{'preset':<13} {'pipeline':<26} {'len':>4} {'masks':<5} {'storage':<15} {'outputs':<50} encoders")
+    for r in text_preset_table():
+        shapes = ", ".join(f"{k} {'x'.join('N' if d is None else str(d) for d in v)}" for k, v in r["shapes"].items())
+        length = "77" if r["max_sequence_length"] is None else str(r["max_sequence_length"])
+        masks = "yes" if r["masks_padding"] else "no"
+        print(
+            f"{r['name']:<13} {r['pipeline_class']:<26} {length:>4} {masks:<5} {'/'.join(r['storage']):<15} "
+            f"{shapes:<50} {r['encoders']}"
+        )
 
 
 def _add_set_arg(parser: argparse.ArgumentParser, example: str) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "OutputConfig",
     "PreprocessConfig",
     "RayConfig",
+    "TextConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -251,6 +252,38 @@ class RayConfig:
 
 
 @dataclass
+class TextConfig:
+    """Caption embeddings computed in the same pass as the latents (absent or null: no text).
+
+    ``preset`` names the diffusers pipeline whose ``encode_prompt`` is reproduced (``latentize
+    models --text`` lists them); only that pipeline's text encoders and tokenizers are loaded.
+    """
+
+    #: The pipeline family: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux1``, ``pixart-sigma``,
+    #: ``sana``, ``lumina2``, ``qwen-image``.
+    preset: str
+    #: Hub id or local diffusers pipeline folder (only its ``text_encoder*`` and ``tokenizer*``
+    #: folders are read); null: the preset's hub id.
+    model: str | None = None
+    #: Hub revision of ``model``; null: the preset's (usually the default branch).
+    revision: str | None = None
+    #: ``padded``: exactly the pipeline's tensors; ``trimmed``: ``prompt_embeds`` cut to the
+    #: attention mask's length, only for families whose denoiser masks padding.
+    storage: str = "padded"
+    #: Tokens of the T5 / Gemma / Qwen encoder; null: the pipeline's default (resolved at load).
+    max_sequence_length: int | None = None
+    #: Compute dtype, as ``encoder.dtype`` (``auto``: bf16 on GPUs that support it, else fp32).
+    dtype: str = "auto"
+    #: Distinct captions per text-encoder call (halved on CUDA out-of-memory); null: 64 on a
+    #: GPU, 16 on CPU.
+    batch_size: int | None = None
+    #: Text-encoder replicas: their own Ray actor pool.
+    actors: int = 1
+    #: GPUs per text-encoder actor; a fraction shares a GPU with the image encoder.
+    gpus_per_actor: float = 1.0
+
+
+@dataclass
 class Config:
     """One run of latentize."""
 
@@ -259,6 +292,8 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    #: Caption embeddings (null: none).
+    text: TextConfig | None = None
 
 
 # Choices checked at load time; the components themselves are looked up in registries later.
@@ -275,6 +310,12 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "output.format": ("parquet", "webdataset"),
     "output.dtype": ("float16", "float32"),
     "output.tensor_type": ("fixed_shape_tensor", "list"),
+}
+
+# The same for the optional ``text`` section.
+_TEXT_CHOICES: dict[str, tuple[Any, ...]] = {
+    "storage": ("padded", "trimmed"),
+    "dtype": ("float32", "float16", "bfloat16", "auto"),
 }
 
 
@@ -411,6 +452,8 @@ def _validate(cfg: Config) -> None:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
             raise ConfigError(f"{dotted}: {value!r} is not one of: {shown}")
     _validate_sizes(cfg.preprocess)
+    if cfg.text is not None:
+        _validate_text(cfg.text)
     if cfg.encoder.batch_size is not None and cfg.encoder.batch_size < 1:
         raise ConfigError("encoder.batch_size: must be >= 1")
     if cfg.ray.actors < 1:
@@ -424,6 +467,48 @@ def _validate(cfg: Config) -> None:
             f"encoder.sample: {cfg.encoder.type} encoders are deterministic (VQ stores codebook "
             f"indices); only 'mode' applies (got {cfg.encoder.sample!r})"
         )
+
+
+def _validate_text(text: TextConfig) -> None:
+    """Checks the ``text`` section against its preset and fills ``model``, ``revision`` and
+    ``max_sequence_length`` from it where null (the resolved config shows what was used)."""
+    from latentize.encoders.text.presets import TEXT_PRESETS
+
+    for key, choices in _TEXT_CHOICES.items():
+        value = getattr(text, key)
+        if value not in choices:
+            raise ConfigError(f"text.{key}: {value!r} is not one of: {', '.join(str(c) for c in choices)}")
+    preset = TEXT_PRESETS.get(text.preset)
+    if text.storage == "trimmed" and not preset.masks_padding:
+        raise ConfigError(
+            f"text.storage: 'trimmed' is refused for preset {preset.name!r}: {preset.padding_reason} "
+            "Dropping the padded positions would change what the model sees; use text.storage: padded."
+        )
+    if text.storage == "padded" and not preset.fixed_length:
+        raise ConfigError(f"text.storage: 'padded' is refused for preset {preset.name!r}: {preset.padding_reason}")
+    for key, value in (("batch_size", text.batch_size), ("max_sequence_length", text.max_sequence_length)):
+        if value is not None and value < 1:
+            raise ConfigError(f"text.{key}: must be >= 1")
+    if text.actors < 1:
+        raise ConfigError("text.actors: must be >= 1")
+    if text.gpus_per_actor < 0:
+        raise ConfigError("text.gpus_per_actor: must be >= 0 (0: the text encoder runs on CPU)")
+    if text.max_sequence_length is not None and preset.max_sequence_length is None:
+        raise ConfigError(
+            f"text.max_sequence_length: preset {preset.name!r} encodes with CLIP only, whose length is fixed "
+            f"by its tokenizer ({preset.clip_length} tokens); leave it null"
+        )
+    limit = preset.max_sequence_length_limit
+    if text.max_sequence_length is not None and limit is not None and text.max_sequence_length > limit:
+        raise ConfigError(
+            f"text.max_sequence_length: {text.max_sequence_length} exceeds {limit}, the most the "
+            f"{preset.pipeline_class} accepts"
+        )
+    text.model = text.model or preset.model
+    if text.model == preset.model and text.revision is None:
+        text.revision = preset.revision
+    if text.max_sequence_length is None:
+        text.max_sequence_length = preset.max_sequence_length
 
 
 def _validate_sizes(pre: PreprocessConfig) -> None:
@@ -564,6 +649,9 @@ def fingerprint(cfg: Config) -> str:
     """Hash of everything that decides what is written: the input list and the encoding
     semantics, not the output path, credentials, batch size or Ray sizing.
 
+    The ``text`` section counts only when present (so outputs written without it keep their
+    fingerprint), without its batch size and Ray sizing (``actors``, ``gpus_per_actor``).
+
     Two runs with equal fingerprints produce identical data rows, so a rerun into the same
     output may resume; a different fingerprint is refused there. The input URLs count because
     shard ids (and so the commit markers) are derived from the whole list.
@@ -577,5 +665,9 @@ def fingerprint(cfg: Config) -> str:
             k: v for k, v in data["output"].items() if k not in ("path", "storage_options", "retries", "rows_per_part")
         },
     }
+    if data["text"] is not None:
+        relevant["text"] = {
+            k: v for k, v in data["text"].items() if k not in ("batch_size", "actors", "gpus_per_actor")
+        }
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

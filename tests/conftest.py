@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random diffusers models, one local Ray per session, a moto S3 server.
+"""Shared fixtures: tiny random diffusers models and text pipelines, one local Ray per session, a
+moto S3 server.
 
 Models are real diffusers classes with small widths, saved with ``save_pretrained`` so the real
 loading paths run, and given non-default constants so a forgotten shift or scale fails parity.
@@ -73,6 +74,15 @@ def tiny_dc() -> Any:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One diffusers pipeline folder of tiny random text encoders and tokenizers per text preset
+    (``tests/text_models.py``)."""
+    from text_models import build_text_pipelines
+
+    return build_text_pipelines(tmp_path_factory.mktemp("text_pipelines"))
 
 
 @pytest.fixture(scope="session")

@@ -115,3 +115,34 @@ def test_the_driver_plans_a_diffusers_model_without_importing_torch(
     # appears in the metadata of PyTorch's own wheels, not in every build's).
     assert result["versions"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
     assert result["versions"]["diffusers"] == diffusers.__version__
+
+
+INSPECT_TEXT_IN_A_FRESH_DRIVER = """
+import json, sys
+from latentize.cli import main  # noqa: F401  (what `latentize encode` imports first)
+from latentize.config import load_config
+from latentize.encoders.text import inspect_text
+spec = inspect_text(load_config(base=json.loads(sys.argv[1])))
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "safetensors", "tokenizers") if m in sys.modules)
+print(json.dumps({"columns": sorted(spec.columns), "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize("preset", ["sdxl", "sana"])
+def test_the_driver_inspects_text_encoders_without_importing_torch(
+    tmp_path: Path, tiny_text_pipelines: dict[str, Path], preset: str
+) -> None:
+    base = {
+        "output": {"path": str(tmp_path / "o")},
+        "text": {"preset": preset, "model": str(tiny_text_pipelines[preset])},
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", INSPECT_TEXT_IN_A_FRESH_DRIVER, json.dumps(base)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    want = ["pooled_prompt_embeds", "prompt_embeds"] if preset == "sdxl" else ["prompt_attention_mask", "prompt_embeds"]
+    assert result["columns"] == want
