@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from latentize import __version__
-from latentize.columns import join_notes, normalize_text, text_column
+from latentize.columns import join_notes, text_column, to_block
 from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.encoders.base import resolved_source
@@ -283,7 +283,9 @@ class EncodeActor:
         self.encoder = ENCODERS.get(resolved_source(self.config)[0])(config=self.config, spec=spec)
         logger.info("encoder actor ready on %s (%s), decode on %s", self.encoder.device, self.encoder.dtype, decode)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        """Encodes one numpy batch; returns its block (an Arrow table, columns at their fixed
+        types: a batch of failed or end-of-shard rows only must not type them otherwise)."""
         called_at = time.time()
         n = len(batch["key"])
         errors = text_column(batch["error"], n)
@@ -317,7 +319,7 @@ class EncodeActor:
         # When this call began (epoch seconds): the driver's measure of the encoder's start-up
         # and of the steady state (see RunSummary). Staging reports it and never writes it.
         out[ENCODE_STARTED] = np.full(n, called_at)
-        return normalize_text(out)
+        return to_block(out)
 
     def _encode(self, pixels: Any, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str], list[int]]:
         """Encodes one group of same-size crops and, with ``preprocess.flip``, their mirror

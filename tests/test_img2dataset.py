@@ -4,11 +4,14 @@ rows that name img2dataset's status and message; the manifest shows the resolved
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from img2dataset_layout import ROWS_PER_BLOCK, write_output
 
 from latentize.config import Config, load_config
 from latentize.demo import ShardSample, failed_download, photo_samples, write_img2dataset_shard
@@ -76,3 +79,79 @@ def test_img2dataset_parquet_keeps_captions_and_names_failed_downloads(
     for error in errors:
         assert error["stage"] == "read"
         assert error["error"] == "img2dataset: failed_to_download: HTTP Error 404: Not Found"
+
+
+# --- runs over img2dataset's real layouts ---------------------------------------------------
+
+#: Bucketed, multi-resolution and flipped runs (and one fixed size), small enough for a CPU.
+_MODES: dict[str, dict[str, Any]] = {
+    "buckets-flip": {"buckets": [[64, 64], [96, 64], [64, 96]], "flip": True},
+    "resolutions-flip": {"resolutions": [64, 96], "flip": True},
+    "resolutions-buckets": {"resolutions": [64, 128], "buckets": [[64, 64], [96, 64], [64, 96]]},
+    "fixed": {"resolution": 64},
+}
+
+
+@pytest.fixture
+def ordered_blocks() -> Iterator[None]:
+    """Ray Data hands blocks on in read order, so that the encoder's batches (and the blocks
+    they make) are the same on every run: with ``ROWS_PER_BLOCK`` rows per block, a batch of
+    the all-failed shards holds null rows only."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    yield
+    options.preserve_order = before
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session", "ordered_blocks")
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [
+        ("webdataset", "buckets-flip"),
+        ("parquet", "buckets-flip"),
+        ("webdataset", "resolutions-flip"),
+        ("parquet", "resolutions-buckets"),
+        ("parquet", "fixed"),
+    ],
+)
+def test_runs_over_img2dataset_layouts_write_every_key_once(
+    tmp_path: Path, tiny_models: dict[str, Path], fmt: str, mode: str
+) -> None:
+    """Empty tars, all-failed Parquet shards, single-sample shards and end-of-shard rows alone
+    in a block: every key once per resolution (data) or once in the errors tables."""
+    layout = write_output(tmp_path / "img2dataset", fmt)
+    out = tmp_path / "out"
+    cfg = load_config(
+        base={
+            "input": {"urls": layout.urls, "rows_per_block": ROWS_PER_BLOCK},
+            "preprocess": _MODES[mode],
+            # One image per encoder call: a batch is a few rows, so null-only batches exist.
+            "encoder": {"model": str(tiny_models["kl"]), "batch_size": 1},
+            "output": {"path": str(out)},
+        }
+    )
+    summary = run(cfg)
+    failed = layout.read_errors + layout.decode_errors
+    assert summary.complete and (summary.samples_ok, summary.samples_failed) == (len(layout.ok), len(failed))
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    folders = manifest["output"]["folders"]
+    slots = len(cfg.preprocess.targets)
+    per_slot: dict[int, list[str]] = {slot: [] for slot in range(slots)}
+    for folder in manifest["output"]["rows_by_folder"]:
+        table = pq.read_table(out / folder)
+        assert ("latent_flipped" in table.column_names) == bool(cfg.preprocess.flip)
+        per_slot[folders[folder]["slot"]] += table.column("key").to_pylist()
+    for keys in per_slot.values():
+        assert sorted(keys) == sorted(layout.ok)
+    errors = pq.read_table(out / "_errors").to_pylist()
+    assert sorted(e["key"] for e in errors) == sorted(failed)
+    stages = {e["key"]: e["stage"] for e in errors}
+    assert {stages[k] for k in layout.decode_errors} == {"decode"}
+    assert {stages[k] for k in layout.read_errors} <= {"read"}
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "_shards").glob("*.json")}
+    assert sorted(markers) == layout.shards and all(m["status"] == "ok" for m in markers.values())

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentize.columns import text_column
+from latentize.columns import FLIGHT_TYPES, flight_array, text_column
 from latentize.errors import LatentizeError
 from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array
 from latentize.sinks.layout import OutputLayout
@@ -60,18 +60,11 @@ ENCODE_STARTED = "encode_started"
 #: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
 REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
 
-#: Per-sample columns carried from the source/preprocess stages into the output.
+#: Per-sample columns carried from the source/preprocess stages into the output; ``notes``
+#: holds the non-fatal findings (bad sidecar, upscaled image), "; "-joined, None when clean.
 _PASSTHROUGH: dict[str, pa.DataType] = {
-    "key": pa.string(),
-    "index": pa.int64(),
-    "caption": pa.string(),
-    "json": pa.string(),
-    # Non-fatal findings (bad sidecar, upscaled image), "; "-joined; None when clean.
-    "notes": pa.string(),
-    "width": pa.int32(),
-    "height": pa.int32(),
-    "crop_top": pa.int32(),
-    "crop_left": pa.int32(),
+    name: FLIGHT_TYPES[name]
+    for name in ("key", "index", "caption", "json", "notes", "width", "height", "crop_top", "crop_left")
 }
 
 #: Schema of ``OUT/_errors/*.parquet``.
@@ -129,12 +122,6 @@ REPORT_SCHEMA = pa.schema(
 )
 
 
-def _column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    if pa.types.is_string(dtype):
-        return pa.array(text_column(values, len(values)), type=dtype)
-    return pa.array(np.asarray(values).astype(dtype.to_pandas_dtype()), type=dtype)
-
-
 def _stage_part(
     batch: dict[str, np.ndarray],
     rows: np.ndarray,
@@ -150,7 +137,7 @@ def _stage_part(
 ) -> dict[str, Any]:
     """Writes the ok rows ``rows`` (positions in ``batch``, in index order) as one staged part."""
     sink = SINKS.get(sink_name)
-    columns = {name: _column(np.asarray(batch[name])[rows], dtype) for name, dtype in _PASSTHROUGH.items()}
+    columns = {name: flight_array(np.asarray(batch[name])[rows], dtype) for name, dtype in _PASSTHROUGH.items()}
     for name in tensor_columns:
         values = np.asarray(batch[name])[rows]
         # A run of several sizes hands over per-row arrays; one part holds one size.
