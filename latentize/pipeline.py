@@ -31,7 +31,7 @@ from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
 from latentize.sinks.commit import ENCODE_STARTED, REENCODED_NOTE
-from latentize.sources import SOURCES, expand_urls, infer_format, shard_ids
+from latentize.sources import SOURCES, expand_urls, infer_format, resolve_input_fields, shard_ids
 
 __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
 
@@ -184,6 +184,9 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     urls = [_absolute(u) for u in expand_urls(config.input.urls, storage_options=config.input.storage_options)]
     fmt = config.input.format or infer_format(urls)
     SOURCES.get(fmt)
+    # caption_field auto -> the member or column actually read, before the fingerprint and the
+    # manifest are made; missing optional Parquet columns are logged here, once per run.
+    config = resolve_input_fields(config, urls, fmt)
     shards = list(zip(urls, shard_ids(urls), strict=False))
     layout = OutputLayout(
         config.output.path, storage_options=config.output.storage_options, retries=config.output.retries

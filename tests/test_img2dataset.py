@@ -5,6 +5,7 @@ rows that name img2dataset's status and message; the manifest shows the resolved
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,6 @@ def _config(urls: str, out: Path, model: Path) -> Config:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.plan does not yet call latentize.sources.resolve_input_fields (the manifest shows 'auto')",
-)
 def test_manifest_shows_the_resolved_caption_field(
     tmp_path: Path, i2d_parquet: tuple[str, list[ShardSample]], tiny_models: dict[str, Path]
 ) -> None:
@@ -59,6 +56,23 @@ def test_manifest_shows_the_resolved_caption_field(
     p = plan(cfg)
     assert p.manifest["config"]["input"]["caption_field"] == "caption"
     assert p.config.input.caption_field == "caption"
+    # The fingerprint is the resolved config's: naming the column gives the same run.
+    named = _config(i2d_parquet[0], tmp_path / "out", tiny_models["kl"])
+    named.input.caption_field = "caption"
+    assert plan(named).fingerprint == p.fingerprint
+
+
+def test_missing_optional_column_is_logged_once_by_the_plan(
+    tmp_path: Path,
+    i2d_parquet: tuple[str, list[ShardSample]],
+    tiny_models: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """img2dataset's Parquet output has no ``json`` column (``input.json_field``'s default)."""
+    with caplog.at_level(logging.WARNING, logger="latentize"):
+        plan(_config(i2d_parquet[0], tmp_path / "out", tiny_models["kl"]))
+    found = [r.getMessage() for r in caplog.records if "input.json_field" in r.getMessage()]
+    assert len(found) == 1 and "column 'json' is not in the parquet files" in found[0], found
 
 
 @pytest.mark.slow
