@@ -148,14 +148,11 @@ def run_encode(args: argparse.Namespace) -> int:
     if summary.nothing_to_do:
         print(f"latentize: nothing to do, all {summary.shards_total} shards already committed; wrote nothing")
     else:
-        print(
-            f"latentize: this run encoded {summary.samples_now} samples from {summary.shards_done_now} "
-            f"shard(s) in {summary.seconds:.1f} s ({summary.images_per_second:.2f} img/s)"
-        )
+        print(_run_line(summary))
         if summary.encoding_seconds and summary.encoder_start_seconds is not None:
             print(
                 f"latentize: encoder start-up {summary.encoder_start_seconds:.1f} s; then "
-                f"{summary.samples_now / summary.encoding_seconds:.2f} img/s while encoding"
+                f"{summary.samples_ok_now / summary.encoding_seconds:.2f} img/s while encoding"
             )
     print(f"latentize: output holds {summary.samples_ok} samples ok, {summary.samples_failed} failed")
     if summary.shards_failed:
@@ -167,6 +164,20 @@ def run_encode(args: argparse.Namespace) -> int:
     if demo and summary.complete:
         return _demo_qa(summary.output)
     return 0 if summary.complete else 1
+
+
+def _run_line(summary: Any) -> str:
+    """What this run did: samples read, encoded and failed (by stage; read errors, such as
+    failed downloads, were never encoded), shards, seconds and images encoded per second."""
+    failed = ""
+    if summary.samples_failed_now:
+        stages = ", ".join(f"{n} {stage}" for stage, n in summary.failed_now_by_stage.items())
+        failed = f", {summary.samples_failed_now} failed ({stages})"
+    return (
+        f"latentize: this run read {summary.samples_now} samples from {summary.shards_done_now} shard(s): "
+        f"{summary.samples_ok_now} encoded{failed}, in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.2f} img/s)"
+    )
 
 
 def encode_main(argv: Sequence[str] | None = None, *, prog: str = "encode_laion.py") -> int:

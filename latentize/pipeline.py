@@ -16,7 +16,7 @@ import platform
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from latentize.encoders.base import resolved_source
 from latentize.errors import LatentizeError
 from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
+from latentize.progress import Progress
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
 from latentize.sinks.commit import ENCODE_STARTED, REENCODED_NOTE
 from latentize.sources import SOURCES, expand_urls, infer_format, resolve_input_fields, shard_ids
@@ -37,13 +38,17 @@ __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between progress lines.
+#: Seconds between progress lines (logged from the start of the execution).
 PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
 class RunSummary:
-    """What a run did. ``samples_*`` count the whole output (earlier runs included)."""
+    """What a run did. ``samples_ok`` and ``samples_failed`` count the whole output (earlier
+    runs included); ``samples_now`` counts the samples this run read, of which it stored
+    ``samples_ok_now`` and recorded ``samples_failed_now`` as error rows (by stage in
+    ``failed_now_by_stage``: ``read`` errors, such as img2dataset's failed downloads, were never
+    encoded)."""
 
     output: str
     shards_total: int
@@ -63,10 +68,14 @@ class RunSummary:
     #: Seconds from the first encoder call to the last part staged: the run's steady state,
     #: without the encoder's start-up and the commit tail; None when nothing was encoded.
     encoding_seconds: float | None = None
+    samples_ok_now: int = 0
+    samples_failed_now: int = 0
+    failed_now_by_stage: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
-        return self.samples_now / self.seconds if self.seconds > 0 else 0.0
+        """Images this run encoded (stored) per second of the whole run."""
+        return self.samples_ok_now / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def complete(self) -> bool:
@@ -691,7 +700,7 @@ def run(
         return RunSummary(p.layout.url, len(p.shards), 0, t.failed_shards, t.ok, t.failed, 0, 0.0, True)
     ex = _prepare(p)
     execution_started = time.time()
-    committer = _execute(p, ex, encode_actor=encode_actor, started=started)
+    committer = _execute(p, ex, encode_actor=encode_actor)
     execution_s = time.time() - execution_started
     timing = _RunTiming.of(committer, execution_started=execution_started, execution_s=execution_s)
     t = _finish(p, committer, ex, started=started, timing=timing)
@@ -708,6 +717,9 @@ def run(
         execution_s,
         timing.encoder_start_seconds,
         timing.encoding_seconds,
+        committer.ok_done,
+        committer.failed_done,
+        dict(sorted(committer.failed_by_stage.items())),
     )
 
 
@@ -788,7 +800,7 @@ def _prepare(p: Plan) -> _Execution:
     return ex
 
 
-def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor], started: float) -> Committer:
+def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor]) -> Committer:
     """Runs the Ray Data pipeline and commits every shard; returns the finished Committer."""
     pending = {shard for _, shard in p.pending}
     committer = Committer(
@@ -800,21 +812,18 @@ def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor], starte
         fingerprint=p.fingerprint,
         slots=len(p.targets.per_resolution),
     )
-    last_log = time.time()
-    for reports in _build_dataset(p, encode_actor=encode_actor, execution=ex).iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    ):
-        committer.add(reports)
-        if time.time() - last_log > PROGRESS_EVERY_S:
-            last_log = time.time()
-            logger.info(
-                "progress: %d/%d shards committed, %d samples, %.1f img/s",
-                committer.shards_done,
-                len(p.pending),
-                committer.samples_done,
-                committer.samples_done / max(last_log - started, 1e-9),
-            )
-    committer.finish()
+    # From the start of the execution: the first reports come only once the encoder pool is up
+    # and shards' rows are staged, and a shard commits only once all of its rows are.
+    progress = Progress(committer, shards=len(p.pending), every_s=PROGRESS_EVERY_S)
+    progress.start()
+    try:
+        for reports in _build_dataset(p, encode_actor=encode_actor, execution=ex).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        ):
+            committer.add(reports)
+        committer.finish()
+    finally:
+        progress.stop()
     p.layout.prune_staging()
     return committer
 

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from img2dataset_layout import ROWS_PER_BLOCK, write_output
 
+from latentize.cli import _run_line
 from latentize.config import Config, load_config
 from latentize.demo import ShardSample, failed_download, photo_samples, write_img2dataset_shard
-from latentize.pipeline import plan, run
+from latentize.pipeline import EncodeActor, plan, run
 
 RES = 64
 
@@ -169,3 +173,52 @@ def test_runs_over_img2dataset_layouts_write_every_key_once(
     assert {stages[k] for k in layout.read_errors} <= {"read"}
     markers = {p.stem: json.loads(p.read_text()) for p in (out / "_shards").glob("*.json")}
     assert sorted(markers) == layout.shards and all(m["status"] == "ok" for m in markers.values())
+
+
+def _slow_start_actor(seconds: float) -> type[EncodeActor]:
+    """An encoder actor that takes ``seconds`` longer to start, as a large model's weights do
+    (defined here, so Ray pickles it by value)."""
+
+    class SlowStart(EncodeActor):
+        def __init__(self, **kwargs: Any) -> None:
+            time.sleep(seconds)
+            super().__init__(**kwargs)
+
+    return SlowStart
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_progress_is_live_and_the_summary_counts_what_was_encoded(
+    tmp_path: Path, tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress lines at a steady interval from the start of the execution, while nothing is
+    staged yet; the summary tells samples read from samples encoded (failed downloads were
+    read errors, never encoded)."""
+    layout = write_output(tmp_path / "img2dataset", "parquet")
+    monkeypatch.setattr("latentize.pipeline.PROGRESS_EVERY_S", 0.25)
+    cfg = load_config(
+        base={
+            "input": {"urls": layout.urls},
+            "preprocess": {"resolution": RES},
+            "encoder": {"model": str(tiny_models["kl"]), "batch_size": 4},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="latentize"):
+        summary = run(cfg, encode_actor=_slow_start_actor(3.0))
+
+    lines = [r for r in caplog.records if r.getMessage().startswith("progress:")]
+    idle = re.compile(r"progress: 0/5 shards committed, 0 samples \(0 encoded, 0 failed\), 0\.0 img/s, .* ETA unknown")
+    waiting = [r for r in lines if idle.match(r.getMessage())]
+    assert len(waiting) >= 4, [r.getMessage() for r in lines]
+    gaps = np.diff([r.created for r in lines])
+    assert gaps.max() < 2.0, gaps  # steady, not only when a report arrives
+
+    failed = len(layout.read_errors) + len(layout.decode_errors)
+    assert summary.samples_now == len(layout.ok) + failed
+    assert (summary.samples_ok_now, summary.samples_failed_now) == (len(layout.ok), failed)
+    assert summary.failed_now_by_stage == {"decode": len(layout.decode_errors), "read": len(layout.read_errors)}
+    line = _run_line(summary)
+    assert f"read {summary.samples_now} samples from 5 shard(s): {len(layout.ok)} encoded, {failed} failed" in line
+    assert f"({len(layout.decode_errors)} decode, {len(layout.read_errors)} read)" in line

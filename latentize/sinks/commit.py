@@ -259,9 +259,10 @@ class _ShardState:
     error: str | None = None
     read_node: str | None = None
 
-    def cover(self, indices: np.ndarray) -> None:
+    def cover(self, indices: np.ndarray) -> int:
+        """Marks ``indices`` covered; returns how many were not before."""
         if indices.size == 0:
-            return
+            return 0
         if indices.min() < 0:
             raise ValueError(f"negative row index in a report: {int(indices.min())}")
         top = int(indices.max()) + 1
@@ -270,6 +271,7 @@ class _ShardState:
         fresh = np.unique(indices[~self.seen[indices]])
         self.count += int(fresh.size)
         self.seen[fresh] = True
+        return int(fresh.size)
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,10 @@ class ShardTracker:
         self._slots = slots
         self._shards: dict[str, _ShardState] = {}
         self._done: set[str] = set()
+        #: Distinct (sample, resolution) units staged and failed so far, all shards together
+        #: (live progress; a sample counts ``slots`` units).
+        self.units_ok = 0
+        self.units_failed = 0
 
     def _units(self, indices: np.ndarray, slot: int) -> np.ndarray:
         if slot >= 0:
@@ -315,11 +321,11 @@ class ShardTracker:
             slot = int(p.get("slot") or 0)
             part = Part(p["folder"], p["path"], indices, p["bytes"], p["reencoded"], slot)
             state.parts[part.path] = part
-            state.cover(self._units(indices, slot))
+            self.units_ok += state.cover(self._units(indices, slot))
         for e in report["errors"]:
             slot = -1 if e.get("slot") is None else int(e["slot"])
             state.errors.setdefault((int(e["index"]), slot), e)
-            state.cover(self._units(np.array([int(e["index"])], dtype=np.int64), slot))
+            self.units_failed += state.cover(self._units(np.array([int(e["index"])], dtype=np.int64), slot))
         if report["total"] >= 0:
             state.total = int(report["total"])
             state.error = report.get("shard_error")
@@ -341,6 +347,10 @@ class ShardTracker:
         assert state.total is not None
         errors = [state.errors[k] for k in sorted(state.errors)]
         return ShardCommit(shard, state.total, list(state.parts.values()), errors, state.error, state.read_node)
+
+    @property
+    def slots(self) -> int:
+        return self._slots
 
     def incomplete(self) -> dict[str, tuple[int, int | None]]:
         """Shards still open: ``shard -> (rows seen (per slot), total or None)``."""
@@ -510,9 +520,13 @@ class Committer:
         self._staged_done: list[str] = []
         self._ledger_every_s = ledger_every_s
         self._ledger_at = time.time()
-        #: Shards committed and samples they hold, this run.
+        #: Shards committed this run, the samples they hold (read), and of those the ones
+        #: stored and failed (by stage).
         self.shards_done = 0
         self.samples_done = 0
+        self.ok_done = 0
+        self.failed_done = 0
+        self.failed_by_stage: dict[str, int] = {}
         #: Epoch seconds of the first encoder call and of the last part staged (None before).
         self.first_encode_started: float | None = None
         self.last_staged_at: float | None = None
@@ -531,6 +545,12 @@ class Committer:
             if len(self._in_flight) >= self._parallelism:
                 ready, _ = ray.wait(list(self._in_flight), num_returns=1)
                 self._record(ready)
+
+    def staged(self) -> tuple[int, int]:
+        """Samples staged (encoded) and failed so far, committed or not: live progress. With
+        several resolutions, units over the resolution count (a partial failure rounds)."""
+        slots = self._tracker.slots
+        return self._tracker.units_ok // slots, self._tracker.units_failed // slots
 
     def _time(self, report: dict[str, Any]) -> None:
         called, staged = report.get("encode_started"), report.get("staged_at")
@@ -563,6 +583,10 @@ class Committer:
             commit = self._in_flight.pop(ref)
             self.shards_done += 1
             self.samples_done += marker["samples"]
+            self.ok_done += marker["ok"]
+            self.failed_done += marker["failed"]
+            for stage, n in marker["failed_by_stage"].items():
+                self.failed_by_stage[stage] = self.failed_by_stage.get(stage, 0) + int(n)
             self.markers[marker["shard"]] = json.dumps(marker, separators=(",", ":"))
             self._staged_done.extend(p.path for p in commit.parts)
             if marker["status"] != "ok":
