@@ -62,7 +62,8 @@ _PLAN_DESCRIPTION = (
     "Parquet metadata, or reading a few shards), the input bytes, the estimated output bytes per "
     "data folder, the CPU decode time per image measured on a few sampled shards with the "
     "configured preprocessing, the GPU-hours where a throughput was measured for the encoder on "
-    "that GPU, and a suggested ray.actors and encoder.batch_size. Exit code 0, or 2 when the run "
+    "that GPU, and the ray.actors and encoder.batch_size the run would use (on this machine's GPUs, "
+    "or on --gpus N). Exit code 0, or 2 when the run "
     "could not start (the message says what to fix)."
 )
 _STATUS_DESCRIPTION = (
@@ -278,7 +279,13 @@ def _add_set_arg(parser: argparse.ArgumentParser, example: str) -> None:
 def _add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file, as for 'latentize encode'")
     _add_set_arg(parser, "preprocess.resolution=512")
-    parser.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs the run will have (default 1)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs the run will have (default: this machine's, as a local Ray counts them; 0: CPU encoders)",
+    )
     parser.add_argument(
         "--sample-shards",
         type=int,
@@ -333,7 +340,13 @@ def _format_plan(found: dict[str, Any]) -> str:
         shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"
         lines.append(f"  {gpu:<15} {shown}")
     suggested = " ".join(f"--set {k}={v}" for k, v in found["suggested"].items())
-    lines.append(f"  suggested       {suggested}")
+    basis = found["suggested_for"]
+    where = (
+        f"{basis['gpus']} GPU(s) {'found on this machine' if basis['detected'] else 'given'}"
+        if basis["encoders"] == "gpu"
+        else f"CPU encoders: {basis['gpus']} GPU(s) {'found on this machine' if basis['detected'] else 'given'}"
+    )
+    lines.append(f"  suggested       {suggested} (for {where}; --gpus N plans for a cluster)")
     return "\n".join(lines)
 
 

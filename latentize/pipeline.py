@@ -25,7 +25,7 @@ from latentize import __version__
 from latentize.columns import join_notes, text_column, to_block
 from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
-from latentize.encoders.base import resolved_source
+from latentize.encoders.base import encoder_batch_size, resolved_source
 from latentize.errors import LatentizeError
 from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
@@ -475,26 +475,49 @@ class _Execution:
 MIXED_BATCH_CHUNKS = 8
 
 
+def pool_on_gpu(config: Config, gpus: float) -> bool:
+    """Whether the encoder actors run on GPUs in a cluster of ``gpus`` GPUs (else on CPU)."""
+    per_actor = config.ray.gpus_per_actor
+    return per_actor > 0 and gpus >= per_actor and config.encoder.device != "cpu"
+
+
 def _execution(config: Config, *, shapes: int = 1) -> _Execution:
-    """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
-    decode and the batch size (of ``shapes`` crop sizes: larger batches for several)."""
+    """:func:`execution_for` the cluster Ray is connected to (and where its actors see CUDA)."""
     import ray
 
-    from latentize.encoders.base import default_batch_size
-
     resources = ray.cluster_resources()
+    gpu = pool_on_gpu(config, resources.get("GPU", 0.0))
+    asks = gpu and config.preprocess.decode == "auto" and config.preprocess.fixed_size
+    gpu_decode = asks and _few_cpus_per_gpu(resources) and _actors_see_cuda(config.ray.gpus_per_actor)
+    return execution_for(config, resources, shapes=shapes, gpu_decode=gpu_decode)
+
+
+def execution_for(
+    config: Config, resources: dict[str, float], *, shapes: int = 1, gpu_decode: bool = False
+) -> _Execution:
+    """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
+    decode and the batch size (of ``shapes`` crop sizes: larger batches for several), for a
+    cluster of ``resources`` (``ray.cluster_resources()``: ``GPU``, ``CPU``).
+
+    Args:
+        gpu_decode: what ``preprocess.decode: auto`` picks for a fixed-size run on GPUs: the
+            actors' GPUs are CUDA devices and the cluster has few CPUs per GPU.
+
+    Raises:
+        LatentizeError: ``preprocess.decode: gpu`` in a run of several sizes.
+    """
     gpus = resources.get("GPU", 0.0)
     per_actor = config.ray.gpus_per_actor
     actors = config.ray.actors
     cpu_threads: int | None = None
-    if per_actor > 0 and gpus >= per_actor and config.encoder.device != "cpu":
+    gpu = pool_on_gpu(config, gpus)
+    if gpu:
         fit = int(gpus // per_actor)
         if actors > fit:
             logger.warning("ray.actors=%d but the cluster has GPUs for %d; using %d", actors, fit, fit)
             actors = fit
         # num_cpus=0: Ray 2.60 would otherwise reserve a CPU per GPU actor, starving decode.
         remote_args: dict[str, Any] = {"num_gpus": per_actor, "num_cpus": 0}
-        gpu = True
     else:
         cpus = int(resources.get("CPU", 1))
         logger.warning(
@@ -506,21 +529,16 @@ def _execution(config: Config, *, shapes: int = 1) -> _Execution:
         if actors > fit:
             logger.warning("ray.actors=%d but only %d CPU(s) are free for CPU encoders; using %d", actors, fit, fit)
             actors = fit
-        remote_args, gpu, cpu_threads = {"num_gpus": 0, "num_cpus": 1}, False, max(1, cpus // actors)
+        remote_args, cpu_threads = {"num_gpus": 0, "num_cpus": 1}, max(1, cpus // actors)
     decode = config.preprocess.decode
     if decode == "gpu" and not config.preprocess.fixed_size:
         raise LatentizeError(
             "preprocess.decode: gpu decodes runs of one fixed size; with aspect-ratio buckets or several "
             "resolutions use preprocess.decode: cpu (what auto picks for them)"
         )
-    if decode == "auto" and not config.preprocess.fixed_size:
-        decode = "cpu"
     if decode == "auto":
-        decode = "gpu" if gpu and _few_cpus_per_gpu(resources) and _actors_see_cuda(per_actor) else "cpu"
-    batch_size = config.encoder.batch_size or default_batch_size(
-        config.preprocess.reference_size, "cuda" if gpu else "cpu"
-    )
-    batch_size *= min(shapes, MIXED_BATCH_CHUNKS)
+        decode = "gpu" if gpu and config.preprocess.fixed_size and gpu_decode else "cpu"
+    batch_size = encoder_batch_size(config, gpu=gpu) * min(shapes, MIXED_BATCH_CHUNKS)
     return _Execution(remote_args, actors, cpu_threads, gpu, decode, batch_size)
 
 
