@@ -187,7 +187,12 @@ def load_model_config(
     from huggingface_hub.errors import EntryNotFoundError
 
     cfg_name = f"{subfolder}/config.json" if subfolder else "config.json"
-    cached = try_to_load_from_cache(model, cfg_name, revision=revision)
+    try:
+        cached = try_to_load_from_cache(model, cfg_name, revision=revision)
+    except ValueError as exc:  # HFValidationError: a missing path, or no valid hub id either
+        raise LatentizeError(
+            f"encoder.model: {model!r} is neither an existing file or folder nor a hub id ({exc})"
+        ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     local_only = isinstance(cached, str)
     if not local_only and (offline or not _hub_reachable()):
