@@ -425,6 +425,12 @@ def _add_qa_args(parser: argparse.ArgumentParser) -> None:
         "--ray-address",
         help="Ray cluster address (default: RAY_ADDRESS, else a running `ray start` cluster, else a local Ray)",
     )
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        default=None,
+        help="start Ray's dashboard with a local Ray (default: as the run's ray.dashboard, off unless set)",
+    )
     parser.add_argument("--json", action="store_true", help="print report.json instead of the summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(fn=run_qa)
@@ -453,6 +459,7 @@ def run_qa(args: argparse.Namespace) -> int:
         device=args.device,
         strict=args.strict,
         ray_address=args.ray_address,
+        dashboard=args.dashboard,
     )
     result = build_report(args.output, options=options)
     if args.json:

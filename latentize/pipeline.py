@@ -3,7 +3,8 @@
 
 Everything that can be checked before Ray starts is checked first (model config, input URLs,
 output root, config fingerprint), so that a bad run fails in seconds with a message saying what
-to fix, and a finished run is recognised without starting Ray at all.
+to fix, and a finished run is recognised without starting Ray at all: Ray starts only once the
+plan has passed and left shards to do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import platform
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from latentize.errors import LatentizeError
 from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
 from latentize.progress import Progress
+from latentize.raystart import init_ray
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
 from latentize.sinks.commit import ENCODE_STARTED, REENCODED_NOTE
 from latentize.sources import SOURCES, expand_urls, infer_format, resolve_input_fields, shard_ids
@@ -431,16 +432,6 @@ def _tensor_column(
     return out
 
 
-def _init_ray(config: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # address None: inside `ray job submit` RAY_ADDRESS points at the cluster, else local Ray
-    # (include_dashboard only applies when a local Ray is started).
-    ray.init(address=config.ray.address, include_dashboard=config.ray.dashboard)
-
-
 @dataclass(frozen=True)
 class _Execution:
     """How the encoder pool runs, resolved against the cluster.
@@ -711,7 +702,8 @@ def run(
             of several nodes).
     """
     started = time.time()
-    p = _plan_while_ray_starts(config, overwrite=overwrite, retry_failed=retry_failed)
+    # No Ray yet: a plan error or a run with nothing left to do must not start (and stop) one.
+    p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
     if not p.pending:
         t = _totals(p.markers, p.shards, p.fingerprint)
         logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), p.layout.url)
@@ -768,31 +760,6 @@ class _RunTiming:
         }
 
 
-def _plan_while_ray_starts(config: Config, *, overwrite: bool, retry_failed: bool) -> Plan:
-    """:func:`plan` in a thread while a local Ray starts on this one.
-
-    The two need nothing from each other (the plan: listing, markers, model configs; Ray: its
-    processes), so the run starts executing that much sooner. If the plan fails, the Ray just
-    started is shut down and the plan's error raised.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return plan(config, overwrite=overwrite, retry_failed=retry_failed)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentize-plan") as pool:
-        planned = pool.submit(plan, config, overwrite=overwrite, retry_failed=retry_failed)
-        try:
-            _init_ray(config)
-        except BaseException:
-            planned.result()  # a bad config or input says more than the Ray error it caused
-            raise
-        try:
-            return planned.result()
-        except BaseException:
-            ray.shutdown()
-            raise
-
-
 def _prepare(p: Plan) -> _Execution:
     """Joins Ray, checks the cluster, readies the output for this run; nothing per shard."""
     config, layout = p.config, p.layout
@@ -804,7 +771,7 @@ def _prepare(p: Plan) -> _Execution:
         config.encoder.type,
         config.encoder.model,
     )
-    _init_ray(config)
+    init_ray(address=config.ray.address, dashboard=config.ray.dashboard)
     _check_nodes(config, layout, [url for url, _ in p.pending])
     ex = _execution(config, shapes=len(p.targets.sizes))
     logger.info("encoder pool: %s", ex.describe())

@@ -190,7 +190,11 @@ def _slow_start_actor(seconds: float) -> type[EncodeActor]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_progress_is_live_and_the_summary_counts_what_was_encoded(
-    tmp_path: Path, tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_models: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Progress lines at a steady interval from the start of the execution, while nothing is
     staged yet; the summary tells samples read from samples encoded (failed downloads were
@@ -222,3 +226,8 @@ def test_progress_is_live_and_the_summary_counts_what_was_encoded(
     line = _run_line(summary)
     assert f"read {summary.samples_now} samples from 5 shard(s): {len(layout.ok)} encoded, {failed} failed" in line
     assert f"({len(layout.decode_errors)} decode, {len(layout.read_errors)} read)" in line
+
+    # A rerun has nothing to do: it says so without starting (or stopping) Ray.
+    calls = request.getfixturevalue("no_ray")
+    again = run(cfg)
+    assert again.nothing_to_do and calls == []

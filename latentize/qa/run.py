@@ -57,6 +57,7 @@ from latentize.qa.scan import (
     scan_statistics,
 )
 from latentize.qa.stats import CodeUsage, LatentStats, affine_summary
+from latentize.raystart import init_ray
 from latentize.sinks import OutputLayout
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ class QAOptions:
         device: torch device of the decoder (None: CUDA when present).
         strict: warnings fail the report too.
         ray_address: Ray cluster address (None: ``RAY_ADDRESS`` or a local Ray).
+        dashboard: start Ray's dashboard with a local Ray; None: as the output's run did
+            (its manifest's ``ray.dashboard``, false by default).
     """
 
     sample: int = 16
@@ -110,6 +113,7 @@ class QAOptions:
     device: str | None = None
     strict: bool = False
     ray_address: str | None = None
+    dashboard: bool | None = None
 
 
 @dataclass
@@ -339,8 +343,10 @@ def _scan(loaded: _Loaded, options: QAOptions) -> _Scanned:
 
     from latentize.qa import recon
 
-    if not ray.is_initialized():
-        ray.init(address=options.ray_address)
+    dashboard = options.dashboard
+    if dashboard is None:
+        dashboard = bool(((loaded.manifest.get("config") or {}).get("ray") or {}).get("dashboard", False))
+    init_ray(address=options.ray_address, dashboard=dashboard)
     fmt = str((loaded.manifest.get("output") or {}).get("format") or "parquet")
     ds = ray.data.read_datasource(
         DataFilesDatasource(layout=loaded.layout, files=loaded.files, fmt=fmt, columns=loaded.columns),
