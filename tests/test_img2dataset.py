@@ -168,6 +168,7 @@ def test_runs_over_img2dataset_layouts_write_every_key_once(
         assert sorted(keys) == sorted(layout.ok)
     errors = pq.read_table(out / "_errors").to_pylist()
     assert sorted(e["key"] for e in errors) == sorted(failed)
+    assert {e["slot"] for e in errors} == {-1}  # read and decode errors stand for every resolution
     stages = {e["key"]: e["stage"] for e in errors}
     assert {stages[k] for k in layout.decode_errors} == {"decode"}
     assert {stages[k] for k in layout.read_errors} <= {"read"}

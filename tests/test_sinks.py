@@ -522,7 +522,14 @@ def test_commit_publishes_parts_writes_errors_then_the_marker(layout: OutputLayo
     errors = pq.read_table(out / "_errors" / "00000.parquet")
     assert errors.schema == ERROR_SCHEMA
     assert errors.to_pylist() == [
-        {"key": "000000002", "shard": "00000", "index": 2, "stage": "decode", "error": "cannot identify image file"}
+        {
+            "key": "000000002",
+            "shard": "00000",
+            "index": 2,
+            "stage": "decode",
+            "error": "cannot identify image file",
+            "slot": -1,
+        }
     ]
 
     on_disk = json.loads((out / "_shards" / "00000.json").read_text())

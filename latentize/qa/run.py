@@ -73,7 +73,8 @@ REPORT_FOLDER = "_qa"
 ROWS_PER_PARTITION = 1_000_000
 #: Keys listed per finding in the report.
 KEY_LIMIT = 100
-#: An error row of one resolution of a sample: ``at WxH: <reason>`` (the folder it was bound for).
+#: An error row of one resolution of a sample: ``at WxH: <reason>`` (the folder it was bound
+#: for); read only from errors tables written before they had a ``slot`` column.
 _AT_FOLDER = re.compile(r"^at (\d+x\d+): ")
 
 
@@ -279,22 +280,25 @@ def _columns(encoder: dict[str, Any]) -> list[TensorColumn]:
 
 
 def _read_errors(layout: OutputLayout, paths: dict[str, str], slot_of: dict[str, int]) -> pa.Table:
-    """``key``, ``shard`` and ``slot`` of every error row: an encode error of one resolution
-    (``at WxH: ...``) stands for that folder's slot, any other error for the whole sample (-1)."""
+    """``key``, ``shard`` and ``slot`` of every error row: the errors table's ``slot`` (-1: the
+    whole sample; else the resolution whose row failed). Tables written before it had that
+    column get it from the reason: an encode error of one resolution (``at WxH: ...``) stands
+    for that folder's slot, any other error for the whole sample."""
     tables = []
     shard_of = {path: shard for shard, path in paths.items()}
     for path, data in layout.iter_contents(sorted(shard_of, key=shard_of.__getitem__)):
-        table = pq.read_table(pa.BufferReader(data), columns=["key", "stage", "error"])
-        slots = [
-            _error_slot(stage, error, slot_of)
-            for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(), strict=True)
-        ]
+        table = pq.read_table(pa.BufferReader(data))
+        if "slot" in table.column_names:
+            slots = table.column("slot").cast(pa.int32())
+        else:
+            stages, errors = table.column("stage").to_pylist(), table.column("error").to_pylist()
+            slots = pa.array([_error_slot(st, e, slot_of) for st, e in zip(stages, errors, strict=True)], pa.int32())
         tables.append(
             pa.table(
                 {
                     "key": table.column("key"),
                     "shard": pa.array([shard_of[path]] * table.num_rows, pa.string()),
-                    "slot": pa.array(slots, pa.int32()),
+                    "slot": slots,
                 }
             )
         )
@@ -306,6 +310,7 @@ def _read_errors(layout: OutputLayout, paths: dict[str, str], slot_of: dict[str,
 
 
 def _error_slot(stage: str | None, error: str | None, slot_of: dict[str, int]) -> int:
+    """The slot of an error row of a table without a ``slot`` column (written before it had one)."""
     match = _AT_FOLDER.match(error or "") if stage == "encode" else None
     if match is None or match.group(1) not in slot_of:
         return -1

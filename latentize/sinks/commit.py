@@ -67,7 +67,9 @@ _PASSTHROUGH: dict[str, pa.DataType] = {
     for name in ("key", "index", "caption", "json", "notes", "width", "height", "crop_top", "crop_left")
 }
 
-#: Schema of ``OUT/_errors/*.parquet``.
+#: Schema of ``OUT/_errors/*.parquet``. ``slot``: -1 when the sample failed as a whole (read,
+#: decode), else the resolution (position in ``preprocess.resolutions``; 0 in a run of one size)
+#: whose row the encoder failed; outputs written before it existed lack the column.
 ERROR_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -75,6 +77,7 @@ ERROR_SCHEMA = pa.schema(
         ("index", pa.int64()),
         ("stage", pa.string()),
         ("error", pa.string()),
+        ("slot", pa.int32()),
     ]
 )
 
