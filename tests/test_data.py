@@ -289,11 +289,19 @@ def test_importing_latentize_data_does_not_import_ray() -> None:
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("tensor_type", ["fixed_shape_tensor", "list"])
 def test_read_latents_reads_the_committed_rows_of_a_folder(tmp_path: Path, tensor_type: str) -> None:
-    from latentize.data import read_latents
+    from latentize.data import read_latent_folders, read_latents
 
     built = build_output(str(tmp_path / "out"), SHARDS, tensor_type=tensor_type)
-    with pytest.raises(LatentizeError, match="choose one with folder="):
+    # Two folders, two latent shapes: the message names them, their rows and shapes.
+    with pytest.raises(LatentizeError, match="choose one with folder=") as refused:
         read_latents(built.layout.url)
+    for folder, keys in built.keys.items():
+        assert f"{folder}: {len(keys)} rows, latent {SHAPES[folder]}" in str(refused.value)
+    assert "read_latent_folders(root)" in str(refused.value)
+    each = read_latent_folders(built.layout.url, columns=["key"])
+    assert list(each) == sorted(built.keys)
+    for folder, ds in each.items():
+        assert sorted(ds.take_batch(1000)["key"].tolist()) == sorted(built.keys[folder])
     ds = read_latents(built.layout.url, folder="96x64", columns=["key", "latent"])
     rows = ds.take_batch(1000, batch_format="numpy")
     assert Counter(rows["key"].tolist()) == Counter(built.keys["96x64"])
