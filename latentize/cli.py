@@ -65,7 +65,8 @@ _PLAN_DESCRIPTION = (
     "Parquet metadata, or reading a few shards), the input bytes, the estimated output bytes per "
     "data folder, the CPU decode time per image measured on a few sampled shards with the "
     "configured preprocessing, the GPU-hours where a throughput was measured for the encoder on "
-    "that GPU, and a suggested ray.actors and encoder.batch_size. Exit code 0, or 2 when the run "
+    "that GPU, and the ray.actors and encoder.batch_size the run would use (on this machine's GPUs, "
+    "or on --gpus N). Exit code 0, or 2 when the run "
     "could not start (the message says what to fix)."
 )
 _STATUS_DESCRIPTION = (
@@ -158,14 +159,11 @@ def run_encode(args: argparse.Namespace) -> int:
     if summary.nothing_to_do:
         print(f"latentize: nothing to do, all {summary.shards_total} shards already committed; wrote nothing")
     else:
-        print(
-            f"latentize: this run encoded {summary.samples_now} samples from {summary.shards_done_now} "
-            f"shard(s) in {summary.seconds:.1f} s ({summary.images_per_second:.2f} img/s)"
-        )
+        print(_run_line(summary))
         if summary.encoding_seconds and summary.encoder_start_seconds is not None:
             print(
                 f"latentize: encoder start-up {summary.encoder_start_seconds:.1f} s; then "
-                f"{summary.samples_now / summary.encoding_seconds:.2f} img/s while encoding"
+                f"{summary.samples_ok_now / summary.encoding_seconds:.2f} img/s while encoding"
             )
     print(f"latentize: output holds {summary.samples_ok} samples ok, {summary.samples_failed} failed")
     if summary.shards_failed:
@@ -177,6 +175,20 @@ def run_encode(args: argparse.Namespace) -> int:
     if demo and summary.complete:
         return _demo_qa(summary.output)
     return 0 if summary.complete else 1
+
+
+def _run_line(summary: Any) -> str:
+    """What this run did: samples read, encoded and failed (by stage; read errors, such as
+    failed downloads, were never encoded), shards, seconds and images encoded per second."""
+    failed = ""
+    if summary.samples_failed_now:
+        stages = ", ".join(f"{n} {stage}" for stage, n in summary.failed_now_by_stage.items())
+        failed = f", {summary.samples_failed_now} failed ({stages})"
+    return (
+        f"latentize: this run read {summary.samples_now} samples from {summary.shards_done_now} shard(s): "
+        f"{summary.samples_ok_now} encoded{failed}, in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.2f} img/s)"
+    )
 
 
 def encode_main(argv: Sequence[str] | None = None, *, prog: str = "encode_laion.py") -> int:
@@ -305,7 +317,13 @@ def _add_set_arg(parser: argparse.ArgumentParser, example: str) -> None:
 def _add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file, as for 'latentize encode'")
     _add_set_arg(parser, "preprocess.resolution=512")
-    parser.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs the run will have (default 1)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs the run will have (default: this machine's, as a local Ray counts them; 0: CPU encoders)",
+    )
     parser.add_argument(
         "--sample-shards",
         type=int,
@@ -360,7 +378,13 @@ def _format_plan(found: dict[str, Any]) -> str:
         shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"
         lines.append(f"  {gpu:<15} {shown}")
     suggested = " ".join(f"--set {k}={v}" for k, v in found["suggested"].items())
-    lines.append(f"  suggested       {suggested}")
+    basis = found["suggested_for"]
+    where = (
+        f"{basis['gpus']} GPU(s) {'found on this machine' if basis['detected'] else 'given'}"
+        if basis["encoders"] == "gpu"
+        else f"CPU encoders: {basis['gpus']} GPU(s) {'found on this machine' if basis['detected'] else 'given'}"
+    )
+    lines.append(f"  suggested       {suggested} (for {where}; --gpus N plans for a cluster)")
     return "\n".join(lines)
 
 
@@ -439,6 +463,12 @@ def _add_qa_args(parser: argparse.ArgumentParser) -> None:
         "--ray-address",
         help="Ray cluster address (default: RAY_ADDRESS, else a running `ray start` cluster, else a local Ray)",
     )
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        default=None,
+        help="start Ray's dashboard with a local Ray (default: as the run's ray.dashboard, off unless set)",
+    )
     parser.add_argument("--json", action="store_true", help="print report.json instead of the summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(fn=run_qa)
@@ -467,6 +497,7 @@ def run_qa(args: argparse.Namespace) -> int:
         device=args.device,
         strict=args.strict,
         ray_address=args.ray_address,
+        dashboard=args.dashboard,
     )
     result = build_report(args.output, options=options)
     if args.json:

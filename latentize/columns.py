@@ -1,24 +1,70 @@
-"""Helpers for the nullable text columns of Ray numpy batches.
+"""The columns that travel between stages: one Arrow type each, whatever a block holds.
 
-Ray hands an all-null string column of a block to numpy batch functions as a float array of
-NaN, and a mixed one as an object array of ``str``/``None``; every stage normalises through
-these helpers so that "no value" means ``None`` everywhere.
+Ray types a block built from numpy by what it holds: a column whose values are all ``None``
+becomes Arrow's ``null`` type, which Ray hands to the next numpy batch function as a float
+array of NaN; returned as it is, that column is ``float`` in one block and ``string`` in the
+next, and Ray cannot concatenate the two ("Unable to merge: Field folder has incompatible
+types"). Blocks of end-of-shard rows only, or of failed samples only, are such blocks. So every
+stage returns its batch through :func:`to_block`, which gives each column of
+:data:`FLIGHT_TYPES` its one type (tensor columns keep Ray's conversion), and reads text
+columns through :func:`text_column`, so that "no value" means ``None`` everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-__all__ = ["NOTES_SEPARATOR", "TEXT_COLUMNS", "is_null", "join_notes", "normalize_text", "text_column"]
+__all__ = [
+    "FLIGHT_TYPES",
+    "NOTES_SEPARATOR",
+    "TEXT_COLUMNS",
+    "flight_array",
+    "is_null",
+    "join_notes",
+    "normalize_text",
+    "text_column",
+    "to_block",
+]
 
 #: Joins the non-fatal findings of one sample in its ``notes`` column.
 NOTES_SEPARATOR = "; "
 
+#: The Arrow type of every column other than pixels and tensors that crosses a stage. A new
+#: column that travels between stages belongs here (``tests/test_columns.py`` checks every
+#: stage's output against it).
+FLIGHT_TYPES: dict[str, pa.DataType] = {
+    "key": pa.string(),
+    "shard": pa.string(),
+    # Position of the sample in its shard; -1 on the end-of-shard row.
+    "index": pa.int64(),
+    # Encoded image bytes (read blocks; the encoder actors' input when they decode).
+    "image": pa.binary(),
+    "caption": pa.string(),
+    "json": pa.string(),
+    "notes": pa.string(),
+    "error": pa.string(),
+    "stage": pa.string(),
+    # -1 on sample rows; the number of samples read on the end-of-shard row.
+    "total": pa.int64(),
+    # The Ray node that read the shard (end-of-shard row only).
+    "read_node": pa.string(),
+    # Runs of several sizes: the resolution (-1: none) and data folder (None) of each row.
+    "slot": pa.int32(),
+    "folder": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "crop_top": pa.int32(),
+    "crop_left": pa.int32(),
+    # When the encoder call that made the row began (epoch seconds).
+    "encode_started": pa.float64(),
+}
+
 #: The nullable string columns that travel between stages.
-TEXT_COLUMNS = ("key", "shard", "caption", "json", "notes", "error", "stage")
+TEXT_COLUMNS = tuple(name for name, dtype in FLIGHT_TYPES.items() if pa.types.is_string(dtype))
 
 
 def is_null(value: Any) -> bool:
@@ -53,3 +99,31 @@ def join_notes(notes: Iterable[str | None]) -> str | None:
     """Joins the non-empty findings with ``"; "``; ``None`` when there is none."""
     found = [n for n in notes if n]
     return NOTES_SEPARATOR.join(found) if found else None
+
+
+def flight_array(values: Any, dtype: pa.DataType) -> pa.Array:
+    """One batch column as an Arrow array of ``dtype``: text through :func:`text_column`, bytes
+    with ``None`` (or NaN) as null, numbers cast (NaN becomes null)."""
+    if pa.types.is_string(dtype):
+        return pa.array(text_column(values, len(values)), type=dtype)
+    if pa.types.is_binary(dtype):
+        return pa.array([None if v is None or isinstance(v, float) else bytes(v) for v in values], type=dtype)
+    return pa.array(np.asarray(values), type=dtype, from_pandas=True)
+
+
+def to_block(batch: Mapping[str, Any]) -> pa.Table:
+    """A stage's output batch as the Ray Data block it returns: every :data:`FLIGHT_TYPES`
+    column at its type, the other columns (pixels, tensors) as Ray converts them, in the
+    batch's column order."""
+    from ray.data.block import BlockAccessor
+
+    others = {name: values for name, values in batch.items() if name not in FLIGHT_TYPES}
+    converted = BlockAccessor.for_block(BlockAccessor.batch_to_block(others)).to_arrow() if others else None
+    columns: dict[str, Any] = {}
+    for name, values in batch.items():
+        if name in FLIGHT_TYPES:
+            columns[name] = flight_array(values, FLIGHT_TYPES[name])
+        else:
+            assert converted is not None
+            columns[name] = converted.column(name)
+    return pa.table(columns)

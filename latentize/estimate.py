@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from latentize.preprocess.buckets import Targets
 from latentize.sinks.layout import data_folder
 from latentize.sources.inventory import ShardFile, shard_files
 
-__all__ = ["MIN_BATCHES_PER_ACTOR", "estimate_run"]
+__all__ = ["MIN_BATCHES_PER_ACTOR", "estimate_run", "local_resources"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,11 +219,38 @@ def _gpu_figures(config: Config, pixels: float, samples: int, decode_ms: float |
     return {"preset": preset, "gpu_hours": hours, "decode_cpus_per_gpu": cpus, "throughput": figures}
 
 
-def _suggested(config: Config, rows: int, gpus: int) -> dict[str, int]:
-    from latentize.encoders.base import default_batch_size
+def local_resources() -> dict[str, float]:
+    """What a local Ray started on this machine would advertise, found without starting one:
+    ``GPU`` as Ray counts them (the devices ``CUDA_VISIBLE_DEVICES`` names, else NVML's count;
+    0 when NVML cannot be loaded) and ``CPU`` (the cores this process may use)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
 
-    batch = config.encoder.batch_size or default_batch_size(config.preprocess.reference_size, "cuda")
-    actors = min(gpus, max(1, math.ceil(rows / (batch * MIN_BATCHES_PER_ACTOR))))
+        manager = get_accelerator_manager_for_resource("GPU")
+        if manager is None:
+            return {"GPU": 0.0, "CPU": float(cpus)}
+        found = int(manager.get_current_node_num_accelerators())
+        visible = manager.get_current_process_visible_accelerator_ids()
+        gpus = found if visible is None else min(found, len(visible))
+    except Exception as exc:  # noqa: BLE001 - Ray's accelerator API is private; no GPU then
+        logger.debug("plan: could not count GPUs (%s: %s); assuming none", type(exc).__name__, exc)
+        gpus = 0
+    return {"GPU": float(gpus), "CPU": float(cpus)}
+
+
+def _suggested(config: Config, rows: int, resources: dict[str, float]) -> dict[str, int]:
+    """``ray.actors`` and ``encoder.batch_size`` for a cluster of ``resources``: the batch size
+    the run would use there (GPU or CPU encoders by the rules of
+    :func:`latentize.pipeline.execution_for`), and as many actors as fit, each with at least
+    :data:`MIN_BATCHES_PER_ACTOR` encoder calls of the ``rows`` to encode."""
+    from latentize.encoders.base import encoder_batch_size
+    from latentize.pipeline import pool_on_gpu
+
+    gpu = pool_on_gpu(config, resources.get("GPU", 0.0))
+    batch = encoder_batch_size(config, gpu=gpu)
+    room = int(resources["GPU"] // config.ray.gpus_per_actor) if gpu else max(1, int(resources.get("CPU", 1)) - 1)
+    actors = min(room, max(1, math.ceil(rows / (batch * MIN_BATCHES_PER_ACTOR))))
     return {"ray.actors": actors, "encoder.batch_size": batch}
 
 
@@ -256,7 +284,12 @@ def _output(spec: EncoderSpec, targets: Targets, sample: _Sample, samples: int, 
 
 
 def estimate_run(
-    config: Config, *, sample_shards: int = 2, sample_images: int = 32, footer_limit: int = 256, gpus: int = 1
+    config: Config,
+    *,
+    sample_shards: int = 2,
+    sample_images: int = 32,
+    footer_limit: int = 256,
+    gpus: int | None = None,
 ) -> dict[str, Any]:
     """The dry run of ``config``: counts, sizes and costs, as plain data (``latentize plan``).
 
@@ -267,22 +300,28 @@ def estimate_run(
     the folders in the proportions the sampled images fell into); ``decode_ms_per_image`` (CPU,
     the configured preprocessing, every crop of a sample included; ``None`` when no image was
     sampled); ``gpu_hours`` per GPU of the pending samples (``None`` where no throughput was
-    measured); ``suggested`` ``ray.actors`` (for ``gpus`` GPUs) and ``encoder.batch_size``.
+    measured); ``suggested`` ``ray.actors`` and ``encoder.batch_size`` (what the run would
+    use with ``gpus`` GPUs, or with this machine's when ``gpus`` is None), and ``suggested_for``
+    (``gpus``, ``cpus``, ``encoders``: ``gpu`` or ``cpu``, ``detected``: counted on this machine).
 
     Args:
         sample_shards: shards read for the decode timing (and, for WebDataset shards without
             img2dataset stats, counted to their end).
         sample_images: images decoded per sampled shard.
         footer_limit: Parquet shards at most whose footers are read for their row counts.
-        gpus: GPUs the run will have (bounds the suggested ``ray.actors``).
+        gpus: GPUs the run will have; None: those of this machine, as a local Ray would count
+            them (0 means CPU encoders, with CPU batch sizes).
 
     Raises:
         LatentizeError: as :func:`latentize.pipeline.plan` (bad config, unreadable input,
             another run in the output root).
     """
-    from latentize.pipeline import plan
+    from latentize.pipeline import plan, pool_on_gpu
 
     p = plan(config)
+    resources = local_resources()
+    if gpus is not None:
+        resources["GPU"] = float(gpus)
     cfg = p.config
     urls = [url for url, _ in p.shards]
     files = shard_files(urls, cfg.input.storage_options)
@@ -319,5 +358,11 @@ def estimate_run(
         "gpu_hours": gpu["gpu_hours"],
         "decode_cpus_per_gpu": gpu["decode_cpus_per_gpu"],
         "throughput": gpu["throughput"],
-        "suggested": _suggested(cfg, sum(todo.rows.values()), gpus),
+        "suggested": _suggested(cfg, sum(todo.rows.values()), resources),
+        "suggested_for": {
+            "gpus": int(resources["GPU"]),
+            "cpus": int(resources["CPU"]),
+            "encoders": "gpu" if pool_on_gpu(cfg, resources["GPU"]) else "cpu",
+            "detected": gpus is None,
+        },
     }

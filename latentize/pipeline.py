@@ -3,7 +3,8 @@
 
 Everything that can be checked before Ray starts is checked first (model config, input URLs,
 output root, config fingerprint), so that a bad run fails in seconds with a message saying what
-to fix, and a finished run is recognised without starting Ray at all.
+to fix, and a finished run is recognised without starting Ray at all: Ray starts only once the
+plan has passed and left shards to do.
 """
 
 from __future__ import annotations
@@ -15,35 +16,40 @@ import os
 import platform
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from latentize import __version__
-from latentize.columns import join_notes, normalize_text, text_column
+from latentize.columns import join_notes, text_column, to_block
 from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
-from latentize.encoders.base import resolved_source
+from latentize.encoders.base import encoder_batch_size, resolved_source
 from latentize.errors import LatentizeError
 from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
+from latentize.progress import Progress
+from latentize.raystart import init_ray
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
 from latentize.sinks.commit import ENCODE_STARTED, REENCODED_NOTE
-from latentize.sources import SOURCES, expand_urls, infer_format, shard_ids
+from latentize.sources import SOURCES, expand_urls, infer_format, resolve_input_fields, shard_ids
 
 __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between progress lines.
+#: Seconds between progress lines (logged from the start of the execution).
 PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
 class RunSummary:
-    """What a run did. ``samples_*`` count the whole output (earlier runs included)."""
+    """What a run did. ``samples_ok`` and ``samples_failed`` count the whole output (earlier
+    runs included); ``samples_now`` counts the samples this run read, of which it stored
+    ``samples_ok_now`` and recorded ``samples_failed_now`` as error rows (by stage in
+    ``failed_now_by_stage``: ``read`` errors, such as img2dataset's failed downloads, were never
+    encoded)."""
 
     output: str
     shards_total: int
@@ -63,10 +69,14 @@ class RunSummary:
     #: Seconds from the first encoder call to the last part staged: the run's steady state,
     #: without the encoder's start-up and the commit tail; None when nothing was encoded.
     encoding_seconds: float | None = None
+    samples_ok_now: int = 0
+    samples_failed_now: int = 0
+    failed_now_by_stage: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
-        return self.samples_now / self.seconds if self.seconds > 0 else 0.0
+        """Images this run encoded (stored) per second of the whole run."""
+        return self.samples_ok_now / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def complete(self) -> bool:
@@ -184,6 +194,9 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     urls = [_absolute(u) for u in expand_urls(config.input.urls, storage_options=config.input.storage_options)]
     fmt = config.input.format or infer_format(urls)
     SOURCES.get(fmt)
+    # caption_field auto -> the member or column actually read, before the fingerprint and the
+    # manifest are made; missing optional Parquet columns are logged here, once per run.
+    config = resolve_input_fields(config, urls, fmt)
     shards = list(zip(urls, shard_ids(urls), strict=False))
     layout = OutputLayout(
         config.output.path, storage_options=config.output.storage_options, retries=config.output.retries
@@ -283,7 +296,9 @@ class EncodeActor:
         self.encoder = ENCODERS.get(resolved_source(self.config)[0])(config=self.config, spec=spec)
         logger.info("encoder actor ready on %s (%s), decode on %s", self.encoder.device, self.encoder.dtype, decode)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        """Encodes one numpy batch; returns its block (an Arrow table, columns at their fixed
+        types: a batch of failed or end-of-shard rows only must not type them otherwise)."""
         called_at = time.time()
         n = len(batch["key"])
         errors = text_column(batch["error"], n)
@@ -317,7 +332,7 @@ class EncodeActor:
         # When this call began (epoch seconds): the driver's measure of the encoder's start-up
         # and of the steady state (see RunSummary). Staging reports it and never writes it.
         out[ENCODE_STARTED] = np.full(n, called_at)
-        return normalize_text(out)
+        return to_block(out)
 
     def _encode(self, pixels: Any, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str], list[int]]:
         """Encodes one group of same-size crops and, with ``preprocess.flip``, their mirror
@@ -417,16 +432,6 @@ def _tensor_column(
     return out
 
 
-def _init_ray(config: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # address None: inside `ray job submit` RAY_ADDRESS points at the cluster, else local Ray
-    # (include_dashboard only applies when a local Ray is started).
-    ray.init(address=config.ray.address, include_dashboard=config.ray.dashboard)
-
-
 @dataclass(frozen=True)
 class _Execution:
     """How the encoder pool runs, resolved against the cluster.
@@ -461,26 +466,49 @@ class _Execution:
 MIXED_BATCH_CHUNKS = 8
 
 
+def pool_on_gpu(config: Config, gpus: float) -> bool:
+    """Whether the encoder actors run on GPUs in a cluster of ``gpus`` GPUs (else on CPU)."""
+    per_actor = config.ray.gpus_per_actor
+    return per_actor > 0 and gpus >= per_actor and config.encoder.device != "cpu"
+
+
 def _execution(config: Config, *, shapes: int = 1) -> _Execution:
-    """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
-    decode and the batch size (of ``shapes`` crop sizes: larger batches for several)."""
+    """:func:`execution_for` the cluster Ray is connected to (and where its actors see CUDA)."""
     import ray
 
-    from latentize.encoders.base import default_batch_size
-
     resources = ray.cluster_resources()
+    gpu = pool_on_gpu(config, resources.get("GPU", 0.0))
+    asks = gpu and config.preprocess.decode == "auto" and config.preprocess.fixed_size
+    gpu_decode = asks and _few_cpus_per_gpu(resources) and _actors_see_cuda(config.ray.gpus_per_actor)
+    return execution_for(config, resources, shapes=shapes, gpu_decode=gpu_decode)
+
+
+def execution_for(
+    config: Config, resources: dict[str, float], *, shapes: int = 1, gpu_decode: bool = False
+) -> _Execution:
+    """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
+    decode and the batch size (of ``shapes`` crop sizes: larger batches for several), for a
+    cluster of ``resources`` (``ray.cluster_resources()``: ``GPU``, ``CPU``).
+
+    Args:
+        gpu_decode: what ``preprocess.decode: auto`` picks for a fixed-size run on GPUs: the
+            actors' GPUs are CUDA devices and the cluster has few CPUs per GPU.
+
+    Raises:
+        LatentizeError: ``preprocess.decode: gpu`` in a run of several sizes.
+    """
     gpus = resources.get("GPU", 0.0)
     per_actor = config.ray.gpus_per_actor
     actors = config.ray.actors
     cpu_threads: int | None = None
-    if per_actor > 0 and gpus >= per_actor and config.encoder.device != "cpu":
+    gpu = pool_on_gpu(config, gpus)
+    if gpu:
         fit = int(gpus // per_actor)
         if actors > fit:
             logger.warning("ray.actors=%d but the cluster has GPUs for %d; using %d", actors, fit, fit)
             actors = fit
         # num_cpus=0: Ray 2.60 would otherwise reserve a CPU per GPU actor, starving decode.
         remote_args: dict[str, Any] = {"num_gpus": per_actor, "num_cpus": 0}
-        gpu = True
     else:
         cpus = int(resources.get("CPU", 1))
         logger.warning(
@@ -492,21 +520,16 @@ def _execution(config: Config, *, shapes: int = 1) -> _Execution:
         if actors > fit:
             logger.warning("ray.actors=%d but only %d CPU(s) are free for CPU encoders; using %d", actors, fit, fit)
             actors = fit
-        remote_args, gpu, cpu_threads = {"num_gpus": 0, "num_cpus": 1}, False, max(1, cpus // actors)
+        remote_args, cpu_threads = {"num_gpus": 0, "num_cpus": 1}, max(1, cpus // actors)
     decode = config.preprocess.decode
     if decode == "gpu" and not config.preprocess.fixed_size:
         raise LatentizeError(
             "preprocess.decode: gpu decodes runs of one fixed size; with aspect-ratio buckets or several "
             "resolutions use preprocess.decode: cpu (what auto picks for them)"
         )
-    if decode == "auto" and not config.preprocess.fixed_size:
-        decode = "cpu"
     if decode == "auto":
-        decode = "gpu" if gpu and _few_cpus_per_gpu(resources) and _actors_see_cuda(per_actor) else "cpu"
-    batch_size = config.encoder.batch_size or default_batch_size(
-        config.preprocess.reference_size, "cuda" if gpu else "cpu"
-    )
-    batch_size *= min(shapes, MIXED_BATCH_CHUNKS)
+        decode = "gpu" if gpu and config.preprocess.fixed_size and gpu_decode else "cpu"
+    batch_size = encoder_batch_size(config, gpu=gpu) * min(shapes, MIXED_BATCH_CHUNKS)
     return _Execution(remote_args, actors, cpu_threads, gpu, decode, batch_size)
 
 
@@ -679,14 +702,15 @@ def run(
             of several nodes).
     """
     started = time.time()
-    p = _plan_while_ray_starts(config, overwrite=overwrite, retry_failed=retry_failed)
+    # No Ray yet: a plan error or a run with nothing left to do must not start (and stop) one.
+    p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
     if not p.pending:
         t = _totals(p.markers, p.shards, p.fingerprint)
         logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), p.layout.url)
         return RunSummary(p.layout.url, len(p.shards), 0, t.failed_shards, t.ok, t.failed, 0, 0.0, True)
     ex = _prepare(p)
     execution_started = time.time()
-    committer = _execute(p, ex, encode_actor=encode_actor, started=started)
+    committer = _execute(p, ex, encode_actor=encode_actor)
     execution_s = time.time() - execution_started
     timing = _RunTiming.of(committer, execution_started=execution_started, execution_s=execution_s)
     t = _finish(p, committer, ex, started=started, timing=timing)
@@ -703,6 +727,9 @@ def run(
         execution_s,
         timing.encoder_start_seconds,
         timing.encoding_seconds,
+        committer.ok_done,
+        committer.failed_done,
+        dict(sorted(committer.failed_by_stage.items())),
     )
 
 
@@ -733,31 +760,6 @@ class _RunTiming:
         }
 
 
-def _plan_while_ray_starts(config: Config, *, overwrite: bool, retry_failed: bool) -> Plan:
-    """:func:`plan` in a thread while a local Ray starts on this one.
-
-    The two need nothing from each other (the plan: listing, markers, model configs; Ray: its
-    processes), so the run starts executing that much sooner. If the plan fails, the Ray just
-    started is shut down and the plan's error raised.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return plan(config, overwrite=overwrite, retry_failed=retry_failed)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentize-plan") as pool:
-        planned = pool.submit(plan, config, overwrite=overwrite, retry_failed=retry_failed)
-        try:
-            _init_ray(config)
-        except BaseException:
-            planned.result()  # a bad config or input says more than the Ray error it caused
-            raise
-        try:
-            return planned.result()
-        except BaseException:
-            ray.shutdown()
-            raise
-
-
 def _prepare(p: Plan) -> _Execution:
     """Joins Ray, checks the cluster, readies the output for this run; nothing per shard."""
     config, layout = p.config, p.layout
@@ -769,7 +771,7 @@ def _prepare(p: Plan) -> _Execution:
         config.encoder.type,
         config.encoder.model,
     )
-    _init_ray(config)
+    init_ray(address=config.ray.address, dashboard=config.ray.dashboard)
     _check_nodes(config, layout, [url for url, _ in p.pending])
     ex = _execution(config, shapes=len(p.targets.sizes))
     logger.info("encoder pool: %s", ex.describe())
@@ -783,7 +785,7 @@ def _prepare(p: Plan) -> _Execution:
     return ex
 
 
-def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor], started: float) -> Committer:
+def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor]) -> Committer:
     """Runs the Ray Data pipeline and commits every shard; returns the finished Committer."""
     pending = {shard for _, shard in p.pending}
     committer = Committer(
@@ -795,21 +797,18 @@ def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor], starte
         fingerprint=p.fingerprint,
         slots=len(p.targets.per_resolution),
     )
-    last_log = time.time()
-    for reports in _build_dataset(p, encode_actor=encode_actor, execution=ex).iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    ):
-        committer.add(reports)
-        if time.time() - last_log > PROGRESS_EVERY_S:
-            last_log = time.time()
-            logger.info(
-                "progress: %d/%d shards committed, %d samples, %.1f img/s",
-                committer.shards_done,
-                len(p.pending),
-                committer.samples_done,
-                committer.samples_done / max(last_log - started, 1e-9),
-            )
-    committer.finish()
+    # From the start of the execution: the first reports come only once the encoder pool is up
+    # and shards' rows are staged, and a shard commits only once all of its rows are.
+    progress = Progress(committer, shards=len(p.pending), every_s=PROGRESS_EVERY_S)
+    progress.start()
+    try:
+        for reports in _build_dataset(p, encode_actor=encode_actor, execution=ex).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        ):
+            committer.add(reports)
+        committer.finish()
+    finally:
+        progress.stop()
     p.layout.prune_staging()
     return committer
 

@@ -16,6 +16,10 @@ import pytest
 
 # Loopback test clusters: Ray >= 2.59 would otherwise require token auth for `ray start`.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Never join a cluster that `ray start` runs on this machine (someone else's, or a RAY_ADDRESS
+# left in the shell): the session's Ray, and every run or QA a test starts in a subprocess,
+# start a local Ray of their own. Tests that use a cluster of their own give its address.
+os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,13 +91,26 @@ def tiny_text_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One local Ray for the whole session; ``num_gpus=1`` is faked so the production
+    """One local Ray for the whole session, its own (``address="local"``: never a cluster that
+    ``ray start`` runs on this machine); ``num_gpus=1`` is faked so the production
     ``num_gpus=1`` actor request schedules on this GPU-less machine (it runs on CPU)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Makes this process look unconnected to Ray and records every attempt to start or stop
+    Ray (``"init"``, ``"shutdown"``) instead of making it."""
+    ray = pytest.importorskip("ray")
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("shutdown"))
+    return calls
 
 
 @pytest.fixture(scope="session")

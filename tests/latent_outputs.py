@@ -172,7 +172,17 @@ def build_output(
             "columns": {c: {"shape": list(SHAPES[folders[0]]), "dtype": "float16"} for c in columns},
             "sample": "moments" if "mean" in columns else "mode",
         },
-        "output": {"format": sink, "dtype": "float16", "tensor_type": tensor_type, "data_folders": folders},
+        "output": {
+            "format": sink,
+            "dtype": "float16",
+            "tensor_type": tensor_type,
+            "data_folders": folders,
+            # As a run records them: each folder's stored columns with their shapes.
+            "folders": {
+                f: {"slot": 0, "columns": {c: {"shape": list(SHAPES[f]), "dtype": "float16"} for c in columns}}
+                for f in folders
+            },
+        },
         "status": "complete",
     }
     layout.write_json(layout.manifest_path, built.manifest)

@@ -91,6 +91,7 @@ def write_output(
                         "index": list(range(m, m + len(bad))),
                         "stage": ["decode"] * len(bad),
                         "error": ["cannot identify image file"] * len(bad),
+                        "slot": [-1] * len(bad),
                     },
                     schema=ERROR_SCHEMA,
                 ),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -181,9 +182,29 @@ def test_latentize_encode_cli_and_rerun(tmp_path: Path, shards: str, tiny_models
     assert re.search(r"encoder start-up [0-9.]+ s; then [0-9.]+ img/s while encoding", first.stdout), first.stdout
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["config"]["encoder"]["batch_size"] == 2
+    # Its own local Ray (RAY_ADDRESS=local), and no error line from Ray about the encoder pool.
+    assert STARTED_RAY in first.stderr and ACTOR_ARGS_LINE not in first.stderr, first.stderr[-3000:]
     second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert second.returncode == 0
     assert "nothing to do" in second.stdout
+    assert STARTED_RAY not in second.stderr, second.stderr[-3000:]  # nothing to do: no Ray at all
+    bad = subprocess.run([*cmd, "--set", f"encoder.model={tmp_path / 'no-model'}"], **_captured())
+    assert bad.returncode == 2 and "latentize: error:" in bad.stderr
+    assert STARTED_RAY not in bad.stderr, bad.stderr[-3000:]  # a plan error: no Ray at all
+
+    qa = subprocess.run([str(BIN / "latentize"), "qa", str(tmp_path / "out"), "--sample", "0"], **_captured())
+    assert "latentize qa:" in qa.stdout, qa.stderr[-3000:]
+    assert STARTED_RAY in qa.stderr and "View the dashboard" not in qa.stderr, qa.stderr[-3000:]
+
+
+#: Ray's line when ray.init starts a local Ray (followed by the dashboard's URL when it runs one).
+STARTED_RAY = "Started a local Ray instance."
+#: Ray 2.60's error line about a Ray Data actor's ObjectRef constructor arguments.
+ACTOR_ARGS_LINE = "has constructor arguments in the object store"
+
+
+def _captured() -> dict[str, Any]:
+    return {"capture_output": True, "text": True, "env": _env(), "timeout": 600}
 
 
 def _free_port() -> int:
@@ -236,7 +257,8 @@ def test_ray_job_submit_against_local_head(tmp_path: Path, shards: str, tiny_mod
     ray_cli = str(BIN / "ray")
     gcs, dashboard = _free_port(), _free_port()
     temp_dir = Path("/tmp") / f"ray-head-{gcs}"  # short: Ray's socket paths have a length limit
-    env = _env()
+    # This cluster is named by its address; the session's RAY_ADDRESS=local is not for it.
+    env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
     # --block keeps the head in the foreground of its own process group, so the test stops
     # exactly this cluster (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen(

@@ -69,7 +69,7 @@ def test_every_committed_key_once_across_two_ranks_and_two_workers(built: Built)
             ds = LatentDataset(built.layout.url, 4, rank=rank, world_size=2, buffer_size=10)
             ds.set_epoch(epoch)
             got = batches(ds, workers=2)
-            assert len(got) == ds.num_batches(num_workers=2)
+            assert len(got) == ds.num_batches()
             for batch in got:
                 check_batch(built, batch)
                 assert 1 <= len(batch["key"]) <= 4
@@ -81,6 +81,39 @@ def test_every_committed_key_once_across_two_ranks_and_two_workers(built: Built)
         assert not any(k.startswith("stray") for k in seen)
 
 
+def test_ranks_with_different_numbers_of_workers_still_read_every_key_once(built: Built) -> None:
+    """Ranks choose num_workers for themselves (0, 1, 3 here): which rows a rank reads does not
+    depend on any rank's workers; with drop_last every rank still yields as many batches."""
+    for drop_last in (False, True):
+        seen, counts = [], []
+        for rank, workers in enumerate((0, 1, 3)):
+            ds = LatentDataset(built.layout.url, 4, rank=rank, world_size=3, buffer_size=10, drop_last=drop_last)
+            ds.set_epoch(1)
+            got = batches(ds, workers=workers)
+            assert len(got) == ds.num_batches()
+            counts.append(len(got))
+            seen += keys_of(got)
+        if drop_last:
+            assert len(set(counts)) == 1 and len(seen) == len(set(seen)) and set(seen) <= set(built.all_keys)
+        else:
+            assert sorted(seen) == built.all_keys
+
+
+def test_a_state_of_batches_per_partition_resumes_with_any_number_of_workers(built: Built) -> None:
+    def reader() -> LatentDataset:
+        ds = LatentDataset(built.layout.url, 4, buffer_size=9, seed=5)
+        ds.set_epoch(1)
+        return ds
+
+    ds = reader()
+    it = iter(ds)
+    first = [next(it)["key"] for _ in range(5)]
+    resumed = reader()
+    resumed.load_state_dict(json.loads(json.dumps(ds.state_dict())))
+    rest = keys_of(batches(resumed, workers=3))
+    assert sorted([k for b in first for k in b] + rest) == built.all_keys
+
+
 def test_drop_last_gives_full_batches_and_the_same_count_on_every_rank(built: Built) -> None:
     counts, seen = [], []
     for rank in (0, 1):
@@ -90,7 +123,7 @@ def test_drop_last_gives_full_batches_and_the_same_count_on_every_rank(built: Bu
         for batch in got:
             check_batch(built, batch)
         counts.append(len(got))
-        assert len(got) == ds.num_batches(num_workers=2)
+        assert len(got) == ds.num_batches()
         seen += keys_of(got)
     assert counts[0] == counts[1] > 0
     assert len(seen) == len(set(seen)) and set(seen) <= set(built.all_keys)
@@ -247,26 +280,26 @@ def test_resume_in_process_yields_exactly_the_remaining_batches(built: Built, dr
 
 def test_resume_with_dataloader_workers_from_the_consumed_count(built: Built) -> None:
     def reader() -> LatentDataset:
-        ds = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2)
+        ds = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2, partitions_per_rank=2)
         ds.set_epoch(1)
         return ds
 
     full = [b["key"] for b in batches(reader(), workers=2)]
-    totals = reader()._plan(2).totals[2:]  # rank 1's two partitions
+    totals = reader()._plan().totals[2:]  # rank 1's two partitions, one per worker
     assert max(totals) - min(totals) >= 2 and sum(totals) == len(full)
     # Mid-epoch after an odd count (the second worker's turn is next), and once the smaller
     # worker has finished (DataLoader then takes only from the other).
     for consumed in (3, 2 * min(totals) + 1):
         state = reader().state_dict(consumed=consumed)
-        resumed = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2)
+        resumed = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2, partitions_per_rank=2)
         resumed.load_state_dict(state)
         assert [b["key"] for b in batches(resumed, workers=2)] == full[consumed:], consumed
     # A resumed run interrupted again: the count is the epoch's, before and after the first resume.
-    resumed = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2)
+    resumed = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2, partitions_per_rank=2)
     resumed.load_state_dict(reader().state_dict(consumed=3))
     loader = DataLoader(resumed, batch_size=None, num_workers=2)
     assert [b["key"] for _, b in zip(range(2), loader, strict=False)] == full[3:5]
-    again = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2)
+    again = LatentDataset(built.layout.url, 2, rank=1, world_size=2, buffer_size=8, seed=2, partitions_per_rank=2)
     again.load_state_dict(resumed.state_dict(consumed=5))
     assert [b["key"] for b in batches(again, workers=2)] == full[5:]
 
@@ -289,11 +322,19 @@ def test_importing_latentize_data_does_not_import_ray() -> None:
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("tensor_type", ["fixed_shape_tensor", "list"])
 def test_read_latents_reads_the_committed_rows_of_a_folder(tmp_path: Path, tensor_type: str) -> None:
-    from latentize.data import read_latents
+    from latentize.data import read_latent_folders, read_latents
 
     built = build_output(str(tmp_path / "out"), SHARDS, tensor_type=tensor_type)
-    with pytest.raises(LatentizeError, match="choose one with folder="):
+    # Two folders, two latent shapes: the message names them, their rows and shapes.
+    with pytest.raises(LatentizeError, match="choose one with folder=") as refused:
         read_latents(built.layout.url)
+    for folder, keys in built.keys.items():
+        assert f"{folder}: {len(keys)} rows, latent {SHAPES[folder]}" in str(refused.value)
+    assert "read_latent_folders(root)" in str(refused.value)
+    each = read_latent_folders(built.layout.url, columns=["key"])
+    assert list(each) == sorted(built.keys)
+    for folder, ds in each.items():
+        assert sorted(ds.take_batch(1000)["key"].tolist()) == sorted(built.keys[folder])
     ds = read_latents(built.layout.url, folder="96x64", columns=["key", "latent"])
     rows = ds.take_batch(1000, batch_format="numpy")
     assert Counter(rows["key"].tolist()) == Counter(built.keys["96x64"])

@@ -40,9 +40,10 @@ def test_demo_runs_offline_in_a_fresh_clone(tmp_path: Path) -> None:
     clone = _clone(tmp_path / "clone")
     assert not (tmp_path / "shared").exists()
     assert re.search(r'^exec \S*python jobs/encode_laion\.py "\$@"$', (clone / "scripts/demo.sh").read_text(), re.M)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
     env.update(
         {
+            "RAY_ADDRESS": "local",  # its own Ray, never a `ray start` cluster on this machine
             "PYTHONPATH": str(clone),
             "HF_HUB_OFFLINE": "1",
             "HF_HOME": str(tmp_path / "hf"),  # an empty cache: nothing to fall back on

@@ -410,6 +410,12 @@ def test_resolution_not_divisible_by_the_factor_is_refused(tiny_models, resoluti
         ENCODERS.get(model).inspect(cfg)
 
 
+def test_missing_model_path_is_a_config_error(tmp_path) -> None:
+    """A path that does not exist is no valid hub id either: the message says so (exit code 2)."""
+    with pytest.raises(LatentizeError, match="neither an existing file or folder nor a hub id"):
+        load_model_config(str(tmp_path / "no-such-model"), subfolder=None, revision=None)
+
+
 def test_folder_without_config_json(tmp_path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(LatentizeError, match="no config.json"):

@@ -253,7 +253,7 @@ def test_driver_killed_mid_run_then_same_command_finishes(tmp_path: Path, tiny_m
     assert 1 <= len(committed) < n_shards
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    done = re.search(r"this run encoded (\d+) samples from (\d+) shard", rerun.stdout)
+    done = re.search(r"this run read (\d+) samples from (\d+) shard", rerun.stdout)
     assert done, rerun.stdout
     # Only the shards without a marker were encoded again.
     assert int(done.group(2)) == n_shards - len(committed)

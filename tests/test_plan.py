@@ -65,7 +65,7 @@ def test_plan_of_the_demo_shards_counts_them_and_writes_nothing(
         )
     )
     before = _snapshot(tmp_path)
-    assert main(["plan", str(cfg), "--json"]) == 0
+    assert main(["plan", str(cfg), "--json", "--gpus", "1"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert _snapshot(tmp_path) == before  # not a byte written: no output root, no cache
     assert not out.exists()
@@ -82,13 +82,14 @@ def test_plan_of_the_demo_shards_counts_them_and_writes_nothing(
     assert photos * LATENT_BYTES < found["output_bytes"][folder] < photos * (LATENT_BYTES + 1000)
     assert found["decode_ms_per_image"] > 0 and found["decode_sample"]["ok"] == photos
     assert found["gpu_hours"] == dict.fromkeys(GPUS)  # no GPU throughput measured yet
-    # The same pixels per batch as 256 images of 256², capped at 1,024 images.
+    # On a GPU, the same pixels per batch as 256 images of 256², capped at 1,024 images.
     assert found["suggested"] == {"ray.actors": 1, "encoder.batch_size": 1024}
 
     # The plain text form says the same.
     assert main(["plan", str(cfg), "--gpus", "8"]) == 0
     text = capsys.readouterr().out
     assert f"samples         {photos} ({photos} to encode), exact" in text and "nothing written" in text
+    assert "--set ray.actors=1 --set encoder.batch_size=1024 (for 8 GPU(s) given;" in text
     assert "no measured throughput" in text
     assert not out.exists()
 
@@ -188,3 +189,30 @@ def test_gpu_hours_come_only_from_measured_throughput(tmp_path: Path, monkeypatc
     assert found["gpu_hours"]["H200"] is None
     assert found["throughput"]["H100"]["source"] == "a test figure"
     assert found["decode_cpus_per_gpu"]["H100"] == round(1600 * found["decode_ms_per_image"] / 1000, 1)
+
+
+def test_suggested_batch_is_the_one_encode_would_use_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine without GPUs encode runs CPU encoders with CPU batches (16 images of 256²);
+    the plan must suggest that, not the GPU figure (256), and say what it planned for."""
+    from latentize.pipeline import execution_for
+
+    urls = build_demo_shards(str(tmp_path / "shards"), shards=1)
+    cfg = _config(urls[0], tmp_path / "out")
+    cfg.preprocess.resolution = 256
+    for gpus, batch in ((0, 16), (1, 256)):
+        found = estimate_run(cfg, sample_shards=1, sample_images=2, gpus=gpus)
+        used = execution_for(cfg, {"GPU": float(gpus), "CPU": 8.0}).batch_size
+        assert found["suggested"]["encoder.batch_size"] == used == batch
+        assert found["suggested"]["ray.actors"] == 1
+        assert found["suggested_for"]["encoders"] == ("gpu" if gpus else "cpu")
+
+    # Without --gpus: this machine's GPUs, as a local Ray counts them (none visible here).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    found = estimate_run(cfg, sample_shards=1, sample_images=2)
+    assert found["suggested_for"] == {
+        "gpus": 0,
+        "cpus": found["suggested_for"]["cpus"],
+        "encoders": "cpu",
+        "detected": True,
+    }
+    assert found["suggested"]["encoder.batch_size"] == 16

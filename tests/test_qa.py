@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from qa_outputs import kl_constants, sd_like_raw, write_output
@@ -467,3 +468,31 @@ def test_webdataset_and_parquet_outputs_read_back_the_same_rows(tmp_path: Path) 
         assert got.column("key").to_pylist() == keys
         assert set(got.column("shard").to_pylist()) == {"00000"}
         np.testing.assert_array_equal(tensor_numpy(got.column("latent")), latent)
+
+
+def test_error_slots_come_from_the_errors_tables_slot_column(tmp_path: Path) -> None:
+    """The errors table says which resolution an encode error stands for (``slot``); tables
+    written before that column existed still get it from the ``at WxH:`` reason."""
+    from latentize.qa.run import _read_errors
+    from latentize.sinks import OutputLayout
+    from latentize.sinks.commit import ERROR_SCHEMA
+
+    layout = OutputLayout(str(tmp_path))
+    rows = {
+        "key": ["a", "b", "c"],
+        "shard": ["new"] * 3,
+        "index": [0, 1, 2],
+        "stage": ["decode", "encode", "encode"],
+        # The reason is free text: the slot is not parsed from it.
+        "error": ["cannot identify image file", "non-finite latents", "non-finite latents"],
+        "slot": [-1, 1, 0],
+    }
+    pq.write_table(pa.table(rows, schema=ERROR_SCHEMA), tmp_path / "new.parquet")
+    old = {name: values for name, values in rows.items() if name != "slot"}
+    old.update(shard=["old"] * 3, error=["cannot identify image file", "at 96x96: non-finite", "at 64x64: non-finite"])
+    pq.write_table(pa.table(old), tmp_path / "old.parquet")
+
+    paths = {"new": layout.join("new.parquet"), "old": layout.join("old.parquet")}
+    table = _read_errors(layout, paths, {"64x64": 0, "96x96": 1})
+    got = sorted(zip(*(table.column(c).to_pylist() for c in ("shard", "key", "slot")), strict=True))
+    assert got == [(shard, key, slot) for shard in ("new", "old") for key, slot in (("a", -1), ("b", 1), ("c", 0))]

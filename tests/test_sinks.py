@@ -12,6 +12,7 @@ import tarfile
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -521,7 +522,14 @@ def test_commit_publishes_parts_writes_errors_then_the_marker(layout: OutputLayo
     errors = pq.read_table(out / "_errors" / "00000.parquet")
     assert errors.schema == ERROR_SCHEMA
     assert errors.to_pylist() == [
-        {"key": "000000002", "shard": "00000", "index": 2, "stage": "decode", "error": "cannot identify image file"}
+        {
+            "key": "000000002",
+            "shard": "00000",
+            "index": 2,
+            "stage": "decode",
+            "error": "cannot identify image file",
+            "slot": -1,
+        }
     ]
 
     on_disk = json.loads((out / "_shards" / "00000.json").read_text())
@@ -685,6 +693,48 @@ def test_webdataset_merge_keeps_each_sample_once(layout: OutputLayout, tmp_path:
     for s, i in zip(samples, range(3), strict=True):
         np.testing.assert_array_equal(s["latent.npy"], latent_of("00000", i))
         assert s["txt"] == f"a photo 00000{i:04d}"
+
+
+#: Keys that WebDataset's split at the first dot of a name would cut, or that look escaped.
+AWKWARD_KEYS = ["img.000.v2.jpg", "img.001.v2.jpg", "dir.x/photo.png", "100%.jpg", "a%2Eb", "plain"]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["parts", "merged"])
+def test_webdataset_output_keeps_dotted_keys_for_webdataset_readers(
+    layout: OutputLayout, tmp_path: Path, overlap: bool
+) -> None:
+    """Parquet input keys such as ``img.000.v2.jpg``: webdataset's reader, the sink's merge
+    (parts that retried tasks staged overlapping) and the QA read the same samples, each key
+    back from its member key (``unquote``) and from ``KEY.key.txt``; notes travel too."""
+    import webdataset as wds
+
+    from latentize.qa.scan import DataFile, TensorColumn, read_data_file
+
+    rows = [sample("00000", i, notes="upscaled from 40x30" if i == 2 else None) for i in range(len(AWKWARD_KEYS))]
+    for row, key in zip(rows, AWKWARD_KEYS, strict=True):
+        row["key"] = key
+    batches = [rows[:4], rows[2:]] if overlap else [rows[:3], rows[3:]]
+    done = stage_and_track(layout, *batches, [sentinel("00000", len(rows))], sink="webdataset")
+    marker = commit(layout, done["00000"], sink="webdataset")
+    files = [f for f in marker["files"] if f.endswith(".tar")]
+    assert len(files) == (1 if overlap else 2)
+
+    samples = [s for f in files for s in wds.WebDataset(str(tmp_path / "out" / f), shardshuffle=False).decode()]
+    assert [unquote(s["__key__"]) for s in samples] == AWKWARD_KEYS
+    assert [s.get("key.txt", s["__key__"]) for s in samples] == AWKWARD_KEYS
+    assert [s["__key__"] for s in samples if "key.txt" not in s] == ["plain"]
+    for i, s in enumerate(samples):
+        np.testing.assert_array_equal(s["latent.npy"], latent_of("00000", i))
+        assert s["txt"] == f"a photo 00000{i:04d}"
+        assert s.get("notes.txt") == ("upscaled from 40x30" if i == 2 else None)
+
+    column = TensorColumn(name="latent", shape=SHAPE, dtype="float16")
+    read = [
+        t
+        for f in files
+        for t in read_data_file(layout, DataFile(layout.join(f), "00000", FOLDER), fmt="webdataset", columns=[column])
+    ]
+    assert [k for t in read for k in t.column("key").to_pylist()] == AWKWARD_KEYS
 
 
 def test_webdataset_output_is_byte_identical_on_rerun(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import resolve_targets
 from latentize.sinks.commit import commit_shard, stage_batch
 from latentize.sources.datasource import ShardDatasource
-from latentize.tarnames import base_plus_ext
+from latentize.tarnames import base_plus_ext, member_key, sample_key
 
 NAMES = [
     "00001.jpg",
@@ -45,6 +45,17 @@ NAMES = [
 @pytest.mark.parametrize("name", NAMES)
 def test_tar_member_split_is_webdatasets(name: str) -> None:
     assert base_plus_ext(name) == wds_base_plus_ext(name)
+
+
+AWKWARD_KEYS = ["img.000.v2.jpg", "dir.x/y.z", "a%2Eb", "trailing/", ".hidden", "k.", "caf\u00e9 1.png"]
+
+
+@pytest.mark.parametrize("key", AWKWARD_KEYS)
+def test_member_keys_survive_webdatasets_split(key: str) -> None:
+    member = member_key(key)
+    assert wds_base_plus_ext(f"{member}.latent.npy") == (member, "latent.npy")
+    assert sample_key(member) == key
+    assert member_key("000010004") == "000010004" and member_key("a/b_c-d") == "a/b_c-d"
 
 
 UNPICKLE_AND_READ = """

@@ -1,15 +1,18 @@
 """``LatentDataset``: the committed rows of an output root as shuffled training batches, exactly
 once per epoch across ranks × workers, resumable mid-epoch, from any fsspec URL.
 
-How an epoch is read (``P = world_size × num_workers`` partitions; partition
-``rank × num_workers + worker``):
+How an epoch is read (``P = world_size × partitions_per_rank`` partitions; rank ``r`` reads
+partitions ``r × partitions_per_rank + k``, its DataLoader worker ``w`` of ``W`` those with
+``k ≡ w (mod W)``, one after the other):
 
 1. **Units.** The unit of work is one input shard's rows in one data folder (its files, as the
    shard's commit marker lists them, and its row count from the marker). Files of shards without
    a marker are never read.
 2. **Partitions.** The units are permuted with ``(seed, epoch)`` and dealt to the partition with
    the fewest rows so far: every unit goes to exactly one partition, and partitions differ by at
-   most one unit's rows. Every rank and worker computes the same split from the markers alone.
+   most one unit's rows. Every rank and worker computes the same split from the markers alone;
+   it does not depend on how many DataLoader workers any rank has, so ranks may differ in
+   ``num_workers``.
 3. **Row groups.** A partition reads its units in that order, each unit's row groups in a seeded
    order of ``(seed, epoch, unit)``.
 4. **Shuffle windows.** Consecutive row groups are gathered until they hold ``buffer_size`` rows
@@ -23,7 +26,8 @@ How an epoch is read (``P = world_size × num_workers`` partitions; partition
    name order), unless ``drop_last``.
 
 Without ``shuffle`` the same steps run with identity orders: units in (folder, shard) order,
-row groups and rows in file order, the same split every epoch.
+each partition a contiguous run of them (so one reader of all partitions reads the files in
+order), row groups and rows in file order, the same split every epoch.
 """
 
 from __future__ import annotations
@@ -64,7 +68,16 @@ logger = logging.getLogger(__name__)
 #: Suffix of a tensor column's horizontally flipped twin (``latent_flipped``).
 FLIPPED = "_flipped"
 #: Settings a saved state must share with the reader that loads it, or the order differs.
-_STATE_KEYS = ("seed", "shuffle", "batch_size", "buffer_size", "drop_last", "rank", "world_size")
+_STATE_KEYS = (
+    "seed",
+    "shuffle",
+    "batch_size",
+    "buffer_size",
+    "drop_last",
+    "rank",
+    "world_size",
+    "partitions_per_rank",
+)
 
 
 @dataclass(frozen=True)
@@ -131,7 +144,10 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
     ``batch_size`` rows and every rank yields the same number of batches (:meth:`num_batches`):
     each partition drops its rows short of a full batch per folder, then ranks with more batches
     than the smallest rank stop their largest partitions early. Each row is then yielded at most
-    once; the rows left out change with the epoch. Ranks must use the same ``num_workers``.
+    once; the rows left out change with the epoch. Neither depends on ``num_workers``, which
+    each rank chooses for itself: a rank's rows and batches are those of its
+    ``partitions_per_rank`` partitions, which its workers share out (with more workers than
+    partitions, the extra workers get none).
 
     **Moments.** For ``encoder.sample: moments`` outputs (``mean``, ``logvar``) and ``draw``,
     ``latent`` is a fresh draw ``mean + exp(logvar / 2) · ε`` per sample and epoch, ε seeded by
@@ -147,9 +163,10 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
     are not read.
 
     **Resuming.** :meth:`state_dict` records the epoch and the batches consumed;
-    :meth:`load_state_dict` on a new reader with the same settings (and, for DataLoader workers,
-    the same ``num_workers``) then yields exactly the rows not yet yielded that epoch, in the
-    order the interrupted epoch would have yielded them. Progress is counted in batches per
+    :meth:`load_state_dict` on a new reader with the same settings (and, resuming from a
+    ``consumed`` count, the same ``num_workers``) then yields exactly the rows not yet yielded
+    that epoch, in the order the interrupted epoch would have yielded them (a state of batches
+    per partition resumes with any number of workers, in their order). Progress is counted in batches per
     partition: every order above is a function of the seed, the epoch and the markers, so a
     partition that skips ``k`` batches recomputes them from row counts alone and reads only the
     row groups of the rows it still has to yield (and of rows carried over to them).
@@ -168,6 +185,10 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         draw: draw normalised latents from moments outputs; False yields the raw ``mean`` and
             ``logvar`` instead.
         flip: choose flipped twins at random; False always yields the unflipped column.
+        partitions_per_rank: partitions each rank reads (shared out over its DataLoader
+            workers: at least as many as the workers, or some idle). Every rank must use the
+            same value; more mean more small last batches (one per folder and partition) and,
+            with ``drop_last``, more rows left out per epoch.
 
     Raises:
         LatentizeError: no latentize output at ``root``, a WebDataset output, an unknown column,
@@ -190,10 +211,14 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         buffer_size: int = 8192,
         draw: bool = True,
         flip: bool = True,
+        partitions_per_rank: int = 8,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or buffer_size < 1:
-            raise LatentizeError(f"batch_size ({batch_size}) and buffer_size ({buffer_size}) must be >= 1")
+        if batch_size < 1 or buffer_size < 1 or partitions_per_rank < 1:
+            raise LatentizeError(
+                f"batch_size ({batch_size}), buffer_size ({buffer_size}) and partitions_per_rank "
+                f"({partitions_per_rank}) must be >= 1"
+            )
         if not 0 <= rank < world_size:
             raise LatentizeError(f"rank {rank} is not in range(world_size={world_size})")
         self.batch_size = batch_size
@@ -204,6 +229,7 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         self.drop_last = drop_last
         self.buffer_size = buffer_size
         self.flip = flip
+        self.partitions_per_rank = partitions_per_rank
         self.epoch = 0
         self._info: OutputInfo = read_output(OutputLayout(root, storage_options=storage_options))
         self._folders = self._info.folders
@@ -299,63 +325,79 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         self._partitions = state.get("partitions")
         self._progress = {str(k): int(v) for k, v in (state.get("batches") or {}).items()}
 
-    def num_batches(self, num_workers: int = 0) -> int:
-        """Batches this rank yields in the current epoch with ``num_workers`` DataLoader workers
-        (without ``drop_last`` the count may differ between ranks and epochs)."""
-        workers = max(1, num_workers)
-        plan = self._plan(workers)
-        return sum(plan.totals[self.rank * workers : (self.rank + 1) * workers])
+    def num_batches(self) -> int:
+        """Batches this rank yields in the current epoch, whatever its ``num_workers`` (without
+        ``drop_last`` the count may differ between ranks and epochs)."""
+        k = self.partitions_per_rank
+        return sum(self._plan().totals[self.rank * k : (self.rank + 1) * k])
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        partitions = self.world_size * workers
-        plan = self._plan(workers)
-        role, skip = self._resume_point(plan, partitions, workers, worker)
-        partition = self.rank * workers + role
-        self._partitions = partitions
-        self._progress = {str(partition): skip}
-        cap = plan.caps[partition] if plan.caps is not None else None
-        for folder, table in self._batches(plan.parts[partition], partition, partitions, skip, cap):
-            self._progress[str(partition)] += 1
-            yield self._to_batch(table, folder)
+        k = self.partitions_per_rank
+        if worker == 0 and workers > k:
+            logger.warning(
+                "num_workers=%d but partitions_per_rank=%d: %d worker(s) have nothing to read; "
+                "raise partitions_per_rank (on every rank) to use them",
+                workers,
+                k,
+                workers - k,
+            )
+        plan = self._plan()
+        role, skips = self._resume_point(plan, workers, worker)
+        mine = [self.rank * k + j for j in range(role, k, workers)]
+        self._partitions = self.world_size * k
+        self._progress = {str(p): skips.get(p, 0) for p in mine}
+        for partition in mine:
+            cap = plan.caps[partition] if plan.caps is not None else None
+            parts = self._batches(plan.parts[partition], partition, self.world_size * k, skips.get(partition, 0), cap)
+            for folder, table in parts:
+                self._progress[str(partition)] += 1
+                yield self._to_batch(table, folder)
 
-    def _plan(self, workers: int) -> _Plan:
+    def _plan(self) -> _Plan:
         units = self._info.units
-        partitions = self.world_size * workers
-        parts = assign(units, partitions, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+        k = self.partitions_per_rank
+        parts = assign(units, self.world_size * k, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
         totals = [batch_counts(units, part, self.batch_size, drop_last=self.drop_last) for part in parts]
         if not self.drop_last:
             return _Plan(parts, totals, None)
-        ranks = [totals[r * workers : (r + 1) * workers] for r in range(self.world_size)]
+        ranks = [totals[r * k : (r + 1) * k] for r in range(self.world_size)]
         target = min(sum(r) for r in ranks)
         caps = [c for r in ranks for c in trim(r, target)]
         return _Plan(parts, caps, caps)
 
-    def _resume_point(self, plan: _Plan, partitions: int, workers: int, worker: int) -> tuple[int, int]:
-        """This worker's role (which of the rank's partitions it reads) and the batches of that
-        partition already consumed in a resumed epoch.
+    def _resume_point(self, plan: _Plan, workers: int, worker: int) -> tuple[int, dict[int, int]]:
+        """This worker's role (which of the rank's partitions it reads: those ``k ≡ role (mod
+        workers)``) and the batches of each already consumed in a resumed epoch.
 
         Resuming from a consumed count, the roles rotate so that the worker a new DataLoader
-        asks first reads the partition whose turn was next: the batches then come in the order
-        the interrupted epoch would have yielded them.
+        asks first reads the partitions whose turn was next: the batches then come in the order
+        the interrupted epoch would have yielded them. Resuming from batches per partition, any
+        number of workers takes up each partition where it stopped.
         """
         state = self._resume
         if state is None or state["epoch"] != self.epoch:
-            return worker, 0
+            return worker, {}
+        k = self.partitions_per_rank
+        first = self.rank * k
         if "consumed" in state:
-            mine = plan.totals[self.rank * workers : (self.rank + 1) * workers]
-            taken, turn = round_robin(mine, int(state["consumed"]))
+            roles = [list(range(first + r, first + k, workers)) for r in range(workers)]
+            taken, turn = round_robin([sum(plan.totals[p] for p in ps) for ps in roles], int(state["consumed"]))
             role = (worker + turn) % workers
-            return role, taken[role]
+            skips, left = {}, taken[role]
+            for p in roles[role]:
+                skips[p] = min(plan.totals[p], left)
+                left -= skips[p]
+            return role, skips
         batches = state.get("batches") or {}
-        if batches and state.get("partitions") != partitions:
+        if batches and state.get("partitions") != self.world_size * k:
             raise LatentizeError(
-                f"the saved state has {state.get('partitions')} partitions (world_size × workers), this "
-                f"reader {partitions}: resume with the same number of DataLoader workers"
+                f"the saved state has {state.get('partitions')} partitions (world_size × partitions_per_rank), "
+                f"this reader {self.world_size * k}: resume with the same settings"
             )
-        return worker, int(batches.get(str(self.rank * workers + worker), 0))
+        return worker, {int(p): int(n) for p, n in batches.items()}
 
     def _row_groups(self, part: list[int], files: _Files) -> Iterator[_RowGroup]:
         """The partition's row groups in reading order (footers read as units are reached)."""

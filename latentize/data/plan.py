@@ -135,14 +135,24 @@ UNITS, ROW_GROUPS, WINDOWS = 0, 1, 2
 def assign(units: Sequence[Unit], partitions: int, *, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
     """Splits the units over ``partitions`` partitions: every unit in exactly one.
 
-    Units are taken in a seeded permutation of ``(seed, epoch)`` (sorted order when not
-    shuffling), each given to the partition holding the fewest rows so far (ties: the lowest
-    index), so partitions differ by at most one unit's rows. Returns each partition's unit
-    indices in the order it reads them.
+    Shuffled, units are taken in a seeded permutation of ``(seed, epoch)``, each given to the
+    partition holding the fewest rows so far (ties: the lowest index), so partitions differ by
+    at most one unit's rows. Not shuffled, each partition takes a contiguous run of the units
+    in their (folder, shard) order, cut where the rows are shared out most evenly (a unit goes
+    where its middle row falls), so that reading the partitions one after the other reads the
+    files in order. Returns each partition's unit indices in the order it reads them.
     """
-    order = rng(UNITS, seed, epoch).permutation(len(units)) if shuffle else np.arange(len(units))
-    heap = [(0, p) for p in range(partitions)]
     parts: list[list[int]] = [[] for _ in range(partitions)]
+    if not shuffle:
+        total = sum(u.rows for u in units)
+        before = 0
+        for i, unit in enumerate(units):
+            middle = before + unit.rows / 2
+            parts[min(partitions - 1, int(partitions * middle / max(total, 1)))].append(i)
+            before += unit.rows
+        return parts
+    order = rng(UNITS, seed, epoch).permutation(len(units))
+    heap = [(0, p) for p in range(partitions)]
     for i in order.tolist():
         load, p = heapq.heappop(heap)
         parts[p].append(i)

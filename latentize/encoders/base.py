@@ -42,6 +42,7 @@ __all__ = [
     "Staged",
     "TorchEncoder",
     "default_batch_size",
+    "encoder_batch_size",
     "load_model_config",
     "pick_device",
     "resolve_dtype",
@@ -186,7 +187,12 @@ def load_model_config(
     from huggingface_hub.errors import EntryNotFoundError
 
     cfg_name = f"{subfolder}/config.json" if subfolder else "config.json"
-    cached = try_to_load_from_cache(model, cfg_name, revision=revision)
+    try:
+        cached = try_to_load_from_cache(model, cfg_name, revision=revision)
+    except ValueError as exc:  # HFValidationError: a missing path, or no valid hub id either
+        raise LatentizeError(
+            f"encoder.model: {model!r} is neither an existing file or folder nor a hub id ({exc})"
+        ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     local_only = isinstance(cached, str)
     if not local_only and (offline or not _hub_reachable()):
@@ -304,6 +310,12 @@ def default_batch_size(size: tuple[int, int], device: torch.device | str) -> int
     kind = device if isinstance(device, str) else device.type
     images = (256 if kind.split(":")[0] == "cuda" else 16) * (256 * 256) / (width * height)
     return int(min(1024, max(1, 2 ** round(math.log2(max(images, 1.0))))))
+
+
+def encoder_batch_size(config: Config, *, gpu: bool) -> int:
+    """The images per encoder call a run uses: ``encoder.batch_size``, else
+    :func:`default_batch_size` of the run's reference size on a GPU (``gpu``) or CPU encoder."""
+    return config.encoder.batch_size or default_batch_size(config.preprocess.reference_size, "cuda" if gpu else "cpu")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from latentize.columns import join_notes, normalize_text, text_column
+from latentize.columns import join_notes, normalize_text, text_column, to_block
 from latentize.config import PreprocessConfig
 from latentize.errors import LatentizeError, SampleError
 from latentize.preprocess.buckets import Targets, resolve_targets
@@ -293,7 +293,9 @@ def preprocess_block(block: Any, *, config: PreprocessConfig, targets: Targets) 
     from ray.data.block import BlockAccessor
 
     batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-    return BlockAccessor.batch_to_block(preprocess_batch(batch, config=config, targets=targets))
+    # Fixed column types: a block of failed samples or end-of-shard rows only has null folders
+    # and notes, which Ray would otherwise type as null (then float) in this block alone.
+    return to_block(preprocess_batch(batch, config=config, targets=targets))
 
 
 def preprocess_batch_sizes(

@@ -57,6 +57,7 @@ from latentize.qa.scan import (
     scan_statistics,
 )
 from latentize.qa.stats import CodeUsage, LatentStats, affine_summary
+from latentize.raystart import init_ray
 from latentize.sinks import OutputLayout
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ REPORT_FOLDER = "_qa"
 ROWS_PER_PARTITION = 1_000_000
 #: Keys listed per finding in the report.
 KEY_LIMIT = 100
-#: An error row of one resolution of a sample: ``at WxH: <reason>`` (the folder it was bound for).
+#: An error row of one resolution of a sample: ``at WxH: <reason>`` (the folder it was bound
+#: for); read only from errors tables written before they had a ``slot`` column.
 _AT_FOLDER = re.compile(r"^at (\d+x\d+): ")
 
 
@@ -95,6 +97,8 @@ class QAOptions:
         device: torch device of the decoder (None: CUDA when present).
         strict: warnings fail the report too.
         ray_address: Ray cluster address (None: ``RAY_ADDRESS`` or a local Ray).
+        dashboard: start Ray's dashboard with a local Ray; None: as the output's run did
+            (its manifest's ``ray.dashboard``, false by default).
     """
 
     sample: int = 16
@@ -110,6 +114,7 @@ class QAOptions:
     device: str | None = None
     strict: bool = False
     ray_address: str | None = None
+    dashboard: bool | None = None
 
 
 @dataclass
@@ -275,22 +280,25 @@ def _columns(encoder: dict[str, Any]) -> list[TensorColumn]:
 
 
 def _read_errors(layout: OutputLayout, paths: dict[str, str], slot_of: dict[str, int]) -> pa.Table:
-    """``key``, ``shard`` and ``slot`` of every error row: an encode error of one resolution
-    (``at WxH: ...``) stands for that folder's slot, any other error for the whole sample (-1)."""
+    """``key``, ``shard`` and ``slot`` of every error row: the errors table's ``slot`` (-1: the
+    whole sample; else the resolution whose row failed). Tables written before it had that
+    column get it from the reason: an encode error of one resolution (``at WxH: ...``) stands
+    for that folder's slot, any other error for the whole sample."""
     tables = []
     shard_of = {path: shard for shard, path in paths.items()}
     for path, data in layout.iter_contents(sorted(shard_of, key=shard_of.__getitem__)):
-        table = pq.read_table(pa.BufferReader(data), columns=["key", "stage", "error"])
-        slots = [
-            _error_slot(stage, error, slot_of)
-            for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(), strict=True)
-        ]
+        table = pq.read_table(pa.BufferReader(data))
+        if "slot" in table.column_names:
+            slots = table.column("slot").cast(pa.int32())
+        else:
+            stages, errors = table.column("stage").to_pylist(), table.column("error").to_pylist()
+            slots = pa.array([_error_slot(st, e, slot_of) for st, e in zip(stages, errors, strict=True)], pa.int32())
         tables.append(
             pa.table(
                 {
                     "key": table.column("key"),
                     "shard": pa.array([shard_of[path]] * table.num_rows, pa.string()),
-                    "slot": pa.array(slots, pa.int32()),
+                    "slot": slots,
                 }
             )
         )
@@ -302,6 +310,7 @@ def _read_errors(layout: OutputLayout, paths: dict[str, str], slot_of: dict[str,
 
 
 def _error_slot(stage: str | None, error: str | None, slot_of: dict[str, int]) -> int:
+    """The slot of an error row of a table without a ``slot`` column (written before it had one)."""
     match = _AT_FOLDER.match(error or "") if stage == "encode" else None
     if match is None or match.group(1) not in slot_of:
         return -1
@@ -339,8 +348,10 @@ def _scan(loaded: _Loaded, options: QAOptions) -> _Scanned:
 
     from latentize.qa import recon
 
-    if not ray.is_initialized():
-        ray.init(address=options.ray_address)
+    dashboard = options.dashboard
+    if dashboard is None:
+        dashboard = bool(((loaded.manifest.get("config") or {}).get("ray") or {}).get("dashboard", False))
+    init_ray(address=options.ray_address, dashboard=dashboard)
     fmt = str((loaded.manifest.get("output") or {}).get("format") or "parquet")
     ds = ray.data.read_datasource(
         DataFilesDatasource(layout=loaded.layout, files=loaded.files, fmt=fmt, columns=loaded.columns),

@@ -44,6 +44,7 @@ from latentize.qa.stats import CodeUsage, LatentStats
 from latentize.registry import Registry
 from latentize.sinks.base import canonical_tensor, tensor_array, tensor_numpy
 from latentize.sinks.layout import OutputLayout
+from latentize.tarnames import KEY_MEMBER
 
 __all__ = [
     "DataFile",
@@ -161,12 +162,34 @@ def _read_parquet(layout: OutputLayout, data: DataFile, columns: list[TensorColu
 
 @DATA_READERS.register("webdataset")
 def _read_tar(layout: OutputLayout, data: DataFile, columns: list[TensorColumn]) -> Iterator[pa.Table]:
-    # Keys may contain dots, so members are matched on the known ``.<column>.npy`` suffixes
-    # rather than split at the first dot as generic WebDataset readers do.
-    suffixes = {f".{c.name}.npy": c.name for c in columns}
+    """A data tar's samples: consecutive members of one member key, as WebDataset's reader
+    groups them. Members are split on the known extensions, which gives WebDataset's split for
+    member keys written by :func:`~latentize.tarnames.member_key` and still reads outputs
+    written before keys were escaped (dots kept in member names). A sample's key is its
+    ``KEY.key.txt`` member when it has one (a key written escaped), else its member key."""
+    wanted = {f"{c.name}.npy": c.name for c in columns}
+    suffixes = [f".{ext}" for ext in (*wanted, KEY_MEMBER)]
+
+    def split(name: str) -> tuple[str, str] | None:
+        for suffix in suffixes:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return name[: -len(suffix)], suffix[1:]
+        return None
+
     keys: list[str] = []
     values: dict[str, list[np.ndarray]] = {c.name: [] for c in columns}
-    pending: dict[str, dict[str, np.ndarray]] = {}
+    incomplete: list[str] = []
+
+    def finish(member: str | None, sample: dict[str, Any]) -> None:
+        if member is None:
+            return
+        key = sample.pop(KEY_MEMBER, member)
+        if len(sample) < len(columns):
+            incomplete.append(key)
+            return
+        keys.append(key)
+        for name, array in sample.items():
+            values[name].append(array)
 
     def flush() -> Iterator[pa.Table]:
         if keys:
@@ -175,28 +198,30 @@ def _read_tar(layout: OutputLayout, data: DataFile, columns: list[TensorColumn])
             for v in values.values():
                 v.clear()
 
+    current: str | None = None
+    sample: dict[str, Any] = {}
     with layout.fs.open(data.path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
-            if not member.isfile():
+            found = split(member.name)
+            if not member.isfile() or found is None:
                 continue
-            for suffix, name in suffixes.items():
-                if member.name.endswith(suffix):
-                    key = member.name[: -len(suffix)]
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
-                    row = pending.setdefault(key, {})
-                    row[name] = np.load(io.BytesIO(extracted.read()), allow_pickle=False)
-                    if len(row) == len(columns):
-                        del pending[key]
-                        keys.append(key)
-                        for c in columns:
-                            values[c.name].append(row[c.name])
-                        if len(keys) >= ROWS_PER_BLOCK:
-                            yield from flush()
-                    break
+            base, ext = found
+            if base != current:
+                finish(current, sample)
+                current, sample = base, {}
+                if len(keys) >= ROWS_PER_BLOCK:
+                    yield from flush()
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            raw = extracted.read()
+            if ext == KEY_MEMBER:
+                sample[KEY_MEMBER] = raw.decode("utf-8")
+            else:
+                sample[wanted[ext]] = np.load(io.BytesIO(raw), allow_pickle=False)
+    finish(current, sample)
     yield from flush()
-    if pending:
-        logger.warning("%s: %d key(s) lack some tensor members: %s", data.path, len(pending), sorted(pending)[:5])
+    if incomplete:
+        logger.warning("%s: %d key(s) lack some tensor members: %s", data.path, len(incomplete), incomplete[:5])
 
 
 def read_data_file(

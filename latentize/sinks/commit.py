@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentize.columns import text_column
+from latentize.columns import FLIGHT_TYPES, flight_array, text_column
 from latentize.errors import LatentizeError
 from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array
 from latentize.sinks.layout import OutputLayout
@@ -60,21 +60,16 @@ ENCODE_STARTED = "encode_started"
 #: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
 REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
 
-#: Per-sample columns carried from the source/preprocess stages into the output.
+#: Per-sample columns carried from the source/preprocess stages into the output; ``notes``
+#: holds the non-fatal findings (bad sidecar, upscaled image), "; "-joined, None when clean.
 _PASSTHROUGH: dict[str, pa.DataType] = {
-    "key": pa.string(),
-    "index": pa.int64(),
-    "caption": pa.string(),
-    "json": pa.string(),
-    # Non-fatal findings (bad sidecar, upscaled image), "; "-joined; None when clean.
-    "notes": pa.string(),
-    "width": pa.int32(),
-    "height": pa.int32(),
-    "crop_top": pa.int32(),
-    "crop_left": pa.int32(),
+    name: FLIGHT_TYPES[name]
+    for name in ("key", "index", "caption", "json", "notes", "width", "height", "crop_top", "crop_left")
 }
 
-#: Schema of ``OUT/_errors/*.parquet``.
+#: Schema of ``OUT/_errors/*.parquet``. ``slot``: -1 when the sample failed as a whole (read,
+#: decode), else the resolution (position in ``preprocess.resolutions``; 0 in a run of one size)
+#: whose row the encoder failed; outputs written before it existed lack the column.
 ERROR_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -82,6 +77,7 @@ ERROR_SCHEMA = pa.schema(
         ("index", pa.int64()),
         ("stage", pa.string()),
         ("error", pa.string()),
+        ("slot", pa.int32()),
     ]
 )
 
@@ -129,12 +125,6 @@ REPORT_SCHEMA = pa.schema(
 )
 
 
-def _column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    if pa.types.is_string(dtype):
-        return pa.array(text_column(values, len(values)), type=dtype)
-    return pa.array(np.asarray(values).astype(dtype.to_pandas_dtype()), type=dtype)
-
-
 def _stage_part(
     batch: dict[str, np.ndarray],
     rows: np.ndarray,
@@ -150,7 +140,7 @@ def _stage_part(
 ) -> dict[str, Any]:
     """Writes the ok rows ``rows`` (positions in ``batch``, in index order) as one staged part."""
     sink = SINKS.get(sink_name)
-    columns = {name: _column(np.asarray(batch[name])[rows], dtype) for name, dtype in _PASSTHROUGH.items()}
+    columns = {name: flight_array(np.asarray(batch[name])[rows], dtype) for name, dtype in _PASSTHROUGH.items()}
     for name in tensor_columns:
         values = np.asarray(batch[name])[rows]
         # A run of several sizes hands over per-row arrays; one part holds one size.
@@ -272,9 +262,10 @@ class _ShardState:
     error: str | None = None
     read_node: str | None = None
 
-    def cover(self, indices: np.ndarray) -> None:
+    def cover(self, indices: np.ndarray) -> int:
+        """Marks ``indices`` covered; returns how many were not before."""
         if indices.size == 0:
-            return
+            return 0
         if indices.min() < 0:
             raise ValueError(f"negative row index in a report: {int(indices.min())}")
         top = int(indices.max()) + 1
@@ -283,6 +274,7 @@ class _ShardState:
         fresh = np.unique(indices[~self.seen[indices]])
         self.count += int(fresh.size)
         self.seen[fresh] = True
+        return int(fresh.size)
 
 
 @dataclass(frozen=True)
@@ -310,6 +302,10 @@ class ShardTracker:
         self._slots = slots
         self._shards: dict[str, _ShardState] = {}
         self._done: set[str] = set()
+        #: Distinct (sample, resolution) units staged and failed so far, all shards together
+        #: (live progress; a sample counts ``slots`` units).
+        self.units_ok = 0
+        self.units_failed = 0
 
     def _units(self, indices: np.ndarray, slot: int) -> np.ndarray:
         if slot >= 0:
@@ -328,11 +324,11 @@ class ShardTracker:
             slot = int(p.get("slot") or 0)
             part = Part(p["folder"], p["path"], indices, p["bytes"], p["reencoded"], slot)
             state.parts[part.path] = part
-            state.cover(self._units(indices, slot))
+            self.units_ok += state.cover(self._units(indices, slot))
         for e in report["errors"]:
             slot = -1 if e.get("slot") is None else int(e["slot"])
             state.errors.setdefault((int(e["index"]), slot), e)
-            state.cover(self._units(np.array([int(e["index"])], dtype=np.int64), slot))
+            self.units_failed += state.cover(self._units(np.array([int(e["index"])], dtype=np.int64), slot))
         if report["total"] >= 0:
             state.total = int(report["total"])
             state.error = report.get("shard_error")
@@ -354,6 +350,10 @@ class ShardTracker:
         assert state.total is not None
         errors = [state.errors[k] for k in sorted(state.errors)]
         return ShardCommit(shard, state.total, list(state.parts.values()), errors, state.error, state.read_node)
+
+    @property
+    def slots(self) -> int:
+        return self._slots
 
     def incomplete(self) -> dict[str, tuple[int, int | None]]:
         """Shards still open: ``shard -> (rows seen (per slot), total or None)``."""
@@ -523,9 +523,13 @@ class Committer:
         self._staged_done: list[str] = []
         self._ledger_every_s = ledger_every_s
         self._ledger_at = time.time()
-        #: Shards committed and samples they hold, this run.
+        #: Shards committed this run, the samples they hold (read), and of those the ones
+        #: stored and failed (by stage).
         self.shards_done = 0
         self.samples_done = 0
+        self.ok_done = 0
+        self.failed_done = 0
+        self.failed_by_stage: dict[str, int] = {}
         #: Epoch seconds of the first encoder call and of the last part staged (None before).
         self.first_encode_started: float | None = None
         self.last_staged_at: float | None = None
@@ -544,6 +548,12 @@ class Committer:
             if len(self._in_flight) >= self._parallelism:
                 ready, _ = ray.wait(list(self._in_flight), num_returns=1)
                 self._record(ready)
+
+    def staged(self) -> tuple[int, int]:
+        """Samples staged (encoded) and failed so far, committed or not: live progress. With
+        several resolutions, units over the resolution count (a partial failure rounds)."""
+        slots = self._tracker.slots
+        return self._tracker.units_ok // slots, self._tracker.units_failed // slots
 
     def _time(self, report: dict[str, Any]) -> None:
         called, staged = report.get("encode_started"), report.get("staged_at")
@@ -576,6 +586,10 @@ class Committer:
             commit = self._in_flight.pop(ref)
             self.shards_done += 1
             self.samples_done += marker["samples"]
+            self.ok_done += marker["ok"]
+            self.failed_done += marker["failed"]
+            for stage, n in marker["failed_by_stage"].items():
+                self.failed_by_stage[stage] = self.failed_by_stage.get(stage, 0) + int(n)
             self.markers[marker["shard"]] = json.dumps(marker, separators=(",", ":"))
             self._staged_done.extend(p.path for p in commit.parts)
             if marker["status"] != "ok":

@@ -1,5 +1,12 @@
 """WebDataset output: tars (one per staged part of an input shard) holding ``KEY.<column>.npy``
-beside ``KEY.txt``/``KEY.json``."""
+beside ``KEY.txt`` (caption), ``KEY.json`` and ``KEY.notes.txt``.
+
+``KEY`` is the member key of the sample key (:func:`latentize.tarnames.member_key`): the key
+itself, unless WebDataset's split at the first dot of a name would cut it (a dot in its last path
+component, as in ``img.000.v2.jpg``), in which case dots (and ``%``) are percent-escaped and the
+key itself is stored in ``KEY.key.txt``. WebDataset's reader, the sink's own merge and the QA read
+the same samples under the same keys.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_numpy
-from latentize.tarnames import base_plus_ext
+from latentize.tarnames import KEY_MEMBER, base_plus_ext, member_key
 
-__all__ = ["WebDatasetSink"]
+__all__ = ["NOTES_MEMBER", "WebDatasetSink"]
+
+#: The extension of the member holding a sample's ``notes`` (non-fatal findings), when it has any.
+NOTES_MEMBER = "notes.txt"
 
 
 class WebDatasetSink:
@@ -26,24 +36,22 @@ class WebDatasetSink:
     ) -> bytes:
         # ``tensor_type`` is a Parquet matter: tars hold each tensor as an .npy member.
         tensors = {name: tensor_numpy(table.column(name)) for name in tensor_columns}
-        keys = table.column("key").to_pylist()
-        captions = table.column("caption").to_pylist()
-        jsons = table.column("json").to_pylist()
-        return _tar(self._samples(tensors, keys, captions, jsons))
+        text = {name: table.column(name).to_pylist() for name in ("key", "caption", "json", "notes")}
+        return _tar(self._samples(tensors, text))
 
     @staticmethod
-    def _samples(
-        tensors: dict[str, np.ndarray], keys: list[str], captions: list[str | None], jsons: list[str | None]
-    ) -> list[dict[str, Any]]:
+    def _samples(tensors: dict[str, np.ndarray], text: dict[str, list[Any]]) -> list[dict[str, Any]]:
         samples = []
-        for i, key in enumerate(keys):
-            sample: dict[str, Any] = {"__key__": key}
+        for i, key in enumerate(text["key"]):
+            member = member_key(key)
+            sample: dict[str, Any] = {"__key__": member}
+            if member != key:
+                sample[KEY_MEMBER] = key
             for name, values in tensors.items():
                 sample[f"{name}.npy"] = values[i]
-            if captions[i] is not None:
-                sample["txt"] = captions[i]
-            if jsons[i] is not None:
-                sample["json"] = jsons[i]
+            for column, ext in (("caption", "txt"), ("json", "json"), ("notes", NOTES_MEMBER)):
+                if text[column][i] is not None:
+                    sample[ext] = text[column][i]
             samples.append(sample)
         return samples
 
@@ -53,6 +61,7 @@ class WebDatasetSink:
             mine: list[dict[str, Any]] = []  # per file: the same key may end one part and start the next
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 for member in tar:
+                    # WebDataset's own split: member keys are written so that it gives them back.
                     key, ext = base_plus_ext(member.name)
                     if ext is None:
                         raise ValueError(f"staged tar member without an extension: {member.name!r}")

@@ -22,6 +22,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from latentize.columns import FLIGHT_TYPES
 from latentize.config import InputConfig
 from latentize.errors import ConfigError
 from latentize.retry import backoff_delay, is_transient
@@ -30,24 +31,11 @@ __all__ = ["SAMPLE_SCHEMA", "BlockTransform", "ShardDatasource", "read_shard"]
 
 logger = logging.getLogger(__name__)
 
-#: Schema of every block the datasource yields.
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard", pa.string()),
-        ("index", pa.int64()),
-        ("image", pa.binary()),
-        ("caption", pa.string()),
-        ("json", pa.string()),
-        ("notes", pa.string()),
-        ("error", pa.string()),
-        ("stage", pa.string()),
-        # -1 on sample rows; the number of samples on the shard's end sentinel row.
-        ("total", pa.int64()),
-        # The Ray node that read the shard (sentinel row only; recorded in the commit marker).
-        ("read_node", pa.string()),
-    ]
-)
+#: Schema of every block the datasource yields (types from :data:`latentize.columns.FLIGHT_TYPES`):
+#: ``total`` is -1 on sample rows and the number of samples on the end sentinel row, which alone
+#: has a ``read_node`` (recorded in the commit marker).
+_SAMPLE_COLUMNS = ("key", "shard", "index", "image", "caption", "json", "notes", "error", "stage", "total", "read_node")
+SAMPLE_SCHEMA = pa.schema([(name, FLIGHT_TYPES[name]) for name in _SAMPLE_COLUMNS])
 
 
 #: A function applied to every block inside the read task (e.g. decoding), returning a block.
