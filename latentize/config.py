@@ -277,6 +277,9 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "output.tensor_type": ("fixed_shape_tensor", "list"),
 }
 
+#: Encoder types without a posterior to sample or store moments of: only ``encoder.sample: mode``.
+_DETERMINISTIC_TYPES: tuple[str, ...] = ("vq", "tiny", "dc")
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -419,7 +422,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("input.rows_per_block: must be >= 1")
     if cfg.output.rows_per_part < 1:
         raise ConfigError("output.rows_per_part: must be >= 1")
-    if cfg.encoder.type in ("vq", "tiny", "dc") and cfg.encoder.sample != "mode":
+    if cfg.encoder.type in _DETERMINISTIC_TYPES and cfg.encoder.sample != "mode":
         raise ConfigError(
             f"encoder.sample: {cfg.encoder.type} encoders are deterministic (VQ stores codebook "
             f"indices); only 'mode' applies (got {cfg.encoder.sample!r})"

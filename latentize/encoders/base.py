@@ -35,6 +35,8 @@ from latentize.registry import Registry
 if TYPE_CHECKING:
     import torch
 
+    from latentize.encoders.decoding import DecoderParts
+
 __all__ = [
     "ENCODERS",
     "EncodeResult",
@@ -398,6 +400,23 @@ class TorchEncoder:
     @classmethod
     def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:
         """The spec of a model with this (diffusers-style) config."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @classmethod
+    def decoder(cls, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> DecoderParts:
+        """This type's decoder, for the QA report's reconstructions: the model that turns stored
+        columns back into images, and the decode step (undo the stored normalisation, decode).
+
+        Runs where torch is available (the QA's reconstruction step), never on a light driver.
+
+        Args:
+            encoder: the manifest's ``encoder`` section (type, constants, identity, columns).
+            config: the run's resolved config.
+            override: the user's ``--decoder`` (where the decoder weights are), or None.
+
+        Raises:
+            LatentizeError: no decoder can be found or loaded; the message says how to fix it.
+        """
         raise NotImplementedError  # pragma: no cover - abstract
 
     @classmethod

@@ -9,16 +9,19 @@ is a diagonal Gaussian whose ``mode`` is its mean; normalisation is
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, stable_seed
+from latentize.encoders.normalize import FORMULAS, Normalization
 from latentize.errors import ConfigError
 from latentize.presets import PRESETS
 
 if TYPE_CHECKING:
     import torch
+
+    from latentize.encoders.decoding import DecoderModel, DecoderParts
 
 __all__ = ["KLEncoder", "kl_constants", "latent_size"]
 
@@ -70,11 +73,7 @@ def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]
         "shift_factor": float(shift) if shift is not None else 0.0,
         "latents_mean": [float(v) for v in mean or ()] if per_channel else None,
         "latents_std": [float(v) for v in std or ()] if per_channel else None,
-        "formula": (
-            "(z - latents_mean) * scaling_factor / latents_std"
-            if per_channel
-            else "(z - shift_factor) * scaling_factor"
-        ),
+        "formula": FORMULAS["latents_mean_std" if per_channel else "shift_scale"],
         # Raw moments are stored unnormalised; readers apply the formula after sampling.
         "applied": enc.sample != "moments",
     }
@@ -126,13 +125,7 @@ class KLEncoder(TorchEncoder):
         )
 
     def _load(self) -> torch.nn.Module:
-        import torch
-
-        c = self.spec.constants
-        self._scale = c["scaling_factor"]
-        self._shift = c["shift_factor"]
-        self._mean = torch.tensor(c["latents_mean"]).view(1, -1, 1, 1) if c["latents_mean"] else None
-        self._std = torch.tensor(c["latents_std"]).view(1, -1, 1, 1) if c["latents_std"] else None
+        self._normalization = Normalization.from_constants(self.spec.constants)
         return super()._load()
 
     def _noise(self, keys: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
@@ -144,9 +137,8 @@ class KLEncoder(TorchEncoder):
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Applies the stored normalisation to raw latents ``z`` (n, C, h, w) float32."""
-        if self._mean is not None and self._std is not None:
-            return (z - self._mean.to(z.device)) * self._scale / self._std.to(z.device)
-        return (z - self._shift) * self._scale
+        assert self._normalization is not None  # kl_constants always sets a scaling_factor
+        return self._normalization.forward(z)
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch
@@ -162,3 +154,20 @@ class KLEncoder(TorchEncoder):
             eps = self._noise(keys, tuple(mean.shape[1:])).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
         return {"latent": self.normalize(z)}
+
+    @classmethod
+    def decoder(cls, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> DecoderParts:
+        """``AutoencoderKL.decode`` of the stored latents after the inverse normalisation
+        (``moments`` rows decode their raw ``mean``); hub id, diffusers folder, or an ldm single
+        file that includes the decoder."""
+        from latentize.encoders.decoding import DecoderParts, load_diffusers, normalised, stored_column, unit
+
+        model, description = load_diffusers(cls, "kl", encoder=encoder, config=config, override=override)
+        column = stored_column(encoder)
+        norm = Normalization.from_constants(encoder.get("constants") or {}) if normalised(encoder, column) else None
+
+        def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            z = columns[column]
+            return unit(model.decode(norm.inverse(z) if norm is not None else z).sample)
+
+        return DecoderParts(model, step, description)
