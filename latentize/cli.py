@@ -237,7 +237,7 @@ def run_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = f"{'preset':<19} {'type':<6} {'C':>4} {'f':>3} {'scale':>8} {'shift':>7} {'input':<8} {'det':<4} model"
+    header = f"{'preset':<19} {'type':<12} {'C':>4} {'f':>3} {'scale':>8} {'shift':>7} {'input':<11} {'det':<4} model"
     print(header)
     for r in rows:
         scale = "-" if r["scaling_factor"] is None else f"{r['scaling_factor']:g}"
@@ -246,8 +246,8 @@ def run_models(args: argparse.Namespace) -> int:
         if r["subfolder"]:
             where += f" [{r['subfolder']}]"
         print(
-            f"{r['name']:<19} {r['type']:<6} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
-            f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}"
+            f"{r['name']:<19} {r['type']:<12} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
+            f"{r['input_range']:<11} {'yes' if r['deterministic'] else 'no':<4} {where}"
         )
     return 0
 

@@ -267,7 +267,20 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "preprocess.crop": ("center", "random", "none"),
     "preprocess.decode": ("auto", "cpu", "gpu"),
     # Mirrors the encoder registry (a test keeps them equal) so config stays free of torch.
-    "encoder.type": (None, "kl", "vq", "tiny", "dc", "flux2"),
+    "encoder.type": (
+        None,
+        "kl",
+        "vq",
+        "tiny",
+        "dc",
+        "flux2",
+        "wan",
+        "qwenimage",
+        "hunyuanimage",
+        "janus",
+        "emu3",
+        "chameleon",
+    ),
     "encoder.sample": ("mode", "sample", "moments"),
     "encoder.dtype": ("float32", "float16", "bfloat16", "auto"),
     "encoder.compile": (True, False, "auto"),
@@ -278,7 +291,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 #: Encoder types without a posterior to sample or store moments of: only ``encoder.sample: mode``.
-_DETERMINISTIC_TYPES: tuple[str, ...] = ("vq", "tiny", "dc")
+_DETERMINISTIC_TYPES: tuple[str, ...] = ("vq", "tiny", "dc", "janus", "emu3", "chameleon")
 
 
 def _type_name(tp: Any) -> str:

@@ -238,7 +238,9 @@ def test_a_decoder_per_encoder_type_and_unknown_types_list_the_valid_ones() -> N
     # Each type's decoder lives beside its encoder, found through the one registry.
     assert all(ENCODERS.get(t).decoder.__func__ is not TorchEncoder.decoder.__func__ for t in ENCODERS.names())
     manifest = {"config": config_to_dict(make_config()), "encoder": {"type": "vae"}}
-    with pytest.raises(ConfigError, match="valid values: dc, flux2, kl, tiny, vq"):
+    with pytest.raises(
+        ConfigError, match="valid values: chameleon, dc, emu3, flux2, hunyuanimage, janus, kl, qwenimage"
+    ):
         load_decoder(manifest, device="cpu")
 
 

@@ -53,6 +53,7 @@ class Flux2Encoder(KLEncoder):
     ``moments`` stores the raw, unpatchified ``mean``/``logvar`` (C, H/8, W/8)."""
 
     diffusers_class = "AutoencoderKLFlux2"
+    encoder_type = "flux2"
 
     @classmethod
     def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:

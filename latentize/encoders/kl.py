@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, stable_seed
@@ -107,16 +107,29 @@ class KLEncoder(TorchEncoder):
     """
 
     diffusers_class = "AutoencoderKL"
+    #: The ``encoder.type`` the class is registered under (subclasses of other KL models set theirs).
+    encoder_type: ClassVar[str] = "kl"
+
+    @classmethod
+    def geometry(cls, model_config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(latent channels, downsampling factor)`` of a model config; f = 2^(levels - 1)."""
+        return int(model_config["latent_channels"]), 2 ** (len(model_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def constants(cls, model_config: dict[str, Any], config: Config) -> dict[str, Any]:
+        """The normalisation constants to apply (:func:`kl_constants`)."""
+        return kl_constants(model_config, config)
 
     @classmethod
     def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:
-        channels, factor, h, w = _latent_geometry(model_config, config)
+        channels, factor = cls.geometry(model_config)
+        h, w = latent_size(config, factor)
         names = ("mean", "logvar") if config.encoder.sample == "moments" else ("latent",)
         return EncoderSpec(
-            type="kl",
+            type=cls.encoder_type,
             model_class=cls.diffusers_class,
             columns={name: ((channels, h, w), config.output.dtype) for name in names},
-            constants=kl_constants(model_config, config),
+            constants=cls.constants(model_config, config),
             identity=identity,
             input_range="[-1, 1]",
             downsample=factor,
@@ -140,12 +153,15 @@ class KLEncoder(TorchEncoder):
         assert self._normalization is not None  # kl_constants always sets a scaling_factor
         return self._normalization.forward(z)
 
+    def _moments(self, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's ``(mean, logvar)``, each (n, C, h, w) float32, of ``x`` (n, 3, H, W)."""
+        posterior = cast(Any, model).encode(x).latent_dist
+        return posterior.mean.float(), posterior.logvar.float()
+
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch
 
-        posterior = cast(Any, model).encode(x).latent_dist
-        mean = posterior.mean.float()
-        logvar = posterior.logvar.float()
+        mean, logvar = self._moments(model, x)
         mode = self.config.encoder.sample
         if mode == "moments":
             return {"mean": mean, "logvar": logvar}
@@ -162,12 +178,17 @@ class KLEncoder(TorchEncoder):
         file that includes the decoder."""
         from latentize.encoders.decoding import DecoderParts, load_diffusers, normalised, stored_column, unit
 
-        model, description = load_diffusers(cls, "kl", encoder=encoder, config=config, override=override)
+        model, description = load_diffusers(cls, cls.encoder_type, encoder=encoder, config=config, override=override)
         column = stored_column(encoder)
         norm = Normalization.from_constants(encoder.get("constants") or {}) if normalised(encoder, column) else None
 
         def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
             z = columns[column]
-            return unit(model.decode(norm.inverse(z) if norm is not None else z).sample)
+            return unit(cls._decode(model, norm.inverse(z) if norm is not None else z))
 
         return DecoderParts(model, step, description)
+
+    @staticmethod
+    def _decode(model: DecoderModel, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (n, C, h, w) -> the model's decode, (n, 3, H, W) in [-1, 1]."""
+        return cast("torch.Tensor", model.decode(z).sample)
