@@ -321,6 +321,12 @@ def _format_plan(found: dict[str, Any]) -> str:
     for gpu, hours in found["gpu_hours"].items():
         shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"
         lines.append(f"  {gpu:<15} {shown}")
+    cost = found.get("encoder_cost")
+    if cost is not None:
+        lines.append(
+            f"  encoder cost    {cost['ratio']:.2f}x the SD VAE encoder's time per image on a CPU "
+            f"({cost['flops_ratio']:.2f}x its FLOPs; {cost['source']}); not a GPU figure"
+        )
     suggested = " ".join(f"--set {k}={v}" for k, v in found["suggested"].items())
     lines.append(f"  suggested       {suggested}")
     return "\n".join(lines)
