@@ -269,7 +269,7 @@ def run_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = f"{'preset':<19} {'type':<6} {'C':>4} {'f':>3} {'scale':>8} {'shift':>7} {'input':<8} {'det':<4} model"
+    header = f"{'preset':<19} {'type':<12} {'C':>4} {'f':>3} {'scale':>8} {'shift':>7} {'input':<11} {'det':<4} model"
     print(header)
     for r in rows:
         scale = "-" if r["scaling_factor"] is None else f"{r['scaling_factor']:g}"
@@ -278,8 +278,8 @@ def run_models(args: argparse.Namespace) -> int:
         if r["subfolder"]:
             where += f" [{r['subfolder']}]"
         print(
-            f"{r['name']:<19} {r['type']:<6} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
-            f"{r['input_range']:<8} {'yes' if r['deterministic'] else 'no':<4} {where}"
+            f"{r['name']:<19} {r['type']:<12} {r['latent_channels']:>4} {r['downsample']:>3} {scale:>8} {shift:>7} "
+            f"{r['input_range']:<11} {'yes' if r['deterministic'] else 'no':<4} {where}"
         )
     print()
     _print_text_presets()
@@ -377,6 +377,12 @@ def _format_plan(found: dict[str, Any]) -> str:
     for gpu, hours in found["gpu_hours"].items():
         shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"
         lines.append(f"  {gpu:<15} {shown}")
+    cost = found.get("encoder_cost")
+    if cost is not None:
+        lines.append(
+            f"  encoder cost    {cost['ratio']:.2f}x the SD VAE encoder's time per image on a CPU "
+            f"({cost['flops_ratio']:.2f}x its FLOPs; {cost['source']}); not a GPU figure"
+        )
     suggested = " ".join(f"--set {k}={v}" for k, v in found["suggested"].items())
     basis = found["suggested_for"]
     where = (

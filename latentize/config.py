@@ -302,7 +302,20 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "preprocess.crop": ("center", "random", "none"),
     "preprocess.decode": ("auto", "cpu", "gpu"),
     # Mirrors the encoder registry (a test keeps them equal) so config stays free of torch.
-    "encoder.type": (None, "kl", "vq", "tiny", "dc", "flux2"),
+    "encoder.type": (
+        None,
+        "kl",
+        "vq",
+        "tiny",
+        "dc",
+        "flux2",
+        "wan",
+        "qwenimage",
+        "hunyuanimage",
+        "janus",
+        "emu3",
+        "chameleon",
+    ),
     "encoder.sample": ("mode", "sample", "moments"),
     "encoder.dtype": ("float32", "float16", "bfloat16", "auto"),
     "encoder.compile": (True, False, "auto"),
@@ -317,6 +330,9 @@ _TEXT_CHOICES: dict[str, tuple[Any, ...]] = {
     "storage": ("padded", "trimmed"),
     "dtype": ("float32", "float16", "bfloat16", "auto"),
 }
+
+#: Encoder types without a posterior to sample or store moments of: only ``encoder.sample: mode``.
+_DETERMINISTIC_TYPES: tuple[str, ...] = ("vq", "tiny", "dc", "janus", "emu3", "chameleon")
 
 
 def _type_name(tp: Any) -> str:
@@ -462,7 +478,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("input.rows_per_block: must be >= 1")
     if cfg.output.rows_per_part < 1:
         raise ConfigError("output.rows_per_part: must be >= 1")
-    if cfg.encoder.type in ("vq", "tiny", "dc") and cfg.encoder.sample != "mode":
+    if cfg.encoder.type in _DETERMINISTIC_TYPES and cfg.encoder.sample != "mode":
         raise ConfigError(
             f"encoder.sample: {cfg.encoder.type} encoders are deterministic (VQ stores codebook "
             f"indices); only 'mode' applies (got {cfg.encoder.sample!r})"

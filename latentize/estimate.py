@@ -7,7 +7,8 @@ Parquet footer (up to a limit of shards), else from reading a few sampled shards
 shards not counted are estimated from their size at the bytes per sample of those counted. The
 sampled shards' first images are decoded with the configured preprocessing to time the CPU
 decode. GPU-hours come from :data:`latentize.throughput.GPU_THROUGHPUT`, which holds only
-measured figures (``None`` elsewhere).
+measured figures (``None`` elsewhere); beside them, the encoder's CPU-measured cost relative to
+the SD VAE's (:data:`latentize.throughput.CPU_COST`), never turned into GPU-hours.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def _preset_of(config: Config) -> str | None:
 def _gpu_figures(config: Config, pixels: float, samples: int, decode_ms: float | None) -> dict[str, Any]:
     """GPU-hours to encode ``pixels`` (every crop of ``samples`` samples), and the CPU cores that
     decode must keep busy to feed each GPU, where a throughput was measured."""
-    from latentize.throughput import GPUS, throughput_for
+    from latentize.throughput import GPUS, relative_cost_for, throughput_for
 
     preset = _preset_of(config)
     hours: dict[str, float | None] = {}
@@ -216,7 +217,14 @@ def _gpu_figures(config: Config, pixels: float, samples: int, decode_ms: float |
         else:
             cpus[gpu] = None
         figures[gpu] = fig.to_dict() if fig else None
-    return {"preset": preset, "gpu_hours": hours, "decode_cpus_per_gpu": cpus, "throughput": figures}
+    cost = relative_cost_for(preset)
+    return {
+        "preset": preset,
+        "gpu_hours": hours,
+        "decode_cpus_per_gpu": cpus,
+        "throughput": figures,
+        "encoder_cost": cost.to_dict() if cost else None,
+    }
 
 
 def local_resources() -> dict[str, float]:
@@ -300,9 +308,11 @@ def estimate_run(
     the folders in the proportions the sampled images fell into); ``decode_ms_per_image`` (CPU,
     the configured preprocessing, every crop of a sample included; ``None`` when no image was
     sampled); ``gpu_hours`` per GPU of the pending samples (``None`` where no throughput was
-    measured); ``suggested`` ``ray.actors`` and ``encoder.batch_size`` (what the run would
-    use with ``gpus`` GPUs, or with this machine's when ``gpus`` is None), and ``suggested_for``
-    (``gpus``, ``cpus``, ``encoders``: ``gpu`` or ``cpu``, ``detected``: counted on this machine).
+    measured); ``encoder_cost``, the encoder's cost per image relative to the SD VAE's measured on
+    a CPU (``None`` where not measured); ``suggested`` ``ray.actors`` and ``encoder.batch_size``
+    (what the run would use with ``gpus`` GPUs, or with this machine's when ``gpus`` is None), and
+    ``suggested_for`` (``gpus``, ``cpus``, ``encoders``: ``gpu`` or ``cpu``, ``detected``: counted
+    on this machine).
 
     Args:
         sample_shards: shards read for the decode timing (and, for WebDataset shards without
@@ -358,6 +368,7 @@ def estimate_run(
         "gpu_hours": gpu["gpu_hours"],
         "decode_cpus_per_gpu": gpu["decode_cpus_per_gpu"],
         "throughput": gpu["throughput"],
+        "encoder_cost": gpu["encoder_cost"],
         "suggested": _suggested(cfg, sum(todo.rows.values()), resources),
         "suggested_for": {
             "gpus": int(resources["GPU"]),

@@ -122,6 +122,7 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": version("torch"),
         "diffusers": version("diffusers"),
+        "transformers": version("transformers"),  # the image tokenizers' library
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }

@@ -80,6 +80,131 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_models(tmp_path_factory.mktemp("models"))
 
 
+#: Processor constants of the tiny tokenizers: the released Janus-Pro and Emu3 repos' (unlike
+#: their processor classes' CLIP defaults, so a config that is not read fails parity) and
+#: Chameleon's.
+ZOO_PROCESSORS: dict[str, dict[str, Any]] = {
+    "janus": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255},
+    "emu3": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255},
+    "chameleon": {"image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0], "rescale_factor": 0.0078},
+}
+#: HunyuanImage's tiny model's scaling factor (the released one is 0.75289).
+HY_SCALE = 0.6
+TOKENS = 64
+
+_TEXT = {
+    "vocab_size": 100,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
+def build_zoo(root: Path) -> dict[str, Path]:
+    """The 2026 zoo's tiny random models, saved as real model folders: the diffusers VAEs (their
+    ``vae`` subfolder, as the released pipelines are laid out) and the full multimodal models of
+    the tokenizers (text model, vision tower and VQ model; Janus's in shards) with their
+    processors' ``preprocessor_config.json``. Returns preset name -> folder."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLHunyuanImage, AutoencoderKLQwenImage, AutoencoderKLWan
+
+    torch.manual_seed(0)
+    paths = {name: root / name for name in ("qwen-image", "wan2.1", "wan2.2", "hunyuanimage-2.1")}
+    stats = {"latents_mean": KL_MEAN, "latents_std": KL_STD}
+    AutoencoderKLQwenImage(base_dim=8, z_dim=4, **stats).save_pretrained(paths["qwen-image"] / "vae")
+    AutoencoderKLWan(base_dim=8, z_dim=4, **stats).save_pretrained(paths["wan2.1"] / "vae")
+    wan22 = {"is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16}
+    AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=4, **wan22, **stats).save_pretrained(paths["wan2.2"] / "vae")
+    AutoencoderKLHunyuanImage(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        spatial_compression_ratio=8,
+        sample_size=64,
+        scaling_factor=HY_SCALE,
+    ).save_pretrained(paths["hunyuanimage-2.1"] / "vae")
+
+    janus = transformers.JanusConfig(
+        text_config=transformers.LlamaConfig(**_TEXT),
+        vision_config=transformers.JanusVisionConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+            intermediate_size=32,
+            projection_dim=16,
+        ),  # fmt: skip
+        vq_config={
+            "embed_dim": 4,
+            "num_embeddings": TOKENS,
+            "latent_channels": 32,
+            "base_channels": 32,
+            "channel_multiplier": [1, 1, 2],
+            "num_res_blocks": 1,
+            "projection_dim": 16,
+            "image_token_embed_dim": 16,
+        },  # fmt: skip
+        image_token_id=5,
+    )
+    emu3_vocab = {"<image>": 3, "<|image start|>": 4, "<|image end|>": 5, "<|image token|>": 6}
+    emu3_vocab.update({f"<|visual token {i:06d}|>": 10 + i for i in range(TOKENS)})
+    emu3 = transformers.Emu3Config(
+        vq_config={
+            "codebook_size": TOKENS,
+            "embed_dim": 4,
+            "latent_channels": 4,
+            "base_channels": 32,
+            "channel_multiplier": [1, 2, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "temporal_downsample_factor": 4,
+            "hidden_size": 64,
+            "num_attention_heads": 1,
+        },  # fmt: skip
+        text_config=_TEXT,
+        vocabulary_map=emu3_vocab,
+    )
+    chameleon_vocab = {"<image>": 3, **{f"IMGIMG{chr(65 + i // 26)}{chr(65 + i % 26)}Z": 10 + i for i in range(TOKENS)}}
+    chameleon = transformers.ChameleonConfig(
+        **_TEXT,
+        vocabulary_map=chameleon_vocab,
+        vq_config={
+            "embed_dim": 4,
+            "num_embeddings": TOKENS,
+            "latent_channels": 32,
+            "resolution": 64,
+            "base_channels": 32,
+            "channel_multiplier": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": None,
+        },  # fmt: skip
+    )
+    for name, config, model_cls, processor_cls, shard in (
+        ("janus", janus, "JanusForConditionalGeneration", "JanusImageProcessor", "200KB"),
+        ("emu3", emu3, "Emu3ForConditionalGeneration", "Emu3ImageProcessor", None),
+        ("chameleon", chameleon, "ChameleonForConditionalGeneration", "ChameleonImageProcessor", None),
+    ):
+        paths[name] = root / name
+        model = getattr(transformers, model_cls)(config).eval()
+        model.save_pretrained(paths[name], **({"max_shard_size": shard} if shard else {}))
+        getattr(transformers, processor_cls)(**ZOO_PROCESSORS[name]).save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def zoo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
 @pytest.fixture(scope="session")
 def tiny_text_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One diffusers pipeline folder of tiny random text encoders and tokenizers per text preset

@@ -349,13 +349,25 @@ def test_real_registries_know_their_components() -> None:
     from latentize.encoders import ENCODERS
     from latentize.sinks import SINKS
 
-    assert ENCODERS.names() == ["dc", "flux2", "kl", "tiny", "vq"]
+    assert ENCODERS.names() == [
+        "chameleon",
+        "dc",
+        "emu3",
+        "flux2",
+        "hunyuanimage",
+        "janus",
+        "kl",
+        "qwenimage",
+        "tiny",
+        "vq",
+        "wan",
+    ]
     # config.py validates encoder.type without importing torch; its list must be the registry's.
     from latentize.config import _CHOICES
 
     assert sorted(c for c in _CHOICES["encoder.type"] if c) == ENCODERS.names()
     assert SINKS.names() == ["parquet", "webdataset"]
-    with pytest.raises(ConfigError, match="dc, flux2, kl, tiny, vq"):
+    with pytest.raises(ConfigError, match="dc, emu3, flux2, hunyuanimage, janus, kl, qwenimage, tiny, vq, wan"):
         ENCODERS.get("dcae")
 
 

@@ -216,3 +216,48 @@ def test_suggested_batch_is_the_one_encode_would_use_there(tmp_path: Path, monke
         "detected": True,
     }
     assert found["suggested"]["encoder.batch_size"] == 16
+
+
+def test_zoo_presets_show_their_cpu_cost_relative_to_the_sd_vae_but_no_gpu_hours() -> None:
+    """The new zoo's encoders have no GPU throughput measured: GPU-hours stay unknown, and plan
+    shows the CPU-measured cost per image relative to the SD VAE's instead (never as GPU-hours)."""
+    from latentize.config import load_config
+    from latentize.estimate import _gpu_figures
+    from latentize.throughput import CPU_COST
+
+    new = ("qwen-image", "wan2.1", "wan2.2", "hunyuanimage-2.1", "janus", "emu3", "chameleon")
+    assert set(new) <= set(CPU_COST) <= set(PRESETS.names())
+    for name in new:
+        found = _gpu_figures(load_config(base={"encoder": {"preset": name}, "output": {"path": "x"}}), 1e9, 1000, 5.0)
+        assert found["gpu_hours"] == dict.fromkeys(GPUS), name
+        assert found["encoder_cost"] == CPU_COST[name].to_dict() and found["encoder_cost"]["ratio"] > 0
+    sd = _gpu_figures(load_config(base={"encoder": {"preset": "sdxl"}, "output": {"path": "x"}}), 1e9, 1000, 5.0)
+    assert sd["gpu_hours"]["H200"] is not None and sd["encoder_cost"]["ratio"] == 1.0
+    text = main_text({**_PLAN_TEXT, "encoder_cost": CPU_COST["emu3"].to_dict()})
+    assert f"encoder cost    {CPU_COST['emu3'].ratio:.2f}x the SD VAE encoder's time per image on a CPU" in text
+
+
+_PLAN_TEXT: dict[str, Any] = {
+    "output": "out",
+    "fresh": True,
+    "samples_exact": True,
+    "samples_counted_by": {"scan": 1},
+    "decode_ms_per_image": 1.0,
+    "shards": 1,
+    "shards_pending": 1,
+    "format": "webdataset",
+    "samples": 1,
+    "samples_pending": 1,
+    "input_bytes": 10,
+    "output_bytes": {},
+    "output_rows": {},
+    "gpu_hours": dict.fromkeys(GPUS),
+    "suggested": {"ray.actors": 1},
+    "suggested_for": {"gpus": 0, "cpus": 2, "encoders": "cpu", "detected": True},
+}
+
+
+def main_text(found: dict[str, Any]) -> str:
+    from latentize.cli import _format_plan
+
+    return _format_plan(found)

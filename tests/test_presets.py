@@ -42,6 +42,13 @@ _ROWS = {
     "VQGAN f16 (taming)": ["vqgan-f16-1024", "vqgan-f16-16384"],
     "LDM VQ-f4": ["ldm-vq-f4"],
     "LDM VQ-f8": ["ldm-vq-f8"],
+    "Qwen-Image": ["qwen-image"],
+    "Wan 2.1": ["wan2.1"],
+    "Wan 2.2": ["wan2.2"],
+    "HunyuanImage 2.1": ["hunyuanimage-2.1"],
+    "Janus (LlamaGen VQ-16)": ["janus"],
+    "Emu3": ["emu3"],
+    "Chameleon": ["chameleon"],
 }
 
 
@@ -78,7 +85,7 @@ def test_every_preset_matches_the_constants_table() -> None:
             else:  # VQ rows: "256-dim codes" is the code vector size
                 assert preset.latent_channels == _number(channels), name
                 assert preset.downsample == int(factor), name
-            if preset.type == "vq":  # "1024 or 16384 codes"
+            if preset.codebook_size is not None:  # "1024 or 16384 codes"
                 assert str(preset.codebook_size) in re.findall(r"\d+", notes), name
             if family.startswith("TAE"):
                 assert preset.input_range == "[0, 1]" and preset.deterministic

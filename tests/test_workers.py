@@ -96,7 +96,7 @@ from latentize.pipeline import _versions, plan
 cfg = load_config(base=json.loads(sys.argv[1]))
 p = plan(cfg)
 versions = _versions()
-heavy = sorted(m for m in ("torch", "diffusers", "webdataset", "safetensors") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "webdataset", "safetensors") if m in sys.modules)
 print(json.dumps({"pending": len(p.pending), "columns": sorted(p.spec.columns), "heavy": heavy, "versions": versions}))
 """
 
@@ -157,3 +157,28 @@ def test_the_driver_inspects_text_encoders_without_importing_torch(
     assert result["heavy"] == []
     want = ["pooled_prompt_embeds", "prompt_embeds"] if preset == "sdxl" else ["prompt_attention_mask", "prompt_embeds"]
     assert result["columns"] == want
+
+
+@pytest.mark.parametrize(("preset", "column"), [("wan2.2", "latent"), ("janus", "indices")])
+def test_the_driver_plans_the_new_zoo_without_importing_torch_or_transformers(
+    tmp_path: Path, zoo_models: dict[str, Path], preset: str, column: str
+) -> None:
+    """A Wan VAE (diffusers) and a tokenizer inside a full transformers model (sharded): the
+    driver reads their configs, shard index and processor config only."""
+    write_webdataset_shard(str(tmp_path / "00000.tar"), photo_samples()[:2])
+    base = {
+        "input": {"urls": str(tmp_path / "*.tar")},
+        "output": {"path": str(tmp_path / "o")},
+        "encoder": {
+            "model": str(zoo_models[preset]),
+            "preset": preset,
+            "subfolder": "vae" if preset == "wan2.2" else None,
+        },
+        "preprocess": {"resolution": 64},
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PLAN_IN_A_FRESH_DRIVER, json.dumps(base)], check=True, capture_output=True, text=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["pending"] == 1 and result["columns"] == [column]
+    assert result["heavy"] == []

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from latentize.encoders.normalize import Normalization
 from latentize.errors import LatentizeError
 
 __all__ = ["draw_latents", "draw_seed", "flip_choice", "normalizer"]
@@ -44,17 +45,13 @@ def normalizer(constants: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         LatentizeError: the constants have no ``scaling_factor`` (FLUX.2 moments, whose
             normalisation lives in the checkpoint's BatchNorm statistics).
     """
-    if constants.get("scaling_factor") is None:
+    norm = Normalization.from_constants(constants)
+    if norm is None:
         raise LatentizeError(
             "the manifest's encoder.constants have no scaling_factor, so the drawn latents cannot be "
             f"normalised ({constants.get('formula', 'no formula')}); read the raw moments with draw=False"
         )
-    scaling = float(constants["scaling_factor"])
-    mean, std = constants.get("latents_mean"), constants.get("latents_std")
-    if mean is not None and std is not None:
-        offset = np.asarray(mean, dtype=np.float32)[:, None, None]
-        return offset, (scaling / np.asarray(std, dtype=np.float32))[:, None, None]
-    return np.float32(constants.get("shift_factor") or 0.0), np.float32(scaling)
+    return norm.stored_map()
 
 
 def draw_latents(

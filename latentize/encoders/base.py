@@ -35,6 +35,8 @@ from latentize.registry import Registry
 if TYPE_CHECKING:
     import torch
 
+    from latentize.encoders.decoding import DecoderParts
+
 __all__ = [
     "ENCODERS",
     "EncodeResult",
@@ -154,7 +156,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_model_config(
-    model: str, *, subfolder: str | None, revision: str | None
+    model: str, *, subfolder: str | None, revision: str | None, weight_files: Sequence[str] = _WEIGHT_FILES
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Loads a diffusers model config (no weights) from a local folder or a hub id.
 
@@ -162,7 +164,8 @@ def load_model_config(
     without importing diffusers: its model classes pull in torch, which the driver never needs.
 
     Returns ``(config, identity)``; identity holds what names the weights (model, subfolder,
-    revision, resolved commit, sha256 of a local weights file).
+    revision, resolved commit, sha256 of the first of ``weight_files`` there is: diffusers' names
+    by default; none for models whose weights the caller identifies itself).
 
     The hub is used only when the local Hugging Face cache lacks the config; when it is
     unreachable this raises at once (one connect attempt) instead of retrying for half a minute.
@@ -176,7 +179,7 @@ def load_model_config(
                 "(saved with save_pretrained) or a hub id"
             )
         config = _read_json(folder / "config.json")
-        for name in _WEIGHT_FILES:
+        for name in weight_files:
             if (folder / name).exists():
                 identity["weights_file"] = name
                 identity["sha256"] = sha256_file(folder / name)
@@ -219,18 +222,20 @@ def load_model_config(
         parts = Path(str(cached)).parts
         if "snapshots" in parts:
             identity["commit"] = parts[parts.index("snapshots") + 1]
-    identity.update(_hub_weights_identity(model, subfolder=subfolder, revision=revision, local_only=local_only))
+    identity.update(
+        _hub_weights_identity(model, weight_files, subfolder=subfolder, revision=revision, local_only=local_only)
+    )
     return config, identity
 
 
 def _hub_weights_identity(
-    model: str, *, subfolder: str | None, revision: str | None, local_only: bool
+    model: str, names: Sequence[str], *, subfolder: str | None, revision: str | None, local_only: bool
 ) -> dict[str, Any]:
     """sha256 of a hub model's weights file without downloading it: the cached copy's hash, or
     the hub's LFS object id (which is the file's sha256) and the resolved commit."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 
-    for name in _WEIGHT_FILES:
+    for name in names:
         filename = f"{subfolder}/{name}" if subfolder else name
         cached = try_to_load_from_cache(model, filename, revision=revision)
         if isinstance(cached, str):
@@ -413,6 +418,23 @@ class TorchEncoder:
         raise NotImplementedError  # pragma: no cover - abstract
 
     @classmethod
+    def decoder(cls, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> DecoderParts:
+        """This type's decoder, for the QA report's reconstructions: the model that turns stored
+        columns back into images, and the decode step (undo the stored normalisation, decode).
+
+        Runs where torch is available (the QA's reconstruction step), never on a light driver.
+
+        Args:
+            encoder: the manifest's ``encoder`` section (type, constants, identity, columns).
+            config: the run's resolved config.
+            override: the user's ``--decoder`` (where the decoder weights are), or None.
+
+        Raises:
+            LatentizeError: no decoder can be found or loaded; the message says how to fix it.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @classmethod
     def _diffusers_cls(cls) -> Any:
         import diffusers
 
@@ -427,6 +449,12 @@ class TorchEncoder:
         kind, model = resolved_source(config)
         if is_single_file(model):
             path = Path(model).expanduser().resolve()
+            if kind not in FILE_LOADERS:
+                raise LatentizeError(
+                    f"encoder.model: {model} is a single weights file, but {kind} models load from a model "
+                    "folder (config.json beside the weights, as save_pretrained writes it) or a hub id only; "
+                    f"single files are accepted for encoder.type {', '.join(FILE_LOADERS.names())}"
+                )
             model_config = FILE_LOADERS.get(kind).read_config(path, config)
             identity = {"model": str(path), "source": "file", "sha256": sha256_file(path)}
         else:
@@ -712,10 +740,14 @@ def _memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory
     2-core CPU for a small VAE. On CUDA, PyTorch's eager GroupNorm kernel works on NCHW and
     copies a channels-last input into it, so models with GroupNorm (the KL and VQ autoencoders)
     stay NCHW there: 1.33x (256²) and 1.36x (512²) the channels-last speed of the bf16 SD-VAE
-    encoder on an H200 (bench/RESULTS.md, "GPU run"). Compiled, both layouts ran alike.
+    encoder on an H200 (bench/RESULTS.md, "GPU run"). Compiled, both layouts ran alike. Models
+    with 3-D convolutions stay NCHW everywhere (channels-last is defined for 4-D tensors only).
     """
     import torch
 
+    if any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):
+        # Channels-last is a 4-D layout; 3-D convolutions (the video VAEs, Emu3's tokenizer) take 5-D weights.
+        return torch.contiguous_format
     if device.type == "cuda" and any(isinstance(m, torch.nn.GroupNorm) for m in model.modules()):
         return torch.contiguous_format
     return torch.channels_last

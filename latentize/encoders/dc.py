@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
 from latentize.encoders.kl import latent_size
+from latentize.encoders.normalize import FORMULAS, Normalization
 
 if TYPE_CHECKING:
     import torch
 
     # diffusers' top-level names are dummy objects to type checkers; the classes live here.
     from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
+
+    from latentize.encoders.decoding import DecoderModel, DecoderParts
 
 __all__ = ["DCEncoder"]
 
@@ -39,7 +42,7 @@ class DCEncoder(TorchEncoder):
             constants={
                 "scaling_factor": float(scale),
                 "shift_factor": 0.0,
-                "formula": "z * scaling_factor",
+                "formula": FORMULAS["scale"],
                 "applied": True,
             },
             identity=identity,
@@ -52,4 +55,23 @@ class DCEncoder(TorchEncoder):
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' AutoencoderDC.
         z = cast("AutoencoderDC", model).encode(x).latent.float()
-        return {"latent": z * self.spec.constants["scaling_factor"]}
+        return {"latent": _normalization(self.spec.constants).forward(z)}
+
+    @classmethod
+    def decoder(cls, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> DecoderParts:
+        """``AutoencoderDC.decode`` of ``stored / scaling_factor``."""
+        from latentize.encoders.decoding import DecoderParts, load_diffusers, stored_column, unit
+
+        model, description = load_diffusers(cls, "dc", encoder=encoder, config=config, override=override)
+        column = stored_column(encoder)
+        norm = _normalization(encoder.get("constants") or {})
+
+        def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return unit(model.decode(norm.inverse(columns[column])).sample)
+
+        return DecoderParts(model, step, description)
+
+
+def _normalization(constants: Mapping[str, Any]) -> Normalization:
+    """DC-AE's ``z * scaling_factor`` (no shift, whatever the constants say of one)."""
+    return Normalization("scale", float(constants.get("scaling_factor", 1.0)))

@@ -9,16 +9,19 @@ is a diagonal Gaussian whose ``mode`` is its mean; normalisation is
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, stable_seed
+from latentize.encoders.normalize import FORMULAS, Normalization
 from latentize.errors import ConfigError
 from latentize.presets import PRESETS
 
 if TYPE_CHECKING:
     import torch
+
+    from latentize.encoders.decoding import DecoderModel, DecoderParts
 
 __all__ = ["KLEncoder", "kl_constants", "latent_size"]
 
@@ -70,11 +73,7 @@ def kl_constants(model_config: dict[str, Any], config: Config) -> dict[str, Any]
         "shift_factor": float(shift) if shift is not None else 0.0,
         "latents_mean": [float(v) for v in mean or ()] if per_channel else None,
         "latents_std": [float(v) for v in std or ()] if per_channel else None,
-        "formula": (
-            "(z - latents_mean) * scaling_factor / latents_std"
-            if per_channel
-            else "(z - shift_factor) * scaling_factor"
-        ),
+        "formula": FORMULAS["latents_mean_std" if per_channel else "shift_scale"],
         # Raw moments are stored unnormalised; readers apply the formula after sampling.
         "applied": enc.sample != "moments",
     }
@@ -108,16 +107,29 @@ class KLEncoder(TorchEncoder):
     """
 
     diffusers_class = "AutoencoderKL"
+    #: The ``encoder.type`` the class is registered under (subclasses of other KL models set theirs).
+    encoder_type: ClassVar[str] = "kl"
+
+    @classmethod
+    def geometry(cls, model_config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(latent channels, downsampling factor)`` of a model config; f = 2^(levels - 1)."""
+        return int(model_config["latent_channels"]), 2 ** (len(model_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def constants(cls, model_config: dict[str, Any], config: Config) -> dict[str, Any]:
+        """The normalisation constants to apply (:func:`kl_constants`)."""
+        return kl_constants(model_config, config)
 
     @classmethod
     def spec_from(cls, model_config: dict[str, Any], config: Config, identity: dict[str, Any]) -> EncoderSpec:
-        channels, factor, h, w = _latent_geometry(model_config, config)
+        channels, factor = cls.geometry(model_config)
+        h, w = latent_size(config, factor)
         names = ("mean", "logvar") if config.encoder.sample == "moments" else ("latent",)
         return EncoderSpec(
-            type="kl",
+            type=cls.encoder_type,
             model_class=cls.diffusers_class,
             columns={name: ((channels, h, w), config.output.dtype) for name in names},
-            constants=kl_constants(model_config, config),
+            constants=cls.constants(model_config, config),
             identity=identity,
             input_range="[-1, 1]",
             downsample=factor,
@@ -126,13 +138,7 @@ class KLEncoder(TorchEncoder):
         )
 
     def _load(self) -> torch.nn.Module:
-        import torch
-
-        c = self.spec.constants
-        self._scale = c["scaling_factor"]
-        self._shift = c["shift_factor"]
-        self._mean = torch.tensor(c["latents_mean"]).view(1, -1, 1, 1) if c["latents_mean"] else None
-        self._std = torch.tensor(c["latents_std"]).view(1, -1, 1, 1) if c["latents_std"] else None
+        self._normalization = Normalization.from_constants(self.spec.constants)
         return super()._load()
 
     def _noise(self, keys: Sequence[str], shape: tuple[int, ...]) -> torch.Tensor:
@@ -144,16 +150,18 @@ class KLEncoder(TorchEncoder):
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Applies the stored normalisation to raw latents ``z`` (n, C, h, w) float32."""
-        if self._mean is not None and self._std is not None:
-            return (z - self._mean.to(z.device)) * self._scale / self._std.to(z.device)
-        return (z - self._shift) * self._scale
+        assert self._normalization is not None  # kl_constants always sets a scaling_factor
+        return self._normalization.forward(z)
+
+    def _moments(self, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's ``(mean, logvar)``, each (n, C, h, w) float32, of ``x`` (n, 3, H, W)."""
+        posterior = cast(Any, model).encode(x).latent_dist
+        return posterior.mean.float(), posterior.logvar.float()
 
     def _forward(self, model: torch.nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch
 
-        posterior = cast(Any, model).encode(x).latent_dist
-        mean = posterior.mean.float()
-        logvar = posterior.logvar.float()
+        mean, logvar = self._moments(model, x)
         mode = self.config.encoder.sample
         if mode == "moments":
             return {"mean": mean, "logvar": logvar}
@@ -162,3 +170,25 @@ class KLEncoder(TorchEncoder):
             eps = self._noise(keys, tuple(mean.shape[1:])).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
         return {"latent": self.normalize(z)}
+
+    @classmethod
+    def decoder(cls, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> DecoderParts:
+        """``AutoencoderKL.decode`` of the stored latents after the inverse normalisation
+        (``moments`` rows decode their raw ``mean``); hub id, diffusers folder, or an ldm single
+        file that includes the decoder."""
+        from latentize.encoders.decoding import DecoderParts, load_diffusers, normalised, stored_column, unit
+
+        model, description = load_diffusers(cls, cls.encoder_type, encoder=encoder, config=config, override=override)
+        column = stored_column(encoder)
+        norm = Normalization.from_constants(encoder.get("constants") or {}) if normalised(encoder, column) else None
+
+        def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            z = columns[column]
+            return unit(cls._decode(model, norm.inverse(z) if norm is not None else z))
+
+        return DecoderParts(model, step, description)
+
+    @staticmethod
+    def _decode(model: DecoderModel, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (n, C, h, w) -> the model's decode, (n, 3, H, W) in [-1, 1]."""
+        return cast("torch.Tensor", model.decode(z).sample)

@@ -19,14 +19,15 @@ shapes, never from its name.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from latentize.config import Config
 from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder
-from latentize.encoders.files import FILE_LOADERS, load_state_dict
+from latentize.encoders.files import FILE_LOADERS, is_single_file, load_state_dict
 from latentize.encoders.kl import latent_size
+from latentize.encoders.normalize import FORMULAS, Normalization
 from latentize.errors import ConfigError, LatentizeError
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     # diffusers' top-level names are dummy objects to type checkers; the classes live here.
     from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
     from torch import nn
+
+    from latentize.encoders.decoding import DecoderModel, DecoderParts
 
 __all__ = ["TaesdPthLoader", "TinyEncoder", "decoder_path_for", "tiny_constants"]
 
@@ -102,7 +105,7 @@ def tiny_constants(config: Config) -> dict[str, Any]:
         "shift_factor": float(shift),
         "latents_mean": None,
         "latents_std": None,
-        "formula": "(z - shift_factor) * scaling_factor",
+        "formula": FORMULAS["shift_scale"],
         "applied": True,
     }
 
@@ -152,8 +155,7 @@ class TinyEncoder(TorchEncoder):
 
     def _load(self) -> nn.Module:
         _check_mode(self.config)
-        self._scale = float(self.spec.constants["scaling_factor"])
-        self._shift = float(self.spec.constants["shift_factor"])
+        self._normalization = _normalization(self.spec.constants)
         return super()._load()
 
     def _forward(self, model: nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -166,6 +168,81 @@ class TinyEncoder(TorchEncoder):
             # nn.Module's attribute access is typed Tensor | Module; the model is diffusers' AutoencoderTiny.
             z = cast("AutoencoderTiny", model).encode(x).latents  # x in [-1, 1], rescaled inside
         z = z.float()
-        if self._shift != 0.0 or self._scale != 1.0:
-            z = (z - self._shift) * self._scale
-        return {"latent": z}
+        return {"latent": z if self._normalization.identity else self._normalization.forward(z)}
+
+    @classmethod
+    def decoder(cls, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> DecoderParts:
+        """An original ``*_encoder.pth`` decodes with its sibling ``*_decoder.pth`` (or
+        ``--decoder``), a hub id / folder with ``AutoencoderTiny``; stored latents are first mapped
+        back with ``z / scaling_factor + shift_factor`` when the config set them."""
+        from latentize.encoders.decoding import encoder_source
+
+        source = override
+        if source is None:
+            source = encoder_source(encoder, config)
+            if (encoder.get("identity") or {}).get("source") == "file" or is_single_file(source):
+                source = str(_sibling_decoder(source))
+        norm = _normalization(encoder.get("constants") or {})
+        if is_single_file(source):
+            return _file_decoder(Path(source), encoder, norm)
+        return _tiny_decoder(source, encoder, config, norm, override=override)
+
+
+def _normalization(constants: Mapping[str, Any]) -> Normalization:
+    """``(z - shift) * scale``, the identity (raw latents) unless the config set them."""
+    return Normalization(
+        "shift_scale", float(constants.get("scaling_factor", 1.0)), float(constants.get("shift_factor") or 0.0)
+    )
+
+
+def _sibling_decoder(encoder_file: str) -> Path:
+    """The ``*_decoder.pth`` released beside an original encoder file, or a LatentizeError."""
+    sibling = decoder_path_for(encoder_file)
+    if sibling is None:
+        path = Path(encoder_file)
+        expected = path.with_name(path.stem.removesuffix("_encoder") + "_decoder" + path.suffix)
+        raise LatentizeError(
+            f"no TAESD decoder found for the encoder file {encoder_file} (looked for {expected}); "
+            "pass --decoder /path/to/NAME_decoder.pth (the decoder file released with the encoder)"
+        )
+    return sibling
+
+
+def _file_decoder(source: Path, encoder: Mapping[str, Any], norm: Normalization) -> DecoderParts:
+    from latentize.encoders.decoding import DecoderParts, stored_column
+    from latentize.encoders.taesd_net import load_tiny_decoder
+
+    path = source.expanduser().resolve()
+    module = load_tiny_decoder(path)
+    channels = encoder.get("latent_channels")
+    if channels is not None and module.latent_channels != int(channels):
+        raise LatentizeError(
+            f"--decoder {path} takes {module.latent_channels}-channel latents but the stored ones have "
+            f"{channels}; pass the decoder released with the encoder"
+        )
+    column = stored_column(encoder)
+
+    def file_step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        z = columns[column]
+        return model(z if norm.identity else norm.inverse(z))  # TaesdDecoder: raw latents -> [0, 1]
+
+    return DecoderParts(module, file_step, f"TAESD decoder {path}")
+
+
+def _tiny_decoder(
+    source: str, encoder: Mapping[str, Any], config: Config, norm: Normalization, *, override: str | None
+) -> DecoderParts:
+    from latentize.encoders.decoding import DecoderParts, from_pretrained, stored_column, unit
+
+    subfolder = None if override is not None else config.encoder.subfolder
+    revision = None if override is not None else config.encoder.revision
+    model = from_pretrained("AutoencoderTiny", source, subfolder=subfolder, revision=revision)
+    column = stored_column(encoder)
+
+    def tiny_step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # AutoencoderTiny.decode returns [-1, 1] (DecoderTiny maps its [0, 1] output there).
+        z = columns[column]
+        return unit(model.decode(z if norm.identity else norm.inverse(z)).sample)
+
+    where = f"{source} (subfolder {subfolder})" if subfolder else source
+    return DecoderParts(model, tiny_step, f"AutoencoderTiny decoder of {where}")

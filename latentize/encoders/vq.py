@@ -7,7 +7,7 @@ codebook entry, so the stored indices equal ``model.quantize(h)``'s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     # diffusers' top-level names are dummy objects to type checkers; the classes live here.
     from diffusers.models.autoencoders.vq_model import VQModel
+
+    from latentize.encoders.decoding import DecoderModel, DecoderParts
 
 __all__ = ["VQEncoder", "index_dtype"]
 
@@ -69,3 +71,24 @@ class VQEncoder(TorchEncoder):
             "indices": indices.reshape(n, hh, ww).to(torch.int64),
             "_finite": torch.where(finite, 0.0, float("nan")).cpu(),
         }
+
+    @classmethod
+    def decoder(cls, *, encoder: Mapping[str, Any], config: Config, override: str | None) -> DecoderParts:
+        """Indices -> codebook vectors (``quantize.get_codebook_entry``) -> ``VQModel.decode``
+        without quantising again."""
+        from latentize.encoders.decoding import DecoderParts, load_diffusers, unit
+
+        model, description = load_diffusers(cls, "vq", encoder=encoder, config=config, override=override)
+
+        def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            indices = columns["indices"]  # (n, h, w) int64
+            n, h, w = indices.shape
+            shape = (n, h, w, model.quantize.embedding.embedding_dim)
+            if model.config.lookup_from_codebook:
+                # VQModel.decode looks the indices up itself when configured to.
+                return unit(model.decode(indices, force_not_quantize=True, shape=shape).sample)
+            quant = model.quantize.get_codebook_entry(indices.reshape(-1), shape)  # (n, D, h, w)
+            # force_not_quantize: the codebook vectors are already quantised; decode them as they are.
+            return unit(model.decode(quant, force_not_quantize=True).sample)
+
+        return DecoderParts(model, step, description)

@@ -5,8 +5,9 @@ the manifest, the report's sections), never on latents, so they test without Ray
 driver. Each ``*_check`` function decides one named line of the report (:class:`Check`).
 
 Normalisation: a stored value ``s`` of channel ``c`` relates to the encoder's raw latent ``z`` by
-an affine map ``z = s * a[c] + b[c]``, whose constants the manifest records (docs/encoders.md has
-the normalisation formulas of every encoder family):
+an affine map ``z = s * a[c] + b[c]``, whose constants the manifest records
+(:meth:`latentize.encoders.normalize.Normalization.raw_map`; docs/encoders.md has the
+normalisation formulas of every encoder family):
 
 * ``(z - shift_factor) * scaling_factor``: ``a = 1 / scaling_factor``, ``b = shift_factor``;
 * ``(z - latents_mean) * scaling_factor / latents_std``: ``a = latents_std / scaling_factor``,
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from latentize.encoders.normalize import Normalization
 from latentize.qa.stats import affine_summary
 from latentize.qa.values import sample_label
 
@@ -114,21 +116,12 @@ def normalization_map(encoder: Mapping[str, Any], channels: int) -> Normalizatio
     are in the checkpoint).
     """
     constants = dict(encoder.get("constants") or {})
-    if "scaling_factor" not in constants:
-        return None
-    scaling = float(constants["scaling_factor"])
-    if not scaling > 0:
+    norm = Normalization.from_constants(constants)
+    if norm is None or not norm.scaling_factor > 0:
         return None
     applied = bool(constants.get("applied", True))
-    mean, std = constants.get("latents_mean"), constants.get("latents_std")
-    if mean is not None and std is not None:
-        form = "latents_mean_std"
-        a = np.asarray(std, dtype=np.float64) / scaling
-        b = np.asarray(mean, dtype=np.float64)
-    else:
-        form = "shift_scale" if "shift_factor" in constants else "scale"
-        a = np.full(channels, 1.0 / scaling)
-        b = np.full(channels, float(constants.get("shift_factor") or 0.0))
+    a, b = norm.raw_map(channels)
+    form = norm.form
     if a.shape != (channels,) or b.shape != (channels,):
         logger.warning("manifest constants have %d channels, the latents %d: no raw statistics", a.size, channels)
         return None

@@ -5,18 +5,10 @@ undoing the normalisation the manifest says was applied), preprocesses the sourc
 the same keys exactly as encoding did, and scores the two with PSNR, SSIM and, when the
 ``lpips`` package and its weights are available, LPIPS.
 
-Per encoder type (:data:`DECODERS`), stored columns -> raw latents -> images:
-
-* ``kl``: ``(z - shift) * scale`` -> ``z / scale + shift``; ``(z - mean) * scale / std`` ->
-  ``z * std / scale + mean`` (per channel); ``moments`` rows decode their raw ``mean``.
-  ``AutoencoderKL.decode`` (hub id, diffusers folder, or an ldm single file with a decoder).
-* ``vq``: indices -> codebook vectors (``quantize.get_codebook_entry``) -> ``VQModel.decode``
-  without re-quantising.
-* ``tiny``: ``z / scale + shift``; an original ``*_encoder.pth`` decodes with its sibling
-  ``*_decoder.pth`` (or ``--decoder``), a hub id / folder with ``AutoencoderTiny``.
-* ``dc``: ``z / scaling_factor`` -> ``AutoencoderDC.decode``.
-* ``flux2``: ``z * sqrt(bn.running_var + eps) + bn.running_mean``, :func:`unpatchify`, then
-  ``AutoencoderKLFlux2.decode``; ``moments`` rows decode their raw (unpatchified) ``mean``.
+Each encoder type's decoder lives beside its encoder (``ENCODERS.get(type).decoder``, e.g.
+:meth:`latentize.encoders.kl.KLEncoder.decoder`): it loads the model and undoes the stored
+normalisation (:mod:`latentize.encoders.normalize`); this module batches its decode steps,
+fetches the sources and scores the pairs.
 
 Decoding runs in float32 under ``torch.inference_mode``, ``batch_size`` rows at a time.
 
@@ -31,25 +23,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from latentize.config import Config, InputConfig, PreprocessConfig, config_from_dict
+from latentize.encoders.decoding import DecodeFn
 from latentize.errors import LatentizeError, SampleError
 from latentize.preprocess.buckets import Targets
 from latentize.qa.values import sample_label
-from latentize.registry import Registry
 
 __all__ = [
-    "DECODERS",
     "Decoder",
-    "DecoderBuilder",
     "Outcome",
     "Reconstruction",
     "TorchDecoder",
@@ -60,7 +48,6 @@ __all__ = [
     "psnr",
     "reconstruct",
     "ssim",
-    "unpatchify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,39 +77,6 @@ class Decoder(Protocol):
             (N, H, W, 3) float32 images in [0, 1].
         """
         ...
-
-
-#: A decoder-carrying model as the decode steps use it: a diffusers autoencoder or a TAESD module,
-#: its class picked by name at run time. Their ``decode``/``quantize``/``bn``/``config`` differ per
-#: class, and ``torch.nn.Module``'s typing (``__getattr__`` -> ``Tensor | Module``) cannot see them.
-DecoderModel = Any
-
-#: The type's decode step: (model, stored columns as float32 / int64 tensors on the model's
-#: device) -> (n, 3, H, W) float32 images in [0, 1].
-DecodeFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
-
-
-class DecoderBuilder(Protocol):
-    """Loads one encoder type's decoder; registered in :data:`DECODERS`."""
-
-    def __call__(
-        self, *, encoder: Mapping[str, Any], config: Config, decoder: str | None
-    ) -> tuple[torch.nn.Module, DecodeFn, str]:
-        """Returns ``(model in float32 on the CPU, decode step, description)``.
-
-        Args:
-            encoder: the manifest's ``encoder`` section (type, constants, identity, columns).
-            config: the run's resolved config.
-            decoder: the user's override of where the decoder weights are, or None.
-
-        Raises:
-            LatentizeError: no decoder can be found or loaded; the message says how to fix it.
-        """
-        ...
-
-
-#: Decoder builders by ``encoder.type``.
-DECODERS: Registry[DecoderBuilder] = Registry("decoder", config_key="encoder.type")
 
 
 class TorchDecoder:
@@ -192,6 +146,7 @@ def load_decoder(
     Raises:
         LatentizeError: no decoder can be found or loaded (the message says how to fix it).
     """
+    from latentize.encoders import ENCODERS
     from latentize.encoders.base import pick_device
 
     try:
@@ -199,282 +154,14 @@ def load_decoder(
         config = config_from_dict(manifest["config"])
     except KeyError as exc:
         raise LatentizeError(f"the manifest lacks {exc}; is this a latentize output root?") from None
-    build = DECODERS.get(str(encoder["type"]))
-    model, step, description = build(encoder=encoder, config=config, decoder=decoder)
+    model, step, description = ENCODERS.get(str(encoder["type"])).decoder(
+        encoder=encoder, config=config, override=decoder
+    )
     result = TorchDecoder(
         model=model, step=step, description=description, device=pick_device(device), batch_size=batch_size
     )
     logger.info("reconstructions with the %s on %s", description, result.device)
     return result
-
-
-# --- shared pieces ----------------------------------------------------------------------------
-
-
-def unpatchify(z: torch.Tensor, patch: tuple[int, int] = (2, 2)) -> torch.Tensor:
-    """Inverse of :func:`latentize.encoders.flux2.patchify`: (n, C·p·q, h, w) -> (n, C, h·p, w·q).
-
-    The channel order is diffusers' ``Flux2Pipeline._unpatchify_latents``'s (channel-major,
-    then the p×q offsets).
-    """
-    n, cpq, h, w = z.shape
-    p, q = patch
-    c = cpq // (p * q)
-    z = z.reshape(n, c, p, q, h, w).permute(0, 1, 4, 2, 5, 3)
-    return z.reshape(n, c, h * p, w * q)
-
-
-def _unit(signed: torch.Tensor) -> torch.Tensor:
-    """diffusers decoders' [-1, 1] images -> [0, 1], clamped."""
-    return ((signed + 1) / 2).clamp(0, 1)
-
-
-def _stored_column(encoder: Mapping[str, Any]) -> str:
-    """The stored column that decodes: ``latent``, or the raw ``mean`` of ``moments`` rows."""
-    columns = encoder.get("columns") or {}
-    for name in ("latent", "mean"):
-        if name in columns:
-            return name
-    raise LatentizeError(f"the manifest's encoder columns ({', '.join(columns) or 'none'}) hold no latent to decode")
-
-
-def _normalised(encoder: Mapping[str, Any], column: str) -> bool:
-    # ``moments`` store raw mean/logvar; only a ``latent`` column carries the normalisation.
-    return column == "latent" and bool(encoder.get("constants", {}).get("applied", True))
-
-
-def _encoder_source(encoder: Mapping[str, Any], config: Config) -> str:
-    """Where the encoder's weights were: the resolved path of a single file, else the model."""
-    identity = encoder.get("identity") or {}
-    if identity.get("source") == "file" and identity.get("model"):
-        return str(identity["model"])
-    return str(config.encoder.model)
-
-
-def _hub_failure() -> str | None:
-    """Why the hub cannot be asked now, or None when it can."""
-    from latentize.encoders.base import _hub_reachable
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "HF_HUB_OFFLINE is set"
-    if not _hub_reachable():
-        return "the Hugging Face hub is unreachable"
-    return None
-
-
-def _from_pretrained(class_name: str, model: str, *, subfolder: str | None, revision: str | None) -> torch.nn.Module:
-    """A full diffusers model (decoder included) in float32: local folder, HF cache, then hub."""
-    import diffusers
-
-    cls = getattr(diffusers, class_name)
-    kwargs: dict[str, Any] = {"subfolder": subfolder, "revision": revision, "torch_dtype": torch.float32}
-    fix = "pass --decoder with a local diffusers folder (config.json and diffusion_pytorch_model.safetensors)"
-    try:
-        return cls.from_pretrained(model, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        if Path(model).expanduser().exists():
-            raise LatentizeError(f"cannot load the {class_name} decoder from {model}: {exc}; {fix}") from None
-    why = _hub_failure()
-    if why is not None:
-        raise LatentizeError(f"the decoder {model!r} is not in the local Hugging Face cache and {why}; {fix}")
-    try:
-        return cls.from_pretrained(model, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise LatentizeError(f"cannot load the {class_name} decoder of {model!r}: {exc}; {fix}") from None
-
-
-def _require_decoder(model: torch.nn.Module, path: Path) -> None:
-    """Raises when a single file was encoder-only (its loader put stand-ins on the decoder side)."""
-    from latentize.encoders.missing import MissingDecoder
-
-    if any(isinstance(getattr(model, name, None), MissingDecoder) for name in ("decoder", "post_quant_conv")):
-        raise LatentizeError(
-            f"{path} holds no decoder weights (an encoder-only checkpoint); pass --decoder with the "
-            "full autoencoder (a diffusers folder, a hub id or a checkpoint that includes the decoder)"
-        )
-
-
-def _load_diffusers(
-    typ: str, *, encoder: Mapping[str, Any], config: Config, override: str | None
-) -> tuple[DecoderModel, str]:
-    """The full model of an encoder type with a diffusers class: ``(model, description)``.
-
-    Single files load through the type's :data:`~latentize.encoders.files.FILE_LOADERS` entry;
-    hub ids and folders through diffusers (``override`` replaces the encoder's model, its
-    subfolder and revision).
-    """
-    from latentize.encoders import ENCODERS
-    from latentize.encoders.files import FILE_LOADERS, is_single_file
-
-    class_name = ENCODERS.get(typ).diffusers_class
-    source = override if override is not None else _encoder_source(encoder, config)
-    if is_single_file(source):
-        if typ not in FILE_LOADERS:
-            raise LatentizeError(
-                f"{source}: {typ} decoders load from diffusers folders or hub ids only; pass --decoder with one"
-            )
-        path = Path(source).expanduser().resolve()
-        loader = FILE_LOADERS.get(typ)
-        model = loader.load(path, config, loader.read_config(path, config))
-        _require_decoder(model, path)
-        return model, f"{class_name} decoder of {path}"
-    subfolder = None if override is not None else config.encoder.subfolder
-    revision = None if override is not None else config.encoder.revision
-    model = _from_pretrained(class_name, source, subfolder=subfolder, revision=revision)
-    where = f"{source} (subfolder {subfolder})" if subfolder else source
-    return model, f"{class_name} decoder of {where}"
-
-
-def _channel_view(values: Any, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
-
-
-# --- the decoders -----------------------------------------------------------------------------
-
-
-def _undo_kl(z: torch.Tensor, constants: Mapping[str, Any]) -> torch.Tensor:
-    """Raw latents from stored ``z`` (n, C, h, w).
-
-    The inverse of :func:`latentize.encoders.kl.kl_constants`' formula.
-    """
-    scale = float(constants["scaling_factor"])
-    if constants.get("latents_mean") is not None and constants.get("latents_std") is not None:
-        return z * _channel_view(constants["latents_std"], z) / scale + _channel_view(constants["latents_mean"], z)
-    return z / scale + float(constants.get("shift_factor") or 0.0)
-
-
-@DECODERS.register("kl")
-def _kl_decoder(
-    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
-) -> tuple[torch.nn.Module, DecodeFn, str]:
-    model, description = _load_diffusers("kl", encoder=encoder, config=config, override=decoder)
-    column = _stored_column(encoder)
-    normalised = _normalised(encoder, column)
-    constants = dict(encoder.get("constants") or {})
-
-    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        z = columns[column]
-        raw = _undo_kl(z, constants) if normalised else z
-        return _unit(model.decode(raw).sample)
-
-    return model, step, description
-
-
-@DECODERS.register("vq")
-def _vq_decoder(
-    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
-) -> tuple[torch.nn.Module, DecodeFn, str]:
-    model, description = _load_diffusers("vq", encoder=encoder, config=config, override=decoder)
-
-    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        indices = columns["indices"]  # (n, h, w) int64
-        n, h, w = indices.shape
-        shape = (n, h, w, model.quantize.embedding.embedding_dim)
-        if model.config.lookup_from_codebook:
-            # VQModel.decode looks the indices up itself when configured to.
-            return _unit(model.decode(indices, force_not_quantize=True, shape=shape).sample)
-        quant = model.quantize.get_codebook_entry(indices.reshape(-1), shape)  # (n, D, h, w)
-        # force_not_quantize: the codebook vectors are already quantised; decode them as they are.
-        return _unit(model.decode(quant, force_not_quantize=True).sample)
-
-    return model, step, description
-
-
-@DECODERS.register("dc")
-def _dc_decoder(
-    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
-) -> tuple[torch.nn.Module, DecodeFn, str]:
-    model, description = _load_diffusers("dc", encoder=encoder, config=config, override=decoder)
-    column = _stored_column(encoder)
-    scale = float((encoder.get("constants") or {}).get("scaling_factor", 1.0))
-
-    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return _unit(model.decode(columns[column] / scale).sample)
-
-    return model, step, description
-
-
-@DECODERS.register("flux2")
-def _flux2_decoder(
-    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
-) -> tuple[torch.nn.Module, DecodeFn, str]:
-    model, description = _load_diffusers("flux2", encoder=encoder, config=config, override=decoder)
-    column = _stored_column(encoder)
-    normalised = _normalised(encoder, column)
-    constants = dict(encoder.get("constants") or {})
-    patch_h, patch_w = constants.get("patch_size") or model.config.patch_size
-    patch = (int(patch_h), int(patch_w))
-    eps = float(constants.get("batch_norm_eps", model.config.batch_norm_eps))
-
-    def step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        z = columns[column]
-        if normalised:
-            # The checkpoint's BatchNorm running statistics, as diffusers' Flux2 pipeline undoes them.
-            mean = model.bn.running_mean.float().view(1, -1, 1, 1)
-            std = torch.sqrt(model.bn.running_var.float().view(1, -1, 1, 1) + eps)
-            z = unpatchify(z * std + mean, patch)
-        return _unit(model.decode(z).sample)
-
-    return model, step, description
-
-
-@DECODERS.register("tiny")
-def _tiny_decoder(
-    *, encoder: Mapping[str, Any], config: Config, decoder: str | None
-) -> tuple[torch.nn.Module, DecodeFn, str]:
-    from latentize.encoders.files import is_single_file
-    from latentize.encoders.taesd import decoder_path_for
-    from latentize.encoders.taesd_net import load_tiny_decoder
-
-    identity = encoder.get("identity") or {}
-    source = decoder
-    if source is None:
-        encoder_source = _encoder_source(encoder, config)
-        if identity.get("source") == "file" or is_single_file(encoder_source):
-            sibling = decoder_path_for(encoder_source)
-            if sibling is None:
-                path = Path(encoder_source)
-                expected = path.with_name(path.stem.removesuffix("_encoder") + "_decoder" + path.suffix)
-                raise LatentizeError(
-                    f"no TAESD decoder found for the encoder file {encoder_source} (looked for {expected}); "
-                    "pass --decoder /path/to/NAME_decoder.pth (the decoder file released with the encoder)"
-                )
-            source = str(sibling)
-        else:
-            source = encoder_source
-    column = _stored_column(encoder)
-    constants = dict(encoder.get("constants") or {})
-    scale = float(constants.get("scaling_factor", 1.0))
-    shift = float(constants.get("shift_factor") or 0.0)
-    channels = encoder.get("latent_channels")
-
-    def raw(z: torch.Tensor) -> torch.Tensor:
-        return z / scale + shift if (scale, shift) != (1.0, 0.0) else z
-
-    if is_single_file(source):
-        path = Path(source).expanduser().resolve()
-        module = load_tiny_decoder(path)
-        if channels is not None and module.latent_channels != int(channels):
-            raise LatentizeError(
-                f"--decoder {path} takes {module.latent_channels}-channel latents but the stored ones have "
-                f"{channels}; pass the decoder released with the encoder"
-            )
-
-        def file_step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return model(raw(columns[column]))  # TaesdDecoder: raw latents -> [0, 1]
-
-        return module, file_step, f"TAESD decoder {path}"
-
-    subfolder = None if decoder is not None else config.encoder.subfolder
-    revision = None if decoder is not None else config.encoder.revision
-    model = _from_pretrained("AutoencoderTiny", source, subfolder=subfolder, revision=revision)
-
-    def tiny_step(model: DecoderModel, columns: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        # AutoencoderTiny.decode returns [-1, 1] (DecoderTiny maps its [0, 1] output there).
-        return _unit(model.decode(raw(columns[column])).sample)
-
-    where = f"{source} (subfolder {subfolder})" if subfolder else source
-    return model, tiny_step, f"AutoencoderTiny decoder of {where}"
 
 
 # --- metrics ----------------------------------------------------------------------------------
