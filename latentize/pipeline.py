@@ -706,7 +706,10 @@ def run(
     # No Ray yet: a plan error or a run with nothing left to do must not start (and stop) one.
     p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
     if not p.pending:
-        t = _totals(p.markers, p.shards, p.fingerprint)
+        if p.manifest.get("status") == "running":
+            t = _close_interrupted(p)
+        else:
+            t = _totals(p.markers, p.shards, p.fingerprint)
         logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), p.layout.url)
         return RunSummary(p.layout.url, len(p.shards), 0, t.failed_shards, t.ok, t.failed, 0, 0.0, True)
     ex = _prepare(p)
@@ -816,19 +819,10 @@ def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor]) -> Com
 
 def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, timing: _RunTiming) -> _Totals:
     """Rewrites the manifest with the totals of the markers the driver holds, and this run."""
-    t = _totals(committer.markers, p.shards, p.fingerprint)
-    complete = t.committed == len(p.shards) and t.failed_shards == 0
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    m = p.manifest
-    m["status"] = "complete" if complete else "incomplete"
-    m["shards"] = {"total": len(p.shards), "committed": t.committed, "failed": t.failed_shards}
-    m["samples"] = {"ok": t.ok, "failed": t.failed, "reencoded_fp32": t.reencoded}
-    m["output"]["data_folders"] = sorted(set(m["output"]["data_folders"]) | set(t.folders))
-    m["output"]["rows_by_folder"] = t.folders
-    m.setdefault("runs", []).append(
+    p.manifest.setdefault("runs", []).append(
         {
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "finished_at": now,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "shards": committer.shards_done,
             "samples": committer.samples_done,
             "seconds": round(time.time() - started, 3),
@@ -836,6 +830,29 @@ def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, ti
             **ex.describe(),
         }
     )
-    m["updated_at"] = now
+    return _write_totals(p, committer.markers)
+
+
+def _close_interrupted(p: Plan) -> _Totals:
+    """Closes an output whose last run was killed after its last commit (every shard has a
+    marker, the manifest still says running): its leftover staged parts go, and the ledger and
+    the manifest's totals are written as that run would have written them. No Ray is needed."""
+    logger.info("the last run of %s ended after its last commit: removing its staging area", p.layout.url)
+    p.layout.prune_staging()
+    p.layout.write_ledger(p.markers)
+    return _write_totals(p, p.markers)
+
+
+def _write_totals(p: Plan, markers: dict[str, str]) -> _Totals:
+    """Writes the manifest with the status and totals of ``markers`` (JSON texts by shard)."""
+    t = _totals(markers, p.shards, p.fingerprint)
+    complete = t.committed == len(p.shards) and t.failed_shards == 0
+    m = p.manifest
+    m["status"] = "complete" if complete else "incomplete"
+    m["shards"] = {"total": len(p.shards), "committed": t.committed, "failed": t.failed_shards}
+    m["samples"] = {"ok": t.ok, "failed": t.failed, "reencoded_fp32": t.reencoded}
+    m["output"]["data_folders"] = sorted(set(m["output"]["data_folders"]) | set(t.folders))
+    m["output"]["rows_by_folder"] = t.folders
+    m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     p.layout.write_json(p.layout.manifest_path, m)
     return t

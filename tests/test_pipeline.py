@@ -309,6 +309,35 @@ def test_rerun_writes_nothing_and_other_config_is_refused(
     assert manifest["encoder"]["constants"]["scaling_factor"] == 1.0
 
 
+def test_a_run_killed_after_its_last_commit_is_closed_by_the_next_run(
+    tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str
+) -> None:
+    # What a driver killed between its last commit and its end leaves (the chaos soak met it):
+    # every marker, staged parts the driver had not yet removed, a stale ledger, "running".
+    out = tmp_path / "out"
+    cfg = _config(wds_shards, str(out), tiny_models["kl"])
+    done = run(cfg)
+    manifest_path = out / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    folder = next(p for p in out.iterdir() if not p.name.startswith("_"))
+    staged = out / "_staging" / "00000" / folder.name / "part-000000000-0123456789ab.parquet"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(next(folder.glob("*.parquet")).read_bytes())
+    (out / "_ledger.parquet").unlink()
+    manifest_path.write_text(json.dumps({**manifest, "status": "running", "shards": {}, "samples": {}}))
+
+    again = run(cfg)
+    assert again.nothing_to_do and again.samples_ok == done.samples_ok
+    assert not (out / "_staging").exists()
+    assert (out / "_ledger.parquet").exists()
+    closed = json.loads(manifest_path.read_text())
+    assert closed["status"] == "complete"
+    assert (closed["shards"], closed["samples"]) == (manifest["shards"], manifest["samples"])
+    assert closed["runs"] == manifest["runs"]  # closing is no run of its own
+    before = _snapshot(out)
+    assert run(cfg).nothing_to_do and _snapshot(out) == before  # a closed output: nothing written
+
+
 def test_resume_redoes_only_uncommitted_shards(tmp_path: Path, tiny_models: dict[str, Path], wds_shards: str) -> None:
     out = tmp_path / "out"
     cfg = _config(wds_shards, str(out), tiny_models["kl"])
