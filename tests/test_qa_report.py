@@ -169,6 +169,35 @@ def reconstruction(photos: list[tuple[str, np.ndarray]], count: int) -> tuple[di
     return section, images
 
 
+def encoder_section(**fields: Any) -> dict[str, Any]:
+    """The ``encoder`` section with every key the QA writes, ``fields`` replacing some."""
+    columns = {"latent": {"shape": [4, 32, 32], "dtype": "float16"}}
+    base = {"type": "kl", "model": None, "preset": None, "model_class": None, "input_range": "[-1, 1]"}
+    return {**base, "constants": {}, "columns": columns, **fields}
+
+
+def nonfinite_column(keys: list[str], *, rows: int, nonfinite: int, truncated: bool = False) -> dict[str, Any]:
+    """A ``statistics`` entry of a one-channel column without a finite value (``nonfinite`` of
+    ``rows`` rows hold NaN/inf; ``keys`` lists them): no figure to plot, no histogram."""
+    figures = {"count": 0, "mean": None, "std": None, "min": None, "max": None}
+    percentiles = {f"{q:g}": None for q in PERCENTILES}
+    stored = {
+        "channels": [{"channel": 0, **figures, "nonfinite": 16 * nonfinite, "percentiles": percentiles}],
+        "all": {**figures, "percentiles": percentiles},
+        "rows": rows,
+        "nonfinite_rows": nonfinite,
+        "nonfinite_keys": keys,
+        "nonfinite_keys_truncated": truncated,
+    }
+    return {"stored": stored, "raw": None, "histogram": {"edges": [], "counts": []}}
+
+
+def reconstruction_section(**fields: Any) -> dict[str, Any]:
+    """The ``reconstruction`` section of a run that decoded nothing, ``fields`` replacing some."""
+    base = {"sample": 0, "seed": 0, "decoder": None, "metrics": None, "samples": [], "failed": {}, "skipped": None}
+    return {**base, **fields}
+
+
 def checks(passed: bool, std: float) -> list[dict[str, Any]]:
     scale = f"stored std {std:.2f} within 1 ± 0.35" if passed else f"stored std {std:.2f} is not ≈ 1: unscaled?"
     return [
@@ -218,6 +247,7 @@ def kl_case(photos: list[tuple[str, np.ndarray]]) -> tuple[dict[str, Any], dict[
             "model": "stabilityai/sd-vae-ft-mse",
             "preset": "sd15",
             "model_class": "AutoencoderKL",
+            "input_range": "[-1, 1]",
             "constants": constants,
             "columns": {"latent": {"shape": [4, 32, 32], "dtype": "float16"}},
         },
@@ -236,8 +266,12 @@ def kl_case(photos: list[tuple[str, np.ndarray]]) -> tuple[dict[str, Any], dict[
             "applicable": True,
             "manifest": {"scaling_factor": SCALING, "shift_factor": 0.0},
             "recommended": {"scaling_factor": SCALING / std, "shift_factor": mean / std * SCALING},
+            "normalized_std": std,  # the manifest says its constants were applied: stored = normalised
+            "normalized_mean": mean,
             "stored_std": std,
             "stored_mean": mean,
+            "raw_std": std / SCALING,
+            "raw_mean": mean / SCALING,
             "ratio": std,
             "tolerance": 0.35,
             "shift_tolerance": 0.5,
@@ -293,6 +327,7 @@ def vq_case() -> tuple[dict[str, Any], dict[str, Any]]:
             "model": "taming/vqgan-f16-1024",
             "preset": None,
             "model_class": "VQModel",
+            "input_range": "[-1, 1]",
             "constants": {"num_vq_embeddings": size},
             "columns": {"indices": {"shape": [16, 16], "dtype": "int16"}},
         },
@@ -327,7 +362,7 @@ def vq_case() -> tuple[dict[str, Any], dict[str, Any]]:
             "decoder": None,
             "metrics": None,
             "samples": [],
-            "failed": None,
+            "failed": {},
             "skipped": "no decoder for VQ indices configured",
         },
     }
@@ -499,10 +534,20 @@ def test_keys_are_escaped(kl_html: str) -> None:
         "output": hostile,
         "passed": "maybe",
         "checks": [{"name": hostile, "status": hostile, "severity": hostile, "message": hostile}],
-        "encoder": {"type": hostile, "constants": {hostile: hostile}, "columns": {hostile: {"shape": hostile}}},
-        "duplicates": {"groups": 1, "rows": 2, "examples": [{"digest": hostile, "keys": [hostile, EVIL_KEY]}]},
-        "alignment": {"problems": [hostile], "shards": [{"shard": hostile, "status": hostile, hostile: 1}]},
-        "reconstruction": {"skipped": hostile, "failed": {hostile: hostile}},
+        "encoder": encoder_section(
+            type=hostile,
+            model=hostile,
+            constants={hostile: hostile},
+            columns={hostile: {"shape": [4], "dtype": hostile}},
+        ),
+        "duplicates": {
+            "groups": 1,
+            "rows": 2,
+            "truncated": False,
+            "examples": [{"digest": hostile, "keys": [hostile, EVIL_KEY]}],
+        },
+        "alignment": {"totals": {}, "problems": [hostile], "shards": [shard_row(hostile, hostile, 1, 0, 1)]},
+        "reconstruction": reconstruction_section(skipped=hostile, decoder=hostile, failed={hostile: hostile}),
     }
     document = render_html(report)
     doc = parse(document)
@@ -522,14 +567,14 @@ def test_template_escapes_every_report_string() -> None:
         "output": f"s3://b/{key}",
         "passed": False,
         "checks": [{"name": "finite", "status": "fail", "severity": "error", "message": f"1 row: {key}"}],
-        "encoder": {"type": "kl", "constants": {key: 1.0}},
-        "statistics": {key: {"stored": {"rows": 1, "nonfinite_rows": 1, "nonfinite_keys": [key]}}},
-        "alignment": {"problems": [f"shard {key}: no marker"]},
-        "reconstruction": {
-            "skipped": None,
-            "samples": [{"key": key, "shard": key, "psnr": 21.5, "ssim": 0.5}],
-            "failed": {key: f"read: {key}"},
-        },
+        "encoder": encoder_section(constants={key: 1.0}),
+        "statistics": {key: nonfinite_column([key], rows=1, nonfinite=1)},
+        "alignment": {"totals": {}, "problems": [f"shard {key}: no marker"], "shards": []},
+        "reconstruction": reconstruction_section(
+            sample=1,
+            samples=[{"key": key, "shard": key, "psnr": 21.5, "ssim": 0.5, "lpips": None}],
+            failed={key: f"read: {key}"},
+        ),
     }
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     document = render_html(report, images={key: (image, image)})
@@ -581,28 +626,53 @@ def test_missing_and_null_sections() -> None:
     assert [a.get("id") for t, a in parse(document).tags if t == "section"] == []
     assert "No checks recorded." in document
 
+    # Every figure the QA may find NaN or ±inf (report.json: null), or leave uncomputed (None).
+    nan, inf = float("nan"), float("inf")
+    figures = ["normalized_std", "normalized_mean", "stored_std", "stored_mean", "raw_std", "raw_mean"]
+    unplotted = nonfinite_column(["a"], rows=1, nonfinite=1)
+    no_data = {"edges": [0.0, 0.5, 1.0], "counts": [[0, 0]]}  # one channel, no finite value to count
     numbers_null = {
-        "checks": "not a list",
         "scale": {
             "applicable": True,
-            "manifest": None,
-            "recommended": {"scaling_factor": None},
-            "stored_std": None,
-            "stored_mean": float("nan"),
-            "tolerance": None,
+            "message": "normalised latents: std nan is outside 0.74..1.35",
+            "manifest": {"scaling_factor": SCALING, "shift_factor": None},
+            "recommended": {},
+            **dict.fromkeys(figures, nan),
+            "tolerance": 0.35,
+            "shift_tolerance": 0.5,
         },
-        "statistics": {
-            "latent": {
-                "stored": {"channels": [{"channel": 0, "mean": None, "percentiles": None}], "all": None, "rows": None},
-                "raw": None,
-                "histogram": {"edges": [0, 1], "counts": [[None]]},
-            },
-            "broken": [1, 2],
+        "statistics": {"latent": {**unplotted, "histogram": no_data}},
+        "outliers": {
+            "threshold_std": 6.0,
+            "rows": 1,
+            "values": 1,
+            "truncated": False,
+            "worst": [{"key": "a", "channel": 0, "value": inf, "z": nan}],
         },
-        "outliers": {"worst": [None, {"key": None}]},
-        "codebook": {"codebook_size": None, "counts": [None, 3, 0], "top": [{"code": 1}], "dead_codes": [2]},
-        "alignment": {"totals": None, "shards": [{"shard": "00000"}]},
-        "reconstruction": {"metrics": {"psnr": None}, "samples": [{"key": "a", "psnr": None}]},
+        "codebook": {
+            "codebook_size": 3,
+            "total": 0,
+            "out_of_range": 0,
+            "used": 0,
+            "usage": 0.0,
+            "dead": 3,
+            "dead_codes": [0, 1, 2],
+            "dead_codes_truncated": False,
+            "perplexity": nan,
+            "entropy_bits": nan,
+            "top": [],
+            "counts": [0, 0, 0],
+        },
+        "alignment": {
+            "totals": {"manifest_ok": None},
+            "problems": [],
+            "shards": [{**shard_row("00000", "pending", 0, 0, 0), "marker_ok": None, "marker_failed": None}],
+        },
+        "reconstruction": reconstruction_section(
+            sample=1,
+            metrics={"psnr": dict.fromkeys(["mean", "median", "min", "max"], inf), "lpips": None},
+            samples=[{"key": "a", "shard": "00000", "psnr": inf, "ssim": nan, "lpips": None}],
+        ),
     }
     document = render_html(numbers_null, images={"a": (np.zeros((2, 2, 3)), np.full((2, 2), 0.5))})
     assert 'class="section-error"' not in document
@@ -623,18 +693,7 @@ def test_malformed_image_is_reported_not_fatal(kl_case: tuple[dict[str, Any], di
 
 def test_key_lists_are_capped() -> None:
     keys = [f"key-{i:04d}" for i in range(120)]
-    report = {
-        "statistics": {
-            "latent": {
-                "stored": {
-                    "rows": 1000,
-                    "nonfinite_rows": 300,
-                    "nonfinite_keys": keys,
-                    "nonfinite_keys_truncated": True,
-                }
-            }
-        }
-    }
+    report = {"statistics": {"latent": nonfinite_column(keys, rows=1000, nonfinite=300, truncated=True)}}
     document = render_html(report)
     section = document.split('<section id="nonfinite">')[1].split("</section>")[0]
     assert section.count("<code>key-") == KEY_LIST_CAP

@@ -7,8 +7,8 @@ leak unless every figure is closed) and its state is shared between threads, whi
 ``Figure`` is owned by the call that made it. PNGs carry no "Software" text chunk, so the same
 data gives byte-identical images across matplotlib versions.
 
-Inputs are parts of a report dict, read tolerantly (:mod:`latentize.qa.values`): a figure whose
-data is missing or unusable is None, never an exception.
+Inputs are the report's figures as :mod:`latentize.qa.sections` reads them: a number the QA could
+not compute is ``None`` (drawn as missing); a figure without any data to draw is None.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from latentize.qa.values import as_list, as_mapping, is_finite, number, text
+from latentize.qa.values import is_finite, number, text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -94,22 +94,29 @@ def _small_axes(ax: Axes, *, size: float = 8) -> None:
 # --------------------------------------------------------------------------- scale check
 
 
-def scale_plot(scale: Mapping[str, Any]) -> Plot | None:
+def scale_plot(
+    *,
+    manifest: Mapping[str, Any],
+    recommended: Mapping[str, Any],
+    std: float | None,
+    mean: float | None,
+    tolerance: float | None,
+    shift_tolerance: float | None,
+) -> Plot | None:
     """The scale check at a glance: manifest vs recommended constants, and the normalised std
     and mean against their targets with the accepted band shaded.
 
     Args:
-        scale: the report's ``scale`` section.
+        manifest: the manifest's constants (``scaling_factor``, ``shift_factor``...).
+        recommended: the constants the stored latents call for.
+        std, mean: of the normalised latents, the figures the check judges.
+        tolerance, shift_tolerance: the check's bands for the std and the mean.
 
     Returns:
         Up to three panels side by side, or None when none has data.
     """
-    manifest, recommended = as_mapping(scale.get("manifest")), as_mapping(scale.get("recommended"))
     factors = ("scaling_factor", "shift_factor")
     have_factors = any(is_finite(d.get(f)) for d in (manifest, recommended) for f in factors)
-    # The check judges the normalised latents (for raw moments, after applying the constants).
-    std = scale.get("normalized_std", scale.get("stored_std"))
-    mean = scale.get("normalized_mean", scale.get("stored_mean"))
     panels = [p for p, ok in (("factors", have_factors), ("std", is_finite(std)), ("mean", is_finite(mean))) if ok]
     if not panels:
         return None
@@ -118,8 +125,10 @@ def scale_plot(scale: Mapping[str, Any]) -> Plot | None:
     for ax, panel in zip(axes, panels, strict=True):
         if panel == "factors":
             _factors_panel(ax, manifest, recommended, factors)
+        elif panel == "std":
+            _target_panel(ax, panel, number(std), tolerance)
         else:
-            _target_panel(ax, panel, number(std if panel == "std" else mean), scale)
+            _target_panel(ax, panel, number(mean), shift_tolerance)
         ax.tick_params(labelsize=8)
     return _figure_plot(fig, alt="scale check: constants and stored std/mean against their targets")
 
@@ -140,11 +149,10 @@ def _factors_panel(
     ax.margins(y=0.2)
 
 
-def _target_panel(ax: Axes, panel: str, value: float, scale: Mapping[str, Any]) -> None:
+def _target_panel(ax: Axes, panel: str, value: float, tolerance: float | None) -> None:
     """One horizontal bar: the normalised std (target 1) or mean (target 0) and its band."""
     target = 1.0 if panel == "std" else 0.0
-    tol_value = scale.get("tolerance" if panel == "std" else "shift_tolerance")
-    tol = abs(float(tol_value)) if is_finite(tol_value) else None
+    tol = abs(float(tolerance)) if is_finite(tolerance) else None
     inside = True
     if tol is not None:
         # The std band is a ratio band (1/(1+t) .. 1+t): too wide and too narrow alike.
@@ -176,11 +184,20 @@ def _target_panel(ax: Axes, panel: str, value: float, scale: Mapping[str, Any]) 
 # --------------------------------------------------------------------------- statistics
 
 
-def mean_std_plot(channels: Sequence[Mapping[str, Any]], *, title: str, colour: str, targets: bool) -> Plot | None:
+def mean_std_plot(
+    means: Sequence[float | None],
+    stds: Sequence[float | None],
+    *,
+    labels: Sequence[str],
+    title: str,
+    colour: str,
+    targets: bool,
+) -> Plot | None:
     """Per-channel mean as bars with ± std error bars.
 
     Args:
-        channels: the ``channels`` entries of a statistics summary (``mean``, ``std``, ``channel``).
+        means, stds: per channel (None: not computed, no finite value).
+        labels: the channels' labels.
         title: the plot's title and alt text.
         colour: bar colour.
         targets: draw the ±1 lines that normalised latents should sit within.
@@ -188,20 +205,19 @@ def mean_std_plot(channels: Sequence[Mapping[str, Any]], *, title: str, colour: 
     Returns:
         The plot, or None when no channel has a finite mean.
     """
-    means = np.array([number(c.get("mean")) for c in channels])
-    stds = np.array([number(c.get("std")) for c in channels])
-    if not np.isfinite(means).any():
+    mean = np.array([number(m) for m in means])
+    std = np.array([number(s) for s in stds])
+    if not np.isfinite(mean).any():
         return None
-    n = len(channels)
-    labels = [str(c.get("channel", i)) for i, c in enumerate(channels)]
+    n = len(mean)
     fig = _figure(min(16.0, max(6.0, 0.32 * n + 2.5)), 3.2)
     ax = fig.subplots()
     x = np.arange(n)
-    ax.bar(x, np.nan_to_num(means), color=colour, alpha=0.8, label="mean")
+    ax.bar(x, np.nan_to_num(mean), color=colour, alpha=0.8, label="mean")
     ax.errorbar(
         x,
-        means,
-        yerr=np.where(np.isfinite(stds), stds, 0),
+        mean,
+        yerr=np.where(np.isfinite(std), std, 0),
         fmt="none",
         ecolor="black",
         elinewidth=1,
@@ -214,7 +230,7 @@ def mean_std_plot(channels: Sequence[Mapping[str, Any]], *, title: str, colour: 
         for y in (-1.0, 1.0):
             ax.axhline(y, color=_GREY, linestyle=":", linewidth=1)
     if n <= 48:
-        ax.set_xticks(x, labels)
+        ax.set_xticks(x, list(labels))
     ax.set_xlabel("channel", fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="best")
@@ -222,22 +238,21 @@ def mean_std_plot(channels: Sequence[Mapping[str, Any]], *, title: str, colour: 
     return _figure_plot(fig, alt=title)
 
 
-def histogram_plot(histogram: Mapping[str, Any], *, labels: Sequence[str], title: str) -> Plot | None:
+def histogram_plot(
+    edges: Sequence[float], counts: Sequence[Sequence[int]], *, labels: Sequence[str], title: str
+) -> Plot | None:
     """A grid of per-channel histograms with log counts (the first :data:`MAX_HISTOGRAMS`).
 
     Args:
-        histogram: ``{"edges": (B + 1,), "counts": (C, B)}`` (or one channel's (B,) counts).
+        edges: (B + 1,) bin edges, shared by every channel.
+        counts: (C, B) counts per channel.
         labels: channel labels, in order.
         title: the grid's title and alt text.
 
     Returns:
-        The plot, or None without at least two finite edges and one channel.
+        The plot, or None without at least two edges and one channel.
     """
-    edges = np.asarray([number(e) for e in as_list(histogram.get("edges"))], dtype=float)
-    counts = as_list(histogram.get("counts"))
-    if counts and not isinstance(counts[0], (list, tuple)):
-        counts = [counts]  # one channel stored flat
-    if edges.size < 2 or not counts or not np.isfinite(edges).all():
+    if len(edges) < 2 or not counts:
         return None
     n = min(len(counts), MAX_HISTOGRAMS)
     ncols = min(8, n)
@@ -245,28 +260,29 @@ def histogram_plot(histogram: Mapping[str, Any], *, labels: Sequence[str], title
     fig = _figure(1.95 * ncols + 0.3, 1.45 * nrows + 0.45)
     fig.suptitle(title, fontsize=9)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    widths = np.diff(edges)
+    grid = np.asarray(edges, dtype=float)
+    widths = np.diff(grid)
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.set_axis_off()
             continue
-        values = np.asarray([number(v) for v in as_list(counts[i])], dtype=float)
-        ax.set_title(f"ch {labels[i] if i < len(labels) else i}", fontsize=7, pad=2)
+        values = np.asarray(counts[i], dtype=float)
+        ax.set_title(f"ch {labels[i]}", fontsize=7, pad=2)
         ax.tick_params(labelsize=6)
-        if values.size != edges.size - 1 or not (np.nan_to_num(values) > 0).any():
+        if not (values > 0).any():  # a channel without a finite value
             ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=7, transform=ax.transAxes)
             continue
-        ax.bar(edges[:-1], np.nan_to_num(values), width=widths, align="edge", color=BLUE, linewidth=0)
+        ax.bar(grid[:-1], values, width=widths, align="edge", color=BLUE, linewidth=0)
         # Log counts: the tails (outliers, saturation) are what a QA reader looks for.
         ax.set_yscale("log")
-        ax.set_xlim(edges[0], edges[-1])
+        ax.set_xlim(grid[0], grid[-1])
     return _figure_plot(fig, alt=title)
 
 
 # --------------------------------------------------------------------------- codebook
 
 
-def codebook_plot(counts: Sequence[Any], *, total: Any) -> Plot | None:
+def codebook_plot(counts: Sequence[int], *, total: int) -> Plot | None:
     """Codebook usage: code frequencies sorted (log), and the histogram of counts per code.
 
     Args:
@@ -274,10 +290,9 @@ def codebook_plot(counts: Sequence[Any], *, total: Any) -> Plot | None:
         total: indices counted; draws the count every code would have under uniform use.
 
     Returns:
-        The plot, or None when no count is a finite number.
+        The plot, or None without codes.
     """
-    values = np.asarray([number(c) for c in counts], dtype=float)
-    values = values[np.isfinite(values)]
+    values = np.asarray(counts, dtype=float)
     if values.size == 0:
         return None
     fig = _figure(11.0, 3.4)
@@ -295,10 +310,9 @@ def codebook_plot(counts: Sequence[Any], *, total: Any) -> Plot | None:
     left.set_ylabel("count", fontsize=8)
     _small_axes(left)
     right.hist(values, bins=min(60, max(10, int(np.sqrt(values.size)))), color=ORANGE, log=True)
-    if is_finite(total):
-        uniform = float(total) / values.size
-        right.axvline(uniform, color="black", linestyle="--", linewidth=1, label=f"uniform {uniform:.3g}")
-        right.legend(fontsize=7)
+    uniform = float(total) / values.size
+    right.axvline(uniform, color="black", linestyle="--", linewidth=1, label=f"uniform {uniform:.3g}")
+    right.legend(fontsize=7)
     right.set_title("histogram of counts per code", fontsize=9)
     right.set_xlabel("count of a code", fontsize=8)
     right.set_ylabel("codes", fontsize=8)

@@ -7,10 +7,10 @@ air-gapped cluster, and a Content-Security-Policy in the page makes the browser 
 else should a future edit add it.
 
 The page is the Jinja2 template ``templates/report.html.j2`` (with one partial per section
-under ``templates/sections/``) rendered from the plain data :func:`latentize.qa.sections.build_page`
-reads out of the report; :mod:`latentize.qa.plots` draws its figures. Everything in the report
-dict is treated as untrusted text (keys come from the user's dataset): the template environment
-escapes every value it outputs.
+under ``templates/sections/``) rendered from the typed sections :func:`latentize.qa.sections.build_page`
+reads once out of the report; :mod:`latentize.qa.plots` draws its figures. Report text holds
+keys, shard names and paths of the user's dataset: the template environment escapes every value
+it outputs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from latentize.qa.sections import build_page
-from latentize.qa.values import json_ready
+from latentize.qa.values import is_number, json_ready, percent, status_class, text
 
 if TYPE_CHECKING:
     import fsspec
@@ -65,7 +65,7 @@ def write_report(
     """
     clean = json_ready(report)
     json_text = json.dumps(clean, indent=2, allow_nan=False)
-    html_text = render_html(clean, images=images)
+    html_text = _render(clean, images or {})
     base = directory.rstrip("/")
     json_path = f"{base}/report.json"
     html_path = f"{base}/report.html"
@@ -83,12 +83,14 @@ def render_html(
 ) -> str:
     """The report as one self-contained HTML document.
 
-    Sections, in order (a section whose data is absent or ``None`` is left out): header with the
-    verdict and the checks, encoder, scale check, per-channel statistics, non-finite values and
-    outliers, duplicates, alignment, codebook (VQ), reconstruction.
+    Sections, in order (a section the report leaves out, or holds as ``None``, is not shown):
+    header with the verdict and the checks, encoder, data folders, scale check, per-channel
+    statistics, non-finite values and outliers, duplicates, alignment, codebook (VQ),
+    reconstruction.
 
     Args:
-        report: the ``report.json`` dict; any part may be missing or ``None``.
+        report: the report dict of :func:`latentize.qa.run_qa` (numpy values and NaN are
+            allowed: the page shows the :func:`json_ready` values report.json holds).
         images: key -> (original, decoded) arrays, (H, W, 3) uint8, drawn side by side in the
             reconstruction section (worst PSNR first); thumbnails are at most 256 px.
 
@@ -101,7 +103,12 @@ def render_html(
     """
     if not isinstance(report, Mapping):
         raise TypeError(f"report must be a mapping, got {type(report).__name__}")
-    page = build_page(report, images or {})
+    return _render(json_ready(report), images or {})
+
+
+def _render(report: Mapping[str, Any], images: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """:func:`render_html` of a report that is :func:`json_ready` already."""
+    page = build_page(report, images)
     document = _environment().get_template(_PAGE_TEMPLATE).render(page=page, csp=_content_security_policy())
     logger.debug("rendered QA report: %d bytes, %d sections", len(document), len(page.sections))
     return document
@@ -137,6 +144,10 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     env.filters["thousands"] = lambda n: f"{n:,}"
+    env.filters["text"] = text
+    env.filters["percent"] = percent
+    env.filters["status_class"] = status_class
+    env.tests["numeric"] = is_number
     return env
 
 

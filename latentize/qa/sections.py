@@ -1,25 +1,25 @@
-"""What each part of report.html shows, as plain data for the page's template.
+"""What report.html shows: typed sections, read once from the report the QA built.
 
-:func:`build_page` reads a report dict and returns a :class:`Page`: for the header and every
-section a small frozen dataclass of text, numbers, tables (:class:`Table` of :class:`Cell`),
-key lists and :class:`~latentize.qa.plots.Plot` images. Nothing here is markup: values are
-turned into display text (:func:`latentize.qa.values.text`) and the template escapes it all.
-
-The report dict is untrusted (keys come from the user's dataset) and may be partial: every
-builder tolerates missing, ``None`` or mistyped parts, and a section whose data is absent is
-None (left out of the page).
+:func:`build_page` reads the report dict of :mod:`latentize.qa.run` (after
+:func:`~latentize.qa.values.json_ready`: NaN and ±inf are ``None``) into a :class:`Page` of frozen
+dataclasses, one per section, with their figures drawn (:mod:`latentize.qa.plots`); the templates
+under ``templates/`` lay them out and escape every value. A field named like a key of the report
+holds that key's value (:func:`_read`), the others are derived for the page. A top-level part the
+QA did not write (absent or ``None``: no codebook for float latents...) is left out of the page.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from latentize.qa.checks import Check
 from latentize.qa.plots import (
     BLUE,
     MAX_HISTOGRAMS,
@@ -31,16 +31,10 @@ from latentize.qa.plots import (
     pair_image,
     scale_plot,
 )
-from latentize.qa.values import (
-    as_list,
-    as_mapping,
-    is_finite,
-    is_number,
-    percent,
-    percentile,
-    sample_label,
-    text,
-)
+from latentize.qa.values import sample_label, status_class, text
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "CHANNELS_COLLAPSE",
@@ -48,28 +42,29 @@ __all__ = [
     "KEY_LIST_CAP",
     "MAX_PAIRS",
     "SHARDS_COLLAPSE",
-    "AlignmentView",
-    "Cell",
-    "CodebookView",
+    "Alignment",
+    "Codebook",
     "ColumnStats",
-    "DuplicatesView",
-    "EncoderView",
-    "Facts",
-    "FoldersView",
-    "Header",
+    "DuplicateGroup",
+    "Duplicates",
+    "Encoder",
+    "Figures",
+    "FolderRow",
+    "Folders",
     "KeyList",
+    "Nonfinite",
     "NonfiniteBlock",
-    "NonfiniteView",
-    "OutliersView",
+    "Outliers",
     "Page",
     "Pair",
-    "ReconstructionView",
-    "Row",
-    "ScaleView",
+    "Reconstruction",
+    "Rows",
+    "Sample",
+    "Scale",
     "Section",
-    "StatisticsView",
+    "Shard",
+    "Statistics",
     "StatsPart",
-    "Table",
     "build_page",
 ]
 
@@ -86,270 +81,151 @@ FOLDERS_COLLAPSE = 40
 #: At most this many reconstruction pairs are drawn (the worst ones).
 MAX_PAIRS = 64
 
+Report = Mapping[str, Any]
 Images = Mapping[str, tuple[np.ndarray, np.ndarray]]
-
-# Status words mapped to a fixed set of CSS classes: the class attribute never carries report
-# text, so an odd status cannot inject markup or style.
-_STATUS_CLASS = {
-    "pass": "pass",
-    "ok": "pass",
-    "passed": "pass",
-    "committed": "pass",
-    "fail": "fail",
-    "failed": "fail",
-    "error": "fail",
-    "missing": "fail",
-    "mismatch": "fail",
-    "warn": "warn",
-    "warning": "warn",
-    "skip": "skip",
-    "skipped": "skip",
-    "pending": "warn",
-}
+_D = TypeVar("_D", bound="DataclassInstance")
 
 
-# --------------------------------------------------------------------------- building blocks
+def _read(cls: type[_D], part: Mapping[str, Any], **derived: Any) -> _D:
+    """A ``cls`` whose fields named like keys of ``part`` hold their values, the others
+    ``derived``. A key the QA always writes is required; a field with a default reads a key it
+    writes only sometimes (``folder`` of a sample: outputs of several folders only)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in derived and (f.name in part or f.default is dataclasses.MISSING):
+            derived[f.name] = part[f.name]
+    return cls(**derived)
 
 
-@dataclass(frozen=True)
+def _get(part: Mapping[str, Any] | None, key: str) -> Any:
+    """``part[key]``; None for a part the report holds as None (no codebook, no scores...)."""
+    return None if part is None else part[key]
+
+
+def _collapse(count: int, limit: int, what: str) -> str | None:
+    """The ``<details>`` summary of a table of ``count`` rows; None (shown open) up to ``limit``."""
+    return f"{count} {what}" if count > limit else None
+
+
+@dataclass(frozen=True, kw_only=True)
 class KeyList:
     """Keys shown as chips: the first :data:`KEY_LIST_CAP`, how many more there are, and
     ``kept`` (how many the QA run kept) when it kept only some."""
 
     shown: list[str]
-    more: int = 0
+    more: int
     kept: int | None = None
     what: str = "keys"
 
-
-CellKind = Literal["text", "num", "code", "status", "flag", "keys"]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One table cell.
-
-    Attributes:
-        text: what the cell shows.
-        kind: ``text``; ``num`` (right-aligned); ``code`` (a key or name); ``status`` (a
-            coloured badge, ``css`` one of pass/fail/warn/skip); ``flag`` (``css`` good/bad);
-            ``keys`` (the chips of ``keys``).
-    """
-
-    text: str = ""
-    kind: CellKind = "text"
-    css: str = ""
-    keys: KeyList | None = None
-
     @classmethod
-    def of(cls, value: Any) -> Cell:
-        """A value as display text; numbers (ints and floats, not booleans) right-aligned."""
-        return cls(text(value), "num" if is_number(value) else "text")
-
-    @classmethod
-    def code(cls, value: Any) -> Cell:
-        return cls(str(value), "code")
-
-    @classmethod
-    def status(cls, value: Any) -> Cell:
-        word = str(value) if value is not None else "—"
-        return cls(word, "status", _STATUS_CLASS.get(word.strip().lower(), "skip" if value is None else "warn"))
-
-    @classmethod
-    def flag(cls, value: Any, *, bad: bool) -> Cell:
-        return cls(text(value), "flag", "bad" if bad else "good")
-
-
-@dataclass(frozen=True)
-class Row:
-    cells: list[Cell]
-    css: str = ""
-
-
-@dataclass(frozen=True)
-class Table:
-    """A table; with ``summary`` set it is folded into a ``<details>`` under that summary."""
-
-    headers: list[str]
-    rows: list[Row]
-    summary: str | None = None
-
-
-#: A key-value table's rows: label and cell.
-Facts = list[tuple[str, Cell]]
-
-
-def _facts(pairs: Iterable[tuple[str, Any]]) -> Facts:
-    return [(label, value if isinstance(value, Cell) else Cell.of(value)) for label, value in pairs]
-
-
-def _row(values: Sequence[Any], *, css: str = "") -> Row:
-    return Row([v if isinstance(v, Cell) else Cell.of(v) for v in values], css)
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, summary: str | None = None) -> Table:
-    return Table(list(headers), [_row(row) for row in rows], summary)
-
-
-def _key_list(keys: Any, *, total: Any = None, truncated: Any = False, what: str = "keys") -> KeyList:
-    items = [str(k) for k in as_list(keys)]
-    shown = items[:KEY_LIST_CAP]
-    known = max(len(items), int(total) if is_finite(total) else 0)
-    return KeyList(shown, known - len(shown), len(items) if truncated else None, what)
+    def of(
+        cls, keys: Sequence[Any], *, total: int | None = None, truncated: bool = False, what: str = "keys"
+    ) -> KeyList:
+        """``keys`` as the report lists them; ``total``: how many there are in all."""
+        shown = [str(k) for k in keys[:KEY_LIST_CAP]]
+        more = max(len(keys), total or 0) - len(shown)
+        return cls(shown=shown, more=more, kept=len(keys) if truncated else None, what=what)
 
 
 # --------------------------------------------------------------------------- the page
 
 
-@dataclass(frozen=True)
-class Header:
-    """The summary at the top: facts about the run and the checks table (None: no checks)."""
+@dataclass(frozen=True, kw_only=True)
+class Rows:
+    """The header's row counts: data rows, error rows, input shards."""
 
-    facts: Facts
-    checks: Table | None
+    data: int
+    errors: int
+    shards: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Section:
-    """One ``<section>``: its anchor id, title and view (one of the ``*View`` classes, chosen
-    by ``id``), or the error that kept it from being built."""
+    """One ``<section>``: anchor id, title, and its view or the error that kept it from being built."""
 
     id: str
     title: str
-    view: Any = None
+    view: object | None = None
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Page:
-    """Everything report.html shows.
+    """Everything report.html shows: the header (verdict, facts about the run, the checks) and
+    the sections, in page order. ``passed`` None: the report holds no verdict."""
 
-    Attributes:
-        verdict: ``PASS``, ``FAIL`` or ``UNKNOWN`` (the report's ``passed`` is not a boolean).
-        verdict_class: ``pass``, ``fail`` or ``unknown``.
-        output: the output root the report is about, if it says.
-        format_version: the report format, as text.
-    """
+    passed: bool | None = None
+    output: str | None = None
+    generated_at: str | None = None
+    latentize_version: str | None = None
+    format_version: int | None = None
+    rows: Rows | None
+    checks: list[Check]
+    sections: list[Section]
 
-    verdict: str
-    verdict_class: str
-    output: str | None
-    format_version: str
-    header: Header
-    sections: list[Section] = field(default_factory=list)
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed is True else "FAIL" if self.passed is False else "UNKNOWN"
+
+    @property
+    def verdict_class(self) -> str:
+        return self.verdict.lower()
 
 
-def build_page(report: Mapping[str, Any], images: Images) -> Page:
-    """The page of a report dict.
-
-    Args:
-        report: the ``report.json`` dict; any part may be missing or ``None``.
-        images: key -> (original, decoded) (H, W, 3) images for the reconstruction section.
-
-    Returns:
-        The page; sections in a fixed order, those without data left out. A section whose
-        builder raises is kept with its error, so one malformed part does not lose the page.
-    """
-    builders: list[tuple[str, str, Callable[[], Any]]] = [
-        ("encoder", "Encoder", lambda: _encoder_view(report)),
-        ("folders", "Data folders", lambda: _folders_view(report)),
-        ("scale", "Scale check", lambda: _scale_view(report)),
-        ("statistics", "Per-channel statistics", lambda: _statistics_view(report)),
-        ("nonfinite", "Non-finite values and outliers", lambda: _nonfinite_view(report)),
-        ("duplicates", "Duplicates", lambda: _duplicates_view(report)),
-        ("alignment", "Alignment", lambda: _alignment_view(report)),
-        ("codebook", "Codebook", lambda: _codebook_view(report)),
-        ("reconstruction", "Reconstruction", lambda: _reconstruction_view(report, images)),
+def build_page(report: Report, images: Images) -> Page:
+    """The page of a :func:`~latentize.qa.values.json_ready` report, with ``images`` (key ->
+    original and decoded (H, W, 3) arrays) for the reconstruction section. A section whose
+    builder raises is kept with its error: one part the page cannot show loses no other."""
+    builders: list[tuple[str, str, Callable[[], object | None]]] = [
+        ("encoder", "Encoder", lambda: Encoder.read(report)),
+        ("folders", "Data folders", lambda: Folders.read(report)),
+        ("scale", "Scale check", lambda: Scale.read(report)),
+        ("statistics", "Per-channel statistics", lambda: Statistics.read(report)),
+        ("nonfinite", "Non-finite values and outliers", lambda: Nonfinite.read(report)),
+        ("duplicates", "Duplicates", lambda: Duplicates.read(report)),
+        ("alignment", "Alignment", lambda: Alignment.read(report)),
+        ("codebook", "Codebook", lambda: Codebook.read(report)),
+        ("reconstruction", "Reconstruction", lambda: Reconstruction.read(report, images)),
     ]
     sections = []
     for sid, title, build in builders:
         try:
             view = build()
-        except Exception as exc:  # noqa: BLE001 - one malformed section must not lose the report
+        except Exception as exc:  # noqa: BLE001 - one section that cannot be drawn must not lose the report
             logger.exception("QA report: section %r could not be rendered", sid)
-            sections.append(Section(sid, title, error=repr(exc)))
+            sections.append(Section(id=sid, title=title, error=repr(exc)))
             continue
         if view is not None:
-            sections.append(Section(sid, title, view))
-    passed = report.get("passed")
-    # Only a real boolean decides the banner: 1, "yes" or a missing verdict show UNKNOWN.
-    if isinstance(passed, (bool, np.bool_)):
-        verdict, verdict_class = ("PASS", "pass") if passed else ("FAIL", "fail")
-    else:
-        verdict, verdict_class = "UNKNOWN", "unknown"
-    output = report.get("output")
-    return Page(
-        verdict=verdict,
-        verdict_class=verdict_class,
-        output=str(output) if output else None,
-        format_version=text(report.get("format_version")),
-        header=_header_view(report),
-        sections=sections,
-    )
-
-
-def _header_view(report: Mapping[str, Any]) -> Header:
-    rows = as_mapping(report.get("rows"))
-    facts = [
-        ("output", report.get("output")),
-        ("generated", report.get("generated_at")),
-        ("latentize version", report.get("latentize_version")),
-    ]
-    facts += [(f"rows: {k}", rows[k]) for k in ("data", "errors", "shards") if k in rows]
-    checks = [c for c in as_list(report.get("checks")) if isinstance(c, Mapping)]
-    table = None
-    if checks:
-        table = _table(
-            ["check", "status", "severity", "message"],
-            [[c.get("name"), Cell.status(c.get("status")), c.get("severity"), c.get("message")] for c in checks],
-        )
-    return Header(_facts(facts), table)
+            sections.append(Section(id=sid, title=title, view=view))
+    rows, checks = report.get("rows"), [Check(**c) for c in report.get("checks") or []]
+    return _read(Page, report, rows=_read(Rows, rows) if rows else None, checks=checks, sections=sections)
 
 
 # --------------------------------------------------------------------------- encoder, scale
 
 
-@dataclass(frozen=True)
-class EncoderView:
-    facts: Facts
-    constants: Facts
-    columns: Table | None
+@dataclass(frozen=True, kw_only=True)
+class Encoder:
+    """The encoder the latents came from, as the manifest names it; its normalisation constants
+    (None: the manifest records none); the stored columns as (name, shape, dtype)."""
+
+    type: str | None
+    model: str | None
+    preset: str | None
+    model_class: str | None
+    input_range: str | None
+    constants: dict[str, Any] | None
+    columns: list[tuple[str, str, str]]
+
+    @classmethod
+    def read(cls, report: Report) -> Encoder | None:
+        enc = report.get("encoder")
+        if not enc:
+            return None
+        columns = [(name, " × ".join(map(str, c["shape"])), c["dtype"]) for name, c in enc["columns"].items()]
+        return _read(cls, enc, columns=columns)
 
 
-def _encoder_view(report: Mapping[str, Any]) -> EncoderView | None:
-    enc = as_mapping(report.get("encoder"))
-    if not enc:
-        return None
-    first = ("type", "model", "preset", "model_class")
-    facts = [(k, enc[k]) for k in first if k in enc]
-    facts += [(k, v) for k, v in enc.items() if k not in first and k not in ("constants", "columns")]
-    columns = as_mapping(enc.get("columns"))
-    table = None
-    if columns:
-        extra: list[str] = []
-        for spec in columns.values():
-            extra += [k for k in as_mapping(spec) if k not in ("shape", "dtype") and k not in extra]
-        rows = []
-        for name, spec in columns.items():
-            spec = as_mapping(spec)
-            shape = spec.get("shape")
-            shape_text = " × ".join(str(s) for s in shape) if isinstance(shape, (list, tuple)) else shape
-            rows.append([Cell.code(name), shape_text, spec.get("dtype"), *[spec.get(k) for k in extra]])
-        table = _table(["column", "shape", "dtype", *extra], rows)
-    return EncoderView(_facts(facts), _facts(as_mapping(enc.get("constants")).items()), table)
-
-
-@dataclass(frozen=True)
-class ScaleView:
-    """``applicable`` False: the check does not apply (VQ indices); only ``message`` is set."""
-
-    applicable: bool
-    message: str | None
-    plot: Plot | None = None
-    constants: Table | None = None
-    figures: Facts = field(default_factory=list)
-
-
+#: The scale section's figures, in the order the page lists them.
 _SCALE_FIGURES = (
     "normalized_std",
     "normalized_mean",
@@ -362,357 +238,469 @@ _SCALE_FIGURES = (
 )
 
 
-def _scale_view(report: Mapping[str, Any]) -> ScaleView | None:
-    scale = as_mapping(report.get("scale"))
-    if not scale:
-        return None
-    message = scale.get("message")
-    message_text = str(message) if message else None
-    if scale.get("applicable") is False:
-        return ScaleView(False, message_text)
-    manifest, recommended = as_mapping(scale.get("manifest")), as_mapping(scale.get("recommended"))
-    names = list(dict.fromkeys([*manifest, *recommended]))
-    constants = None
-    if names:
-        constants = _table(
-            ["constant", "manifest", "recommended"], [[n, manifest.get(n), recommended.get(n)] for n in names]
+@dataclass(frozen=True, kw_only=True)
+class Scale:
+    """The scale check: its verdict sentence, a plot of the normalised std and mean against
+    their accepted bands, the manifest's constants beside the recommended ones (name, manifest,
+    recommended), and the figures. ``applicable`` False (VQ indices, no data): only ``message``,
+    when the report gives one."""
+
+    applicable: bool
+    message: str | None = None
+    plot: Plot | None = None
+    constants: list[tuple[str, Any, Any]] | None = None
+    figures: dict[str, float | None] | None = None
+
+    @classmethod
+    def read(cls, report: Report) -> Scale | None:
+        scale = report.get("scale")
+        if not scale:
+            return None
+        if not scale["applicable"]:
+            return _read(cls, scale)  # no figures: at most a message
+        manifest, recommended = scale["manifest"], scale["recommended"]
+        plot = scale_plot(
+            manifest=manifest,
+            recommended=recommended,
+            std=scale["normalized_std"],
+            mean=scale["normalized_mean"],
+            tolerance=scale["tolerance"],
+            shift_tolerance=scale["shift_tolerance"],
         )
-    figures = _facts((k, scale.get(k)) for k in _SCALE_FIGURES if k in scale)
-    return ScaleView(True, message_text, scale_plot(scale), constants, figures)
+        names = dict.fromkeys([*manifest, *recommended])
+        constants = [(n, manifest.get(n), recommended.get(n)) for n in names]
+        return _read(cls, scale, plot=plot, constants=constants, figures={k: scale[k] for k in _SCALE_FIGURES})
 
 
 # --------------------------------------------------------------------------- folders
 
 
-@dataclass(frozen=True)
-class FoldersView:
+@dataclass(frozen=True, kw_only=True)
+class FolderRow:
+    """One row of the folders table: a data folder's, or the whole output's (``total``).
+    ``pooled``: per stored float column, the mean and std of its stored values over channels;
+    ``scale``: the scale verdict."""
+
+    name: str
+    total: bool = False
+    size: str
+    resolution: str
+    rows: int | None
+    marker_rows: int | None
+    pooled: list[tuple[float | None, float | None]]
+    codes_used: int | None
+    perplexity: float | None
+    scale: str | None
+    normalized_std: float | None
+    sampled: int | None
+    psnr: float | None
+    ssim: float | None
+
+    @classmethod
+    def folder(cls, name: str, entry: Mapping[str, Any], columns: Sequence[str]) -> FolderRow:
+        """A ``folders`` entry of the report; a folder without data rows has no statistics."""
+        book, scale, rec = entry["codebook"], entry["scale"], entry["reconstruction"]
+        return _read(
+            cls,
+            entry,
+            name=name,
+            size=_size_text(entry["size"]),
+            resolution=_size_text(entry["resolution"]),
+            pooled=[_pooled(entry["statistics"].get(c)) for c in columns],
+            codes_used=_get(book, "used"),
+            perplexity=_get(book, "perplexity"),
+            scale=_get(scale, "status"),
+            normalized_std=_get(scale, "normalized_std"),
+            sampled=_get(rec, "sample"),
+            psnr=_get(rec, "psnr"),
+            ssim=_get(rec, "ssim"),
+        )
+
+    @classmethod
+    def whole(cls, report: Report, folders: Sequence[FolderRow], columns: Sequence[str]) -> FolderRow:
+        """The whole output's row, from the report's totals."""
+        markers = [f.marker_rows for f in folders]
+        book, rec = report["codebook"], report["reconstruction"]
+        metrics = _get(rec, "metrics")
+        verdicts = [c["status"] for c in report["checks"] if c["name"] == "scale"]
+        return cls(
+            name="all",
+            total=True,
+            size="",
+            resolution="",
+            rows=report["rows"]["data"],
+            marker_rows=None if None in markers else sum(m for m in markers if m is not None),
+            pooled=[_pooled(report["statistics"][c]) for c in columns],
+            codes_used=_get(book, "used"),
+            perplexity=_get(book, "perplexity"),
+            scale=verdicts[0] if verdicts else None,
+            normalized_std=report["scale"].get("normalized_std"),  # written when the check applies
+            sampled=_get(rec, "sample"),
+            psnr=metrics["psnr"]["mean"] if metrics else None,
+            ssim=metrics["ssim"]["mean"] if metrics else None,
+        )
+
+
+def _size_text(size: Sequence[int] | None) -> str:
+    return " × ".join(text(v) for v in size) if size else "—"
+
+
+def _pooled(column: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
+    """Mean and std of a column's stored values over channels (None, None: no statistics)."""
+    if column is None:
+        return None, None
+    pooled = column["stored"]["all"]
+    return pooled["mean"], pooled["std"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Folders:
     """One row per data folder (an aspect-ratio bucket or a resolution) and one for the whole
-    output: rows, stored mean and std per column, the scale verdict, reconstruction scores."""
+    output: rows, stored mean and std per column, codebook use (VQ), the scale verdict and
+    reconstruction scores."""
 
-    table: Table
+    columns: list[str]
+    codebook: bool
+    rows: list[FolderRow]
+    summary: str | None
 
+    @property
+    def headers(self) -> list[str]:
+        pooled = [f"{c} {figure}" for c in self.columns for figure in ("mean", "std")]
+        codebook = ["codes used", "perplexity"] if self.codebook else []
+        first = ["folder", "size", "resolution", "rows", "marker rows"]
+        return [*first, *pooled, *codebook, "scale", "normalised std", "sampled", "PSNR (dB)", "SSIM"]
 
-def _size_text(size: Any) -> str:
-    values = as_list(size)
-    return " × ".join(text(v) for v in values) if values else "—"
-
-
-def _folders_view(report: Mapping[str, Any]) -> FoldersView | None:
-    entries = [(str(name), as_mapping(f)) for name, f in as_mapping(report.get("folders")).items()]
-    entries = [(name, f) for name, f in entries if f]
-    if not entries:
-        return None
-    columns = list(dict.fromkeys(c for _, f in entries for c in as_mapping(f.get("statistics"))))
-    codebook = any(as_mapping(f.get("codebook")) for _, f in entries)
-    headers = ["folder", "size", "resolution", "rows", "marker rows"]
-    for c in columns:
-        headers += [f"{c} mean", f"{c} std"]
-    if codebook:
-        headers += ["codes used", "perplexity"]
-    headers += ["scale", "normalised std", "sampled", "PSNR (dB)", "SSIM"]
-    rows = []
-    for name, f in entries:
-        stats = as_mapping(f.get("statistics"))
-        pooled = [as_mapping(as_mapping(as_mapping(stats.get(c)).get("stored")).get("all")) for c in columns]
-        book, scale, rec = (as_mapping(f.get(k)) for k in ("codebook", "scale", "reconstruction"))
-        row: list[Any] = [Cell.code(name), _size_text(f.get("size")), _size_text(f.get("resolution"))]
-        row += [f.get("rows"), f.get("marker_rows")]
-        row += [v for p in pooled for v in (p.get("mean"), p.get("std"))]
-        row += [book.get("used"), book.get("perplexity")] if codebook else []
-        row += [Cell.status(scale.get("status")), scale.get("normalized_std")]
-        row += [rec.get("sample"), rec.get("psnr"), rec.get("ssim")]
-        rows.append(_row(row))
-    rows.append(_row(_folders_total(report, entries, columns, codebook), css="all"))
-    summary = f"{len(entries)} data folders" if len(entries) > FOLDERS_COLLAPSE else None
-    return FoldersView(Table(headers, rows, summary))
-
-
-def _folders_total(
-    report: Mapping[str, Any], entries: list[tuple[str, Mapping[str, Any]]], columns: list[str], codebook: bool
-) -> list[Any]:
-    """The whole output's row of the folders table, from the report's total sections."""
-    stats = as_mapping(report.get("statistics"))
-    markers = [f.get("marker_rows") for _, f in entries]
-    row: list[Any] = ["all", "", "", as_mapping(report.get("rows")).get("data")]
-    row.append(sum(int(m) for m in markers if is_finite(m)) if all(is_finite(m) for m in markers) else None)
-    for c in columns:
-        pooled = as_mapping(as_mapping(as_mapping(stats.get(c)).get("stored")).get("all"))
-        row += [pooled.get("mean"), pooled.get("std")]
-    if codebook:
-        book = as_mapping(report.get("codebook"))
-        row += [book.get("used"), book.get("perplexity")]
-    checks = [c for c in as_list(report.get("checks")) if isinstance(c, Mapping) and c.get("name") == "scale"]
-    verdict = checks[0].get("status") if checks else None
-    row += [Cell.status(verdict), as_mapping(report.get("scale")).get("normalized_std")]
-    rec = as_mapping(report.get("reconstruction"))
-    metrics = as_mapping(rec.get("metrics"))
-    row += [rec.get("sample"), as_mapping(metrics.get("psnr")).get("mean"), as_mapping(metrics.get("ssim")).get("mean")]
-    return row
+    @classmethod
+    def read(cls, report: Report) -> Folders | None:
+        folders = report.get("folders")
+        if not folders:
+            return None
+        columns = list(dict.fromkeys(c for f in folders.values() for c in f["statistics"]))
+        rows = [FolderRow.folder(name, f, columns) for name, f in folders.items()]
+        return cls(
+            columns=columns,
+            codebook=any(f["codebook"] for f in folders.values()),
+            rows=[*rows, FolderRow.whole(report, rows, columns)],
+            summary=_collapse(len(rows), FOLDERS_COLLAPSE, "data folders"),
+        )
 
 
 # --------------------------------------------------------------------------- statistics
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Figures:
+    """One row of a per-channel table: a channel's figures, or (``label`` ``all``) the pooled
+    ones, which count no non-finite values."""
+
+    label: int | str
+    count: int
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    p1: float | None
+    p50: float | None
+    p99: float | None
+    nonfinite: int | None = None
+
+    @classmethod
+    def read(cls, label: int | str, figures: Mapping[str, Any]) -> Figures:
+        p = figures["percentiles"]  # keyed f"{level:g}" (LatentStats.to_dict)
+        return _read(cls, figures, label=label, p1=p["1"], p50=p["50"], p99=p["99"])
+
+
+#: A column's parts: title and plot colour.
+_PARTS = {"stored": ("stored values (as written)", BLUE), "raw": ("raw values (before normalisation)", ORANGE)}
+
+
+@dataclass(frozen=True, kw_only=True)
 class StatsPart:
-    """Stored or raw values of one column: row counts, the per-channel table, mean ± std plot."""
+    """Stored or raw values of one column: rows, rows holding NaN/inf, the per-channel figures
+    and the pooled ones, and a plot of each channel's mean ± std."""
 
     title: str
-    facts: Facts
-    table: Table | None
+    rows: int
+    nonfinite_rows: int
+    channels: list[Figures]
+    pooled: Figures
     plot: Plot | None
+    summary: str | None
+
+    @classmethod
+    def read(cls, column: str, kind: str, part: Mapping[str, Any]) -> StatsPart:
+        title, colour = _PARTS[kind]
+        channels = [Figures.read(c["channel"], c) for c in part["channels"]]
+        plot = mean_std_plot(
+            [c.mean for c in channels],
+            [c.std for c in channels],
+            labels=[str(c.label) for c in channels],
+            title=f"{column}: per-channel mean ± std, {title}",
+            colour=colour,
+            targets=kind == "stored",
+        )
+        return _read(
+            cls,
+            part,
+            title=title.capitalize(),
+            channels=channels,
+            pooled=Figures.read("all", part["all"]),
+            plot=plot,
+            summary=_collapse(len(channels), CHANNELS_COLLAPSE, "channels"),
+        )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ColumnStats:
-    """``channels``: how many channels the histogram data holds (at most
-    :data:`~latentize.qa.plots.MAX_HISTOGRAMS` are drawn)."""
+    """One stored float column: its stored and raw parts (raw only when the manifest's
+    constants map stored values back), and its per-channel histograms (``channels``: how many;
+    at most :data:`~latentize.qa.plots.MAX_HISTOGRAMS` are drawn)."""
 
     name: str
     parts: list[StatsPart]
     histogram: Plot | None
     channels: int
 
+    @classmethod
+    def read(cls, name: str, column: Mapping[str, Any]) -> ColumnStats:
+        parts = [StatsPart.read(name, kind, column[kind]) for kind in _PARTS if column[kind] is not None]
+        counts = column["histogram"]["counts"]
+        histogram = histogram_plot(
+            column["histogram"]["edges"],
+            counts,
+            labels=[str(c["channel"]) for c in column["stored"]["channels"]],
+            title=f"{name}: per-channel histograms (stored values, log counts)",
+        )
+        return cls(name=name, parts=parts, histogram=histogram, channels=len(counts))
 
-@dataclass(frozen=True)
-class StatisticsView:
+
+@dataclass(frozen=True, kw_only=True)
+class Statistics:
+    """Per-channel statistics of every stored float column."""
+
     columns: list[ColumnStats]
     max_histograms: int = MAX_HISTOGRAMS
 
-
-_STATS_HEADERS = ["channel", "count", "mean", "std", "min", "max", "p1", "p50", "p99", "non-finite"]
-
-
-def _stats_row(label: Any, figures: Mapping[str, Any]) -> list[Any]:
-    p = figures.get("percentiles")
-    return [
-        label,
-        *(figures.get(k) for k in ("count", "mean", "std", "min", "max")),
-        percentile(p, 1),
-        percentile(p, 50),
-        percentile(p, 99),
-        figures.get("nonfinite"),
-    ]
-
-
-def _stats_table(part: Mapping[str, Any], channels: list[Mapping[str, Any]]) -> Table | None:
-    rows = [Row([Cell.of(v) for v in _stats_row(c.get("channel", i), c)]) for i, c in enumerate(channels)]
-    total = as_mapping(part.get("all"))
-    if total:
-        rows.append(Row([Cell.of(v) for v in _stats_row("all", total)], css="all"))
-    if not rows:
-        return None
-    summary = f"{len(channels)} channels" if len(channels) > CHANNELS_COLLAPSE else None
-    return Table(_STATS_HEADERS, rows, summary)
-
-
-def _column_stats(column: str, col: Mapping[str, Any]) -> ColumnStats:
-    parts: list[StatsPart] = []
-    labels: list[str] = []
-    for kind, title, colour in (
-        ("stored", "stored values (as written)", BLUE),
-        ("raw", "raw values (before normalisation)", ORANGE),
-    ):
-        part = as_mapping(col.get(kind))
-        if not part:
-            continue
-        channels = [c for c in as_list(part.get("channels")) if isinstance(c, Mapping)]
-        if kind == "stored" or not labels:
-            labels = [str(c.get("channel", i)) for i, c in enumerate(channels)]
-        plot = None
-        if channels:
-            plot = mean_std_plot(
-                channels, title=f"{column}: per-channel mean ± std, {title}", colour=colour, targets=kind == "stored"
-            )
-        facts = _facts((k, part.get(k)) for k in ("rows", "nonfinite_rows") if k in part)
-        parts.append(StatsPart(title.capitalize(), facts, _stats_table(part, channels), plot))
-    histogram = as_mapping(col.get("histogram"))
-    plot = None
-    if histogram:
-        title = f"{column}: per-channel histograms (stored values, log counts)"
-        plot = histogram_plot(histogram, labels=labels, title=title)
-    return ColumnStats(str(column), parts, plot, len(as_list(histogram.get("counts"))))
-
-
-def _statistics_view(report: Mapping[str, Any]) -> StatisticsView | None:
-    columns = [
-        _column_stats(column, as_mapping(col))
-        for column, col in as_mapping(report.get("statistics")).items()
-        if as_mapping(col)
-    ]
-    return StatisticsView(columns) if columns else None
+    @classmethod
+    def read(cls, report: Report) -> Statistics | None:
+        stats = report.get("statistics")
+        return cls(columns=[ColumnStats.read(name, c) for name, c in stats.items()]) if stats else None
 
 
 # --------------------------------------------------------------------------- findings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NonfiniteBlock:
-    """Rows of one column (``kind``: stored or raw) that hold NaN or ±inf."""
+    """Rows of one column's stored or raw values (``kind``) that hold NaN or ±inf."""
 
     column: str
     kind: str
-    rows: str
-    bad: bool
+    rows: int
     keys: KeyList
 
 
-@dataclass(frozen=True)
-class OutliersView:
-    facts: Facts
-    worst: Table | None
+@dataclass(frozen=True, kw_only=True)
+class Outliers:
+    """Values farther than ``threshold_std`` standard deviations from their channel's mean:
+    the rows and values holding them, and the worst as (key, channel, value, z), worst first
+    (``truncated``: the QA run kept only the worst)."""
+
+    threshold_std: float
+    rows: int
+    values: int
+    worst: list[tuple[str, int, float | None, float | None]]
     more: int
     truncated: bool
 
 
-@dataclass(frozen=True)
-class NonfiniteView:
+@dataclass(frozen=True, kw_only=True)
+class Nonfinite:
+    """Non-finite values per column and part, then the outliers."""
+
     blocks: list[NonfiniteBlock]
-    outliers: OutliersView | None
+    outliers: Outliers | None
 
-
-def _outliers_view(outliers: Mapping[str, Any]) -> OutliersView:
-    facts = _facts(
-        [
-            ("threshold (std)", outliers.get("threshold_std")),
-            ("rows", outliers.get("rows")),
-            ("values", outliers.get("values")),
+    @classmethod
+    def read(cls, report: Report) -> Nonfinite | None:
+        blocks = [
+            NonfiniteBlock(
+                column=name,
+                kind=kind,
+                rows=part["nonfinite_rows"],
+                keys=KeyList.of(
+                    part["nonfinite_keys"], total=part["nonfinite_rows"], truncated=part["nonfinite_keys_truncated"]
+                ),
+            )
+            for name, column in (report.get("statistics") or {}).items()
+            for kind in _PARTS
+            if (part := column[kind]) is not None
         ]
-    )
-    worst = [w for w in as_list(outliers.get("worst")) if isinstance(w, Mapping)]
-    table = None
-    if worst:
-        table = _table(
-            ["key", "channel", "value", "z"],
-            [[Cell.code(w.get("key")), w.get("channel"), w.get("value"), w.get("z")] for w in worst[:KEY_LIST_CAP]],
-        )
-    return OutliersView(facts, table, max(0, len(worst) - KEY_LIST_CAP), bool(outliers.get("truncated")))
+        found = report.get("outliers")
+        if not blocks and not found:
+            return None
+        outliers = None
+        if found:
+            worst = [(w["key"], w["channel"], w["value"], w["z"]) for w in found["worst"]]
+            more = max(0, len(worst) - KEY_LIST_CAP)
+            outliers = _read(Outliers, found, worst=worst[:KEY_LIST_CAP], more=more)
+        return cls(blocks=blocks, outliers=outliers)
 
 
-def _nonfinite_view(report: Mapping[str, Any]) -> NonfiniteView | None:
-    blocks = []
-    for column, col in as_mapping(report.get("statistics")).items():
-        for kind in ("stored", "raw"):
-            part = as_mapping(as_mapping(col).get(kind))
-            if not part or ("nonfinite_rows" not in part and "nonfinite_keys" not in part):
-                continue
-            n = part.get("nonfinite_rows")
-            keys = _key_list(part.get("nonfinite_keys"), total=n, truncated=part.get("nonfinite_keys_truncated"))
-            blocks.append(NonfiniteBlock(str(column), kind, text(n), is_finite(n) and n > 0, keys))
-    outliers = as_mapping(report.get("outliers"))
-    if not blocks and not outliers:
-        return None
-    return NonfiniteView(blocks, _outliers_view(outliers) if outliers else None)
+@dataclass(frozen=True, kw_only=True)
+class DuplicateGroup:
+    """Rows whose latents are identical. ``digest``: the first 16 characters of their digest,
+    when the report names it (the QA's report does not: the column stays blank)."""
+
+    digest: str
+    keys: KeyList
+    rows: int
 
 
-@dataclass(frozen=True)
-class DuplicatesView:
-    """``none_found``: the report says there are no groups (and lists none)."""
+@dataclass(frozen=True, kw_only=True)
+class Duplicates:
+    """Groups of rows whose latents are identical (a repeated source image, or latents written
+    under the wrong keys): how many, and the first groups' keys. ``none_found``: no group."""
 
-    facts: Facts
-    none_found: bool
-    groups: Table | None
+    groups: int
+    rows: int
+    examples: list[DuplicateGroup]
     more: int
     truncated: bool
 
+    @property
+    def none_found(self) -> bool:
+        return self.groups == 0 and not self.examples
 
-def _duplicates_view(report: Mapping[str, Any]) -> DuplicatesView | None:
-    dup = as_mapping(report.get("duplicates"))
-    if not dup:
-        return None
-    facts = _facts([("groups", dup.get("groups")), ("rows", dup.get("rows"))])
-    examples = [e for e in as_list(dup.get("examples")) if isinstance(e, Mapping)]
-    if not examples:
-        return DuplicatesView(facts, bool(dup.get("groups") == 0), None, 0, False)
-    rows = []
-    for e in examples[:KEY_LIST_CAP]:
-        digest = str(e.get("digest") or "")
-        keys = as_list(e.get("keys"))
-        short = digest[:16] + ("…" if len(digest) > 16 else "")
-        rows.append([Cell.code(short), len(keys), Cell(kind="keys", keys=_key_list(keys))])
-    table = _table(["digest", "rows", "keys"], rows)
-    return DuplicatesView(facts, False, table, max(0, len(examples) - KEY_LIST_CAP), bool(dup.get("truncated")))
+    @classmethod
+    def read(cls, report: Report) -> Duplicates | None:
+        dup = report.get("duplicates")
+        if not dup:
+            return None
+        examples = [
+            DuplicateGroup(digest=_short(e.get("digest", "")), keys=KeyList.of(e["keys"]), rows=len(e["keys"]))
+            for e in dup["examples"][:KEY_LIST_CAP]
+        ]
+        return _read(cls, dup, examples=examples, more=max(0, len(dup["examples"]) - KEY_LIST_CAP))
+
+
+def _short(digest: str) -> str:
+    return digest[:16] + ("…" if len(digest) > 16 else "")
 
 
 # --------------------------------------------------------------------------- alignment, codebook
 
 
-@dataclass(frozen=True)
-class AlignmentView:
-    """``clean``: the report checked for problems and found none."""
+@dataclass(frozen=True, kw_only=True)
+class Shard:
+    """One input shard's row of the alignment table: its commit status, its data and error
+    rows (and distinct samples, in an output of several folders) and what its marker says."""
 
-    totals: Facts
+    shard: str
+    status: str
+    data_rows: int
+    data_samples: int | None = None
+    error_rows: int
+    marker_ok: int | None
+    marker_failed: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alignment:
+    """Do data rows, error rows, commit markers and the manifest tell one story: the totals,
+    one sentence per disagreement, and one row per input shard. ``samples``: the shard rows
+    count distinct samples too (an output of several folders)."""
+
+    totals: dict[str, int | None]
     problems: list[str]
-    clean: bool
-    shards: Table | None
+    shards: list[Shard]
+    samples: bool
+    summary: str | None
 
-
-def _alignment_view(report: Mapping[str, Any]) -> AlignmentView | None:
-    align = as_mapping(report.get("alignment"))
-    if not align:
-        return None
-    totals = _facts(as_mapping(align.get("totals")).items())
-    problems = [str(p) for p in as_list(align.get("problems"))]
-    shards = [s for s in as_list(align.get("shards")) if isinstance(s, Mapping)]
-    table = None
-    if shards:
-        columns = list(dict.fromkeys(k for s in shards for k in s))
-        rows = [[Cell.status(s.get(c)) if c == "status" else s.get(c) for c in columns] for s in shards]
-        bad = sum(1 for s in shards if _STATUS_CLASS.get(str(s.get("status")).lower()) != "pass")
+    @classmethod
+    def read(cls, report: Report) -> Alignment | None:
+        align = report.get("alignment")
+        if not align:
+            return None
+        shards = [_read(Shard, s) for s in align["shards"]]
+        bad = sum(1 for s in shards if status_class(s.status) != "pass")
         summary = f"{len(shards):,} shards ({bad:,} not ok)" if len(shards) > SHARDS_COLLAPSE else None
-        table = _table(columns, rows, summary=summary)
-    clean = not problems and "problems" in align
-    if not totals and not problems and not clean and table is None:
-        return None
-    return AlignmentView(totals, problems, clean, table)
+        samples = any("data_samples" in s for s in align["shards"])
+        return _read(cls, align, shards=shards, samples=samples, summary=summary)
 
 
-@dataclass(frozen=True)
-class CodebookView:
-    facts: Facts
+@dataclass(frozen=True, kw_only=True)
+class Codebook:
+    """VQ code usage: the figures (codebook size, indices counted and out of range, codes used,
+    dead codes, perplexity, entropy against its maximum), a plot of the code frequencies, the
+    most used codes as (code, count, fraction) and the dead ones."""
+
+    codebook_size: int
+    total: int
+    out_of_range: int
+    used: int
+    usage: float | None
+    dead: int
+    perplexity: float | None
+    entropy_bits: float | None
     plot: Plot | None
-    top: Table | None
-    dead: KeyList | None
+    top: list[tuple[int, int, float | None]]
+    dead_codes: KeyList | None
 
+    @property
+    def max_entropy_bits(self) -> float | None:
+        return round(math.log2(self.codebook_size), 3) if self.codebook_size > 0 else None
 
-def _codebook_view(report: Mapping[str, Any]) -> CodebookView | None:
-    cb = as_mapping(report.get("codebook"))
-    if not cb:
-        return None
-    size = cb.get("codebook_size")
-    oor = cb.get("out_of_range")
-    facts = [
-        ("codebook size", size),
-        ("indices counted", cb.get("total")),
-        ("out of range", None if oor is None else Cell.flag(oor, bad=is_finite(oor) and oor > 0)),
-        ("codes used", cb.get("used")),
-        ("usage", percent(cb.get("usage"))),
-        ("dead codes", cb.get("dead")),
-        ("perplexity", cb.get("perplexity")),
-        ("entropy (bits)", cb.get("entropy_bits")),
-    ]
-    if is_finite(size) and size > 0:
-        facts.append(("max entropy (bits)", round(math.log2(float(size)), 3)))
-    counts = as_list(cb.get("counts"))
-    top = [t for t in as_list(cb.get("top")) if isinstance(t, Mapping)]
-    top_table = None
-    if top:
-        top_table = _table(
-            ["code", "count", "fraction"],
-            [[t.get("code"), t.get("count"), percent(t.get("fraction"))] for t in top[:KEY_LIST_CAP]],
+    @classmethod
+    def read(cls, report: Report) -> Codebook | None:
+        cb = report.get("codebook")
+        if not cb:
+            return None
+        dead = None
+        if cb["dead_codes"]:
+            dead = KeyList.of(cb["dead_codes"], total=cb["dead"], truncated=cb["dead_codes_truncated"], what="codes")
+        return _read(
+            cls,
+            cb,
+            plot=codebook_plot(cb["counts"], total=cb["total"]) if cb["counts"] else None,
+            top=[(t["code"], t["count"], t["fraction"]) for t in cb["top"][:KEY_LIST_CAP]],
+            dead_codes=dead,
         )
-    dead_codes = as_list(cb.get("dead_codes"))
-    dead = None
-    if dead_codes:
-        dead = _key_list(dead_codes, total=cb.get("dead"), truncated=cb.get("dead_codes_truncated"), what="codes")
-    plot = codebook_plot(counts, total=cb.get("total")) if counts else None
-    return CodebookView(_facts(facts), plot, top_table, dead)
 
 
 # --------------------------------------------------------------------------- reconstruction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Sample:
+    """One decoded row: its key, shard (and data folder, in an output of several) and scores."""
+
+    key: str
+    shard: str
+    folder: str | None = None
+    psnr: float | None
+    ssim: float | None
+    lpips: float | None
+
+    @property
+    def label(self) -> str:
+        """The name its images go by (:func:`~latentize.qa.values.sample_label`)."""
+        return sample_label(self.key, self.folder)
+
+    @property
+    def caption(self) -> str:
+        parts = (
+            f"PSNR {text(self.psnr)} dB",
+            f"SSIM {text(self.ssim)}",
+            f"LPIPS {text(self.lpips)}" if self.lpips is not None else "",
+            f"shard {self.shard}",
+            f"folder {self.folder}" if self.folder else "",
+        )
+        return " · ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Pair:
     """An original beside its decode, with the sample's key and metrics."""
 
@@ -721,110 +709,73 @@ class Pair:
     caption: str
 
 
-@dataclass(frozen=True)
-class ReconstructionView:
-    """``images``: keys with an image pair (at most :data:`MAX_PAIRS` are drawn);
-    ``undrawable``: keys whose images are not images; ``empty``: nothing else is set."""
+@dataclass(frozen=True, kw_only=True)
+class Reconstruction:
+    """Decoded latents against their source images: why nothing was decoded (``skipped``),
+    the sample, the metrics' summaries (a metric whose package is missing is None), image
+    pairs worst PSNR first (at most :data:`MAX_PAIRS` of ``images``; ``undrawable``: keys whose
+    arrays are not images), every scored sample, and the keys whose source could not be read
+    as (key, reason)."""
 
     skipped: str | None
-    facts: Facts
-    metrics: Table | None
+    sample: int
+    seed: int
+    decoder: str | None
+    metrics: dict[str, dict[str, float | None] | None] | None
     pairs: list[Pair]
     images: int
     undrawable: list[str]
-    samples: Table | None
-    failed: Table | None
+    samples: list[Sample]
+    folders: bool
+    failed: list[tuple[str, str]]
     failed_more: int
     max_pairs: int = MAX_PAIRS
 
     @property
-    def empty(self) -> bool:
-        return not (
-            self.skipped or self.facts or self.metrics or self.pairs or self.undrawable or self.samples or self.failed
+    def metric_stats(self) -> list[str]:
+        """The metric summaries' columns (``mean``, ``median``...)."""
+        return list(dict.fromkeys(k for m in (self.metrics or {}).values() if m for k in m))
+
+    @classmethod
+    def read(cls, report: Report, images: Images) -> Reconstruction | None:
+        rec = report.get("reconstruction")
+        if not rec:
+            return None
+        samples = [_read(Sample, s) for s in rec["samples"]]
+        # Worst first (identical images, written as null PSNR, last); a stable sort keeps ties.
+        samples.sort(key=lambda s: (0, s.psnr) if s.psnr is not None else (1, 0.0))
+        pairs, undrawable = _pairs(samples, images)
+        failed = list(rec["failed"].items())
+        return _read(
+            cls,
+            rec,
+            pairs=pairs,
+            images=len(images),
+            undrawable=undrawable,
+            samples=samples,
+            folders=any(s.folder is not None for s in samples),
+            failed=failed[:KEY_LIST_CAP],
+            failed_more=max(0, len(failed) - KEY_LIST_CAP),
         )
 
 
-def _sample_sort_key(sample: Mapping[str, Any]) -> tuple[int, float]:
-    psnr = sample.get("psnr")
-    return (0, float(psnr)) if is_finite(psnr) else (1, 0.0)
-
-
-def _metrics_table(metrics: Mapping[str, Any]) -> Table | None:
-    if not metrics:
-        return None
-    stat_names = list(dict.fromkeys(k for m in metrics.values() for k in as_mapping(m)))
-    rows = []
-    for name, m in metrics.items():
-        if isinstance(m, Mapping):
-            rows.append([str(name).upper(), *[m.get(s) for s in stat_names]])
-        else:  # e.g. "lpips": null when the metric's package is missing
-            filler = ["not computed", *[None] * (len(stat_names) - 1)] if stat_names else []
-            rows.append([str(name).upper(), *filler])
-    return _table(["metric", *stat_names], rows)
-
-
-def _caption(sample: Mapping[str, Any]) -> str:
-    parts = (
-        f"PSNR {text(sample.get('psnr'))} dB" if "psnr" in sample else "",
-        f"SSIM {text(sample.get('ssim'))}" if "ssim" in sample else "",
-        f"LPIPS {text(sample.get('lpips'))}" if sample.get("lpips") is not None else "",
-        f"shard {sample.get('shard')}" if sample.get("shard") is not None else "",
-        f"folder {sample.get('folder')}" if sample.get("folder") else "",
-    )
-    return " · ".join(p for p in parts if p) or "no metrics"
-
-
-def _pairs(samples: list[Mapping[str, Any]], images: Images) -> tuple[list[Pair], int, list[str]]:
-    """The drawn pairs (worst first), how many keys have images, and the undrawable keys.
-    A sample and its images go by :func:`~latentize.qa.values.sample_label` (the key, and its
-    folder when the output has several)."""
-    by_key = {sample_label(s.get("key"), s.get("folder")): s for s in samples}
-    # Scored samples worst first, then any images the report holds no metrics for.
-    order = list(by_key) + [str(k) for k in images if str(k) not in by_key]
-    lookup = {str(k): v for k, v in images.items()}
+def _pairs(samples: Sequence[Sample], images: Images) -> tuple[list[Pair], list[str]]:
+    """The drawn pairs (scored samples worst first, then any images without scores) and the
+    keys whose arrays are not images."""
+    by_label = {s.label: s for s in samples}
+    order = [label for label in by_label if label in images] + [k for k in images if k not in by_label]
     pairs: list[Pair] = []
     undrawable: list[str] = []
-    for key in order:
-        if key not in lookup or len(pairs) >= MAX_PAIRS:
-            continue
+    for label in order:
+        if len(pairs) >= MAX_PAIRS:
+            break
+        original, decoded = images[label]
         try:
-            original, decoded = lookup[key]
-            image = pair_image(original, decoded, alt=f"original and decoded {key}")
-        except (ValueError, TypeError) as exc:
-            logger.warning("QA report: cannot draw reconstruction of %r: %s", key, exc)
-            undrawable.append(key)
+            image = pair_image(original, decoded, alt=f"original and decoded {label}")
+        except ValueError as exc:
+            logger.warning("QA report: cannot draw reconstruction of %r: %s", label, exc)
+            undrawable.append(label)
             continue
-        pairs.append(Pair(image, key, _caption(by_key.get(key, {}))))
-    return pairs, sum(1 for k in order if k in lookup), undrawable
-
-
-def _reconstruction_view(report: Mapping[str, Any], images: Images) -> ReconstructionView | None:
-    rec = as_mapping(report.get("reconstruction"))
-    if not rec and not images:
-        return None
-    skipped = rec.get("skipped")
-    facts = _facts((k, rec.get(k)) for k in ("sample", "seed", "decoder") if k in rec)
-    # Worst first whatever order the report holds them in (a stable sort keeps ties as given).
-    samples = sorted((s for s in as_list(rec.get("samples")) if isinstance(s, Mapping)), key=_sample_sort_key)
-    pairs, with_images, undrawable = _pairs(samples, images)
-    samples_table = None
-    if samples:
-        columns = list(dict.fromkeys(k for s in samples for k in s))
-        label = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}
-        rows = [[Cell.code(s.get(c)) if c == "key" else s.get(c) for c in columns] for s in samples]
-        samples_table = _table([label.get(c, c) for c in columns], rows)
-    failed = list(as_mapping(rec.get("failed")).items())
-    failed_table = None
-    if failed:
-        failed_table = _table(["key", "reason"], [[Cell.code(k), v] for k, v in failed[:KEY_LIST_CAP]])
-    return ReconstructionView(
-        skipped=str(skipped) if skipped else None,
-        facts=facts,
-        metrics=_metrics_table(as_mapping(rec.get("metrics"))),
-        pairs=pairs,
-        images=with_images,
-        undrawable=undrawable,
-        samples=samples_table,
-        failed=failed_table,
-        failed_more=max(0, len(failed) - KEY_LIST_CAP),
-    )
+        caption = by_label[label].caption if label in by_label else "no metrics"
+        pairs.append(Pair(image=image, key=label, caption=caption))
+    return pairs, undrawable

@@ -1,8 +1,8 @@
-"""Tolerant reading and plain-text display of report values.
+"""Report values as JSON and as the plain text the HTML page shows.
 
-A report dict may come from a file, an older version or a hand edit: any part may be missing,
-``None``, the wrong type, a numpy scalar or NaN. These helpers read such values without raising
-and turn them into the text the HTML page shows (the page escapes it; nothing here is markup).
+:func:`json_ready` turns the QA's figures (numpy scalars and arrays, NaN, paths) into plain JSON
+values, for ``report.json`` and for the page. The other helpers display such values: the page
+escapes their text (nothing here is markup).
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from typing import Any, TypeGuard
 import numpy as np
 
 __all__ = [
-    "as_list",
-    "as_mapping",
     "is_finite",
     "is_number",
     "json_ready",
     "number",
     "percent",
-    "percentile",
     "sample_label",
+    "status_class",
     "text",
 ]
 
@@ -76,30 +74,18 @@ def _json_key(key: Any) -> Any:
     return str(key)
 
 
-def as_mapping(value: Any) -> Mapping[str, Any]:
-    """``value`` if it is a mapping, else an empty one."""
-    return value if isinstance(value, Mapping) else {}
-
-
-def as_list(value: Any) -> list[Any]:
-    """``value`` as a list if it is a list, tuple or numpy array (with ndim ≥ 1), else ``[]``."""
-    # numpy arrays too: the page may be rendered from a report that has not been through json_ready.
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.ndim else []
-    return list(value) if isinstance(value, (list, tuple)) else []
-
-
-def is_number(value: Any) -> bool:
-    """True for ints and floats (numpy's too, NaN included), False for booleans."""
+def is_number(value: object) -> TypeGuard[float]:
+    """True for ints and floats (numpy's too, NaN included), False for booleans: the values the
+    page right-aligns."""
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
-def number(value: Any) -> float:
-    """``value`` as a float for plotting; NaN for anything that is not a number."""
+def number(value: object) -> float:
+    """``value`` as a float for plotting; NaN for anything that is not a number (``None``)."""
     return float(value) if is_number(value) else math.nan
 
 
-def is_finite(value: Any) -> TypeGuard[float]:
+def is_finite(value: object) -> TypeGuard[float]:
     """True for a number (int or float, numpy's too) that is neither NaN nor ±inf."""
     return is_number(value) and math.isfinite(float(value))
 
@@ -108,11 +94,9 @@ def text(value: Any) -> str:
     """The plain text the page shows for one value.
 
     ``None`` -> ``—``, booleans -> ``yes``/``no``, integers (and integral floats) with thousands
-    separators, other floats to 4 significant digits, NaN/inf spelt out, mappings and lists as
-    compact JSON cut at 400 characters, anything else as ``str``.
+    separators, other floats to 4 significant digits, NaN/inf spelt out (plot labels), mappings
+    and lists as compact JSON cut at 400 characters, anything else as ``str``.
     """
-    if isinstance(value, (np.generic, np.ndarray)):
-        value = value.tolist()
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -133,21 +117,37 @@ def text(value: Any) -> str:
     return str(value)
 
 
-def percent(value: Any) -> str:
-    """A fraction in 0..1 as ``12.3 %``; :func:`text` of anything that is not a finite number."""
-    return f"{float(value) * 100:.1f} %" if is_finite(value) else text(value)
+def percent(value: float | None) -> str:
+    """A fraction in 0..1 as ``12.3 %``; ``—`` for None."""
+    return f"{float(value) * 100:.1f} %" if value is not None else text(value)
 
 
-def percentile(percentiles: Any, q: float) -> Any:
-    """The value of percentile ``q`` in a ``{q: value}`` mapping whichever way its key is spelt
-    (``"1"``, ``"1.0"``, ``1``); None when absent."""
-    for key, value in as_mapping(percentiles).items():
-        try:
-            if float(key) == q:
-                return value
-        except (TypeError, ValueError):
-            continue
-    return None
+# Status words mapped to a fixed set of CSS classes: the class attribute never carries report
+# text, so an odd status cannot inject markup or style.
+_STATUS_CLASS = {
+    "pass": "pass",
+    "ok": "pass",
+    "passed": "pass",
+    "committed": "pass",
+    "fail": "fail",
+    "failed": "fail",
+    "error": "fail",
+    "missing": "fail",
+    "mismatch": "fail",
+    "warn": "warn",
+    "warning": "warn",
+    "skip": "skip",
+    "skipped": "skip",
+    "pending": "warn",
+}
+
+
+def status_class(status: str | None) -> str:
+    """The badge class (``pass``, ``fail``, ``warn`` or ``skip``) of a status word: ``skip``
+    for none, ``warn`` for a word it does not know."""
+    if status is None:
+        return "skip"
+    return _STATUS_CLASS.get(status.strip().lower(), "warn")
 
 
 def sample_label(key: Any, folder: Any = None) -> str:
