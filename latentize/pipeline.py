@@ -10,7 +10,6 @@ plan has passed and left shards to do.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import platform
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from latentize import __version__
-from latentize.columns import join_notes, text_column, to_block
+from latentize.columns import ENCODE_STARTED, REENCODED, join_notes, text_column, to_block
 from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.encoders.base import encoder_batch_size, resolved_source
@@ -32,7 +31,16 @@ from latentize.preprocess.buckets import Targets, resolve_targets
 from latentize.progress import Progress
 from latentize.raystart import init_ray
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
-from latentize.sinks.commit import ENCODE_STARTED, REENCODED_NOTE
+from latentize.sinks.contract import (
+    ColumnSpec,
+    FolderSpec,
+    Manifest,
+    Marker,
+    OutputSection,
+    ShardTotals,
+    Totals,
+    read_manifest,
+)
 from latentize.sources import SOURCES, expand_urls, infer_format, resolve_input_fields, shard_ids
 
 __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
@@ -41,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between progress lines (logged from the start of the execution).
 PROGRESS_EVERY_S = 10.0
+
+#: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
+REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
 
 
 @dataclass
@@ -95,7 +106,7 @@ class Plan:
     pending: list[tuple[str, str]]
     folder: str
     fingerprint: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     #: Commit markers already in the output as JSON text, by shard id (empty for a fresh output).
     markers: dict[str, str]
     #: The output held no run before: nothing to discard, no markers to read.
@@ -128,39 +139,35 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _folders(config: Config, spec: EncoderSpec, targets: Targets) -> dict[str, Any]:
+def _folders(config: Config, spec: EncoderSpec, targets: Targets) -> dict[str, FolderSpec]:
     """Every data folder the run may write: its crop size, resolution and stored shapes."""
-    out: dict[str, Any] = {}
+    out: dict[str, FolderSpec] = {}
     columns_of = tensor_columns(spec, flip=config.preprocess.flip)
     for slot, sizes in enumerate(targets.per_resolution):
         for size in sizes:
             grid = spec.columns_for(size)
-            out[data_folder(size)] = {
-                "size": list(size),
-                "resolution": list(config.preprocess.targets[slot]) if config.preprocess.resolutions else None,
-                "slot": slot,
-                "columns": {
-                    name: {"shape": list(grid[name.removesuffix("_flipped")][0]), "dtype": dtype}
+            out[data_folder(size)] = FolderSpec(
+                size=size,
+                resolution=config.preprocess.targets[slot] if config.preprocess.resolutions else None,
+                slot=slot,
+                columns={
+                    name: ColumnSpec(grid[name.removesuffix("_flipped")][0], dtype)
                     for name, (_, dtype) in columns_of.items()
                 },
-            }
+            )
     return out
 
 
-def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shards: int) -> dict[str, Any]:
+def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shards: int) -> Manifest:
+    columns = tensor_columns(spec, flip=config.preprocess.flip)
     encoder = {**spec.to_manifest(), "preset": config.encoder.preset, "dtype": config.encoder.dtype}
-    encoder["columns"] = {
-        name: {"shape": list(shape), "dtype": dtype}
-        for name, (shape, dtype) in tensor_columns(spec, flip=config.preprocess.flip).items()
-    }
+    encoder["columns"] = {name: ColumnSpec(shape, dtype).to_json() for name, (shape, dtype) in columns.items()}
     folders = _folders(config, spec, targets)
-    return {
-        # 2: several data files per shard (one per staged part), _ledger.parquet.
-        "format_version": 2,
-        "fingerprint": fp,
-        "config": redact(config_to_dict(config)),
-        "encoder": encoder,
-        "preprocess": {
+    return Manifest(
+        fingerprint=fp,
+        config=redact(config_to_dict(config)),
+        encoder=encoder,
+        preprocess={
             "size": list(targets.sizes[0]) if targets.fixed else None,
             "buckets": [[list(size) for size in sizes] for sizes in targets.per_resolution]
             if config.preprocess.buckets is not None
@@ -171,17 +178,17 @@ def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shar
             "decode": "Pillow, EXIF transpose, RGB (alpha on white)",
             "resize": "to cover the crop (aspect kept), bicubic, antialiased; nearest aspect bucket by log ratio",
         },
-        "output": {
-            "format": config.output.format,
-            "dtype": config.output.dtype,
-            "tensor_type": config.output.tensor_type,
-            "data_folders": sorted(folders) if targets.fixed else [],
-            "folders": folders,
-        },
-        "versions": _versions(),
-        "status": "running",
-        "shards": {"total": shards},
-    }
+        output=OutputSection(
+            format=config.output.format,
+            dtype=config.output.dtype,
+            tensor_type=config.output.tensor_type,
+            data_folders=sorted(folders) if targets.fixed else [],
+            folders=folders,
+        ),
+        versions=_versions(),
+        status="running",
+        shards=ShardTotals(total=shards),
+    )
 
 
 def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False) -> Plan:
@@ -206,7 +213,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     folder = data_folder(targets.sizes[0])
     fp = fingerprint(config)
 
-    existing = layout.read_manifest()
+    existing = read_manifest(layout)
     if existing is None:
         # A fresh output costs two requests, however many shards: no markers can exist.
         leftovers = layout.entries()
@@ -228,35 +235,26 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
             existing = None
 
     markers = layout.read_marker_texts() if existing is not None else {}
-    done = {shard for shard, text in markers.items() if _done(json.loads(text), fp, retry_failed=retry_failed)}
+    done = {shard for shard, text in markers.items() if _done(Marker.loads(text), fp, retry_failed=retry_failed)}
     pending = [(url, shard) for url, shard in shards if shard not in done]
     manifest = existing or _manifest(config, spec, fp, targets, len(shards))
     return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None, targets)
 
 
-def _done(marker: dict[str, Any], fp: str, *, retry_failed: bool) -> bool:
-    return marker.get("fingerprint") == fp and not (retry_failed and _retryable(marker))
+def _done(marker: Marker, fp: str, *, retry_failed: bool) -> bool:
+    """Whether a committed shard stays as it is (``--retry-failed`` redoes the retryable)."""
+    return marker.fingerprint == fp and not (retry_failed and marker.retryable)
 
 
-def _retryable(marker: dict[str, Any]) -> bool:
-    """Whether ``--retry-failed`` redoes this committed shard.
-
-    Failed shards, and shards with samples that failed in the encoder (out of memory,
-    non-finite latents: may pass on a retry). Samples that failed to read or decode are
-    properties of their bytes and would fail again, so they alone do not redo a shard.
-    """
-    return marker.get("status") != "ok" or bool(marker.get("failed_by_stage", {}).get("encode"))
-
-
-def _conflict(manifest: dict[str, Any], spec: EncoderSpec, fp: str) -> str | None:
+def _conflict(manifest: Manifest, spec: EncoderSpec, fp: str) -> str | None:
     """Why the run in an output root may not be continued by this one (None: it may).
 
     A different configuration, or other weights under the same configuration (a checkpoint
     overwritten in place, a moved hub revision), would mix two encodings in one dataset.
     """
-    if manifest.get("fingerprint") != fp:
-        return f"with a different configuration (fingerprint {manifest.get('fingerprint')} there, {fp} now)"
-    before = manifest.get("encoder", {}).get("identity", {})
+    if manifest.fingerprint != fp:
+        return f"with a different configuration (fingerprint {manifest.fingerprint} there, {fp} now)"
+    before = manifest.identity
     for field_name in ("sha256", "commit"):
         old, new = before.get(field_name), spec.identity.get(field_name)
         if old and new and old != new:
@@ -316,6 +314,7 @@ class EncodeActor:
             groups = _by_shape(np.asarray(batch["pixels"]), rows, keys)
         columns = tensor_columns(self.spec, flip=self.flip)
         arrays: dict[str, dict[int, np.ndarray]] = {name: {} for name in columns}
+        flagged = np.zeros(n, dtype=bool)
         for group_rows, pixels, group_keys in groups:
             values, reasons, reencoded = self._encode(pixels, group_keys)
             for name, column in values.items():
@@ -324,12 +323,15 @@ class EncodeActor:
             for i, reason in reasons.items():
                 errors[group_rows[i]], stages[group_rows[i]] = reason, "encode"
             for i in reencoded:
+                # The flag for the marker's count, the note for readers of the data.
+                flagged[group_rows[i]] = True
                 notes[group_rows[i]] = join_notes([notes[group_rows[i]], REENCODED_NOTE])
         for name, (shape, dtype) in columns.items():
             out[name] = _tensor_column(arrays[name], n, shape, dtype, fixed=not self.mixed)
         out["error"] = errors
         out["stage"] = stages
         out["notes"] = notes
+        out[REENCODED] = flagged
         # When this call began (epoch seconds): the driver's measure of the encoder's start-up
         # and of the steady state (see RunSummary). Staging reports it and never writes it.
         out[ENCODE_STARTED] = np.full(n, called_at)
@@ -629,32 +631,10 @@ def _build_dataset(
     )
 
 
-@dataclass(frozen=True)
-class _Totals:
-    committed: int
-    failed_shards: int
-    ok: int
-    failed: int
-    reencoded: int
-    folders: dict[str, int]
-
-
-def _totals(markers: dict[str, str], shards: list[tuple[str, str]], fp: str) -> _Totals:
+def _totals(markers: dict[str, str], shards: list[tuple[str, str]], fp: str) -> Totals:
     """What the output holds for ``shards``, from markers the driver already has in memory."""
-    parsed = (json.loads(t) for _, shard in shards if (t := markers.get(shard)) is not None)
-    mine = [m for m in parsed if m.get("fingerprint") == fp]
-    folders: dict[str, int] = {}
-    for m in mine:
-        for folder, rows in m.get("rows", {}).items():
-            folders[folder] = folders.get(folder, 0) + int(rows)
-    return _Totals(
-        committed=len(mine),
-        failed_shards=sum(m.get("status") != "ok" for m in mine),
-        ok=sum(int(m.get("ok", 0)) for m in mine),
-        failed=sum(int(m.get("failed", 0)) for m in mine),
-        reencoded=sum(int(m.get("reencoded_fp32", 0)) for m in mine),
-        folders=dict(sorted(folders.items())),
-    )
+    parsed = (Marker.loads(t) for _, shard in shards if (t := markers.get(shard)) is not None)
+    return Totals.of(m for m in parsed if m.fingerprint == fp)
 
 
 def _check_nodes(config: Config, layout: OutputLayout, urls: list[str]) -> None:
@@ -706,7 +686,7 @@ def run(
     # No Ray yet: a plan error or a run with nothing left to do must not start (and stop) one.
     p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
     if not p.pending:
-        if p.manifest.get("status") == "running":
+        if p.manifest.status == "running":
             t = _close_interrupted(p)
         else:
             t = _totals(p.markers, p.shards, p.fingerprint)
@@ -784,8 +764,8 @@ def _prepare(p: Plan) -> _Execution:
     else:
         removed = layout.discard({shard for _, shard in p.pending}, p.markers)
         logger.info("resume: removed %d leftover object(s) of uncommitted shards", removed)
-    p.manifest["status"] = "running"
-    layout.write_json(layout.manifest_path, p.manifest)
+    p.manifest = p.manifest.with_status("running")
+    layout.write_json(layout.manifest_path, p.manifest.to_json())
     return ex
 
 
@@ -817,9 +797,9 @@ def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor]) -> Com
     return committer
 
 
-def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, timing: _RunTiming) -> _Totals:
+def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, timing: _RunTiming) -> Totals:
     """Rewrites the manifest with the totals of the markers the driver holds, and this run."""
-    p.manifest.setdefault("runs", []).append(
+    p.manifest = p.manifest.with_run(
         {
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -833,7 +813,7 @@ def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, ti
     return _write_totals(p, committer.markers)
 
 
-def _close_interrupted(p: Plan) -> _Totals:
+def _close_interrupted(p: Plan) -> Totals:
     """Closes an output whose last run was killed after its last commit (every shard has a
     marker, the manifest still says running): its leftover staged parts go, and the ledger and
     the manifest's totals are written as that run would have written them. No Ray is needed."""
@@ -843,16 +823,10 @@ def _close_interrupted(p: Plan) -> _Totals:
     return _write_totals(p, p.markers)
 
 
-def _write_totals(p: Plan, markers: dict[str, str]) -> _Totals:
+def _write_totals(p: Plan, markers: dict[str, str]) -> Totals:
     """Writes the manifest with the status and totals of ``markers`` (JSON texts by shard)."""
     t = _totals(markers, p.shards, p.fingerprint)
-    complete = t.committed == len(p.shards) and t.failed_shards == 0
-    m = p.manifest
-    m["status"] = "complete" if complete else "incomplete"
-    m["shards"] = {"total": len(p.shards), "committed": t.committed, "failed": t.failed_shards}
-    m["samples"] = {"ok": t.ok, "failed": t.failed, "reencoded_fp32": t.reencoded}
-    m["output"]["data_folders"] = sorted(set(m["output"]["data_folders"]) | set(t.folders))
-    m["output"]["rows_by_folder"] = t.folders
-    m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    p.layout.write_json(p.layout.manifest_path, m)
+    updated_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    p.manifest = p.manifest.with_totals(t, shards=len(p.shards), updated_at=updated_at)
+    p.layout.write_json(p.layout.manifest_path, p.manifest.to_json())
     return t

@@ -47,8 +47,10 @@ def sample(
     stage: str | None = None,
     caption: bool = True,
     notes: str | None = None,
+    reencoded: bool = False,
 ) -> dict[str, Any]:
-    """One encoded sample row (an error row carries zero tensors, as the encoder actor makes)."""
+    """One encoded sample row (an error row carries zero tensors, as the encoder actor makes;
+    ``reencoded``: the actor re-encoded it in float32, which it flags and notes)."""
     key = f"{shard}{index:04d}"
     failed = error is not None
     return {
@@ -67,6 +69,7 @@ def sample(
         "crop_top": -1 if failed else 0,
         "crop_left": -1 if failed else 80 + index,
         "latent": np.zeros(SHAPE, np.float16) if failed else latent_of(shard, index),
+        "reencoded_fp32": reencoded,
     }
 
 
@@ -88,6 +91,7 @@ def sentinel(shard: str, total: int, error: str | None = None) -> dict[str, Any]
         "crop_top": -1,
         "crop_left": -1,
         "latent": np.zeros(SHAPE, np.float16),
+        "reencoded_fp32": False,
     }
 
 
@@ -137,9 +141,10 @@ def stage(
 
 
 def commit(layout: OutputLayout, done: ShardCommit, *, sink: str = "parquet") -> dict[str, Any]:
+    """The shard's marker, as its file holds it."""
     return commit_shard(
         layout=layout, commit=done, url=f"s3://bucket/{done.shard}.tar", sink_name=sink, fingerprint=FINGERPRINT
-    )
+    ).to_json()
 
 
 def stage_and_track(
@@ -585,7 +590,7 @@ def test_notes_reach_the_parquet_output(layout: OutputLayout, tmp_path: Path) ->
         [
             sample("00000", 0, notes="upscaled from 12x9"),
             sample("00000", 1),
-            sample("00000", 2, notes="re-encoded in float32 (non-finite in the compute dtype)"),
+            sample("00000", 2, notes="re-encoded in float32 (non-finite in the compute dtype)", reencoded=True),
             sentinel("00000", 3),
         ],
         [sample("00001", 0), sentinel("00001", 1)],
