@@ -250,10 +250,10 @@ def local_resources() -> dict[str, float]:
 def _suggested(config: Config, rows: int, resources: dict[str, float]) -> dict[str, int]:
     """``ray.actors`` and ``encoder.batch_size`` for a cluster of ``resources``: the batch size
     the run would use there (GPU or CPU encoders by the rules of
-    :func:`latentize.pipeline.execution_for`), and as many actors as fit, each with at least
+    :func:`latentize.encoders.pool.execution_for`), and as many actors as fit, each with at least
     :data:`MIN_BATCHES_PER_ACTOR` encoder calls of the ``rows`` to encode."""
     from latentize.encoders.base import encoder_batch_size
-    from latentize.pipeline import pool_on_gpu
+    from latentize.encoders.pool import pool_on_gpu
 
     gpu = pool_on_gpu(config, resources.get("GPU", 0.0))
     batch = encoder_batch_size(config, gpu=gpu)
@@ -326,7 +326,8 @@ def estimate_run(
         LatentizeError: as :func:`latentize.pipeline.plan` (bad config, unreadable input,
             another run in the output root).
     """
-    from latentize.pipeline import plan, pool_on_gpu
+    from latentize.encoders.pool import pool_on_gpu
+    from latentize.pipeline import plan
 
     p = plan(config)
     resources = local_resources()

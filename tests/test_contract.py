@@ -17,8 +17,8 @@ from ray.data.block import BlockAccessor
 from latentize.config import config_to_dict, load_config
 from latentize.demo import photo_samples
 from latentize.encoders import ENCODERS
+from latentize.encoders.actor import EncodeActor
 from latentize.encoders.base import resolved_source
-from latentize.pipeline import EncodeActor
 from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import resolve_targets
 from latentize.sinks import OutputLayout, stage_batch
