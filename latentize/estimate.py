@@ -111,9 +111,7 @@ def _decode(rows: list[Any], config: Config, targets: Targets, sample: _Sample) 
     sample.rows += n
     # Error rows stay one row each; a good sample becomes one row per resolution.
     sample.ok += n - sum(e is not None for e in out["error"])
-    fixed = data_folder(targets.sizes[0])
-    folders = out["folder"] if "folder" in out else [fixed] * len(out["error"])
-    for i, (error, folder) in enumerate(zip(out["error"], folders, strict=True)):
+    for i, (error, folder) in enumerate(zip(out["error"], out["folder"], strict=True)):
         if error is None and folder is not None:
             sample.folder_rows[folder] = sample.folder_rows.get(folder, 0) + 1
             sample.sidecar_bytes += sum(len(str(out[c][i] or "").encode()) for c in ("key", "caption", "json"))

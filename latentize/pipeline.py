@@ -316,6 +316,7 @@ def _build_dataset(
             "sink_name": cfg.output.format,
             "compression": cfg.output.compression,
             "tensor_type": cfg.output.tensor_type,
+            "name_folders": not p.targets.fixed,
         },
         batch_format="numpy",
         batch_size=cfg.output.rows_per_part,

@@ -346,6 +346,25 @@ def test_stage_batch_writes_ok_rows_per_shard_and_reports_the_rest(layout: Outpu
     )
 
 
+def test_an_encode_error_names_its_folder_only_in_runs_of_several_sizes(layout: OutputLayout) -> None:
+    # Every row carries its slot and folder (a run of one size too); only a run of several
+    # sizes names the folder in an encode error's reason.
+    rows = [sample("00000", 0, error="non-finite latents", stage="encode"), sentinel("00000", 1)]
+    for r in rows:
+        r["slot"], r["folder"] = (0, FOLDER) if r["index"] >= 0 else (-1, None)
+    for several, reason in ((False, "non-finite latents"), (True, f"at {FOLDER}: non-finite latents")):
+        (report,) = stage_batch(
+            batch_of(rows),
+            layout=layout,
+            tensor_columns=["latent"],
+            folder=FOLDER,
+            sink_name="parquet",
+            compression="zstd",
+            name_folders=several,
+        ).to_pylist()
+        assert [(e["error"], e["slot"]) for e in report["errors"]] == [(reason, 0)]
+
+
 def test_stage_batch_with_all_null_text_columns(layout: OutputLayout) -> None:
     rows = [sample("00000", i, caption=False) for i in range(3)] + [sentinel("00000", 3)]
     batch = batch_of(rows)

@@ -19,6 +19,7 @@ import numpy as np
 from latentize.columns import ENCODE_STARTED, REENCODED, join_notes, text_column, to_block
 from latentize.config import config_from_dict
 from latentize.encoders.base import EncoderSpec, resolved_source
+from latentize.sinks.layout import data_folder
 
 __all__ = ["REENCODED_NOTE", "EncodeActor", "tensor_columns"]
 
@@ -127,8 +128,10 @@ class EncodeActor:
         stages: np.ndarray,
         notes: np.ndarray,
     ) -> tuple[Any, np.ndarray, list[str]]:
-        """Decodes the valid rows' bytes on the device; fills the geometry columns, the error
-        rows and notes; returns the decoded pixels and the rows (and keys) that remain."""
+        """Decodes the valid rows' bytes on the device; fills the geometry, ``slot`` and ``folder``
+        columns (as the read tasks' :func:`~latentize.preprocess.preprocess_batch` gives them: a
+        run of one size, slot 0), the error rows and notes; returns the decoded pixels and the
+        rows (and keys) that remain."""
         from latentize.preprocess.gpu import preprocess_on_device
 
         n = len(batch["key"])
@@ -146,6 +149,10 @@ class EncodeActor:
         import torch
 
         keep = np.array([pos not in decoded.errors for pos in range(len(rows))], dtype=bool)
+        out["slot"] = np.full(n, -1, dtype=np.int32)
+        out["slot"][rows[keep]] = 0
+        out["folder"] = np.full(n, None, dtype=object)
+        out["folder"][rows[keep]] = data_folder(self.config.preprocess.size)
         index = torch.as_tensor(np.flatnonzero(keep), device=decoded.pixels.device)
         return decoded.pixels[index], rows[keep], [k for k, ok in zip(keys, keep, strict=True) if ok]
 

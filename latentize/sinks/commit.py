@@ -154,17 +154,21 @@ def stage_batch(
     sink_name: str,
     compression: str,
     tensor_type: str = FIXED_SHAPE_TENSOR,
+    name_folders: bool = False,
 ) -> pa.Table:
     """Ray map_batches function: stage the ok rows per shard; report parts, errors, sentinels.
 
     Args:
         batch: numpy batch with ``shard``, ``index``, ``total`` (>= 0 on end-of-shard sentinel
             rows), ``error``/``stage`` (str or None), ``read_node`` (sentinels), the passthrough
-            columns and the encoder's tensor columns (N, *shape). A ``folder`` column, when
-            present, names each row's data folder; else every row goes to ``folder``.
+            columns and the encoder's tensor columns (N, *shape). ``folder`` and ``slot``
+            columns (what the read tasks' preprocess gives every row) name each row's data folder
+            and resolution; a batch without them goes to ``folder``, slot 0.
         folder: the data folder of rows without a ``folder`` column.
         sink_name: the output format (a key of ``SINKS``): parts are written in it.
         tensor_type: ``output.tensor_type``, the Arrow layout of tensor columns in Parquet parts.
+        name_folders: the run writes several sizes: the reason of an encode error (one
+            resolution's row) names its folder, ``at WxH: ...``.
 
     Returns:
         An Arrow table of :data:`REPORT_SCHEMA`, one row per shard present in the batch.
@@ -179,7 +183,6 @@ def stage_batch(
     folders = text_column(batch["folder"], n) if "folder" in batch else np.full(n, folder, dtype=object)
     slots = np.asarray(batch["slot"]).astype(np.int32) if "slot" in batch else np.zeros(n, np.int32)
     indices = np.asarray(batch["index"]).astype(np.int64)
-    multi = "slot" in batch
     called = np.asarray(batch[ENCODE_STARTED], dtype=np.float64) if ENCODE_STARTED in batch else np.zeros(0)
     sentinel = totals >= 0
     failed = ~sentinel & np.array([e is not None for e in errors], dtype=bool)
@@ -193,7 +196,7 @@ def stage_batch(
         for i in np.flatnonzero(mine & failed):
             # An error row of a sample-wide failure (slot -1) stands for every resolution.
             slot = int(slots[i]) if stages[i] == "encode" else WHOLE_SAMPLE
-            error = errors[i] if slot < 0 or not multi else f"at {folders[i]}: {errors[i]}"
+            error = errors[i] if slot < 0 or not name_folders else f"at {folders[i]}: {errors[i]}"
             report["errors"].append(
                 {"key": keys[i], "index": int(indices[i]), "stage": stages[i], "error": error, "slot": slot}
             )
