@@ -43,6 +43,7 @@ def main() -> None:
     from latentize.qa import QAOptions, run_qa
     from latentize.qa.run import _columns
     from latentize.qa.scan import DataFilesDatasource, find_rows, list_files, scan_statistics
+    from latentize.sinks.contract import read_manifest, run_markers
 
     root = Path(tempfile.mkdtemp(prefix="latentize-qa-bench-"))
     stored = (sd_like_raw(args.rows, shape=(4, 32, 32)) * 0.18215).astype(np.float16)
@@ -52,9 +53,10 @@ def main() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    manifest = layout.read_manifest()
-    columns = _columns(manifest["encoder"])
-    markers = layout.read_markers()
+    manifest = read_manifest(layout)
+    assert manifest is not None
+    columns = _columns(manifest.encoder)
+    markers = run_markers(layout, manifest)
     files, _, _ = list_files(layout, markers, ["64x64"])
     mb = sum(layout.fs.size(f.path) for f in files) / 1e6
     print(

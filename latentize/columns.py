@@ -19,8 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = [
+    "ENCODE_STARTED",
     "FLIGHT_TYPES",
     "NOTES_SEPARATOR",
+    "REENCODED",
     "TEXT_COLUMNS",
     "flight_array",
     "is_null",
@@ -32,6 +34,14 @@ __all__ = [
 
 #: Joins the non-fatal findings of one sample in its ``notes`` column.
 NOTES_SEPARATOR = "; "
+
+#: The flight column in which the encoder actor stamps when each call began (epoch seconds).
+ENCODE_STARTED = "encode_started"
+
+#: The flight column that flags a sample the encoder re-encoded in float32 (its latents were
+#: not finite in the compute dtype): staging counts these per part, for the marker's
+#: ``reencoded_fp32``. Never stored: the sample's ``notes`` say it to readers of the data.
+REENCODED = "reencoded_fp32"
 
 #: The Arrow type of every column other than pixels and tensors that crosses a stage. A new
 #: column that travels between stages belongs here (``tests/test_columns.py`` checks every
@@ -60,7 +70,9 @@ FLIGHT_TYPES: dict[str, pa.DataType] = {
     "crop_top": pa.int32(),
     "crop_left": pa.int32(),
     # When the encoder call that made the row began (epoch seconds).
-    "encode_started": pa.float64(),
+    ENCODE_STARTED: pa.float64(),
+    # The encoder re-encoded the row in float32 (set by the encoder actor).
+    REENCODED: pa.bool_(),
 }
 
 #: The nullable string columns that travel between stages.

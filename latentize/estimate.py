@@ -111,9 +111,7 @@ def _decode(rows: list[Any], config: Config, targets: Targets, sample: _Sample) 
     sample.rows += n
     # Error rows stay one row each; a good sample becomes one row per resolution.
     sample.ok += n - sum(e is not None for e in out["error"])
-    fixed = data_folder(targets.sizes[0])
-    folders = out["folder"] if "folder" in out else [fixed] * len(out["error"])
-    for i, (error, folder) in enumerate(zip(out["error"], folders, strict=True)):
+    for i, (error, folder) in enumerate(zip(out["error"], out["folder"], strict=True)):
         if error is None and folder is not None:
             sample.folder_rows[folder] = sample.folder_rows.get(folder, 0) + 1
             sample.sidecar_bytes += sum(len(str(out[c][i] or "").encode()) for c in ("key", "caption", "json"))
@@ -250,10 +248,10 @@ def local_resources() -> dict[str, float]:
 def _suggested(config: Config, rows: int, resources: dict[str, float]) -> dict[str, int]:
     """``ray.actors`` and ``encoder.batch_size`` for a cluster of ``resources``: the batch size
     the run would use there (GPU or CPU encoders by the rules of
-    :func:`latentize.pipeline.execution_for`), and as many actors as fit, each with at least
+    :func:`latentize.encoders.pool.execution_for`), and as many actors as fit, each with at least
     :data:`MIN_BATCHES_PER_ACTOR` encoder calls of the ``rows`` to encode."""
     from latentize.encoders.base import encoder_batch_size
-    from latentize.pipeline import pool_on_gpu
+    from latentize.encoders.pool import pool_on_gpu
 
     gpu = pool_on_gpu(config, resources.get("GPU", 0.0))
     batch = encoder_batch_size(config, gpu=gpu)
@@ -326,7 +324,8 @@ def estimate_run(
         LatentizeError: as :func:`latentize.pipeline.plan` (bad config, unreadable input,
             another run in the output root).
     """
-    from latentize.pipeline import plan, pool_on_gpu
+    from latentize.encoders.pool import pool_on_gpu
+    from latentize.pipeline import plan
 
     p = plan(config)
     resources = local_resources()

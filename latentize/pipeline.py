@@ -10,29 +10,35 @@ plan has passed and left shards to do.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from latentize import __version__
-from latentize.columns import join_notes, text_column, to_block
-from latentize.config import Config, config_from_dict, config_to_dict, fingerprint, redact
+from latentize.config import Config, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
-from latentize.encoders.base import encoder_batch_size, resolved_source
+from latentize.encoders.actor import EncodeActor, tensor_columns
+from latentize.encoders.base import resolved_source
+from latentize.encoders.pool import Execution, resolve_execution
 from latentize.errors import LatentizeError
 from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
 from latentize.progress import Progress
 from latentize.raystart import init_ray
 from latentize.sinks import SINKS, Committer, OutputLayout, data_folder, stage_batch
-from latentize.sinks.commit import ENCODE_STARTED, REENCODED_NOTE
+from latentize.sinks.contract import (
+    ColumnSpec,
+    FolderSpec,
+    Manifest,
+    Marker,
+    OutputSection,
+    ShardTotals,
+    Totals,
+    read_manifest,
+)
 from latentize.sources import SOURCES, expand_urls, infer_format, resolve_input_fields, shard_ids
 
 __all__ = ["EncodeActor", "RunSummary", "plan", "run"]
@@ -95,7 +101,7 @@ class Plan:
     pending: list[tuple[str, str]]
     folder: str
     fingerprint: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     #: Commit markers already in the output as JSON text, by shard id (empty for a fresh output).
     markers: dict[str, str]
     #: The output held no run before: nothing to discard, no markers to read.
@@ -128,39 +134,35 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _folders(config: Config, spec: EncoderSpec, targets: Targets) -> dict[str, Any]:
+def _folders(config: Config, spec: EncoderSpec, targets: Targets) -> dict[str, FolderSpec]:
     """Every data folder the run may write: its crop size, resolution and stored shapes."""
-    out: dict[str, Any] = {}
+    out: dict[str, FolderSpec] = {}
     columns_of = tensor_columns(spec, flip=config.preprocess.flip)
     for slot, sizes in enumerate(targets.per_resolution):
         for size in sizes:
             grid = spec.columns_for(size)
-            out[data_folder(size)] = {
-                "size": list(size),
-                "resolution": list(config.preprocess.targets[slot]) if config.preprocess.resolutions else None,
-                "slot": slot,
-                "columns": {
-                    name: {"shape": list(grid[name.removesuffix("_flipped")][0]), "dtype": dtype}
+            out[data_folder(size)] = FolderSpec(
+                size=size,
+                resolution=config.preprocess.targets[slot] if config.preprocess.resolutions else None,
+                slot=slot,
+                columns={
+                    name: ColumnSpec(grid[name.removesuffix("_flipped")][0], dtype)
                     for name, (_, dtype) in columns_of.items()
                 },
-            }
+            )
     return out
 
 
-def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shards: int) -> dict[str, Any]:
+def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shards: int) -> Manifest:
+    columns = tensor_columns(spec, flip=config.preprocess.flip)
     encoder = {**spec.to_manifest(), "preset": config.encoder.preset, "dtype": config.encoder.dtype}
-    encoder["columns"] = {
-        name: {"shape": list(shape), "dtype": dtype}
-        for name, (shape, dtype) in tensor_columns(spec, flip=config.preprocess.flip).items()
-    }
+    encoder["columns"] = {name: ColumnSpec(shape, dtype).to_json() for name, (shape, dtype) in columns.items()}
     folders = _folders(config, spec, targets)
-    return {
-        # 2: several data files per shard (one per staged part), _ledger.parquet.
-        "format_version": 2,
-        "fingerprint": fp,
-        "config": redact(config_to_dict(config)),
-        "encoder": encoder,
-        "preprocess": {
+    return Manifest(
+        fingerprint=fp,
+        config=redact(config_to_dict(config)),
+        encoder=encoder,
+        preprocess={
             "size": list(targets.sizes[0]) if targets.fixed else None,
             "buckets": [[list(size) for size in sizes] for sizes in targets.per_resolution]
             if config.preprocess.buckets is not None
@@ -171,17 +173,17 @@ def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shar
             "decode": "Pillow, EXIF transpose, RGB (alpha on white)",
             "resize": "to cover the crop (aspect kept), bicubic, antialiased; nearest aspect bucket by log ratio",
         },
-        "output": {
-            "format": config.output.format,
-            "dtype": config.output.dtype,
-            "tensor_type": config.output.tensor_type,
-            "data_folders": sorted(folders) if targets.fixed else [],
-            "folders": folders,
-        },
-        "versions": _versions(),
-        "status": "running",
-        "shards": {"total": shards},
-    }
+        output=OutputSection(
+            format=config.output.format,
+            dtype=config.output.dtype,
+            tensor_type=config.output.tensor_type,
+            data_folders=sorted(folders) if targets.fixed else [],
+            folders=folders,
+        ),
+        versions=_versions(),
+        status="running",
+        shards=ShardTotals(total=shards),
+    )
 
 
 def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False) -> Plan:
@@ -206,7 +208,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     folder = data_folder(targets.sizes[0])
     fp = fingerprint(config)
 
-    existing = layout.read_manifest()
+    existing = read_manifest(layout)
     if existing is None:
         # A fresh output costs two requests, however many shards: no markers can exist.
         leftovers = layout.entries()
@@ -228,35 +230,26 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
             existing = None
 
     markers = layout.read_marker_texts() if existing is not None else {}
-    done = {shard for shard, text in markers.items() if _done(json.loads(text), fp, retry_failed=retry_failed)}
+    done = {shard for shard, text in markers.items() if _done(Marker.loads(text), fp, retry_failed=retry_failed)}
     pending = [(url, shard) for url, shard in shards if shard not in done]
     manifest = existing or _manifest(config, spec, fp, targets, len(shards))
     return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None, targets)
 
 
-def _done(marker: dict[str, Any], fp: str, *, retry_failed: bool) -> bool:
-    return marker.get("fingerprint") == fp and not (retry_failed and _retryable(marker))
+def _done(marker: Marker, fp: str, *, retry_failed: bool) -> bool:
+    """Whether a committed shard stays as it is (``--retry-failed`` redoes the retryable)."""
+    return marker.fingerprint == fp and not (retry_failed and marker.retryable)
 
 
-def _retryable(marker: dict[str, Any]) -> bool:
-    """Whether ``--retry-failed`` redoes this committed shard.
-
-    Failed shards, and shards with samples that failed in the encoder (out of memory,
-    non-finite latents: may pass on a retry). Samples that failed to read or decode are
-    properties of their bytes and would fail again, so they alone do not redo a shard.
-    """
-    return marker.get("status") != "ok" or bool(marker.get("failed_by_stage", {}).get("encode"))
-
-
-def _conflict(manifest: dict[str, Any], spec: EncoderSpec, fp: str) -> str | None:
+def _conflict(manifest: Manifest, spec: EncoderSpec, fp: str) -> str | None:
     """Why the run in an output root may not be continued by this one (None: it may).
 
     A different configuration, or other weights under the same configuration (a checkpoint
     overwritten in place, a moved hub revision), would mix two encodings in one dataset.
     """
-    if manifest.get("fingerprint") != fp:
-        return f"with a different configuration (fingerprint {manifest.get('fingerprint')} there, {fp} now)"
-    before = manifest.get("encoder", {}).get("identity", {})
+    if manifest.fingerprint != fp:
+        return f"with a different configuration (fingerprint {manifest.fingerprint} there, {fp} now)"
+    before = manifest.identity
     for field_name in ("sha256", "commit"):
         old, new = before.get(field_name), spec.identity.get(field_name)
         if old and new and old != new:
@@ -264,305 +257,8 @@ def _conflict(manifest: dict[str, Any], spec: EncoderSpec, fp: str) -> str | Non
     return None
 
 
-class EncodeActor:
-    """Ray actor body: holds one encoder replica; encodes the valid rows of each batch.
-
-    Rows that are sentinels or already errors pass through with zero tensors; samples the
-    encoder rejects (non-finite even in float32) become ``encode`` error rows. With
-    ``decode="gpu"`` the batch carries encoded ``image`` bytes, decoded here on the actor's
-    device (what the device decoder rejects goes through the CPU path, per sample).
-
-    Safe under Ray's threaded actors: two calls in flight overlap one batch's copies and decode
-    with the other's compute (:meth:`TorchEncoder.encode` serialises the model itself).
-    """
-
-    def __init__(
-        self, *, config: dict[str, Any], spec: EncoderSpec, cpu_threads: int | None = None, decode: str = "cpu"
-    ) -> None:
-        import torch
-
-        from latentize.encoders import ENCODERS
-
-        if cpu_threads:
-            # Ray pins a 1-CPU actor to one thread; a CPU-only encoder may use its share of cores.
-            torch.set_num_threads(cpu_threads)
-        # Batches are read-only zero-copy views, which the encoder never writes into. Set once
-        # for the process: catch_warnings is not thread-safe, and calls run in two threads.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self.config = config_from_dict(config)
-        self.spec = spec
-        self.decode = decode
-        self.mixed = not self.config.preprocess.fixed_size
-        self.flip = self.config.preprocess.flip
-        self.encoder = ENCODERS.get(resolved_source(self.config)[0])(config=self.config, spec=spec)
-        logger.info("encoder actor ready on %s (%s), decode on %s", self.encoder.device, self.encoder.dtype, decode)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        """Encodes one numpy batch; returns its block (an Arrow table, columns at their fixed
-        types: a batch of failed or end-of-shard rows only must not type them otherwise)."""
-        called_at = time.time()
-        n = len(batch["key"])
-        errors = text_column(batch["error"], n)
-        stages = text_column(batch["stage"], n)
-        notes = text_column(batch.get("notes"), n)
-        valid = (np.asarray(batch["total"]) < 0) & np.array([e is None for e in errors], dtype=bool)
-        rows = np.flatnonzero(valid)
-        keys = [str(k) for k in np.asarray(batch["key"], dtype=object)[rows]]
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "image")}
-        if self.decode == "gpu":
-            pixels, rows, keys = self._decode(batch, rows, keys, out, errors, stages, notes)
-            groups = [(rows, pixels, keys)]
-        else:
-            groups = _by_shape(np.asarray(batch["pixels"]), rows, keys)
-        columns = tensor_columns(self.spec, flip=self.flip)
-        arrays: dict[str, dict[int, np.ndarray]] = {name: {} for name in columns}
-        for group_rows, pixels, group_keys in groups:
-            values, reasons, reencoded = self._encode(pixels, group_keys)
-            for name, column in values.items():
-                for i, row in enumerate(group_rows):
-                    arrays[name][int(row)] = column[i]
-            for i, reason in reasons.items():
-                errors[group_rows[i]], stages[group_rows[i]] = reason, "encode"
-            for i in reencoded:
-                notes[group_rows[i]] = join_notes([notes[group_rows[i]], REENCODED_NOTE])
-        for name, (shape, dtype) in columns.items():
-            out[name] = _tensor_column(arrays[name], n, shape, dtype, fixed=not self.mixed)
-        out["error"] = errors
-        out["stage"] = stages
-        out["notes"] = notes
-        # When this call began (epoch seconds): the driver's measure of the encoder's start-up
-        # and of the steady state (see RunSummary). Staging reports it and never writes it.
-        out[ENCODE_STARTED] = np.full(n, called_at)
-        return to_block(out)
-
-    def _encode(self, pixels: Any, keys: list[str]) -> tuple[dict[str, np.ndarray], dict[int, str], list[int]]:
-        """Encodes one group of same-size crops and, with ``preprocess.flip``, their mirror
-        images (which draw their own ``sample`` noise: another key). Returns the output columns,
-        the errors by position (a sample fails when either encoding does) and the positions
-        re-encoded in float32."""
-        results = {"": self.encoder.encode(pixels, keys, mixed=self.mixed)}
-        if self.flip:
-            flipped_keys = [f"{k}\0flipped" for k in keys]
-            results["_flipped"] = self.encoder.encode(_mirror(pixels), flipped_keys, mixed=self.mixed)
-        values = {name + suffix: r.arrays[name] for suffix, r in results.items() for name in self.spec.columns}
-        reasons = {pos: reason for r in results.values() for pos, reason in r.errors.items()}
-        reencoded = sorted({pos for r in results.values() for pos in r.reencoded})
-        return values, reasons, reencoded
-
-    def _decode(
-        self,
-        batch: dict[str, np.ndarray],
-        rows: np.ndarray,
-        keys: list[str],
-        out: dict[str, Any],
-        errors: np.ndarray,
-        stages: np.ndarray,
-        notes: np.ndarray,
-    ) -> tuple[Any, np.ndarray, list[str]]:
-        """Decodes the valid rows' bytes on the device; fills the geometry columns, the error
-        rows and notes; returns the decoded pixels and the rows (and keys) that remain."""
-        from latentize.preprocess.gpu import preprocess_on_device
-
-        n = len(batch["key"])
-        images = [None if v is None else bytes(v) for v in np.asarray(batch["image"], dtype=object)[rows]]
-        decoded = preprocess_on_device(images, keys, config=self.config.preprocess, device=self.encoder.device)
-        for name in ("width", "height", "crop_top", "crop_left"):
-            column = np.full(n, -1, dtype=np.int32)
-            column[rows] = getattr(decoded, name)
-            out[name] = column
-        for pos, note in enumerate(decoded.notes):
-            if note:
-                notes[rows[pos]] = join_notes([notes[rows[pos]], note])
-        for pos, (stage, reason) in decoded.errors.items():
-            errors[rows[pos]], stages[rows[pos]] = reason, stage
-        import torch
-
-        keep = np.array([pos not in decoded.errors for pos in range(len(rows))], dtype=bool)
-        index = torch.as_tensor(np.flatnonzero(keep), device=decoded.pixels.device)
-        return decoded.pixels[index], rows[keep], [k for k, ok in zip(keys, keep, strict=True) if ok]
-
-
-def tensor_columns(spec: EncoderSpec, *, flip: bool) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The stored tensor columns: the encoder's, and with ``flip`` a ``<name>_flipped`` twin each."""
-    columns = dict(spec.columns)
-    if flip:
-        columns.update({f"{name}_flipped": value for name, value in spec.columns.items()})
-    return columns
-
-
-def _by_shape(pixels: np.ndarray, rows: np.ndarray, keys: list[str]) -> list[tuple[np.ndarray, Any, list[str]]]:
-    """Groups the valid ``rows`` by crop size: ``(rows, stacked pixels (n, H, W, 3), keys)``.
-
-    A fixed-size run hands over one (N, H, W, 3) array, one group; a run of several sizes an
-    object array of (H, W, 3) arrays, one group per size (the encoder never pads across sizes).
-    """
-    if pixels.dtype != object:
-        return [(rows, pixels[rows], keys)] if len(rows) else []
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for pos, row in enumerate(rows):
-        by_size.setdefault(tuple(pixels[row].shape), []).append(pos)
-    return [
-        (rows[positions], np.stack([pixels[rows[p]] for p in positions]), [keys[p] for p in positions])
-        for positions in by_size.values()
-    ]
-
-
-def _mirror(pixels: Any) -> Any:
-    """Horizontally flipped crops: (n, H, W, 3), numpy or torch."""
-    if isinstance(pixels, np.ndarray):
-        return np.ascontiguousarray(pixels[:, :, ::-1])
-    import torch
-
-    return torch.flip(pixels, dims=[2]).contiguous()
-
-
-def _tensor_column(
-    values: dict[int, np.ndarray], n: int, shape: tuple[int, ...], dtype: str, *, fixed: bool
-) -> np.ndarray:
-    """One output tensor column: (n, *shape) zeros-filled for a fixed-size run; else an object
-    array of per-row arrays (empty ones where a row holds no latent)."""
-    if fixed:
-        column = np.zeros((n, *shape), dtype=dtype)
-        for row, value in values.items():
-            column[row] = value
-        return column
-    out = np.empty(n, dtype=object)
-    empty = np.zeros((*shape[:-2], 0, 0), dtype=dtype)
-    for row in range(n):
-        out[row] = values.get(row, empty)
-    return out
-
-
-@dataclass(frozen=True)
-class _Execution:
-    """How the encoder pool runs, resolved against the cluster.
-
-    Attributes:
-        remote_args: Ray resources per encoder actor.
-        actors: the pool size.
-        cpu_threads: torch threads of a CPU actor (None on GPUs).
-        gpu: the actors hold GPUs.
-        decode: ``gpu`` (bytes go to the actors) or ``cpu`` (pixels do).
-        batch_size: images per encoder call.
-    """
-
-    remote_args: dict[str, Any]
-    actors: int
-    cpu_threads: int | None
-    gpu: bool
-    decode: str
-    batch_size: int
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "actors": self.actors,
-            "gpus_per_actor": self.remote_args.get("num_gpus", 0),
-            "decode": self.decode,
-            "batch_size": self.batch_size,
-        }
-
-
-#: With several crop sizes, a Ray batch holds this many encoder chunks at most, so that the
-#: groups it splits into by shape stay near a chunk each (buckets are uneven: a few hold most).
-MIXED_BATCH_CHUNKS = 8
-
-
-def pool_on_gpu(config: Config, gpus: float) -> bool:
-    """Whether the encoder actors run on GPUs in a cluster of ``gpus`` GPUs (else on CPU)."""
-    per_actor = config.ray.gpus_per_actor
-    return per_actor > 0 and gpus >= per_actor and config.encoder.device != "cpu"
-
-
-def _execution(config: Config, *, shapes: int = 1) -> _Execution:
-    """:func:`execution_for` the cluster Ray is connected to (and where its actors see CUDA)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpu = pool_on_gpu(config, resources.get("GPU", 0.0))
-    asks = gpu and config.preprocess.decode == "auto" and config.preprocess.fixed_size
-    gpu_decode = asks and _few_cpus_per_gpu(resources) and _actors_see_cuda(config.ray.gpus_per_actor)
-    return execution_for(config, resources, shapes=shapes, gpu_decode=gpu_decode)
-
-
-def execution_for(
-    config: Config, resources: dict[str, float], *, shapes: int = 1, gpu_decode: bool = False
-) -> _Execution:
-    """Ray resources per encoder actor, the pool size, torch threads for CPU actors, where to
-    decode and the batch size (of ``shapes`` crop sizes: larger batches for several), for a
-    cluster of ``resources`` (``ray.cluster_resources()``: ``GPU``, ``CPU``).
-
-    Args:
-        gpu_decode: what ``preprocess.decode: auto`` picks for a fixed-size run on GPUs: the
-            actors' GPUs are CUDA devices and the cluster has few CPUs per GPU.
-
-    Raises:
-        LatentizeError: ``preprocess.decode: gpu`` in a run of several sizes.
-    """
-    gpus = resources.get("GPU", 0.0)
-    per_actor = config.ray.gpus_per_actor
-    actors = config.ray.actors
-    cpu_threads: int | None = None
-    gpu = pool_on_gpu(config, gpus)
-    if gpu:
-        fit = int(gpus // per_actor)
-        if actors > fit:
-            logger.warning("ray.actors=%d but the cluster has GPUs for %d; using %d", actors, fit, fit)
-            actors = fit
-        # num_cpus=0: Ray 2.60 would otherwise reserve a CPU per GPU actor, starving decode.
-        remote_args: dict[str, Any] = {"num_gpus": per_actor, "num_cpus": 0}
-    else:
-        cpus = int(resources.get("CPU", 1))
-        logger.warning(
-            "no GPU for the encoder in the Ray cluster (GPU=%s): encoder actors run on CPU; "
-            "this is slow for real models",
-            gpus,
-        )
-        fit = max(1, cpus - 1)
-        if actors > fit:
-            logger.warning("ray.actors=%d but only %d CPU(s) are free for CPU encoders; using %d", actors, fit, fit)
-            actors = fit
-        remote_args, cpu_threads = {"num_gpus": 0, "num_cpus": 1}, max(1, cpus // actors)
-    decode = config.preprocess.decode
-    if decode == "gpu" and not config.preprocess.fixed_size:
-        raise LatentizeError(
-            "preprocess.decode: gpu decodes runs of one fixed size; with aspect-ratio buckets or several "
-            "resolutions use preprocess.decode: cpu (what auto picks for them)"
-        )
-    if decode == "auto":
-        decode = "gpu" if gpu and config.preprocess.fixed_size and gpu_decode else "cpu"
-    batch_size = encoder_batch_size(config, gpu=gpu) * min(shapes, MIXED_BATCH_CHUNKS)
-    return _Execution(remote_args, actors, cpu_threads, gpu, decode, batch_size)
-
-
-#: ``preprocess.decode: auto`` decodes on the CPU when the cluster has at least this many CPUs
-#: per GPU. On an H200 node with 16 CPUs, CPU decode fed the SD-VAE encoder 1.16x (eager) and
-#: 1.21x (compiled) as fast as nvJPEG in the encoder actor, which spends GPU time on decoding
-#: (bench/RESULTS.md, "GPU run"); with fewer CPUs the read tasks may not keep up.
-CPU_DECODE_MIN_CPUS_PER_GPU = 16
-
-
-def _few_cpus_per_gpu(resources: dict[str, float]) -> bool:
-    """Whether the cluster has too few CPUs per GPU to decode on the CPUs (see above)."""
-    gpus = resources.get("GPU", 0.0)
-    return gpus > 0 and resources.get("CPU", 0.0) / gpus < CPU_DECODE_MIN_CPUS_PER_GPU
-
-
-def _actors_see_cuda(gpus: float) -> bool:
-    """Whether a task given ``gpus`` GPUs sees a CUDA device (a GPU resource can be declared
-    on a machine without one, as tests do)."""
-    import ray
-
-    def probe() -> bool:
-        import torch
-
-        return bool(torch.cuda.is_available())
-
-    remote: Any = ray.remote(num_gpus=gpus, num_cpus=0)
-    return bool(ray.get(remote(probe).remote()))
-
-
 def _build_dataset(
-    p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor, execution: _Execution | None = None
+    p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor, execution: Execution | None = None
 ) -> Any:
     """The Ray Data pipeline: read + decode (one task per shard) -> encode (actor pool) -> stage.
 
@@ -584,7 +280,7 @@ def _build_dataset(
     except ImportError:  # pragma: no cover - older Ray
         pass
     cfg = p.config
-    ex = execution or _execution(cfg, shapes=len(p.targets.sizes))
+    ex = execution or resolve_execution(cfg, shapes=len(p.targets.sizes))
     # Bytes travel to the actors when they decode; else the read tasks decode to uint8 pixels.
     transform = (
         functools.partial(preprocess_block, config=cfg.preprocess, targets=p.targets) if ex.decode == "cpu" else None
@@ -620,6 +316,7 @@ def _build_dataset(
             "sink_name": cfg.output.format,
             "compression": cfg.output.compression,
             "tensor_type": cfg.output.tensor_type,
+            "name_folders": not p.targets.fixed,
         },
         batch_format="numpy",
         batch_size=cfg.output.rows_per_part,
@@ -629,32 +326,10 @@ def _build_dataset(
     )
 
 
-@dataclass(frozen=True)
-class _Totals:
-    committed: int
-    failed_shards: int
-    ok: int
-    failed: int
-    reencoded: int
-    folders: dict[str, int]
-
-
-def _totals(markers: dict[str, str], shards: list[tuple[str, str]], fp: str) -> _Totals:
+def _totals(markers: dict[str, str], shards: list[tuple[str, str]], fp: str) -> Totals:
     """What the output holds for ``shards``, from markers the driver already has in memory."""
-    parsed = (json.loads(t) for _, shard in shards if (t := markers.get(shard)) is not None)
-    mine = [m for m in parsed if m.get("fingerprint") == fp]
-    folders: dict[str, int] = {}
-    for m in mine:
-        for folder, rows in m.get("rows", {}).items():
-            folders[folder] = folders.get(folder, 0) + int(rows)
-    return _Totals(
-        committed=len(mine),
-        failed_shards=sum(m.get("status") != "ok" for m in mine),
-        ok=sum(int(m.get("ok", 0)) for m in mine),
-        failed=sum(int(m.get("failed", 0)) for m in mine),
-        reencoded=sum(int(m.get("reencoded_fp32", 0)) for m in mine),
-        folders=dict(sorted(folders.items())),
-    )
+    parsed = (Marker.loads(t) for _, shard in shards if (t := markers.get(shard)) is not None)
+    return Totals.of(m for m in parsed if m.fingerprint == fp)
 
 
 def _check_nodes(config: Config, layout: OutputLayout, urls: list[str]) -> None:
@@ -706,7 +381,7 @@ def run(
     # No Ray yet: a plan error or a run with nothing left to do must not start (and stop) one.
     p = plan(config, overwrite=overwrite, retry_failed=retry_failed)
     if not p.pending:
-        if p.manifest.get("status") == "running":
+        if p.manifest.status == "running":
             t = _close_interrupted(p)
         else:
             t = _totals(p.markers, p.shards, p.fingerprint)
@@ -764,7 +439,7 @@ class _RunTiming:
         }
 
 
-def _prepare(p: Plan) -> _Execution:
+def _prepare(p: Plan) -> Execution:
     """Joins Ray, checks the cluster, readies the output for this run; nothing per shard."""
     config, layout = p.config, p.layout
     logger.info(
@@ -777,19 +452,19 @@ def _prepare(p: Plan) -> _Execution:
     )
     init_ray(address=config.ray.address, dashboard=config.ray.dashboard)
     _check_nodes(config, layout, [url for url, _ in p.pending])
-    ex = _execution(config, shapes=len(p.targets.sizes))
+    ex = resolve_execution(config, shapes=len(p.targets.sizes))
     logger.info("encoder pool: %s", ex.describe())
     if p.fresh:
         layout.write_inputs(p.shards)
     else:
         removed = layout.discard({shard for _, shard in p.pending}, p.markers)
         logger.info("resume: removed %d leftover object(s) of uncommitted shards", removed)
-    p.manifest["status"] = "running"
-    layout.write_json(layout.manifest_path, p.manifest)
+    p.manifest = p.manifest.with_status("running")
+    layout.write_json(layout.manifest_path, p.manifest.to_json())
     return ex
 
 
-def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor]) -> Committer:
+def _execute(p: Plan, ex: Execution, *, encode_actor: type[EncodeActor]) -> Committer:
     """Runs the Ray Data pipeline and commits every shard; returns the finished Committer."""
     pending = {shard for _, shard in p.pending}
     committer = Committer(
@@ -817,9 +492,9 @@ def _execute(p: Plan, ex: _Execution, *, encode_actor: type[EncodeActor]) -> Com
     return committer
 
 
-def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, timing: _RunTiming) -> _Totals:
+def _finish(p: Plan, committer: Committer, ex: Execution, *, started: float, timing: _RunTiming) -> Totals:
     """Rewrites the manifest with the totals of the markers the driver holds, and this run."""
-    p.manifest.setdefault("runs", []).append(
+    p.manifest = p.manifest.with_run(
         {
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -833,7 +508,7 @@ def _finish(p: Plan, committer: Committer, ex: _Execution, *, started: float, ti
     return _write_totals(p, committer.markers)
 
 
-def _close_interrupted(p: Plan) -> _Totals:
+def _close_interrupted(p: Plan) -> Totals:
     """Closes an output whose last run was killed after its last commit (every shard has a
     marker, the manifest still says running): its leftover staged parts go, and the ledger and
     the manifest's totals are written as that run would have written them. No Ray is needed."""
@@ -843,16 +518,10 @@ def _close_interrupted(p: Plan) -> _Totals:
     return _write_totals(p, p.markers)
 
 
-def _write_totals(p: Plan, markers: dict[str, str]) -> _Totals:
+def _write_totals(p: Plan, markers: dict[str, str]) -> Totals:
     """Writes the manifest with the status and totals of ``markers`` (JSON texts by shard)."""
     t = _totals(markers, p.shards, p.fingerprint)
-    complete = t.committed == len(p.shards) and t.failed_shards == 0
-    m = p.manifest
-    m["status"] = "complete" if complete else "incomplete"
-    m["shards"] = {"total": len(p.shards), "committed": t.committed, "failed": t.failed_shards}
-    m["samples"] = {"ok": t.ok, "failed": t.failed, "reencoded_fp32": t.reencoded}
-    m["output"]["data_folders"] = sorted(set(m["output"]["data_folders"]) | set(t.folders))
-    m["output"]["rows_by_folder"] = t.folders
-    m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    p.layout.write_json(p.layout.manifest_path, m)
+    updated_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    p.manifest = p.manifest.with_totals(t, shards=len(p.shards), updated_at=updated_at)
+    p.layout.write_json(p.layout.manifest_path, p.manifest.to_json())
     return t

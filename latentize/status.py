@@ -7,13 +7,12 @@ a run in progress, a crashed run or a finished one, from any machine that can re
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections import Counter
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from latentize.errors import LatentizeError
+from latentize.sinks.contract import read_errors, read_manifest, run_markers
 from latentize.sinks.layout import ERRORS, OutputLayout
 
 __all__ = ["output_status", "format_status"]
@@ -29,32 +28,31 @@ def output_status(layout: OutputLayout) -> dict[str, Any]:
 
     Returns:
         A JSON-ready dict: ``shards`` (total, committed, failed, pending, plus the failed and
-        pending shard ids with reasons), ``samples`` (ok, failed), ``folders`` (data rows per
-        data folder ``WxH``, by name: one folder per aspect-ratio bucket and resolution, where a
-        sample has a row in a folder of each resolution), ``errors`` (reason -> count, most
-        frequent first, and by stage), ``complete`` and the manifest's ``status``.
+        pending shard ids with reasons), ``samples`` (ok, failed), ``reencoded_fp32`` (of the
+        ok samples, those re-encoded in float32: non-finite in the compute dtype), ``folders``
+        (data rows per data folder ``WxH``, by name: one folder per aspect-ratio bucket and
+        resolution, where a sample has a row in a folder of each resolution), ``errors``
+        (reason -> count, most frequent first, and by stage), ``complete`` and the manifest's
+        ``status``.
 
     Raises:
         LatentizeError: the root holds no latentize run.
     """
-    manifest = layout.read_manifest()
+    manifest = read_manifest(layout)
     if manifest is None:
         raise LatentizeError(f"{layout.url} holds no latentize run (no _manifest.json)")
-    fp = manifest.get("fingerprint")
     inputs = layout.read_inputs()
-    markers = {s: m for s, m in layout.read_markers().items() if m.get("fingerprint") == fp}
-    committed = [s for s, m in markers.items() if m.get("status") == "ok"]
-    failed = {s: m.get("error") for s, m in markers.items() if m.get("status") != "ok"}
+    markers = run_markers(layout, manifest)
+    committed = [s for s, m in markers.items() if m.succeeded]
+    failed = {s: m.error for s, m in markers.items() if not m.succeeded}
     pending = [shard for _, shard in inputs if shard not in markers]
-    ok = sum(int(m.get("ok", 0)) for m in markers.values())
-    bad = sum(int(m.get("failed", 0)) for m in markers.values())
     folders: Counter[str] = Counter()
     for m in markers.values():
-        folders.update({str(name): int(rows) for name, rows in (m.get("rows") or {}).items()})
-    reasons, stages = _error_counts(layout)
+        folders.update(m.rows or {})
+    reasons, stages = _error_counts(layout, manifest.slot_of)
     return {
         "output": layout.url,
-        "status": manifest.get("status"),
+        "status": manifest.status,
         "complete": not pending and not failed,
         "shards": {
             "total": len(inputs),
@@ -64,19 +62,20 @@ def output_status(layout: OutputLayout) -> dict[str, Any]:
             "failed_shards": failed,
             "pending_shards": pending,
         },
-        "samples": {"ok": ok, "failed": bad},
+        "samples": {"ok": sum(m.ok for m in markers.values()), "failed": sum(m.failed for m in markers.values())},
+        "reencoded_fp32": sum(m.reencoded_fp32 for m in markers.values()),
         "folders": dict(sorted(folders.items())),
         "errors": {"by_reason": reasons, "by_stage": stages},
     }
 
 
-def _error_counts(layout: OutputLayout) -> tuple[dict[str, int], dict[str, int]]:
+def _error_counts(layout: OutputLayout, slot_of: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     """Error reasons and stages over every errors table (one listing, concurrent reads)."""
     paths = [p for p in layout.list_files(layout.join(ERRORS)) if p.endswith(".parquet")]
     reasons: Counter[str] = Counter()
     stages: Counter[str] = Counter()
-    for _, data in layout.iter_contents(paths):
-        table = pq.read_table(pa.BufferReader(data), columns=["stage", "error"])
+    for path, data in layout.iter_contents(paths):
+        table = read_errors(data, shard=posixpath.basename(path)[: -len(".parquet")], slot_of=slot_of)
         reasons.update(table.column("error").to_pylist())
         stages.update(table.column("stage").to_pylist())
     return dict(reasons.most_common(TOP_REASONS)), dict(stages.most_common())
@@ -91,6 +90,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"shards:   {sh['committed']} committed, {sh['failed']} failed, {sh['pending']} pending, of {sh['total']}",
         f"samples:  {sa['ok']} ok, {sa['failed']} failed",
     ]
+    if status.get("reencoded_fp32"):
+        lines.append(f"          {status['reencoded_fp32']} of the ok samples re-encoded in float32")
     if status.get("folders"):
         lines.append("data rows per folder:")
         width = max(len(name) for name in status["folders"])

@@ -156,7 +156,7 @@ def build_output(
                     sink_name=sink,
                     fingerprint=FINGERPRINT,
                 )
-                markers[shard] = json.dumps(marker)
+                markers[shard] = json.dumps(marker.to_json())
     assert tracker.incomplete() == {}
     layout.write_ledger(markers)
     layout.prune_staging()

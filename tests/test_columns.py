@@ -110,3 +110,26 @@ def test_every_stage_types_its_columns_whatever_the_block_holds(mode: str, tiny_
         merged = concat(blocks)
         _assert_flight_types(merged, "concatenated")
         assert merged.num_rows == sum(b.num_rows for b in blocks)
+
+
+def test_a_run_of_one_size_gives_every_row_its_slot_and_folder_whichever_way_it_decodes(
+    tiny_models: dict[str, Path],
+) -> None:
+    # One preprocess path: a run of one size is one resolution, one folder. The encoder actor
+    # that decodes on its device (bytes in) gives the rows what the read tasks give them.
+    cfg = _config(tiny_models["kl"], _MODES["fixed"])
+    spec = ENCODERS.get(resolved_source(cfg)[0]).inspect(cfg)
+    targets = resolve_targets(cfg.preprocess, spec.downsample)
+    on_cpu = EncodeActor(config=config_to_dict(cfg), spec=spec)
+    on_device = EncodeActor(config=config_to_dict(cfg), spec=spec, decode="gpu")
+    compared = ("key", "index", "error", "stage", "slot", "folder", "width", "height", "crop_top", "crop_left")
+    for kind, block in _blocks().items():
+        pixels = preprocess_block(block, config=cfg.preprocess, targets=targets)
+        errors, totals = pixels.column("error").to_pylist(), pixels.column("total").to_pylist()
+        decoded = [e is None and t < 0 for e, t in zip(errors, totals, strict=True)]
+        assert pixels.column("slot").to_pylist() == [0 if d else -1 for d in decoded], kind
+        assert pixels.column("folder").to_pylist() == ["64x64" if d else None for d in decoded], kind
+        cpu = on_cpu(BlockAccessor.for_block(pixels).to_batch_format("numpy"))
+        device = on_device(BlockAccessor.for_block(block).to_batch_format("numpy"))
+        _assert_flight_types(device, f"encoder decoding on its device, {kind}")
+        assert device.select(compared).to_pylist() == cpu.select(compared).to_pylist(), kind

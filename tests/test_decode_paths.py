@@ -581,7 +581,7 @@ def test_device_rows_match_preprocess_batch() -> None:
 
 
 def test_decode_auto_keeps_decoding_on_the_cpus_when_there_are_16_per_gpu() -> None:
-    from latentize.pipeline import CPU_DECODE_MIN_CPUS_PER_GPU, _few_cpus_per_gpu
+    from latentize.encoders.pool import CPU_DECODE_MIN_CPUS_PER_GPU, _few_cpus_per_gpu
 
     assert CPU_DECODE_MIN_CPUS_PER_GPU == 16  # what the H200 run measured (bench/RESULTS.md)
     assert _few_cpus_per_gpu({"CPU": 8.0, "GPU": 1.0})

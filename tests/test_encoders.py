@@ -23,9 +23,9 @@ from PIL import Image
 from latentize.config import Config, load_config
 from latentize.demo import photo_samples
 from latentize.encoders import ENCODERS, KLEncoder, TorchEncoder, VQEncoder, stable_seed
-from latentize.encoders.base import load_model_config
 from latentize.encoders.vq import index_dtype
 from latentize.errors import ConfigError, LatentizeError
+from latentize.hub import load_model_config
 from latentize.preprocess import preprocess_sample
 
 N = 6  # photos per batch: enough for batch-composition tests, small enough to stay fast
@@ -448,10 +448,10 @@ def test_uncached_hub_id_offline_fails_fast_with_a_fix(monkeypatch) -> None:
 
 
 def test_unreachable_hub_fails_fast(monkeypatch) -> None:
-    import latentize.encoders.base as base
+    import latentize.hub as hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(base, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout_s=3.0: False)
     with pytest.raises(LatentizeError, match="unreachable.*--set encoder.model="):
         KLEncoder.inspect(make_config("latentize-tests/no-such-vae-4f2a9c"))
 

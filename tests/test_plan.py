@@ -194,7 +194,7 @@ def test_gpu_hours_come_only_from_measured_throughput(tmp_path: Path, monkeypatc
 def test_suggested_batch_is_the_one_encode_would_use_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a machine without GPUs encode runs CPU encoders with CPU batches (16 images of 256²);
     the plan must suggest that, not the GPU figure (256), and say what it planned for."""
-    from latentize.pipeline import execution_for
+    from latentize.encoders.pool import execution_for
 
     urls = build_demo_shards(str(tmp_path / "shards"), shards=1)
     cfg = _config(urls[0], tmp_path / "out")

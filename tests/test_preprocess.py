@@ -509,6 +509,8 @@ def test_preprocess_batch_notes_merge_with_upscale() -> None:
         "height",
         "crop_top",
         "crop_left",
+        "slot",
+        "folder",
     ]
     assert list(out["notes"]) == [
         sidecar,

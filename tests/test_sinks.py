@@ -47,8 +47,10 @@ def sample(
     stage: str | None = None,
     caption: bool = True,
     notes: str | None = None,
+    reencoded: bool = False,
 ) -> dict[str, Any]:
-    """One encoded sample row (an error row carries zero tensors, as the encoder actor makes)."""
+    """One encoded sample row (an error row carries zero tensors, as the encoder actor makes;
+    ``reencoded``: the actor re-encoded it in float32, which it flags and notes)."""
     key = f"{shard}{index:04d}"
     failed = error is not None
     return {
@@ -67,6 +69,7 @@ def sample(
         "crop_top": -1 if failed else 0,
         "crop_left": -1 if failed else 80 + index,
         "latent": np.zeros(SHAPE, np.float16) if failed else latent_of(shard, index),
+        "reencoded_fp32": reencoded,
     }
 
 
@@ -88,6 +91,7 @@ def sentinel(shard: str, total: int, error: str | None = None) -> dict[str, Any]
         "crop_top": -1,
         "crop_left": -1,
         "latent": np.zeros(SHAPE, np.float16),
+        "reencoded_fp32": False,
     }
 
 
@@ -137,9 +141,10 @@ def stage(
 
 
 def commit(layout: OutputLayout, done: ShardCommit, *, sink: str = "parquet") -> dict[str, Any]:
+    """The shard's marker, as its file holds it."""
     return commit_shard(
         layout=layout, commit=done, url=f"s3://bucket/{done.shard}.tar", sink_name=sink, fingerprint=FINGERPRINT
-    )
+    ).to_json()
 
 
 def stage_and_track(
@@ -339,6 +344,25 @@ def test_stage_batch_writes_ok_rows_per_shard_and_reports_the_rest(layout: Outpu
         table.column("latent").combine_chunks().to_numpy_ndarray(),
         np.stack([latent_of("00000", 0), latent_of("00000", 1)]),
     )
+
+
+def test_an_encode_error_names_its_folder_only_in_runs_of_several_sizes(layout: OutputLayout) -> None:
+    # Every row carries its slot and folder (a run of one size too); only a run of several
+    # sizes names the folder in an encode error's reason.
+    rows = [sample("00000", 0, error="non-finite latents", stage="encode"), sentinel("00000", 1)]
+    for r in rows:
+        r["slot"], r["folder"] = (0, FOLDER) if r["index"] >= 0 else (-1, None)
+    for several, reason in ((False, "non-finite latents"), (True, f"at {FOLDER}: non-finite latents")):
+        (report,) = stage_batch(
+            batch_of(rows),
+            layout=layout,
+            tensor_columns=["latent"],
+            folder=FOLDER,
+            sink_name="parquet",
+            compression="zstd",
+            name_folders=several,
+        ).to_pylist()
+        assert [(e["error"], e["slot"]) for e in report["errors"]] == [(reason, 0)]
 
 
 def test_stage_batch_with_all_null_text_columns(layout: OutputLayout) -> None:
@@ -585,7 +609,7 @@ def test_notes_reach_the_parquet_output(layout: OutputLayout, tmp_path: Path) ->
         [
             sample("00000", 0, notes="upscaled from 12x9"),
             sample("00000", 1),
-            sample("00000", 2, notes="re-encoded in float32 (non-finite in the compute dtype)"),
+            sample("00000", 2, notes="re-encoded in float32 (non-finite in the compute dtype)", reencoded=True),
             sentinel("00000", 3),
         ],
         [sample("00001", 0), sentinel("00001", 1)],

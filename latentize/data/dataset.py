@@ -234,9 +234,9 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         self._info: OutputInfo = read_output(OutputLayout(root, storage_options=storage_options))
         self._folders = self._info.folders
         stored = self._stored_names()
-        tensors = set(self._info.encoder.get("columns") or {})
+        tensors = set(self._info.manifest.columns)
         self._draw = draw and {"mean", "logvar"} <= tensors
-        self._normalizer = normalizer(self._info.encoder.get("constants") or {}) if self._draw else None
+        self._normalizer = normalizer(self._info.manifest.constants) if self._draw else None
         self._columns = self._choose_columns(stored, columns)
         self._read = self._read_columns(stored)
         self._resume: dict[str, Any] | None = None

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from latentize.errors import LatentizeError
+from latentize.sinks.contract import Manifest, Marker, read_manifest, run_markers
 from latentize.sinks.layout import OutputLayout
 
 __all__ = [
@@ -53,7 +54,7 @@ class OutputInfo:
     """What the reader needs of an output root, read once on the process that builds the reader."""
 
     layout: OutputLayout
-    manifest: dict[str, Any]
+    manifest: Manifest
     #: Every committed unit, sorted by (folder, shard): the order the seeded permutations start from.
     units: list[Unit]
     #: Data folders holding committed rows, sorted.
@@ -61,7 +62,8 @@ class OutputInfo:
 
     @property
     def encoder(self) -> dict[str, Any]:
-        return self.manifest.get("encoder") or {}
+        """The manifest's ``encoder`` entry."""
+        return self.manifest.encoder
 
     @property
     def rows(self) -> int:
@@ -78,20 +80,18 @@ def read_output(layout: OutputLayout) -> OutputInfo:
     Raises:
         LatentizeError: no manifest, or an output format other than Parquet.
     """
-    manifest = layout.read_manifest()
+    manifest = read_manifest(layout)
     if manifest is None:
         raise LatentizeError(f"{layout.url} holds no latentize run (no _manifest.json)")
-    fmt = (manifest.get("output") or {}).get("format", "parquet")
+    fmt = manifest.output.format
     if fmt != "parquet":
         raise LatentizeError(
             f"{layout.url} holds {fmt} output; latentize.data reads Parquet outputs "
             "(read WebDataset tars with the webdataset package)"
         )
-    fp = manifest.get("fingerprint")
     units: list[Unit] = []
-    for shard, marker in sorted(layout.read_markers().items()):
-        if marker.get("fingerprint") == fp:
-            units.extend(_units(layout, shard, marker))
+    for shard, marker in sorted(run_markers(layout, manifest).items()):
+        units.extend(_units(layout, shard, marker))
     units.sort(key=lambda u: (u.folder, u.shard))
     folders = sorted({u.folder for u in units})
     logger.info(
@@ -100,17 +100,17 @@ def read_output(layout: OutputLayout) -> OutputInfo:
     return OutputInfo(layout=layout, manifest=manifest, units=units, folders=folders)
 
 
-def _units(layout: OutputLayout, shard: str, marker: Mapping[str, Any]) -> list[Unit]:
+def _units(layout: OutputLayout, shard: str, marker: Marker) -> list[Unit]:
     by_folder: dict[str, list[str]] = {}
-    for rel in marker.get("files", []):
+    for rel in marker.files:
         folder = posixpath.dirname(rel)
         if rel.endswith(".parquet") and folder and not folder.startswith("_"):
             by_folder.setdefault(folder, []).append(rel)
-    rows = marker.get("rows")
+    rows = marker.rows
     out = []
     for folder, files in sorted(by_folder.items()):
         if rows is not None:
-            n = int(rows.get(folder, 0))
+            n = rows.get(folder, 0)
         else:
             n = sum(_footer_rows(layout, f) for f in files)
         if n > 0:

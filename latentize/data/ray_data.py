@@ -79,11 +79,11 @@ def _choose_folder(layout: OutputLayout, info: OutputInfo) -> str:
     if not info.folders:
         return f"{layout.url} has no committed rows yet"
     rows = {f: sum(u.rows for u in info.units if u.folder == f) for f in info.folders}
-    specs = (info.manifest.get("output") or {}).get("folders") or {}
+    specs = info.manifest.output.folders
 
     def shapes(folder: str) -> str:
-        columns = (specs.get(folder) or {}).get("columns") or {}
-        return ", ".join(f"{name} {tuple(c['shape'])}" for name, c in columns.items())
+        columns = specs[folder].columns if folder in specs else {}
+        return ", ".join(f"{name} {c.shape}" for name, c in columns.items())
 
     listed = "; ".join(f"{f}: {rows[f]} rows" + (f", {shapes(f)}" if shapes(f) else "") for f in info.folders)
     return (

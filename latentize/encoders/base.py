@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import math
-import os
-import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar, cast
-from urllib.parse import urlparse
 
 import numpy as np
 
+from latentize import hub
 from latentize.config import Config
-from latentize.encoders.files import sha256_file
 from latentize.errors import LatentizeError
 from latentize.registry import Registry
 
@@ -45,7 +41,6 @@ __all__ = [
     "TorchEncoder",
     "default_batch_size",
     "encoder_batch_size",
-    "load_model_config",
     "pick_device",
     "resolve_dtype",
     "resolved_source",
@@ -57,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Encoder classes by ``encoder.type``.
 ENCODERS: Registry[type[TorchEncoder]] = Registry("encoder type", config_key="encoder.type")
-
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 _P = ParamSpec("_P")
@@ -130,127 +123,6 @@ def pick_device(requested: str | None) -> torch.device:
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _is_local(model: str) -> bool:
-    return Path(model).expanduser().exists()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LatentizeError(f"encoder.model: {path} is not a valid JSON file ({exc})") from None
-
-
-def load_model_config(
-    model: str, *, subfolder: str | None, revision: str | None, weight_files: Sequence[str] = _WEIGHT_FILES
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Loads a diffusers model config (no weights) from a local folder or a hub id.
-
-    The file is read as diffusers' ``ConfigMixin.load_config`` reads it (the JSON as it is),
-    without importing diffusers: its model classes pull in torch, which the driver never needs.
-
-    Returns ``(config, identity)``; identity holds what names the weights (model, subfolder,
-    revision, resolved commit, sha256 of the first of ``weight_files`` there is: diffusers' names
-    by default; none for models whose weights the caller identifies itself).
-
-    The hub is used only when the local Hugging Face cache lacks the config; when it is
-    unreachable this raises at once (one connect attempt) instead of retrying for half a minute.
-    """
-    identity: dict[str, Any] = {"model": model, "subfolder": subfolder, "revision": revision}
-    if _is_local(model):
-        folder = Path(model).expanduser() / (subfolder or "")
-        if not (folder / "config.json").exists():
-            raise LatentizeError(
-                f"encoder.model: {folder} has no config.json; give a diffusers model folder "
-                "(saved with save_pretrained) or a hub id"
-            )
-        config = _read_json(folder / "config.json")
-        for name in weight_files:
-            if (folder / name).exists():
-                identity["weights_file"] = name
-                identity["sha256"] = sha256_file(folder / name)
-                break
-        return config, identity
-
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
-
-    cfg_name = f"{subfolder}/config.json" if subfolder else "config.json"
-    try:
-        cached = try_to_load_from_cache(model, cfg_name, revision=revision)
-    except ValueError as exc:  # HFValidationError: a missing path, or no valid hub id either
-        raise LatentizeError(
-            f"encoder.model: {model!r} is neither an existing file or folder nor a hub id ({exc})"
-        ) from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    local_only = isinstance(cached, str)
-    if not local_only and (offline or not _hub_reachable()):
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
-        raise LatentizeError(
-            f"encoder.model: {model!r} is not in the local Hugging Face cache and {why}. "
-            "Point the encoder at a local diffusers model folder instead, e.g. "
-            "--set encoder.model=/path/to/vae (a folder with config.json and "
-            "diffusion_pytorch_model.safetensors; add --set encoder.subfolder=vae for a "
-            "pipeline folder), or download it first on a machine with network access."
-        )
-    try:
-        # A cached config is read where it lies; only a missing one is downloaded.
-        path = (
-            cached
-            if isinstance(cached, str)
-            else hf_hub_download(model, "config.json", subfolder=subfolder, revision=revision)
-        )
-    except (OSError, ValueError, EntryNotFoundError) as exc:
-        raise LatentizeError(f"encoder.model: cannot load the config of {model!r}: {exc}") from None
-    config = _read_json(Path(path))
-    if local_only:
-        # The snapshot folder is named after the resolved commit: the exact weights' identity.
-        parts = Path(str(cached)).parts
-        if "snapshots" in parts:
-            identity["commit"] = parts[parts.index("snapshots") + 1]
-    identity.update(
-        _hub_weights_identity(model, weight_files, subfolder=subfolder, revision=revision, local_only=local_only)
-    )
-    return config, identity
-
-
-def _hub_weights_identity(
-    model: str, names: Sequence[str], *, subfolder: str | None, revision: str | None, local_only: bool
-) -> dict[str, Any]:
-    """sha256 of a hub model's weights file without downloading it: the cached copy's hash, or
-    the hub's LFS object id (which is the file's sha256) and the resolved commit."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-
-    for name in names:
-        filename = f"{subfolder}/{name}" if subfolder else name
-        cached = try_to_load_from_cache(model, filename, revision=revision)
-        if isinstance(cached, str):
-            return {"weights_file": name, "sha256": sha256_file(Path(cached))}
-        if local_only:
-            continue
-        try:
-            meta = get_hf_file_metadata(hf_hub_url(model, name, subfolder=subfolder, revision=revision))
-        except Exception:  # noqa: BLE001 - absent file or no access: try the next name
-            continue
-        found = {"weights_file": name, "commit": meta.commit_hash}
-        if meta.etag and len(meta.etag) == 64:
-            found["sha256"] = meta.etag
-        return found
-    return {}
 
 
 @dataclass(frozen=True)
@@ -456,9 +328,9 @@ class TorchEncoder:
                     f"single files are accepted for encoder.type {', '.join(FILE_LOADERS.names())}"
                 )
             model_config = FILE_LOADERS.get(kind).read_config(path, config)
-            identity = {"model": str(path), "source": "file", "sha256": sha256_file(path)}
+            identity = {"model": str(path), "source": "file", "sha256": hub.sha256_file(path)}
         else:
-            model_config, identity = load_model_config(model, subfolder=enc.subfolder, revision=enc.revision)
+            model_config, identity = hub.load_model_config(model, subfolder=enc.subfolder, revision=enc.revision)
         return cls.spec_from(model_config, config, identity)
 
     def _load(self) -> torch.nn.Module:
@@ -469,7 +341,13 @@ class TorchEncoder:
         if is_single_file(model):
             path = Path(model).expanduser().resolve()
             return FILE_LOADERS.get(kind).load(path, self.config, self.spec.model_config)
-        return _from_pretrained(self._diffusers_cls(), self.config, self.dtype)
+        enc = self.config.encoder
+        return cast(
+            "torch.nn.Module",
+            hub.from_pretrained(
+                self._diffusers_cls(), enc.model, subfolder=enc.subfolder, revision=enc.revision, torch_dtype=self.dtype
+            ),
+        )
 
     def _drop_decoder(self, model: torch.nn.Module) -> torch.nn.Module:
         """Encoding never decodes: replacing the decoder halves the actor's weight memory."""
@@ -751,14 +629,3 @@ def _memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory
     if device.type == "cuda" and any(isinstance(m, torch.nn.GroupNorm) for m in model.modules()):
         return torch.contiguous_format
     return torch.channels_last
-
-
-def _from_pretrained(model_cls: Any, config: Config, dtype: torch.dtype) -> torch.nn.Module:
-    """Loads diffusers weights in ``dtype``, from the local Hugging Face cache first, then the hub."""
-    enc = config.encoder
-    kwargs = {"subfolder": enc.subfolder, "revision": enc.revision, "torch_dtype": dtype}
-    try:
-        return model_cls.from_pretrained(enc.model, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        logger.info("%s not fully cached; fetching from the hub", enc.model)
-        return model_cls.from_pretrained(enc.model, **kwargs)

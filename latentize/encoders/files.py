@@ -7,7 +7,6 @@ it into the diffusers-style module the encoder runs. Loaders are registered per 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,7 +16,7 @@ from latentize.registry import Registry
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FILE_LOADERS", "FileLoader", "SINGLE_FILE_SUFFIXES", "is_single_file", "load_state_dict", "sha256_file"]
+__all__ = ["FILE_LOADERS", "FileLoader", "SINGLE_FILE_SUFFIXES", "is_single_file", "load_state_dict"]
 
 #: Suffixes that mark ``encoder.model`` as a single weights file.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -66,12 +65,3 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes: the identity of the weights actually loaded."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

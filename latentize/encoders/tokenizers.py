@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import numpy as np
 
 from latentize.config import Config
-from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, load_model_config, resolved_source
-from latentize.encoders.files import is_single_file, sha256_file
+from latentize.encoders.base import ENCODERS, EncoderSpec, TorchEncoder, resolved_source
+from latentize.encoders.files import is_single_file
 from latentize.encoders.kl import latent_size
 from latentize.encoders.vq import index_dtype
 from latentize.errors import LatentizeError
+from latentize.hub import fetch, load_model_config, locate, sha256_file, weights_identity
 
 if TYPE_CHECKING:
     import torch
@@ -161,36 +162,10 @@ def _safetensors_keys(path: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def _locate(model: str, name: str, *, subfolder: str | None, revision: str | None, download: bool) -> Path | None:
-    """A file of a local folder or hub repo: the local path, or None when the repo has no such file.
-
-    Hub files come from the local cache first; ``download`` fetches a missing one (the driver
-    fetches only small JSON files; weights are fetched in the actors)."""
-    local = Path(model).expanduser()
-    if local.exists():
-        path = local / (subfolder or "") / name
-        return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
-
-    filename = f"{subfolder}/{name}" if subfolder else name
-    cached = try_to_load_from_cache(model, filename, revision=revision)
-    if isinstance(cached, str):
-        return Path(cached)
-    if not download:
-        return None
-    try:
-        return Path(hf_hub_download(model, name, subfolder=subfolder, revision=revision))
-    except EntryNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise LatentizeError(f"encoder.model: cannot fetch {filename} of {model!r}: {exc}") from None
-
-
 def _weight_files(model: str, *, subfolder: str | None, revision: str | None) -> tuple[list[str], str | None]:
     """The safetensors files that hold the tokenizer's tensors, and their prefix when the shard
     index names it (a single file's keys are read where it is loaded)."""
-    index = _locate(model, _INDEX, subfolder=subfolder, revision=revision, download=True)
+    index = locate(model, _INDEX, subfolder=subfolder, revision=revision, download=True)
     if index is None:
         return [_SINGLE], None
     weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -202,16 +177,14 @@ def _identity(model: str, files: Sequence[str], *, subfolder: str | None, revisi
     """sha256 of the files holding the tokenizer: one file's own, or of ``name sha256`` lines."""
     import hashlib
 
-    from latentize.encoders.base import _hub_weights_identity
-
     digests: dict[str, str] = {}
     found: dict[str, Any] = {}
     for name in files:
-        path = _locate(model, name, subfolder=subfolder, revision=revision, download=False)
+        path = locate(model, name, subfolder=subfolder, revision=revision, download=False)
         if path is not None:
             digests[name] = sha256_file(path)
             continue
-        got = _hub_weights_identity(model, [name], subfolder=subfolder, revision=revision, local_only=False)
+        got = weights_identity(model, [name], subfolder=subfolder, revision=revision, local_only=False)
         if "sha256" not in got:
             return {"weights_file": ", ".join(files)}
         digests[name] = got["sha256"]
@@ -275,7 +248,7 @@ class TransformersVQEncoder(TorchEncoder):
         )
         files, prefix = _weight_files(model, subfolder=enc.subfolder, revision=enc.revision)
         identity.update(_identity(model, files, subfolder=enc.subfolder, revision=enc.revision))
-        processor = _locate(model, _PROCESSOR, subfolder=enc.subfolder, revision=enc.revision, download=True)
+        processor = locate(model, _PROCESSOR, subfolder=enc.subfolder, revision=enc.revision, download=True)
         processor_config = None if processor is None else json.loads(processor.read_text(encoding="utf-8"))
         if processor_config is None:
             logger.warning(
@@ -317,7 +290,7 @@ class TransformersVQEncoder(TorchEncoder):
         import transformers
 
         files = (model_config.get("_latentize") or {}).get("weight_files") or [_SINGLE]
-        paths = [_fetch(model, name, subfolder=subfolder, revision=revision) for name in files]
+        paths = [fetch(model, name, subfolder=subfolder, revision=revision, accepted=_ACCEPTED) for name in files]
         tensors = _read_tensors(paths)
         model_cls = getattr(transformers, cls.transformers_class)
         vq_config = model_cls.config_class.from_dict(_vq_config(model_config, cls))
@@ -383,21 +356,6 @@ class TransformersVQEncoder(TorchEncoder):
     def _decode_tokens(model: DecoderModel, indices: torch.Tensor) -> torch.Tensor:
         """Indices (n, h, w) int64 -> images (n, 3, H, W) in the processor's value range."""
         raise NotImplementedError  # pragma: no cover - abstract
-
-
-def _fetch(model: str, name: str, *, subfolder: str | None, revision: str | None) -> Path:
-    """A weights file, local or from the hub (its cache first); raises when there is none."""
-    from latentize.encoders.decoding import hub_failure
-
-    path = _locate(model, name, subfolder=subfolder, revision=revision, download=False)
-    if path is None and not Path(model).expanduser().exists():
-        why = hub_failure()
-        if why is not None:
-            raise LatentizeError(f"encoder.model: {name} of {model!r} is not in the local Hugging Face cache and {why}")
-        path = _locate(model, name, subfolder=subfolder, revision=revision, download=True)
-    if path is None:
-        raise LatentizeError(f"encoder.model: {model} has no {name}; accepted: {_ACCEPTED}")
-    return path
 
 
 @ENCODERS.register("janus")

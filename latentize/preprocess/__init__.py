@@ -1,9 +1,12 @@
-"""Preprocess stage: encoded image bytes -> fixed-size uint8 RGB pixels.
+"""Preprocess stage: encoded image bytes -> uint8 RGB pixels at the run's sizes.
 
-:func:`preprocess_sample` handles one sample; :func:`preprocess_batch` is the Ray Data batch
-function (``batch_format="numpy"``) that applies it row by row and turns every bad sample into
-an error row instead of failing the task. ``latentize.preprocess.gpu`` does the same on a
-torch device (nvJPEG), falling back to :func:`preprocess_sample` per sample.
+:func:`preprocess_sizes` decodes one sample once and crops it to every size it is written at
+(:func:`preprocess_sample`: to the one size of a fixed-size config); :func:`preprocess_row` is
+the one place where a sample's failure becomes its error; :func:`preprocess_batch` is the Ray
+Data batch function (``batch_format="numpy"``): one row per sample and resolution (a run of one
+size is one resolution), always with its ``slot`` and data ``folder``, every bad sample an error
+row instead of a failed task. ``latentize.preprocess.gpu`` does the same on a torch device
+(nvJPEG) for runs of one size, falling back to :func:`preprocess_row` per sample.
 
 Two CPU paths share one crop geometry (:func:`~latentize.preprocess.crop.crop_box`, computed
 on the source size): the exact path (``preprocess.exact: true``) decodes every image at full
@@ -47,8 +50,8 @@ __all__ = [
     "crop_box",
     "decode_image",
     "preprocess_batch",
-    "preprocess_batch_sizes",
     "preprocess_block",
+    "preprocess_row",
     "preprocess_sample",
     "preprocess_sizes",
     "resize_and_crop",
@@ -173,107 +176,23 @@ def as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def preprocess_batch(
-    batch: dict[str, np.ndarray], *, config: PreprocessConfig, targets: Targets | None = None
-) -> dict[str, np.ndarray]:
-    """Ray Data batch function: encoded images in, fixed-size pixels out, one row per row.
+def preprocess_row(data: Any, *, key: str, config: PreprocessConfig, sizes_of: SizesOf) -> list[Cropped] | SampleError:
+    """One sample's crops (:func:`preprocess_sizes`), or the :class:`SampleError` that becomes its
+    error row: the one place where a sample's failure is caught (the batch function and the
+    device decoder's CPU path both go through it).
 
-    Input columns (all length N): ``key`` (object, str), ``image`` (object, bytes or None),
-    ``error``, ``stage`` and ``notes`` (object, str or None; ``notes`` may be absent, and an
-    all-null column may arrive as float NaN), ``total`` (int64; ``>= 0`` marks an
-    end-of-shard sentinel row, not an image), plus any other columns, passed through.
-    The input arrays are never written to (Ray may hand over read-only zero-copy views).
-
-    Returns:
-        The same columns in the same order minus ``image``, with ``error``/``stage``/``notes``
-        as new (N,) object arrays of str or None (``notes`` appended when it was absent),
-        plus ``pixels`` (N, H, W, 3) uint8 (zeros where a row has no image) and
-        ``width``, ``height``, ``crop_top``, ``crop_left`` (N,) int32 (``-1`` there).
-        Rows already errored and sentinel rows are passed through untouched; a row that
-        fails here gets ``error`` = the reason and ``stage`` = the failing stage. A row whose
-        image had to be enlarged gets ``"upscaled from {w}x{h}"`` added to its ``notes``
-        (findings are joined with ``"; "``).
-
-        With ``targets`` of several sizes (resolutions, aspect-ratio buckets) see
-        :func:`preprocess_batch_sizes` instead: one row per sample and size.
+    Args:
+        data: the encoded image (anything :func:`as_bytes` takes), None when the sample has none.
 
     Raises:
-        LatentizeError: only for run-level problems (unknown crop mode), never for a sample.
+        LatentizeError: a run-level problem (an unknown crop mode), never a sample's.
     """
-    # Fail the whole task on a config typo up front rather than erroring every row.
-    CROPS.get(config.crop)
-    if targets is not None and not targets.fixed:
-        return preprocess_batch_sizes(batch, config=config, targets=targets)
-    width_px, height_px = config.size
-    keys = batch["key"]
-    n = len(keys)
-    images = batch["image"]
-    error = text_column(batch.get("error"), n)
-    stage = text_column(batch.get("stage"), n)
-    notes = text_column(batch.get("notes"), n)
-    total = np.asarray(batch["total"]) if "total" in batch else np.full(n, -1, np.int64)
-
-    pixels = np.zeros((n, height_px, width_px, 3), dtype=np.uint8)
-    meta = {name: np.full(n, -1, dtype=np.int32) for name in ("width", "height", "crop_top", "crop_left")}
-
-    failed = 0
-    for i in range(n):
-        if total[i] >= 0 or error[i] is not None:
-            continue
-        key = str(keys[i])
-        try:
-            if images[i] is None:
-                raise SampleError("decode", "no image data in this sample (image is missing)")
-            out = preprocess_sample(as_bytes(images[i]), key=key, config=config)
-        except SampleError as exc:
-            error[i], stage[i] = exc.message, exc.stage
-            failed += 1
-            logger.debug("sample %s failed in %s: %s", key, exc.stage, exc.message)
-            continue
-        except LatentizeError:
-            raise
-        except Exception as exc:
-            # A bug or an exotic failure in one sample must not take the batch down with it.
-            error[i], stage[i] = f"{type(exc).__name__}: {exc}", "preprocess"
-            failed += 1
-            logger.warning("sample %s: unexpected %s: %s", key, type(exc).__name__, exc)
-            continue
-        pixels[i] = out.pixels
-        meta["width"][i] = out.width
-        meta["height"][i] = out.height
-        meta["crop_top"][i] = out.crop_top
-        meta["crop_left"][i] = out.crop_left
-        note = upscale_note(out)
-        if note is not None:
-            notes[i] = join_notes([notes[i], note])
-
-    if failed:
-        logger.debug("preprocess batch: %d of %d rows failed", failed, n)
-
-    result: dict[str, np.ndarray] = {}
-    for name, column in batch.items():
-        if name == "image":
-            continue
-        result[name] = column
-    result["error"] = error
-    result["stage"] = stage
-    result["notes"] = notes
-    result["pixels"] = pixels
-    result.update(meta)
-    return normalize_text(result)
-
-
-#: Geometry columns of a preprocessed row (-1 where the row holds no image).
-_META = ("width", "height", "crop_top", "crop_left")
-
-
-def _preprocess_row(data: Any, key: str, sizes_of: SizesOf, config: PreprocessConfig) -> list[Cropped] | SampleError:
-    """One sample's crops, or the :class:`SampleError` that becomes its error row."""
     try:
         if data is None:
             raise SampleError("decode", "no image data in this sample (image is missing)")
         return preprocess_sizes(as_bytes(data), key=key, config=config, sizes_of=sizes_of)
     except SampleError as exc:
+        logger.debug("sample %s failed in %s: %s", key, exc.stage, exc.message)
         return exc
     except LatentizeError:
         raise
@@ -281,6 +200,122 @@ def _preprocess_row(data: Any, key: str, sizes_of: SizesOf, config: PreprocessCo
         # A bug or an exotic failure in one sample must not take the batch down with it.
         logger.warning("sample %s: unexpected %s: %s", key, type(exc).__name__, exc)
         return SampleError("preprocess", f"{type(exc).__name__}: {exc}")
+
+
+#: Geometry columns of a preprocessed row (-1 where the row holds no image).
+_META = ("width", "height", "crop_top", "crop_left")
+
+#: A row of the output: its source row, resolution slot (-1: none) and crop (None: none).
+_Row = tuple[int, int, "Cropped | None"]
+
+
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, config: PreprocessConfig, targets: Targets | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data batch function: encoded images in, one row of pixels per sample and resolution out.
+
+    Each sample is decoded once and cropped to the size each resolution gives it (``targets``:
+    one size, or aspect-ratio buckets chosen by the source's ratio); a run of one size is one
+    resolution of one size, so a sample is one row.
+
+    Input columns (all length N): ``key`` (object, str), ``image`` (object, bytes or None),
+    ``error``, ``stage`` and ``notes`` (object, str or None; ``notes`` may be absent, and an
+    all-null column may arrive as float NaN), ``total`` (int64; ``>= 0`` marks an
+    end-of-shard sentinel row, not an image), plus any other columns, passed through.
+    The input arrays are never written to (Ray may hand over read-only zero-copy views).
+
+    Args:
+        targets: the run's sizes (:func:`~latentize.preprocess.buckets.resolve_targets`);
+            None: the one fixed size of ``config``.
+
+    Returns:
+        The input columns (minus ``image``) in their order, repeated per output row, with
+        ``error``/``stage``/``notes`` as new object arrays of str or None (``notes`` appended
+        when it was absent), then ``pixels``, ``width``, ``height``, ``crop_top``,
+        ``crop_left`` (int32, the upright source size and the crop offset; ``-1`` on rows
+        without an image), ``slot`` (int32: the resolution's position in
+        ``preprocess.resolutions``, 0 in a run of one; -1 on sentinel and error rows) and
+        ``folder`` (the data folder ``WxH`` of the row's size, or None).
+        ``pixels`` is (M, H, W, 3) uint8 when the run has one size (zeros where a row has no
+        image): one dense array, the fast path Ray ships as a fixed-shape tensor; with several
+        sizes an object array of (H, W, 3) uint8 arrays ((0, 0, 3) where a row has none), which
+        Ray ships as variable-shaped tensors. Sentinel rows and rows already errored pass
+        through as one row each; a sample that fails here stays one row, with ``error`` = the
+        reason and ``stage`` = the failing stage. A row whose image had to be enlarged gets
+        ``"upscaled from {w}x{h}"`` added to its ``notes`` (findings joined with ``"; "``).
+
+    Raises:
+        LatentizeError: only for run-level problems (unknown crop mode), never for a sample.
+    """
+    # Fail the whole task on a config typo up front rather than erroring every row.
+    CROPS.get(config.crop)
+    if targets is None:
+        targets = Targets(((config.size,),))
+    n = len(batch["key"])
+    error = text_column(batch.get("error"), n)
+    stage = text_column(batch.get("stage"), n)
+    total = np.asarray(batch["total"]) if "total" in batch else np.full(n, -1, np.int64)
+    keys, images = batch["key"], batch["image"]
+    rows: list[_Row] = []
+    failed = 0
+    for i in range(n):
+        if total[i] >= 0 or error[i] is not None:
+            rows.append((i, -1, None))
+            continue
+        out = preprocess_row(images[i], key=str(keys[i]), config=config, sizes_of=targets.for_source)
+        if isinstance(out, SampleError):
+            error[i], stage[i] = out.message, out.stage
+            rows.append((i, -1, None))
+            failed += 1
+            continue
+        rows.extend((i, slot, cropped) for slot, cropped in enumerate(out))
+    if failed:
+        logger.debug("preprocess batch: %d of %d rows failed", failed, n)
+    return normalize_text(_assemble(batch, rows, error, stage, targets))
+
+
+def _assemble(
+    batch: dict[str, np.ndarray], rows: list[_Row], error: np.ndarray, stage: np.ndarray, targets: Targets
+) -> dict[str, Any]:
+    """The output columns of :func:`preprocess_batch` from its rows (see there)."""
+    from latentize.sinks.layout import data_folder
+
+    n, m = len(batch["key"]), len(rows)
+    notes = text_column(batch.get("notes"), n)
+    if m == n:
+        # One row per input row (a run of one resolution): the columns pass through as they are.
+        result: dict[str, Any] = {name: col for name, col in batch.items() if name != "image"}
+    else:
+        src = np.array([r[0] for r in rows], dtype=np.int64)
+        result = {name: np.asarray(col)[src] for name, col in batch.items() if name != "image"}
+        error, stage, notes = error[src], stage[src], notes[src]
+    result["error"], result["stage"], result["notes"] = error, stage, notes
+    if targets.fixed:
+        width, height = targets.sizes[0]
+        pixels: np.ndarray = np.zeros((m, height, width, 3), dtype=np.uint8)
+    else:
+        pixels = np.empty(m, dtype=object)
+        none = np.zeros((0, 0, 3), np.uint8)
+        for j in range(m):
+            pixels[j] = none
+    meta = {name: np.full(m, -1, dtype=np.int32) for name in _META}
+    folders = np.full(m, None, dtype=object)
+    for j, (_, _, cropped) in enumerate(rows):
+        if cropped is None:
+            continue
+        pixels[j] = cropped.pixels
+        for name in _META:
+            meta[name][j] = getattr(cropped, name)
+        # The crop is at its target size: its folder is named after its shape.
+        folders[j] = data_folder((cropped.pixels.shape[1], cropped.pixels.shape[0]))
+        note = upscale_note(cropped)
+        if note is not None:
+            notes[j] = join_notes([notes[j], note])
+    result["pixels"] = pixels
+    result.update(meta)
+    result["slot"] = np.array([r[1] for r in rows], dtype=np.int32)
+    result["folder"] = folders
+    return result
 
 
 def preprocess_block(block: Any, *, config: PreprocessConfig, targets: Targets) -> Any:
@@ -296,63 +331,3 @@ def preprocess_block(block: Any, *, config: PreprocessConfig, targets: Targets) 
     # Fixed column types: a block of failed samples or end-of-shard rows only has null folders
     # and notes, which Ray would otherwise type as null (then float) in this block alone.
     return to_block(preprocess_batch(batch, config=config, targets=targets))
-
-
-def preprocess_batch_sizes(
-    batch: dict[str, np.ndarray], *, config: PreprocessConfig, targets: Targets
-) -> dict[str, np.ndarray]:
-    """:func:`preprocess_batch` for runs of several sizes: each sample is decoded once and
-    becomes one row per resolution, at the size its resolution (or bucket) gives.
-
-    Returns:
-        The input columns repeated per output row (minus ``image``), plus ``pixels`` (an
-        object array of (H, W, 3) uint8 arrays, (0, 0, 3) for rows without an image),
-        ``slot`` (int32: the resolution's position; -1 on sentinel and error rows, which stay
-        one row each), ``folder`` (the data folder ``WxH``, or None) and the geometry columns.
-    """
-    from latentize.sinks.layout import data_folder
-
-    n = len(batch["key"])
-    error = text_column(batch.get("error"), n)
-    stage = text_column(batch.get("stage"), n)
-    notes = text_column(batch.get("notes"), n)
-    total = np.asarray(batch["total"]) if "total" in batch else np.full(n, -1, np.int64)
-    rows: list[tuple[int, int, Cropped | None, tuple[int, int] | None]] = []  # (source row, slot, crop, size)
-    for i in range(n):
-        if total[i] >= 0 or error[i] is not None:
-            rows.append((i, -1, None, None))
-            continue
-        key = str(batch["key"][i])
-        sizes: list[tuple[int, int]] = []
-
-        def sizes_of(source: tuple[int, int], sizes: list[tuple[int, int]] = sizes) -> list[tuple[int, int]]:
-            sizes[:] = targets.for_source(source)
-            return list(sizes)
-
-        out = _preprocess_row(batch["image"][i], key, sizes_of, config)
-        if isinstance(out, SampleError):
-            error[i], stage[i] = out.message, out.stage
-            rows.append((i, -1, None, None))
-            continue
-        rows.extend((i, slot, cropped, size) for slot, (cropped, size) in enumerate(zip(out, sizes, strict=True)))
-    src = np.array([r[0] for r in rows], dtype=np.int64)
-    result: dict[str, Any] = {name: np.asarray(col)[src] for name, col in batch.items() if name != "image"}
-    result["error"], result["stage"], result["notes"] = error[src], stage[src], notes[src]
-    pixels = np.empty(len(rows), dtype=object)
-    meta = {name: np.full(len(rows), -1, dtype=np.int32) for name in _META}
-    folders = np.full(len(rows), None, dtype=object)
-    for j, (_, _, cropped, size) in enumerate(rows):
-        pixels[j] = np.zeros((0, 0, 3), np.uint8) if cropped is None else cropped.pixels
-        if cropped is None or size is None:
-            continue
-        folders[j] = data_folder(size)
-        for name in _META:
-            meta[name][j] = getattr(cropped, name)
-        note = upscale_note(cropped)
-        if note is not None:
-            result["notes"][j] = join_notes([result["notes"][j], note])
-    result["pixels"] = pixels
-    result["slot"] = np.array([r[1] for r in rows], dtype=np.int32)
-    result["folder"] = folders
-    result.update(meta)
-    return normalize_text(result)

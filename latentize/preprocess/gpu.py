@@ -9,7 +9,7 @@ there. Plain 8-bit baseline or progressive JPEGs, YCbCr or grayscale, go to
 ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA; torchvision's libjpeg-turbo decoder on a CPU
 device, which is how the tests run this code); everything else (PNG, WebP, CMYK, RGB-coded,
 arithmetic-coded, unusual chroma sampling, a stream that does not end in an EOI marker, any
-image the decoder rejects) goes through :func:`~latentize.preprocess.preprocess_sample` one by
+image the decoder rejects) goes through :func:`~latentize.preprocess.preprocess_row` one by
 one and is moved to the device, so the output does not depend on which way a sample went.
 
 ``preprocess.exact`` has no effect here: the device decodes every image at full size (torchvision
@@ -31,8 +31,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg  # type: ignore[import-untyped]
 
 from latentize.config import PreprocessConfig
-from latentize.errors import LatentizeError, SampleError
-from latentize.preprocess import as_bytes, preprocess_sample, upscale_note
+from latentize.errors import SampleError
+from latentize.preprocess import as_bytes, preprocess_row, upscale_note
 from latentize.preprocess.crop import CROPS, CropBox, crop_box, upscaled_note
 from latentize.preprocess.decode import (
     OrientationUnclear,
@@ -285,20 +285,15 @@ def _finish(image: torch.Tensor, job: _Job, size: tuple[int, int]) -> torch.Tens
 
 
 def _on_cpu(batch: DeviceBatch, row: int, data: bytes, key: str, config: PreprocessConfig) -> None:
-    """The CPU path for one row; failures become error rows exactly as in ``preprocess_batch``."""
+    """The CPU path for one row; failures become error rows exactly as in ``preprocess_batch``
+    (both go through :func:`~latentize.preprocess.preprocess_row`)."""
     batch.cpu_fallback += 1
-    try:
-        out = preprocess_sample(data, key=key, config=config)
-    except SampleError as exc:
-        batch.errors[row] = (exc.stage, exc.message)
-        logger.debug("sample %s failed in %s: %s", key, exc.stage, exc.message)
+    size = config.size
+    found = preprocess_row(data, key=key, config=config, sizes_of=lambda _: [size])
+    if isinstance(found, SampleError):
+        batch.errors[row] = (found.stage, found.message)
         return
-    except LatentizeError:
-        raise
-    except Exception as exc:
-        batch.errors[row] = ("preprocess", f"{type(exc).__name__}: {exc}")
-        logger.warning("sample %s: unexpected %s: %s", key, type(exc).__name__, exc)
-        return
+    (out,) = found
     batch.pixels[row] = torch.from_numpy(out.pixels).to(batch.pixels.device)
     batch.width[row], batch.height[row] = out.width, out.height
     batch.crop_top[row], batch.crop_left[row] = out.crop_top, out.crop_left

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from latentize.qa.recon import Reconstruction
     from latentize.qa.scan import Findings
     from latentize.qa.stats import CodeUsage
+    from latentize.sinks.contract import Manifest, Marker
 
 __all__ = [
     "Check",
@@ -314,9 +315,9 @@ def distinct_samples(
 
 def alignment_section(
     *,
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     inputs: Sequence[tuple[str, str]],
-    markers: Mapping[str, Mapping[str, Any]],
+    markers: Mapping[str, Marker],
     data_rows: Mapping[str, int],
     error_rows: Mapping[str, int],
     orphans: Sequence[str],
@@ -342,7 +343,8 @@ def alignment_section(
             keys without a row at some resolution are named (``missing_keys``).
 
     Returns:
-        The report's ``alignment`` section: ``totals``, ``problems`` (one sentence per
+        The report's ``alignment`` section: ``totals`` (with ``marker_reencoded_fp32``, the
+        stored samples the markers count as re-encoded in float32), ``problems`` (one sentence per
         disagreement, judged by :func:`counts_check`), ``shards`` (one row per input shard),
         ``duplicate_keys`` and, with ``folders``, ``missing_keys`` (``[key, slot, ...]``).
     """
@@ -362,21 +364,22 @@ def alignment_section(
         problems.append(f"data rows of shard {shard}, which is not an input of this run")
     for path in orphans:
         problems.append(f"file {path} is listed by no commit marker")
-    samples = manifest.get("samples") or {}
+    samples = manifest.samples
     totals = {
         "data_rows": sum(int(v) for v in data_rows.values()),
         "error_rows": sum(int(v) for v in error_rows.values()),
-        "marker_ok": sum(int(m.get("ok", 0)) for m in markers.values()),
-        "marker_failed": sum(int(m.get("failed", 0)) for m in markers.values()),
-        "manifest_ok": samples.get("ok"),
-        "manifest_failed": samples.get("failed"),
+        "marker_ok": sum(m.ok for m in markers.values()),
+        "marker_failed": sum(m.failed for m in markers.values()),
+        "marker_reencoded_fp32": sum(m.reencoded_fp32 for m in markers.values()),
+        "manifest_ok": samples.ok if samples else None,
+        "manifest_failed": samples.failed if samples else None,
         "shards_total": len(inputs),
         "shards_committed": sum(1 for _, s in inputs if s in markers),
-        "shards_failed": sum(1 for _, s in inputs if s in markers and markers[s].get("status") != "ok"),
+        "shards_failed": sum(1 for _, s in inputs if s in markers and not markers[s].succeeded),
     }
-    if samples and (samples.get("ok"), samples.get("failed")) != (totals["marker_ok"], totals["marker_failed"]):
+    if samples and (samples.ok, samples.failed) != (totals["marker_ok"], totals["marker_failed"]):
         problems.append(
-            f"the manifest says {samples.get('ok')} ok / {samples.get('failed')} failed, "
+            f"the manifest says {samples.ok} ok / {samples.failed} failed, "
             f"the markers {totals['marker_ok']} / {totals['marker_failed']}"
         )
     section: dict[str, Any] = {"totals": totals, "problems": problems, "shards": shards}
@@ -389,17 +392,15 @@ def alignment_section(
     return section
 
 
-def _shard_alignment(
-    shard: str, marker: Mapping[str, Any] | None, data: int, errors: int
-) -> tuple[dict[str, Any], list[str]]:
+def _shard_alignment(shard: str, marker: Marker | None, data: int, errors: int) -> tuple[dict[str, Any], list[str]]:
     """One shard's row of the alignment table, and its disagreements with its marker."""
     row = {
         "shard": shard,
-        "status": (marker or {}).get("status", "pending"),
+        "status": "pending" if marker is None or marker.status is None else marker.status,
         "data_rows": data,
         "error_rows": errors,
-        "marker_ok": None if marker is None else int(marker.get("ok", 0)),
-        "marker_failed": None if marker is None else int(marker.get("failed", 0)),
+        "marker_ok": None if marker is None else marker.ok,
+        "marker_failed": None if marker is None else marker.failed,
     }
     if marker is None:
         return row, [
@@ -410,15 +411,13 @@ def _shard_alignment(
         problems.append(f"shard {shard}: {data} data rows, its marker says {row['marker_ok']} ok")
     if errors != row["marker_failed"]:
         problems.append(f"shard {shard}: {errors} error rows, its marker says {row['marker_failed']} failed")
-    if int(marker.get("samples", data + errors)) != data + errors:
-        problems.append(
-            f"shard {shard}: {data + errors} rows in all, its marker says {marker.get('samples')} samples read"
-        )
+    if marker.samples is not None and marker.samples != data + errors:
+        problems.append(f"shard {shard}: {data + errors} rows in all, its marker says {marker.samples} samples read")
     return row, problems
 
 
 def _shard_folder_alignment(
-    shard: str, marker: Mapping[str, Any] | None, data: int, errors: int, folders: FolderCounts
+    shard: str, marker: Marker | None, data: int, errors: int, folders: FolderCounts
 ) -> tuple[dict[str, Any], list[str]]:
     """:func:`_shard_alignment` of an output of several data folders."""
     samples = folders.samples.get(shard, 0 if not data else None)
@@ -429,7 +428,7 @@ def _shard_folder_alignment(
         return row, found
     problems = []
     rows = folders.rows.get(shard, {})
-    said = {str(k): int(v) for k, v in (marker.get("rows") or {}).items()}
+    said = marker.rows or {}
     for folder in sorted(set(rows) | set(said)):
         if int(rows.get(folder, 0)) != said.get(folder, 0):
             problems.append(
@@ -441,7 +440,7 @@ def _shard_folder_alignment(
         problems.append(f"shard {shard}: {samples} samples with data rows, its marker says {row['marker_ok']} ok")
     if errors != row["marker_failed"]:
         problems.append(f"shard {shard}: {errors} error rows, its marker says {row['marker_failed']} failed")
-    read = marker.get("samples")
+    read = marker.samples
     shard_errors = folders.errors.get(shard, {})
     for slot in range(folders.slots):
         in_slot = sum(int(n) for f, n in rows.items() if folders.slot_of.get(f, 0) == slot)
@@ -471,10 +470,10 @@ def _missing_keys_problem(folders: FolderCounts) -> list[str]:
     return [f"{len(folders.missing)} key(s) have data rows but no row, data or error, at some resolution: {listed}"]
 
 
-def _manifest_folder_rows(manifest: Mapping[str, Any], folders: FolderCounts) -> list[str]:
+def _manifest_folder_rows(manifest: Manifest, folders: FolderCounts) -> list[str]:
     """The manifest's ``output.rows_by_folder`` against the data rows per folder."""
-    said = (manifest.get("output") or {}).get("rows_by_folder")
-    if not isinstance(said, Mapping):
+    said = manifest.output.rows_by_folder
+    if said is None:
         return []
     found: dict[str, int] = {}
     for by_folder in folders.rows.values():
@@ -483,11 +482,11 @@ def _manifest_folder_rows(manifest: Mapping[str, Any], folders: FolderCounts) ->
     return [
         f"folder {folder}: {found.get(folder, 0)} data rows, the manifest says {said.get(folder, 0)}"
         for folder in sorted(set(found) | set(said))
-        if found.get(folder, 0) != int(said.get(folder, 0))
+        if found.get(folder, 0) != said.get(folder, 0)
     ]
 
 
-def complete_check(inputs: Sequence[tuple[str, str]], markers: Mapping[str, Mapping[str, Any]]) -> Check:
+def complete_check(inputs: Sequence[tuple[str, str]], markers: Mapping[str, Marker]) -> Check:
     """``complete``: was every input shard read to the end and committed?
 
     Args:
@@ -496,7 +495,7 @@ def complete_check(inputs: Sequence[tuple[str, str]], markers: Mapping[str, Mapp
             shard was read to its end).
     """
     pending = [s for _, s in inputs if s not in markers]
-    failed = [s for _, s in inputs if s in markers and markers[s].get("status") != "ok"]
+    failed = [s for _, s in inputs if s in markers and not markers[s].succeeded]
     if not pending and not failed:
         return Check.judge("complete", True, f"all {len(inputs)} shard(s) committed")
     return Check.judge(

@@ -35,6 +35,7 @@ from latentize.encoders.decoding import DecodeFn
 from latentize.errors import LatentizeError, SampleError
 from latentize.preprocess.buckets import Targets
 from latentize.qa.values import sample_label
+from latentize.sinks.contract import Manifest
 
 __all__ = [
     "Decoder",
@@ -130,13 +131,17 @@ class TorchDecoder:
 
 
 def load_decoder(
-    manifest: Mapping[str, Any], *, decoder: str | None = None, device: str | None = None, batch_size: int = 8
+    manifest: Manifest | Mapping[str, Any],
+    *,
+    decoder: str | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
 ) -> Decoder:
     """The decoder of the run described by ``manifest``.
 
     Args:
-        manifest: the parsed ``OUT/_manifest.json``: ``config`` (the resolved config) and
-            ``encoder`` (type, constants, identity, columns).
+        manifest: ``OUT/_manifest.json`` (or its parsed JSON): ``config`` (the resolved config)
+            and ``encoder`` (type, constants, identity, columns).
         decoder: where the decoder weights are when not beside the encoder's: a diffusers
             folder or hub id (kl, vq, dc, flux2, tiny) or a single file (an ldm/taming
             checkpoint for kl/vq, a TAESD ``*_decoder.pth`` for tiny).
@@ -149,11 +154,13 @@ def load_decoder(
     from latentize.encoders import ENCODERS
     from latentize.encoders.base import pick_device
 
-    try:
-        encoder = manifest["encoder"]
-        config = config_from_dict(manifest["config"])
-    except KeyError as exc:
-        raise LatentizeError(f"the manifest lacks {exc}; is this a latentize output root?") from None
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(manifest)
+    for name, value in (("encoder", manifest.encoder), ("config", manifest.config)):
+        if not value:
+            raise LatentizeError(f"the manifest lacks {name!r}; is this a latentize output root?")
+    encoder = manifest.encoder
+    config = config_from_dict(manifest.config)
     model, step, description = ENCODERS.get(str(encoder["type"])).decoder(
         encoder=encoder, config=config, override=decoder
     )
@@ -430,7 +437,7 @@ class Reconstruction:
 
 
 def reconstruct(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     inputs: Sequence[tuple[str, str]],
     sample: Sequence[tuple[str, str, str]],
     stored: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
@@ -578,7 +585,7 @@ def _unredacted(options: Any) -> Any:
 
 
 def _fetch_sample(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     inputs: Sequence[tuple[str, str]],
     sample: Sequence[tuple[str, str, str]],
     input_storage_options: Mapping[str, Any],
@@ -596,7 +603,7 @@ def _fetch_sample(
 
     from latentize.sources import infer_format
 
-    cfg = config_from_dict(manifest["config"])
+    cfg = config_from_dict(manifest.config)
     # The manifest's copy has its credentials redacted: keep its other settings (endpoint,
     # region), and let the caller's options fill in the rest.
     options = {**_unredacted(cfg.input.storage_options), **input_storage_options}
@@ -621,7 +628,7 @@ def _fetch_sample(
         crops.update(got)
         missing.update(lost)
         logger.info("qa: source images: %d of %d shard(s) read", done, len(refs))
-    folders = (manifest.get("output") or {}).get("folders") or {}
+    folders = manifest.output.folders
     pixels: dict[tuple[str, str], np.ndarray] = {}
     failed: dict[str, str] = {}
     for key, folder, _ in sample:
@@ -629,10 +636,10 @@ def _fetch_sample(
         if key not in crops:
             failed[label] = missing.get(key, "not fetched")
             continue
-        spec = folders.get(folder) or {}
-        crop = crops[key][int(spec.get("slot") or 0)]
-        size = spec.get("size")
-        if size is not None and crop.shape[:2] != (int(size[1]), int(size[0])):
+        spec = folders.get(folder)
+        crop = crops[key][spec.slot if spec else 0]
+        size = spec.size if spec else None
+        if size is not None and crop.shape[:2] != (size[1], size[0]):
             # The source's bucket at this resolution is another one: not what the run stored.
             failed[label] = f"the source now crops to {crop.shape[1]}x{crop.shape[0]}, not to its folder {folder}"
             continue
@@ -640,17 +647,11 @@ def _fetch_sample(
     return pixels, failed
 
 
-def _targets(manifest: Mapping[str, Any], config: Config) -> Targets:
+def _targets(manifest: Manifest, config: Config) -> Targets:
     """The sizes the run cropped to, per resolution: the manifest's resolved buckets, else its
     resolutions, else (outputs written before these were recorded) the one fixed size."""
-    recorded = manifest.get("preprocess") or {}
-    if recorded.get("buckets"):
-        per_resolution = recorded["buckets"]
-    elif recorded.get("resolutions"):
-        per_resolution = [[size] for size in recorded["resolutions"]]
-    else:
-        per_resolution = [[config.preprocess.size]]
-    return Targets(tuple(tuple((int(w), int(h)) for w, h in sizes) for sizes in per_resolution))
+    per_resolution = manifest.sizes() or [[config.preprocess.size]]
+    return Targets(tuple(tuple(sizes) for sizes in per_resolution))
 
 
 def _fetch_shard(

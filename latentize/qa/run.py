@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from latentize import __version__
 from latentize.errors import LatentizeError
@@ -59,6 +58,7 @@ from latentize.qa.scan import (
 from latentize.qa.stats import CodeUsage, LatentStats, affine_summary
 from latentize.raystart import init_ray
 from latentize.sinks import OutputLayout
+from latentize.sinks.contract import FolderSpec, Manifest, Marker, read_errors, read_manifest, run_markers
 
 if TYPE_CHECKING:
     from latentize.qa.recon import Reconstruction
@@ -73,9 +73,6 @@ REPORT_FOLDER = "_qa"
 ROWS_PER_PARTITION = 1_000_000
 #: Keys listed per finding in the report.
 KEY_LIMIT = 100
-#: An error row of one resolution of a sample: ``at WxH: <reason>`` (the folder it was bound
-#: for); read only from errors tables written before they had a ``slot`` column.
-_AT_FOLDER = re.compile(r"^at (\d+x\d+): ")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,23 +163,27 @@ class _Loaded:
         orphans: data or error files no marker lists.
         errors: the rows of the errors tables (``key``, ``shard``, ``slot``: the resolution
             slot an error row stands for, -1 for the whole sample).
-        folders: the manifest's ``output.folders``: data folder -> ``size``, ``resolution``,
-            ``slot`` and ``columns`` (empty for outputs written before folders were recorded).
     """
 
     layout: OutputLayout
-    manifest: dict[str, Any]
+    manifest: Manifest
     columns: list[TensorColumn]
     inputs: list[tuple[str, str]]
-    markers: dict[str, dict[str, Any]]
+    markers: dict[str, Marker]
     files: list[DataFile]
     orphans: list[str]
     errors: pa.Table
-    folders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def encoder(self) -> dict[str, Any]:
-        return self.manifest.get("encoder") or {}
+        """The manifest's ``encoder`` entry."""
+        return self.manifest.encoder
+
+    @property
+    def folders(self) -> dict[str, FolderSpec]:
+        """The manifest's ``output.folders`` (empty for outputs written before folders were
+        recorded)."""
+        return self.manifest.output.folders
 
     @property
     def float_columns(self) -> list[TensorColumn]:
@@ -200,7 +201,7 @@ class _Loaded:
     @property
     def slot_of(self) -> dict[str, int]:
         """Data folder -> its resolution slot (folders the manifest does not name: 0)."""
-        return {name: int(spec.get("slot") or 0) for name, spec in self.folders.items()}
+        return self.manifest.slot_of
 
     @property
     def slots(self) -> int:
@@ -228,29 +229,24 @@ class _Loaded:
 def _load(output: str, options: QAOptions) -> _Loaded:
     """Reads the manifest, input list, commit markers and errors tables of ``output``."""
     layout = OutputLayout(output, storage_options=options.storage_options)
-    manifest = layout.read_manifest()
+    manifest = read_manifest(layout)
     if manifest is None:
         raise LatentizeError(
             f"{layout.url} holds no latentize run (no _manifest.json); give the output root of `latentize encode`"
         )
-    fp = manifest.get("fingerprint")
-    markers = {s: m for s, m in layout.read_markers().items() if m.get("fingerprint") == fp}
-    recorded = manifest.get("output") or {}
-    folders = {str(k): dict(v) for k, v in (recorded.get("folders") or {}).items()}
+    markers = run_markers(layout, manifest)
     # A run of several sizes lists its data folders only when it ends: look in the declared ones.
-    names = sorted(set(recorded.get("data_folders") or []) | set(folders))
+    names = sorted(set(manifest.output.data_folders) | set(manifest.output.folders))
     files, orphans, error_paths = list_files(layout, markers, names)
-    slot_of = {name: int(spec.get("slot") or 0) for name, spec in folders.items()}
     loaded = _Loaded(
         layout=layout,
         manifest=manifest,
-        columns=_columns(manifest.get("encoder") or {}),
+        columns=_columns(manifest.encoder),
         inputs=layout.read_inputs(),
         markers=markers,
         files=files,
         orphans=orphans,
-        errors=_read_errors(layout, error_paths, slot_of),
-        folders=folders,
+        errors=_read_errors(layout, error_paths, manifest.slot_of),
     )
     logger.info(
         "qa: %s: %d committed shard(s), %d data file(s), %d error row(s)",
@@ -262,7 +258,7 @@ def _load(output: str, options: QAOptions) -> _Loaded:
     return loaded
 
 
-def _columns(encoder: dict[str, Any]) -> list[TensorColumn]:
+def _columns(encoder: Mapping[str, Any]) -> list[TensorColumn]:
     constants = encoder.get("constants") or {}
     out = []
     for name, spec in (encoder.get("columns") or {}).items():
@@ -279,42 +275,19 @@ def _columns(encoder: dict[str, Any]) -> list[TensorColumn]:
     return out
 
 
-def _read_errors(layout: OutputLayout, paths: dict[str, str], slot_of: dict[str, int]) -> pa.Table:
-    """``key``, ``shard`` and ``slot`` of every error row: the errors table's ``slot`` (-1: the
-    whole sample; else the resolution whose row failed). Tables written before it had that
-    column get it from the reason: an encode error of one resolution (``at WxH: ...``) stands
-    for that folder's slot, any other error for the whole sample."""
+def _read_errors(layout: OutputLayout, paths: dict[str, str], slot_of: Mapping[str, int]) -> pa.Table:
+    """``key``, ``shard`` and ``slot`` of every error row (``slot``: -1 for the whole sample,
+    else the resolution whose row failed; :func:`~latentize.sinks.contract.read_errors` gives
+    it to tables written before they had the column)."""
     tables = []
     shard_of = {path: shard for shard, path in paths.items()}
     for path, data in layout.iter_contents(sorted(shard_of, key=shard_of.__getitem__)):
-        table = pq.read_table(pa.BufferReader(data))
-        if "slot" in table.column_names:
-            slots = table.column("slot").cast(pa.int32())
-        else:
-            stages, errors = table.column("stage").to_pylist(), table.column("error").to_pylist()
-            slots = pa.array([_error_slot(st, e, slot_of) for st, e in zip(stages, errors, strict=True)], pa.int32())
-        tables.append(
-            pa.table(
-                {
-                    "key": table.column("key"),
-                    "shard": pa.array([shard_of[path]] * table.num_rows, pa.string()),
-                    "slot": slots,
-                }
-            )
-        )
+        tables.append(read_errors(data, shard=shard_of[path], slot_of=slot_of).select(["key", "shard", "slot"]))
     if not tables:
         return pa.table(
             {"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()), "slot": pa.array([], pa.int32())}
         )
     return pa.concat_tables(tables)
-
-
-def _error_slot(stage: str | None, error: str | None, slot_of: dict[str, int]) -> int:
-    """The slot of an error row of a table without a ``slot`` column (written before it had one)."""
-    match = _AT_FOLDER.match(error or "") if stage == "encode" else None
-    if match is None or match.group(1) not in slot_of:
-        return -1
-    return slot_of[match.group(1)]
 
 
 # --------------------------------------------------------------------------- scan
@@ -350,9 +323,9 @@ def _scan(loaded: _Loaded, options: QAOptions) -> _Scanned:
 
     dashboard = options.dashboard
     if dashboard is None:
-        dashboard = bool(((loaded.manifest.get("config") or {}).get("ray") or {}).get("dashboard", False))
+        dashboard = bool(loaded.manifest.setting("ray.dashboard", False))
     init_ray(address=options.ray_address, dashboard=dashboard)
-    fmt = str((loaded.manifest.get("output") or {}).get("format") or "parquet")
+    fmt = loaded.manifest.output.format
     ds = ray.data.read_datasource(
         DataFilesDatasource(layout=loaded.layout, files=loaded.files, fmt=fmt, columns=loaded.columns),
         override_num_blocks=max(1, len(loaded.files)),
@@ -523,7 +496,7 @@ def _header(loaded: _Loaded, options: QAOptions) -> dict[str, Any]:
         "options": {k: v for k, v in dataclasses.asdict(options).items() if "storage_options" not in k},
         "encoder": {
             "type": encoder.get("type"),
-            "model": (encoder.get("identity") or {}).get("model"),
+            "model": loaded.manifest.identity.get("model"),
             "preset": encoder.get("preset"),
             "model_class": encoder.get("model_class"),
             "input_range": encoder.get("input_range"),
@@ -570,11 +543,7 @@ def _column_statistics(
 
 def _common_shape(loaded: _Loaded, column: TensorColumn) -> list[int] | None:
     """The column's per-row shape over the whole output; None when its folders differ."""
-    shapes = {
-        tuple(spec["columns"][column.name]["shape"])
-        for spec in loaded.folders.values()
-        if column.name in (spec.get("columns") or {})
-    }
+    shapes = {spec.columns[column.name].shape for spec in loaded.folders.values() if column.name in spec.columns}
     if len(shapes) > 1:
         return None
     return list(shapes.pop()) if shapes else list(column.shape)
@@ -643,14 +612,14 @@ def _folders(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
     names = sorted(set(loaded.folders) | set(stats))
     out = {}
     for name in names:
-        spec = loaded.folders.get(name, {})
+        spec = loaded.folders.get(name)
         entry: dict[str, Any] = {
-            "size": spec.get("size"),
-            "resolution": spec.get("resolution"),
+            "size": spec.to_json()["size"] if spec else None,
+            "resolution": spec.to_json()["resolution"] if spec else None,
             "slot": loaded.slot_of.get(name, 0),
             "rows": sum(by_folder.get(name, 0) for by_folder in (state.folder_rows.values() if state else [])),
-            "marker_rows": sum(int((m.get("rows") or {}).get(name, 0)) for m in loaded.markers.values()),
-            "columns": spec.get("columns"),
+            "marker_rows": sum((m.rows or {}).get(name, 0) for m in loaded.markers.values()),
+            "columns": spec.to_json()["columns"] if spec else None,
         }
         entry.update(_folder_values(stats.get(name), spec, loaded, options))
         found = recon.get(name)
@@ -667,17 +636,17 @@ def _folders(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
 
 
 def _folder_values(
-    stats: dict[str, LatentStats | CodeUsage] | None, spec: dict[str, Any], loaded: _Loaded, options: QAOptions
+    stats: dict[str, LatentStats | CodeUsage] | None, spec: FolderSpec | None, loaded: _Loaded, options: QAOptions
 ) -> dict[str, Any]:
     """A folder's statistics (stored and raw, no histograms), codebook usage and scale verdict."""
     out: dict[str, Any] = {"statistics": {}, "codebook": None, "scale": None}
     if not stats:
         return out
-    shapes = spec.get("columns") or {}
+    shapes = spec.columns if spec else {}
     for c in loaded.float_columns:
         column = stats[c.name]
         assert isinstance(column, LatentStats)
-        shape = (shapes.get(c.name) or {}).get("shape")
+        shape = list(shapes[c.name].shape) if c.name in shapes else None
         out["statistics"][c.name] = _column_statistics(column, c, loaded.encoder, shape=shape)
     if loaded.index_columns:
         usage = stats[loaded.index_columns[0].name]

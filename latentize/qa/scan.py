@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from latentize.qa.stats import CodeUsage, LatentStats
 from latentize.registry import Registry
 from latentize.sinks.base import canonical_tensor, tensor_array, tensor_numpy
+from latentize.sinks.contract import Marker
 from latentize.sinks.layout import OutputLayout
 from latentize.tarnames import KEY_MEMBER
 
@@ -832,7 +833,7 @@ def _irregular(whole: Mapping[str, list[tuple[str, int, bool]]]) -> dict[str, tu
 
 
 def list_files(
-    layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]], data_folders: list[str]
+    layout: OutputLayout, markers: Mapping[str, Marker], data_folders: list[str]
 ) -> tuple[list[DataFile], list[str], dict[str, str]]:
     """Committed data files and error files by marker, and files no marker lists.
 
@@ -843,7 +844,7 @@ def list_files(
     errors: dict[str, str] = {}
     listed: set[str] = set()
     for shard in sorted(markers):
-        for rel in markers[shard].get("files", []):
+        for rel in markers[shard].files:
             listed.add(rel)
             path = layout.join(rel)
             if rel.startswith("_errors/"):

@@ -35,15 +35,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentize.columns import FLIGHT_TYPES, flight_array, text_column
+from latentize.columns import ENCODE_STARTED, FLIGHT_TYPES, REENCODED, flight_array, text_column
 from latentize.errors import LatentizeError
 from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array
+from latentize.sinks.contract import ERROR_SCHEMA, WHOLE_SAMPLE, ErrorRow, Marker, errors_table
 from latentize.sinks.layout import OutputLayout
 
 __all__ = [
     "ENCODE_STARTED",
     "ERROR_SCHEMA",
-    "REENCODED_NOTE",
     "REPORT_SCHEMA",
     "Committer",
     "Part",
@@ -54,32 +54,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The flight column in which the encoder actor stamps when each call began (epoch seconds).
-ENCODE_STARTED = "encode_started"
-
-#: The ``notes`` finding of a sample whose latents were not finite in the compute dtype.
-REENCODED_NOTE = "re-encoded in float32 (non-finite in the compute dtype)"
-
 #: Per-sample columns carried from the source/preprocess stages into the output; ``notes``
 #: holds the non-fatal findings (bad sidecar, upscaled image), "; "-joined, None when clean.
 _PASSTHROUGH: dict[str, pa.DataType] = {
     name: FLIGHT_TYPES[name]
     for name in ("key", "index", "caption", "json", "notes", "width", "height", "crop_top", "crop_left")
 }
-
-#: Schema of ``OUT/_errors/*.parquet``. ``slot``: -1 when the sample failed as a whole (read,
-#: decode), else the resolution (position in ``preprocess.resolutions``; 0 in a run of one size)
-#: whose row the encoder failed; outputs written before it existed lack the column.
-ERROR_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard", pa.string()),
-        ("index", pa.int64()),
-        ("stage", pa.string()),
-        ("error", pa.string()),
-        ("slot", pa.int32()),
-    ]
-)
 
 _PART_TYPE = pa.struct(
     [
@@ -153,13 +133,14 @@ def _stage_part(
     digest = hashlib.sha1(indices.tobytes()).hexdigest()[:12]
     path = layout.staged_path(shard, folder, int(indices[0]), digest, sink.extension)
     layout.write_bytes(path, data)
-    notes = text_column(np.asarray(batch["notes"])[rows], len(rows))
+    # The encoder actor flags the rows it re-encoded in float32; a batch without the column has none.
+    reencoded = int(np.count_nonzero(np.asarray(batch[REENCODED], dtype=bool)[rows])) if REENCODED in batch else 0
     return {
         "folder": folder,
         "path": path,
         "indices": indices.tolist(),
         "bytes": len(data),
-        "reencoded": sum(1 for note in notes if note and REENCODED_NOTE in note),
+        "reencoded": reencoded,
         "slot": slot,
     }
 
@@ -173,17 +154,21 @@ def stage_batch(
     sink_name: str,
     compression: str,
     tensor_type: str = FIXED_SHAPE_TENSOR,
+    name_folders: bool = False,
 ) -> pa.Table:
     """Ray map_batches function: stage the ok rows per shard; report parts, errors, sentinels.
 
     Args:
         batch: numpy batch with ``shard``, ``index``, ``total`` (>= 0 on end-of-shard sentinel
             rows), ``error``/``stage`` (str or None), ``read_node`` (sentinels), the passthrough
-            columns and the encoder's tensor columns (N, *shape). A ``folder`` column, when
-            present, names each row's data folder; else every row goes to ``folder``.
+            columns and the encoder's tensor columns (N, *shape). ``folder`` and ``slot``
+            columns (what the read tasks' preprocess gives every row) name each row's data folder
+            and resolution; a batch without them goes to ``folder``, slot 0.
         folder: the data folder of rows without a ``folder`` column.
         sink_name: the output format (a key of ``SINKS``): parts are written in it.
         tensor_type: ``output.tensor_type``, the Arrow layout of tensor columns in Parquet parts.
+        name_folders: the run writes several sizes: the reason of an encode error (one
+            resolution's row) names its folder, ``at WxH: ...``.
 
     Returns:
         An Arrow table of :data:`REPORT_SCHEMA`, one row per shard present in the batch.
@@ -198,7 +183,6 @@ def stage_batch(
     folders = text_column(batch["folder"], n) if "folder" in batch else np.full(n, folder, dtype=object)
     slots = np.asarray(batch["slot"]).astype(np.int32) if "slot" in batch else np.zeros(n, np.int32)
     indices = np.asarray(batch["index"]).astype(np.int64)
-    multi = "slot" in batch
     called = np.asarray(batch[ENCODE_STARTED], dtype=np.float64) if ENCODE_STARTED in batch else np.zeros(0)
     sentinel = totals >= 0
     failed = ~sentinel & np.array([e is not None for e in errors], dtype=bool)
@@ -211,8 +195,8 @@ def stage_batch(
             report.update(total=int(totals[i]), shard_error=errors[i], read_node=nodes[i])
         for i in np.flatnonzero(mine & failed):
             # An error row of a sample-wide failure (slot -1) stands for every resolution.
-            slot = int(slots[i]) if stages[i] == "encode" else -1
-            error = errors[i] if slot < 0 or not multi else f"at {folders[i]}: {errors[i]}"
+            slot = int(slots[i]) if stages[i] == "encode" else WHOLE_SAMPLE
+            error = errors[i] if slot < 0 or not name_folders else f"at {folders[i]}: {errors[i]}"
             report["errors"].append(
                 {"key": keys[i], "index": int(indices[i]), "stage": stages[i], "error": error, "slot": slot}
             )
@@ -255,7 +239,7 @@ class Part:
 @dataclass
 class _ShardState:
     parts: dict[str, Part] = field(default_factory=dict)
-    errors: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    errors: dict[tuple[int, int], ErrorRow] = field(default_factory=dict)
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     count: int = 0
     total: int | None = None
@@ -284,7 +268,8 @@ class ShardCommit:
     shard: str
     total: int
     parts: list[Part]
-    errors: list[dict[str, Any]]
+    #: The shard's error rows, in (index, slot) order.
+    errors: list[ErrorRow]
     shard_error: str | None
     read_node: str | None
 
@@ -326,9 +311,12 @@ class ShardTracker:
             state.parts[part.path] = part
             self.units_ok += state.cover(self._units(indices, slot))
         for e in report["errors"]:
-            slot = -1 if e.get("slot") is None else int(e["slot"])
-            state.errors.setdefault((int(e["index"]), slot), e)
-            self.units_failed += state.cover(self._units(np.array([int(e["index"])], dtype=np.int64), slot))
+            slot = WHOLE_SAMPLE if e.get("slot") is None else int(e["slot"])
+            row = ErrorRow(
+                key=e["key"], shard=shard, index=int(e["index"]), stage=e["stage"], error=e["error"], slot=slot
+            )
+            state.errors.setdefault((row.index, slot), row)
+            self.units_failed += state.cover(self._units(np.array([row.index], dtype=np.int64), slot))
         if report["total"] >= 0:
             state.total = int(report["total"])
             state.error = report.get("shard_error")
@@ -409,15 +397,16 @@ def commit_shard(
     url: str,
     sink_name: str,
     fingerprint: str,
-) -> dict[str, Any]:
+) -> Marker:
     """Publishes a complete shard's staged parts, writes its errors table, then its marker.
 
     Idempotent: a retried commit publishes the same names and writes the same marker.
 
     Returns:
-        The marker: shard, source URL, status (``ok``, or ``failed`` when reading the shard
-        stopped early), samples / ok / failed counts, rows per data folder, files (relative
-        paths), bytes of data, the nodes that read and committed it, config fingerprint.
+        The marker (:class:`~latentize.sinks.contract.Marker`): shard, source URL, status
+        (``ok``, or ``failed`` when reading the shard stopped early), samples / ok / failed
+        counts, rows per data folder, files (relative paths), bytes of data, the nodes that read
+        and committed it, config fingerprint.
     """
     import ray
 
@@ -439,34 +428,33 @@ def commit_shard(
         data_bytes += part.bytes
     by_stage: dict[str, int] = {}
     for e in commit.errors:
-        by_stage[e["stage"]] = by_stage.get(e["stage"], 0) + 1
+        by_stage[str(e.stage)] = by_stage.get(str(e.stage), 0) + 1
     if commit.errors:
-        table = pa.Table.from_pylist([{**e, "shard": commit.shard} for e in commit.errors], schema=ERROR_SCHEMA)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(errors_table(commit.errors), buf, compression="zstd")
         layout.write_bytes(layout.errors_path(commit.shard), buf.getvalue())
         files.append(layout.relative(layout.errors_path(commit.shard)))
     # A sample stored in several folders (one per resolution) is one ok sample.
     n_ok = int(np.unique(np.concatenate([p.indices for p in publish])).size) if publish else 0
-    marker = {
-        "shard": commit.shard,
-        "url": url,
-        "status": "failed" if commit.shard_error else "ok",
-        "error": commit.shard_error,
-        "samples": commit.total,
-        "ok": n_ok,
-        "failed": len(commit.errors),
-        "failed_by_stage": by_stage,
-        "reencoded_fp32": sum(p.reencoded for p in publish),
-        "rows": rows,
-        "files": files,
-        "bytes": data_bytes,
-        "read_node": commit.read_node,
-        "commit_node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-        "fingerprint": fingerprint,
-        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    layout.write_json(layout.marker_path(commit.shard), marker)
+    marker = Marker(
+        shard=commit.shard,
+        url=url,
+        status="failed" if commit.shard_error else "ok",
+        error=commit.shard_error,
+        samples=commit.total,
+        ok=n_ok,
+        failed=len(commit.errors),
+        failed_by_stage=by_stage,
+        reencoded_fp32=sum(p.reencoded for p in publish),
+        rows=rows,
+        files=files,
+        bytes=data_bytes,
+        read_node=commit.read_node,
+        commit_node=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+        fingerprint=fingerprint,
+        committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    layout.write_json(layout.marker_path(commit.shard), marker.to_json())
     elapsed = time.time() - started
     logger.debug("committed %s (%d ok, %d failed) in %.2fs", commit.shard, n_ok, len(commit.errors), elapsed)
     return marker
@@ -582,18 +570,19 @@ class Committer:
     def _record(self, refs: list[Any]) -> None:
         import ray
 
-        for ref, marker in zip(refs, ray.get(refs), strict=True):
+        markers: list[Marker] = ray.get(refs)
+        for ref, marker in zip(refs, markers, strict=True):
             commit = self._in_flight.pop(ref)
             self.shards_done += 1
-            self.samples_done += marker["samples"]
-            self.ok_done += marker["ok"]
-            self.failed_done += marker["failed"]
-            for stage, n in marker["failed_by_stage"].items():
-                self.failed_by_stage[stage] = self.failed_by_stage.get(stage, 0) + int(n)
-            self.markers[marker["shard"]] = json.dumps(marker, separators=(",", ":"))
+            self.samples_done += marker.samples or 0
+            self.ok_done += marker.ok
+            self.failed_done += marker.failed
+            for stage, n in marker.failed_by_stage.items():
+                self.failed_by_stage[stage] = self.failed_by_stage.get(stage, 0) + n
+            self.markers[marker.shard] = json.dumps(marker.to_json(), separators=(",", ":"))
             self._staged_done.extend(p.path for p in commit.parts)
-            if marker["status"] != "ok":
-                logger.warning("shard %s failed: %s", marker["shard"], marker["error"])
+            if not marker.succeeded:
+                logger.warning("shard %s failed: %s", marker.shard, marker.error)
         self._flush_staging()
         if time.time() - self._ledger_at > self._ledger_every_s:
             self._layout.write_ledger(self.markers)

@@ -240,6 +240,8 @@ class OutputLayout:
 
     # -- run state ----------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest as parsed JSON (None when there is none); readers take it typed, through
+        :func:`latentize.sinks.contract.read_manifest`."""
         return self.read_json(self.manifest_path)
 
     def write_inputs(self, shards: list[tuple[str, str]]) -> None:
@@ -261,7 +263,8 @@ class OutputLayout:
         return {n[: -len(".json")] for n in names if n.endswith(".json")}
 
     def read_markers(self) -> dict[str, dict[str, Any]]:
-        """All commit markers, by shard id (see :meth:`read_marker_texts`)."""
+        """All commit markers as parsed JSON, by shard id (see :meth:`read_marker_texts`);
+        readers take them typed, through :func:`latentize.sinks.contract.run_markers`."""
         return {s: json.loads(text) for s, text in self.read_marker_texts().items()}
 
     def read_marker_texts(self) -> dict[str, str]:
@@ -317,8 +320,10 @@ class OutputLayout:
             shards: the shard ids this run (re)does.
             markers: every commit marker of the output (as :meth:`read_marker_texts` returns them).
         """
+        from latentize.sinks.contract import Marker
+
         shards = set(shards)
-        redo = {s: json.loads(markers[s]) for s in shards if s in markers}
+        redo = {s: Marker.loads(markers[s]) for s in shards if s in markers}
         doomed: set[str] = set()
         for path in self.list_files(self.join(STAGING)):
             rel = self.relative(path).split("/")
@@ -333,7 +338,7 @@ class OutputLayout:
                 doomed.add(path)
         discard_list = None
         if redo:
-            files = {s: list(m.get("files", [])) for s, m in redo.items()}
+            files = {s: list(m.files) for s, m in redo.items()}
             discard_list = self.join(STAGING, f"{DISCARD_PREFIX}{uuid.uuid4().hex}.json")
             self.write_bytes(discard_list, json.dumps(files).encode())
             self.remove_files(self.marker_path(s) for s in redo)

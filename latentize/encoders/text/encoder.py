@@ -25,6 +25,7 @@ from latentize.encoders.base import _inference_mode, pick_device
 from latentize.encoders.text.presets import TEXT_PRESETS
 from latentize.encoders.text.spec import LENGTH, MASK, TextSpec
 from latentize.errors import LatentizeError
+from latentize.hub import from_pretrained
 
 if TYPE_CHECKING:
     import torch
@@ -161,11 +162,13 @@ class TextEncoder:
             if cls is None:
                 raise LatentizeError(f"text.model: {name} names {class_name!r}, which transformers does not have")
             if name in encoders:
-                model = _from_pretrained(cls, self.text.model, name, self.text.revision, dtype=self.dtype)
+                model = from_pretrained(
+                    cls, self.text.model, subfolder=name, revision=self.text.revision, dtype=self.dtype
+                )
                 parts[name] = model.to(self.device).eval()
             else:
                 counters[name] = parts[name] = _CountingTokenizer(
-                    _from_pretrained(cls, self.text.model, name, self.text.revision)
+                    from_pretrained(cls, self.text.model, subfolder=name, revision=self.text.revision)
                 )
         pipe_cls = getattr(diffusers, self.preset.pipeline_class)
         if _DROP_TRUNCATION not in logging.getLogger(pipe_cls.__module__).filters:
@@ -421,16 +424,6 @@ def _prompt(caption: object) -> tuple[str | None, str | None]:
     if caption == "":
         return "", 'empty caption: encoded as ""'
     return caption, None
-
-
-def _from_pretrained(cls: Any, model: str | None, subfolder: str, revision: str | None, **kwargs: Any) -> Any:
-    """A transformers component from the local Hugging Face cache (or folder) first, then the hub."""
-    args = {"subfolder": subfolder, "revision": revision, **kwargs}
-    try:
-        return cls.from_pretrained(model, local_files_only=True, **args)
-    except (OSError, ValueError):
-        logger.info("%s/%s not fully cached; fetching from the hub", model, subfolder)
-        return cls.from_pretrained(model, **args)
 
 
 def _text_pipeline(pipe_cls: Any, parts: dict[str, Any], init_kwargs: dict[str, Any]) -> Any:

@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -22,9 +21,9 @@ from typing import Any, cast
 import numpy as np
 
 from latentize.config import Config, TextConfig
-from latentize.encoders.files import sha256_file
 from latentize.encoders.text.presets import TEXT_PRESETS, Shapes, TextPreset
 from latentize.errors import LatentizeError
+from latentize.hub import HubRepo, read_json, sha256_file
 
 __all__ = ["LENGTH", "MASK", "TextColumn", "TextSpec", "inspect_text", "stored_columns"]
 
@@ -34,9 +33,6 @@ logger = logging.getLogger(__name__)
 MASK = "prompt_attention_mask"
 #: The real tokens of each prompt (``storage: trimmed``): rows of its ``prompt_embeds``.
 LENGTH = "prompt_embeds_length"
-
-#: What :meth:`_Hub._file_sha256` says of a file the hub does not have.
-_MISSING = "missing"
 
 # Weight files of a transformers model folder, in the order transformers prefers them.
 _WEIGHTS = (
@@ -257,61 +253,17 @@ def _local_weight_files(folder: Path) -> list[str]:
     raise LatentizeError(f"text.model: {folder} holds no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
-class _Hub:
+class _Hub(HubRepo):
     """A hub id: files from the local Hugging Face cache first, then the hub."""
 
     def __init__(self, model: str, revision: str | None) -> None:
-        self.model = model
-        self.revision = revision
-        self.commit: str | None = None
-        self._online: bool | None = None
-
-    def _may_download(self) -> bool:
-        if self._online is None:
-            from latentize.encoders.base import _hub_reachable
-
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-            self._online = not offline and _hub_reachable()
-        return self._online
-
-    def _path(self, name: str, *, optional: bool) -> str | None:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-        from huggingface_hub.errors import EntryNotFoundError
-
-        cached = try_to_load_from_cache(self.model, name, revision=self.revision)
-        if isinstance(cached, str):
-            self._note_commit(cached)
-            return cached
-        if optional and (cached is not None or not self._may_download()):
-            # The cache knows the file does not exist, or cannot be asked beyond the cache.
-            return None
-        if not self._may_download():
-            raise LatentizeError(
-                f"text.model: {name} of {self.model!r} is not in the local Hugging Face cache and the hub is "
-                "unreachable (or HF_HUB_OFFLINE is set). Point text.model at a local diffusers pipeline folder "
-                "(its text_encoder*/ and tokenizer*/ are enough), or download them first on a machine with "
-                "network access."
-            )
-        try:
-            path = hf_hub_download(self.model, name, revision=self.revision)
-        except EntryNotFoundError:
-            if optional:
-                return None
-            raise LatentizeError(f"text.model: {self.model!r} has no {name}") from None
-        except (OSError, ValueError) as exc:
-            raise LatentizeError(f"text.model: cannot read {name} of {self.model!r}: {exc}") from None
-        self._note_commit(path)
-        return path
-
-    def _note_commit(self, path: str) -> None:
-        # The snapshot folder is named after the resolved commit: the exact files' identity.
-        parts = Path(path).parts
-        if self.commit is None and "snapshots" in parts:
-            self.commit = parts[parts.index("snapshots") + 1]
-
-    def json(self, name: str, *, optional: bool = False) -> dict[str, Any] | None:
-        path = self._path(name, optional=optional)
-        return None if path is None else _read_json(Path(path))
+        super().__init__(
+            model,
+            revision,
+            what="text.model",
+            fix="Point text.model at a local diffusers pipeline folder (its text_encoder*/ and tokenizer*/ are "
+            "enough), or download them first on a machine with network access.",
+        )
 
     def identity(self, preset: TextPreset) -> dict[str, Any]:
         components: dict[str, Any] = {}
@@ -324,32 +276,14 @@ class _Hub:
         for index, single in _WEIGHTS:
             listed = self.json(f"{component}/{index}", optional=True)
             if listed:
-                return {n: self._file_sha256(f"{component}/{n}") for n in sorted(set(listed["weight_map"].values()))}
-            digest = self._file_sha256(f"{component}/{single}")
-            if digest != _MISSING:
+                return {
+                    n: self.file_sha256(f"{component}/{n}", hash_file=_sha256_cached)
+                    for n in sorted(set(listed["weight_map"].values()))
+                }
+            digest = self.file_sha256(f"{component}/{single}", hash_file=_sha256_cached)
+            if digest != self.MISSING:
                 return {single: digest}
         raise LatentizeError(f"text.model: {self.model!r} has no weights in {component}/")
-
-    def _file_sha256(self, name: str) -> str | None:
-        """The sha256 of a hub file without reading it: the cache's blob name (blobs of LFS files
-        are named by their sha256) or the hub's LFS object id; :data:`_MISSING` when the file does
-        not exist, None when it cannot be told (offline and not cached)."""
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-
-        cached = try_to_load_from_cache(self.model, name, revision=self.revision)
-        if isinstance(cached, str):
-            blob = Path(cached).resolve().name
-            return blob if _is_sha256(blob) else _sha256_cached(Path(cached))
-        if cached is not None:
-            return _MISSING
-        if not self._may_download():
-            return None
-        try:
-            meta = get_hf_file_metadata(hf_hub_url(self.model, name, revision=self.revision))
-        except Exception:  # noqa: BLE001 - absent file (404) or no access: reported as missing
-            return _MISSING
-        self.commit = self.commit or meta.commit_hash
-        return meta.etag if meta.etag and _is_sha256(meta.etag) else None
 
 
 def _open_source(model: str, revision: str | None) -> _Local | _Hub:
@@ -373,10 +307,6 @@ def _identity(
     }
 
 
-def _is_sha256(name: str) -> bool:
-    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
-
-
 def _sha256_cached(path: Path) -> str:
     stat = path.stat()
     return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -390,7 +320,4 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LatentizeError(f"text.model: {path} is not a valid JSON file ({exc})") from None
+    return read_json(path, what="text.model")
