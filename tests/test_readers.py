@@ -1,6 +1,6 @@
-"""The README's reader table ("Reading the latents"), cell by cell: each cell loads a data folder
-of a committed output in a fresh process where neither latentize nor (but for Ray Data) Ray is
-imported, and must give exactly the latents that were written, with their shape."""
+"""The user guide's reader table (docs/guide.md, "Reading the latents"), cell by cell: each cell
+loads a data folder of a committed output in a fresh process where neither latentize nor (but for
+Ray Data) Ray is imported, and must give exactly the latents that were written, with their shape."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from latent_outputs import SHAPES, Built, build_output
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 READERS = ["pyarrow", "Ray Data", "HF `datasets`", "polars", "DuckDB", "webdataset (`output.format: webdataset`)"]
 LAYOUTS = ["fixed_shape_tensor", "list"]
 FOLDER = "96x64"
 
 
 def reader_table() -> dict[str, dict[str, str]]:
-    """reader -> {"import", "fixed_shape_tensor", "list"}: the cells of the README's table."""
-    section = README.read_text().split("## Reading the latents", 1)[1].split("\n## ", 1)[0]
+    """reader -> {"import", "fixed_shape_tensor", "list"}: the cells of the guide's table."""
+    section = GUIDE.read_text().split("## Reading the latents", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, dict[str, str]] = {}
     for line in section.splitlines():
         if not line.startswith("| ") or line.startswith("| reader") or line.startswith("|---"):
@@ -44,7 +44,7 @@ def test_the_table_has_a_row_per_reader() -> None:
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     """The same rows as Parquet in both layouts and as WebDataset tars; no stray file (these
-    readers read whole folders, as the README says)."""
+    readers read whole folders, as the guide says)."""
     root = tmp_path_factory.mktemp("readers")
     shards = {"s0": {FOLDER: 9}, "s1": {FOLDER: 4, "64x64": 3}, "s2": {FOLDER: 7}}
     out = {t: build_output(str(root / t), shards, tensor_type=t, stray=False) for t in LAYOUTS}
