@@ -146,13 +146,6 @@ def run_encode(args: argparse.Namespace) -> int:
 
     demo = args.config is None
     cfg = _demo_config(args.overrides) if demo else load_config(args.config, args.overrides)
-    if cfg.text is not None:
-        # The text encoders exist (latentize.encoders.text) but the pipeline does not run them
-        # yet: an output written now would lack the text columns while its fingerprint says text.
-        raise LatentizeError(
-            "text: caption embeddings are not part of 'latentize encode' yet (the text encoders are, in "
-            "latentize.encoders.text; the pipeline stage follows); remove the text section to encode latents"
-        )
     if demo:
         _prepare_demo(cfg)
     summary = run(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed)
