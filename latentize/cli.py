@@ -366,6 +366,15 @@ def _format_plan(found: dict[str, Any]) -> str:
         lines.append(
             f"  output          {_size(size)} in {folder}/ ({found['output_rows'][folder]} rows, uncompressed)"
         )
+    text = found.get("text")
+    if text is not None:
+        most = "at most " if text["maximum"] else ""
+        lines.append(
+            f"  text            {most}{_size(text['bytes_per_row'])} per row, {most}{_size(text['bytes'])} in all "
+            f"({text['preset']}, {text['storage']}; included above)"
+        )
+        if text["warning"]:
+            lines.append(f"  warning         {text['warning']}")
     lines.append("  decode          " + ("no image sampled" if decode is None else f"{decode:.2f} ms per image (CPU)"))
     for gpu, hours in found["gpu_hours"].items():
         shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"

@@ -73,7 +73,7 @@ def test_sdxl_padded_columns_equal_encode_prompt_in_every_folder(
     tmp_path: Path, tiny_models: dict[str, Path], tiny_text_pipelines: dict[str, Path]
 ) -> None:
     folder = tiny_text_pipelines["sdxl"]
-    urls = _shards(tmp_path / "in", CAPTIONS)
+    urls = _shards(tmp_path / "in", CAPTIONS, per_shard=len(CAPTIONS))
     out = tmp_path / "out"
     cfg = _config(
         urls,
@@ -85,7 +85,7 @@ def test_sdxl_padded_columns_equal_encode_prompt_in_every_folder(
     summary = run(cfg)
     assert summary.complete and (summary.samples_ok, summary.samples_failed) == (6, 0)
 
-    keys = _keys(CAPTIONS)
+    keys = _keys(CAPTIONS, per_shard=len(CAPTIONS))
     want = {k: _expected("sdxl", folder, c or "") for k, c in zip(keys, CAPTIONS, strict=True)}
     for name in ("32x32", "48x48"):
         table = pq.read_table(out / name)
@@ -199,3 +199,81 @@ def test_pixart_trimmed_webdataset_with_a_failing_caption(
     assert manifest["text"]["columns"]["prompt_embeds"]["shape"] == [None, want["prompt_embeds"].shape[1]]
     empty = np.load(out / EMPTY_PROMPT_FILE)
     assert int(empty[LENGTH]) == empty["prompt_embeds"].shape[0]
+
+
+@pytest.mark.parametrize("storage", ["padded", "trimmed"])
+def test_blocks_without_text_rows_concatenate_with_the_others(
+    storage: str, tmp_path: Path, tiny_text_pipelines: dict[str, Path]
+) -> None:
+    """(d) Blocks of end-of-shard rows only or of failed rows only get the text columns at the
+    same Arrow types as blocks of real rows; Ray concatenates them, and staging reads them back."""
+    from ray.data.block import BlockAccessor
+
+    from latentize.columns import prompt_flight_type, to_block
+    from latentize.config import config_to_dict
+    from latentize.encoders.text import inspect_text
+    from latentize.sinks import OutputLayout, stage_batch
+
+    cfg = load_config(
+        base={
+            "output": {"path": str(tmp_path / "out")},
+            "text": {"preset": "pixart-sigma", "model": str(tiny_text_pipelines["pixart-sigma"]), "storage": storage},
+        }
+    )
+    spec = inspect_text(cfg)
+    actor = TextActor(config=config_to_dict(cfg), spec=spec)
+
+    def block(keys: list[str | None], captions: list[str | None], error: str | None, total: int) -> pa.Table:
+        n = len(keys)
+        return to_block(
+            {
+                "key": np.array(keys, dtype=object),
+                "shard": np.array(["s"] * n, dtype=object),
+                "index": np.arange(n) if total < 0 else np.full(n, -1),
+                "caption": np.array(captions, dtype=object),
+                "json": np.full(n, None, dtype=object),
+                "notes": np.full(n, None, dtype=object),
+                "error": np.full(n, error, dtype=object),
+                "stage": np.full(n, "decode" if error else None, dtype=object),
+                "total": np.full(n, total),
+                "width": np.full(n, 8, dtype=np.int32),
+                "height": np.full(n, 8, dtype=np.int32),
+                "crop_top": np.zeros(n, dtype=np.int32),
+                "crop_left": np.zeros(n, dtype=np.int32),
+            }
+        )
+
+    sentinel = actor(block([None], [None], None, 3))
+    failed = actor(block(["k0"], ["a photo of a cat"], "decode failed", -1))
+    real = actor(block(["k1", "k2"], ["a photo of a cat", "a small old house"], None, -1))
+    for name, column in spec.columns.items():
+        want = prompt_flight_type(column.shape, column.dtype)
+        assert (
+            sentinel.schema.field(name).type == failed.schema.field(name).type == real.schema.field(name).type == want
+        )
+    # One sample real rows index 0 and 1; the failed row's index 2.
+    real = real.set_column(real.schema.get_field_index("index"), "index", pa.array([0, 1], pa.int64()))
+    failed = failed.set_column(failed.schema.get_field_index("index"), "index", pa.array([2], pa.int64()))
+    merged = pa.concat_tables([sentinel, failed, real])
+    batch = BlockAccessor.for_block(merged).to_numpy()
+    layout = OutputLayout(str(tmp_path / "out"))
+    report = stage_batch(
+        batch,
+        layout=layout,
+        tensor_columns=[],
+        folder="32x32",
+        sink_name="parquet",
+        compression="zstd",
+        prompt_columns={name: (c.shape, c.dtype) for name, c in spec.columns.items()},
+    ).to_pylist()
+    assert [len(r["parts"]) for r in report] == [1] and report[0]["total"] == 3
+    part = pq.read_table(report[0]["parts"][0]["path"])
+    assert part.column("key").to_pylist() == ["k1", "k2"]
+    stored = prompt_samples(part.column("prompt_embeds"))
+    assert len(stored) == 2 and stored[0].dtype == np.float16
+    if storage == "trimmed":
+        lengths = part.column(LENGTH).to_pylist()
+        assert [s.shape[0] for s in stored] == lengths and part.schema.field(LENGTH).type == pa.int32()
+        assert part.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float16(), 96))
+    else:
+        assert part.column(MASK).type.value_type == pa.uint8()
