@@ -277,3 +277,19 @@ def test_blocks_without_text_rows_concatenate_with_the_others(
         assert part.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float16(), 96))
     else:
         assert part.column(MASK).type.value_type == pa.uint8()
+        # output.tensor_type: list nests the fixed-shape text columns as it nests the latents.
+        listed = stage_batch(
+            batch,
+            layout=OutputLayout(str(tmp_path / "listed")),
+            tensor_columns=[],
+            folder="32x32",
+            sink_name="parquet",
+            compression="zstd",
+            tensor_type="list",
+            prompt_columns={name: (c.shape, c.dtype) for name, c in spec.columns.items()},
+        ).to_pylist()
+        nested = pq.read_table(listed[0]["parts"][0]["path"])
+        assert nested.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float16(), 96), 300)
+        assert nested.schema.field(MASK).type == pa.list_(pa.uint8(), 300)
+        for got, want in zip(prompt_samples(nested.column("prompt_embeds")), stored, strict=True):
+            np.testing.assert_array_equal(got, want)
