@@ -146,13 +146,6 @@ def run_encode(args: argparse.Namespace) -> int:
 
     demo = args.config is None
     cfg = _demo_config(args.overrides) if demo else load_config(args.config, args.overrides)
-    if cfg.text is not None:
-        # The text encoders exist (latentize.encoders.text) but the pipeline does not run them
-        # yet: an output written now would lack the text columns while its fingerprint says text.
-        raise LatentizeError(
-            "text: caption embeddings are not part of 'latentize encode' yet (the text encoders are, in "
-            "latentize.encoders.text; the pipeline stage follows); remove the text section to encode latents"
-        )
     if demo:
         _prepare_demo(cfg)
     summary = run(cfg, overwrite=args.overwrite, retry_failed=args.retry_failed)
@@ -373,6 +366,15 @@ def _format_plan(found: dict[str, Any]) -> str:
         lines.append(
             f"  output          {_size(size)} in {folder}/ ({found['output_rows'][folder]} rows, uncompressed)"
         )
+    text = found.get("text")
+    if text is not None:
+        most = "at most " if text["maximum"] else ""
+        lines.append(
+            f"  text            {most}{_size(text['bytes_per_row'])} per row, {most}{_size(text['bytes'])} in all "
+            f"({text['preset']}, {text['storage']}; included above)"
+        )
+        if text["warning"]:
+            lines.append(f"  warning         {text['warning']}")
     lines.append("  decode          " + ("no image sampled" if decode is None else f"{decode:.2f} ms per image (CPU)"))
     for gpu, hours in found["gpu_hours"].items():
         shown = "no measured throughput for this encoder" if hours is None else f"{hours:.2f} GPU-hours"

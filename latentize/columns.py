@@ -28,6 +28,9 @@ __all__ = [
     "is_null",
     "join_notes",
     "normalize_text",
+    "prompt_flight_array",
+    "prompt_flight_type",
+    "prompt_values",
     "text_column",
     "to_block",
 ]
@@ -139,3 +142,56 @@ def to_block(batch: Mapping[str, Any]) -> pa.Table:
             assert converted is not None
             columns[name] = converted.column(name)
     return pa.table(columns)
+
+
+# -- the text encoder's columns ------------------------------------------------------------------
+#
+# The text actor appends one column per stored text column (``prompt_embeds``, ...) to every
+# block it returns, rows without text (errors, end-of-shard rows) holding zeros (no rows). Their
+# types are built here, never left to Ray: a block of end-of-shard or failed rows only would
+# otherwise give a ``trimmed`` column of empty arrays another type than a block of real rows.
+
+
+def prompt_flight_type(shape: tuple[int | None, ...], dtype: str) -> pa.DataType:
+    """The one Arrow type of a text column in flight, for its per-sample ``shape`` and ``dtype``.
+
+    Fixed shapes: the canonical ``arrow.fixed_shape_tensor`` (as the latents travel); a scalar
+    (``prompt_embeds_length``): the plain numeric type; a varying number of rows (``trimmed``
+    ``prompt_embeds``, shape ``(None, width)``): ``large_list<dtype>`` of the row-major values
+    (64-bit offsets: a staging batch of long prompts can pass 2**31 values), which Ray hands to
+    numpy batches as one 1-D array per row (:func:`prompt_values` reshapes them).
+    """
+    value_type = pa.from_numpy_dtype(np.dtype(dtype))
+    if None in shape:
+        return pa.large_list(value_type)
+    if not shape:
+        return value_type
+    return pa.fixed_shape_tensor(value_type, [int(d) for d in shape])  # type: ignore[arg-type]
+
+
+def prompt_flight_array(values: Any, shape: tuple[int | None, ...], dtype: str) -> pa.Array:
+    """A text column's values (N, *shape) array, or N per-row (rows_i, width) arrays for a
+    varying shape) as an Arrow array of :func:`prompt_flight_type`."""
+    dtype_ = np.dtype(dtype)
+    target = prompt_flight_type(shape, dtype)
+    if None in shape:
+        rows = [np.asarray(v, dtype=dtype_).reshape(-1) for v in values]
+        lengths = np.array([r.size for r in rows], dtype=np.int64)
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths, dtype=np.int64)])
+        flat = np.concatenate(rows) if rows else np.zeros(0, dtype_)
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=target.value_type))
+    array = np.ascontiguousarray(np.asarray(values, dtype=dtype_))
+    if not shape:
+        return pa.array(array.reshape(-1), type=target)
+    flat_values = pa.array(array.reshape(-1), type=target.value_type)
+    storage = pa.FixedSizeListArray.from_arrays(flat_values, int(np.prod(array.shape[1:])))
+    return pa.ExtensionArray.from_storage(target, storage)
+
+
+def prompt_values(column: Any, shape: tuple[int | None, ...], dtype: str) -> Any:
+    """A text column of a numpy batch back in per-sample form: the (N, *shape) array for fixed
+    shapes; for a varying number of rows, a list of N (rows_i, width) arrays."""
+    if None not in shape:
+        return np.asarray(column, dtype=np.dtype(dtype))
+    width = int(shape[-1])  # type: ignore[arg-type]
+    return [np.asarray(v, dtype=np.dtype(dtype)).reshape(-1, width) for v in column]

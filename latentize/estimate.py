@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 
 from latentize.config import Config
 from latentize.encoders.base import EncoderSpec
+from latentize.encoders.text.spec import TextSpec
 from latentize.preprocess.buckets import Targets
 from latentize.sinks.layout import data_folder
 from latentize.sources.inventory import ShardFile, shard_files
 
-__all__ = ["MIN_BATCHES_PER_ACTOR", "estimate_run", "local_resources"]
+__all__ = ["MIN_BATCHES_PER_ACTOR", "TEXT_WARN_RATIO", "estimate_run", "local_resources"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 MIN_BATCHES_PER_ACTOR = 16
 # Fixed-width columns of a data row besides the tensors: width, height, crop_top, crop_left.
 _FIXED_ROW_BYTES = 16
+#: ``latentize plan`` warns when the text columns would take more than this many times the
+#: latents' bytes (a T5-XXL's padded 512 x 4096 per caption dwarfs a 64 x 64 x 16 latent).
+TEXT_WARN_RATIO = 10
 
 
 @dataclass
@@ -270,9 +274,13 @@ class _Output:
     pixels: float
 
 
-def _output(spec: EncoderSpec, targets: Targets, sample: _Sample, samples: int, *, flip: bool) -> _Output:
+def _output(
+    spec: EncoderSpec, targets: Targets, sample: _Sample, samples: int, *, flip: bool, text_bytes: int = 0
+) -> _Output:
     """Rows per folder in the sampled proportions; bytes per row from the encoder's columns at
-    the folder's size (twice with ``flip``) plus the carried text and the geometry columns."""
+    the folder's size (twice with ``flip``) plus the carried text, the geometry columns and,
+    with a ``text`` section, the text encoder's columns (``text_bytes`` per row: every data row
+    of a sample holds them)."""
     sizes = {data_folder(size): size for size in targets.sizes}
     text = sample.sidecar_bytes / sum(sample.folder_rows.values()) if sample.folder_rows else 0.0
     copies = 2 if flip else 1
@@ -284,6 +292,8 @@ def _output(spec: EncoderSpec, targets: Targets, sample: _Sample, samples: int, 
         rows[folder] = round(samples * seen / sample.rows)
         tensors = copies * sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in spec.columns_for(size).values())
         row_bytes[folder] = {"tensors": tensors, "key_caption_json": round(text, 1), "other": _FIXED_ROW_BYTES}
+        if text_bytes:
+            row_bytes[folder]["text_embeddings"] = text_bytes
         pixels += rows[folder] * size[0] * size[1] * copies
     folder_bytes = {f: round(rows[f] * sum(row_bytes[f].values())) for f in rows}
     return _Output(rows, folder_bytes, row_bytes, pixels)
@@ -343,8 +353,9 @@ def estimate_run(
     pending = {shard for _, shard in p.pending}
     samples = sum(per_shard)
     samples_pending = sum(n for n, (_, shard) in zip(per_shard, p.shards, strict=True) if shard in pending)
-    out = _output(p.spec, p.targets, sample, samples, flip=cfg.preprocess.flip)
-    todo = _output(p.spec, p.targets, sample, samples_pending, flip=cfg.preprocess.flip)
+    text_bytes = p.text.bytes_per_sample() if p.text is not None else 0
+    out = _output(p.spec, p.targets, sample, samples, flip=cfg.preprocess.flip, text_bytes=text_bytes)
+    todo = _output(p.spec, p.targets, sample, samples_pending, flip=cfg.preprocess.flip, text_bytes=text_bytes)
     decode_ms = round(1000 * sample.decode_seconds / sample.decoded, 2) if sample.decoded else None
     gpu = _gpu_figures(cfg, todo.pixels, samples_pending, decode_ms)
     return {
@@ -362,6 +373,7 @@ def estimate_run(
         "output_rows": out.rows,
         "output_row_bytes": out.row_bytes,
         "output_bytes": out.bytes,
+        "text": _text_figures(p.text, out),
         "decode_ms_per_image": decode_ms,
         "decode_sample": {"shards": sample.shards, "samples": sample.rows, "ok": sample.ok},
         "gpu_hours": gpu["gpu_hours"],
@@ -375,4 +387,34 @@ def estimate_run(
             "encoders": "gpu" if pool_on_gpu(cfg, resources["GPU"]) else "cpu",
             "detected": gpus is None,
         },
+    }
+
+
+def _text_figures(text: TextSpec | None, out: _Output) -> dict[str, Any] | None:
+    """The text columns' share of the output (None without a ``text`` section): bytes per data
+    row (for ``trimmed``, the most a caption can take: the maximum) and in total, beside the
+    latents' total; ``warning`` when they exceed the latents' bytes :data:`TEXT_WARN_RATIO`-fold."""
+    if text is None:
+        return None
+    per_row = text.bytes_per_sample()
+    rows = sum(out.rows.values())
+    total = per_row * rows
+    latents = sum(round(out.rows[f] * out.row_bytes[f]["tensors"]) for f in out.rows)
+    warning = None
+    if latents and total > TEXT_WARN_RATIO * latents:
+        warning = f"the text columns ({total / latents:.0f}x the latents' bytes) dominate the output; " + (
+            "text.storage: trimmed stores only each caption's real tokens"
+            if text.masks_padding and text.storage == "padded"
+            else "check that the text preset and text.max_sequence_length are the ones you want"
+        )
+        logger.warning("latentize plan: %s", warning)
+    return {
+        "preset": text.preset,
+        "storage": text.storage,
+        "bytes_per_row": per_row,
+        # Trimmed rows hold each caption's real tokens: the figures are the most they can be.
+        "maximum": text.storage == "trimmed",
+        "bytes": total,
+        "latent_bytes": latents,
+        "warning": warning,
     }

@@ -22,7 +22,9 @@ from latentize.config import Config, config_to_dict, fingerprint, redact
 from latentize.encoders import ENCODERS, EncoderSpec
 from latentize.encoders.actor import EncodeActor, tensor_columns
 from latentize.encoders.base import resolved_source
-from latentize.encoders.pool import Execution, resolve_execution
+from latentize.encoders.pool import Execution, TextExecution, resolve_execution, resolve_text_execution
+from latentize.encoders.text.actor import EMPTY_PROMPT_FILE, TextActor
+from latentize.encoders.text.spec import TextSpec, inspect_text
 from latentize.errors import LatentizeError
 from latentize.preprocess import preprocess_block
 from latentize.preprocess.buckets import Targets, resolve_targets
@@ -41,7 +43,7 @@ from latentize.sinks.contract import (
 )
 from latentize.sources import SOURCES, expand_urls, infer_format, resolve_input_fields, shard_ids
 
-__all__ = ["EncodeActor", "RunSummary", "plan", "run"]
+__all__ = ["EncodeActor", "RunSummary", "TextActor", "plan", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class Plan:
     fresh: bool
     #: The sizes the run writes (per resolution: one, or the aspect-ratio buckets).
     targets: Targets
+    #: What the text stage stores (None: a run without a ``text`` section).
+    text: TextSpec | None = None
 
 
 def _absolute(url: str) -> str:
@@ -153,7 +157,14 @@ def _folders(config: Config, spec: EncoderSpec, targets: Targets) -> dict[str, F
     return out
 
 
-def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shards: int) -> Manifest:
+def _text_manifest(text: TextSpec | None) -> dict[str, Any] | None:
+    """The manifest's ``text`` entry: the text spec and the root's empty-prompt file."""
+    return None if text is None else {**text.to_manifest(), "empty_prompt": EMPTY_PROMPT_FILE}
+
+
+def _manifest(
+    config: Config, spec: EncoderSpec, fp: str, targets: Targets, shards: int, text: TextSpec | None = None
+) -> Manifest:
     columns = tensor_columns(spec, flip=config.preprocess.flip)
     encoder = {**spec.to_manifest(), "preset": config.encoder.preset, "dtype": config.encoder.dtype}
     encoder["columns"] = {name: ColumnSpec(shape, dtype).to_json() for name, (shape, dtype) in columns.items()}
@@ -183,6 +194,7 @@ def _manifest(config: Config, spec: EncoderSpec, fp: str, targets: Targets, shar
         versions=_versions(),
         status="running",
         shards=ShardTotals(total=shards),
+        text=_text_manifest(text),
     )
 
 
@@ -193,6 +205,8 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
         LatentizeError: model, input or output problems, or a different run in the output root.
     """
     spec = ENCODERS.get(resolved_source(config)[0]).inspect(config)
+    # The text components' configs only (no weights): a bad text.model fails here too.
+    text = inspect_text(config) if config.text is not None else None
     SINKS.get(config.output.format)  # an unknown format fails here, before any work
     urls = [_absolute(u) for u in expand_urls(config.input.urls, storage_options=config.input.storage_options)]
     fmt = config.input.format or infer_format(urls)
@@ -218,7 +232,7 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
                 f"(found: {', '.join(leftovers[:5])}); choose an empty or new folder"
             )
     else:
-        conflict = _conflict(existing, spec, fp)
+        conflict = _conflict(existing, spec, fp, config=config, text=text)
         if conflict is not None:
             if not overwrite:
                 raise LatentizeError(
@@ -232,8 +246,10 @@ def plan(config: Config, *, overwrite: bool = False, retry_failed: bool = False)
     markers = layout.read_marker_texts() if existing is not None else {}
     done = {shard for shard, text in markers.items() if _done(Marker.loads(text), fp, retry_failed=retry_failed)}
     pending = [(url, shard) for url, shard in shards if shard not in done]
-    manifest = existing or _manifest(config, spec, fp, targets, len(shards))
-    return Plan(config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None, targets)
+    manifest = existing or _manifest(config, spec, fp, targets, len(shards), text)
+    return Plan(
+        config, spec, layout, fmt, shards, pending, folder, fp, manifest, markers, existing is None, targets, text
+    )
 
 
 def _done(marker: Marker, fp: str, *, retry_failed: bool) -> bool:
@@ -241,12 +257,28 @@ def _done(marker: Marker, fp: str, *, retry_failed: bool) -> bool:
     return marker.fingerprint == fp and not (retry_failed and marker.retryable)
 
 
-def _conflict(manifest: Manifest, spec: EncoderSpec, fp: str) -> str | None:
+#: The text settings that change what the text stage stores, named when a rerun changes one.
+_TEXT_SETTINGS = ("preset", "model", "revision", "storage", "dtype", "max_sequence_length")
+
+
+def _conflict(
+    manifest: Manifest,
+    spec: EncoderSpec,
+    fp: str,
+    *,
+    config: Config | None = None,
+    text: TextSpec | None = None,
+) -> str | None:
     """Why the run in an output root may not be continued by this one (None: it may).
 
     A different configuration, or other weights under the same configuration (a checkpoint
-    overwritten in place, a moved hub revision), would mix two encodings in one dataset.
+    overwritten in place, a moved hub revision), would mix two encodings in one dataset; so
+    would other text settings or text-encoder weights, which the reason names.
     """
+    if config is not None:
+        changed = _text_change(manifest.setting("text"), config)
+        if changed is not None:
+            return changed
     if manifest.fingerprint != fp:
         return f"with a different configuration (fingerprint {manifest.fingerprint} there, {fp} now)"
     before = manifest.identity
@@ -254,13 +286,40 @@ def _conflict(manifest: Manifest, spec: EncoderSpec, fp: str) -> str | None:
         old, new = before.get(field_name), spec.identity.get(field_name)
         if old and new and old != new:
             return f"by other weights ({field_name} {old[:12]} there, {new[:12]} now)"
+    text_before = (manifest.text or {}).get("identity") or {}
+    if text is not None:
+        for field_name in ("sha256", "commit"):
+            old, new = text_before.get(field_name), text.identity.get(field_name)
+            if old and new and old != new:
+                return f"by other text-encoder weights (text {field_name} {old[:12]} there, {new[:12]} now)"
+    return None
+
+
+def _text_change(before: Any, config: Config) -> str | None:
+    """The text setting that differs between the root's run (its config's ``text``) and this one."""
+    now = config_to_dict(config)["text"]
+    if before is None and now is None:
+        return None
+    if before is None or now is None:
+        there = "no text section" if before is None else f"text.preset {before.get('preset')}"
+        here = "no text section" if now is None else f"text.preset {now.get('preset')}"
+        return f"with other text settings ({there} there, {here} now)"
+    for name in _TEXT_SETTINGS:
+        if before.get(name) != now.get(name):
+            return f"with other text settings (text.{name} {before.get(name)} there, {now.get(name)} now)"
     return None
 
 
 def _build_dataset(
-    p: Plan, *, encode_actor: type[EncodeActor] = EncodeActor, execution: Execution | None = None
+    p: Plan,
+    *,
+    encode_actor: type[EncodeActor] = EncodeActor,
+    execution: Execution | None = None,
+    text_actor: type[TextActor] = TextActor,
+    text_execution: TextExecution | None = None,
 ) -> Any:
-    """The Ray Data pipeline: read + decode (one task per shard) -> encode (actor pool) -> stage.
+    """The Ray Data pipeline: read + decode (one task per shard) -> encode (actor pool) ->
+    [text (actor pool), with a ``text`` section] -> stage.
 
     Decoding runs inside the read tasks. Ray never fuses a read into a downstream batch-sized
     map (a read may change the row count), so decoding can never end up inside the encoder
@@ -307,6 +366,34 @@ def _build_dataset(
         batch_format="numpy",
         **ex.remote_args,
     )
+    prompt_columns = None
+    if p.text is not None:
+        # After the image encoder, on rows already fanned out to every resolution: decoding and
+        # the fan-out happen in one step inside the read tasks, and the big text tensors (a T5's
+        # 512 x 4096 per caption) then never travel through the image pool. The rows of one key
+        # share a caption; the encoder encodes a batch's identical captions once.
+        tex = text_execution or resolve_text_execution(cfg, ex)
+        ds = ds.map_batches(
+            text_actor,
+            fn_constructor_kwargs={
+                "config": config_to_dict(cfg),
+                "spec": p.text,
+                "cpu_threads": tex.cpu_threads,
+                "gpu": tex.gpu,
+                "layout": p.layout,
+            },
+            compute=ActorPoolStrategy(
+                size=tex.actors,
+                max_tasks_in_flight_per_actor=4,
+                # One call at a time: the encoder serialises encode_prompt anyway.
+                max_concurrent_calls_per_actor=1,
+            ),
+            batch_size=tex.batch_size,
+            # Arrow in, Arrow out: the latents pass through without a numpy round trip.
+            batch_format="pyarrow",
+            **tex.remote_args,
+        )
+        prompt_columns = {name: (c.shape, c.dtype) for name, c in p.text.columns.items()}
     return ds.map_batches(
         stage_batch,
         fn_kwargs={
@@ -317,6 +404,7 @@ def _build_dataset(
             "compression": cfg.output.compression,
             "tensor_type": cfg.output.tensor_type,
             "name_folders": not p.targets.fixed,
+            "prompt_columns": prompt_columns,
         },
         batch_format="numpy",
         batch_size=cfg.output.rows_per_part,
@@ -363,6 +451,7 @@ def run(
     overwrite: bool = False,
     retry_failed: bool = False,
     encode_actor: type[EncodeActor] = EncodeActor,
+    text_actor: type[TextActor] = TextActor,
 ) -> RunSummary:
     """Encodes every pending shard of ``config`` and commits it; returns the run's summary.
 
@@ -372,6 +461,8 @@ def run(
     Args:
         encode_actor: the encoder actor class (a subclass of :class:`EncodeActor`), for
             instrumentation and fault-injection tests.
+        text_actor: the text-encoder actor class (a subclass of :class:`TextActor`), for the
+            same tests; used only with a ``text`` section.
 
     Raises:
         LatentizeError: the run cannot start (see :func:`plan`, and local paths on a cluster
@@ -387,12 +478,12 @@ def run(
             t = _totals(p.markers, p.shards, p.fingerprint)
         logger.info("nothing to do: all %d shards of %s are committed", len(p.shards), p.layout.url)
         return RunSummary(p.layout.url, len(p.shards), 0, t.failed_shards, t.ok, t.failed, 0, 0.0, True)
-    ex = _prepare(p)
+    ex, tex = _prepare(p)
     execution_started = time.time()
-    committer = _execute(p, ex, encode_actor=encode_actor)
+    committer = _execute(p, ex, encode_actor=encode_actor, text_actor=text_actor, text_execution=tex)
     execution_s = time.time() - execution_started
     timing = _RunTiming.of(committer, execution_started=execution_started, execution_s=execution_s)
-    t = _finish(p, committer, ex, started=started, timing=timing)
+    t = _finish(p, committer, ex, tex, started=started, timing=timing)
     return RunSummary(
         p.layout.url,
         len(p.shards),
@@ -439,8 +530,9 @@ class _RunTiming:
         }
 
 
-def _prepare(p: Plan) -> Execution:
-    """Joins Ray, checks the cluster, readies the output for this run; nothing per shard."""
+def _prepare(p: Plan) -> tuple[Execution, TextExecution | None]:
+    """Joins Ray, checks the cluster, readies the output for this run; nothing per shard.
+    Returns how the encoder pool and the text pool (None without a ``text`` section) run."""
     config, layout = p.config, p.layout
     logger.info(
         "%d of %d shards to encode into %s (%s, %s)",
@@ -454,6 +546,9 @@ def _prepare(p: Plan) -> Execution:
     _check_nodes(config, layout, [url for url, _ in p.pending])
     ex = resolve_execution(config, shapes=len(p.targets.sizes))
     logger.info("encoder pool: %s", ex.describe())
+    tex = resolve_text_execution(config, ex) if p.text is not None else None
+    if tex is not None:
+        logger.info("text-encoder pool: %s", tex.describe())
     if p.fresh:
         layout.write_inputs(p.shards)
     else:
@@ -461,10 +556,17 @@ def _prepare(p: Plan) -> Execution:
         logger.info("resume: removed %d leftover object(s) of uncommitted shards", removed)
     p.manifest = p.manifest.with_status("running")
     layout.write_json(layout.manifest_path, p.manifest.to_json())
-    return ex
+    return ex, tex
 
 
-def _execute(p: Plan, ex: Execution, *, encode_actor: type[EncodeActor]) -> Committer:
+def _execute(
+    p: Plan,
+    ex: Execution,
+    *,
+    encode_actor: type[EncodeActor],
+    text_actor: type[TextActor] = TextActor,
+    text_execution: TextExecution | None = None,
+) -> Committer:
     """Runs the Ray Data pipeline and commits every shard; returns the finished Committer."""
     pending = {shard for _, shard in p.pending}
     committer = Committer(
@@ -481,9 +583,10 @@ def _execute(p: Plan, ex: Execution, *, encode_actor: type[EncodeActor]) -> Comm
     progress = Progress(committer, shards=len(p.pending), every_s=PROGRESS_EVERY_S)
     progress.start()
     try:
-        for reports in _build_dataset(p, encode_actor=encode_actor, execution=ex).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        ):
+        dataset = _build_dataset(
+            p, encode_actor=encode_actor, execution=ex, text_actor=text_actor, text_execution=text_execution
+        )
+        for reports in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(reports)
         committer.finish()
     finally:
@@ -492,7 +595,15 @@ def _execute(p: Plan, ex: Execution, *, encode_actor: type[EncodeActor]) -> Comm
     return committer
 
 
-def _finish(p: Plan, committer: Committer, ex: Execution, *, started: float, timing: _RunTiming) -> Totals:
+def _finish(
+    p: Plan,
+    committer: Committer,
+    ex: Execution,
+    tex: TextExecution | None = None,
+    *,
+    started: float,
+    timing: _RunTiming,
+) -> Totals:
     """Rewrites the manifest with the totals of the markers the driver holds, and this run."""
     p.manifest = p.manifest.with_run(
         {
@@ -503,6 +614,7 @@ def _finish(p: Plan, committer: Committer, ex: Execution, *, started: float, tim
             "seconds": round(time.time() - started, 3),
             **timing.describe(),
             **ex.describe(),
+            **(tex.describe() if tex is not None else {}),
         }
     )
     return _write_totals(p, committer.markers)

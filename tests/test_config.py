@@ -382,10 +382,17 @@ def test_every_shipped_config_loads() -> None:
         "vqgan-f16-256.yaml",
         "sdxl-buckets-1024.yaml",
         "multires-256-512.yaml",
+        "laion-flux1-512-text.yaml",
     }
     for path in paths:
         cfg = load_config(path)
         assert cfg.encoder.type and cfg.encoder.model and cfg.output.path, path.name
+    text = load_config(root / "laion-flux1-512-text.yaml").text
+    assert text is not None and (text.preset, text.storage, text.model) == (
+        "flux1",
+        "padded",
+        "black-forest-labs/FLUX.1-schnell",
+    )
 
 
 # --- sizes: resolution, resolutions, buckets ---------------------------------------------------

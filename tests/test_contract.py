@@ -77,6 +77,17 @@ def test_a_manifest_written_through_the_type_keeps_its_bytes() -> None:
     assert manifest["samples"] == RUN_MANIFEST["samples"]  # the file's entries by key, for scripts
 
 
+def test_the_text_entry_is_written_only_for_runs_with_text() -> None:
+    assert "text" not in Manifest.from_json(RUN_MANIFEST).to_json() and Manifest.from_json(RUN_MANIFEST).text is None
+    text = {"preset": "sdxl", "storage": "padded", "columns": {}, "empty_prompt": "empty_prompt.npz"}
+    data = {**RUN_MANIFEST, "text": text, "later": 1}
+    manifest = Manifest.from_json(data)
+    assert manifest.text == text and manifest.extra == {"later": 1}
+    assert json.dumps(manifest.to_json()) == json.dumps(data)  # "text" after updated_at, unknown keys last
+    # A shard with samples the text encoder failed on is redone by --retry-failed, as encode failures.
+    assert Marker.from_json({"status": "ok", "failed_by_stage": {"text": 1}}).retryable
+
+
 def test_older_manifests_and_markers_read_with_defaults() -> None:
     # A manifest of format 1 (no folders, no totals) with a key this version does not know.
     old = Manifest.from_json({"format_version": 1, "fingerprint": "fp", "encoder": {}, "legacy": [1]})

@@ -261,3 +261,57 @@ def main_text(found: dict[str, Any]) -> str:
     from latentize.cli import _format_plan
 
     return _format_plan(found)
+
+
+def test_text_columns_are_planned_and_warned_about_when_they_dwarf_the_latents(
+    tmp_path: Path, tiny_text_pipelines: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    urls = build_demo_shards(str(tmp_path / "shards"), shards=1)
+    photos = len(photo_images())
+
+    def plan_of(text: dict[str, Any] | None) -> dict[str, Any]:
+        cfg = load_config(
+            base={
+                "input": {"urls": urls},
+                "preprocess": {"resolution": RES},
+                "encoder": {"preset": "taef2"},
+                "text": text,
+                "output": {"path": str(tmp_path / "out")},
+            }
+        )
+        return estimate_run(cfg, sample_shards=1, sample_images=photos)
+
+    # The tiny FLUX.1 pipeline: T5 of width 96 at 512 tokens, CLIP-L pooled of width 32.
+    flux = plan_of({"preset": "flux1", "model": str(tiny_text_pipelines["flux1"])})
+    per_row = 512 * 96 * 2 + 32 * 2
+    assert flux["text"]["bytes_per_row"] == per_row and flux["text"]["maximum"] is False
+    assert flux["text"]["bytes"] == per_row * photos
+    assert flux["output_row_bytes"]["64x64"]["text_embeddings"] == per_row
+    assert flux["text"]["latent_bytes"] == LATENT_BYTES * photos
+    assert per_row > 10 * LATENT_BYTES and "dominate the output" in flux["text"]["warning"]
+
+    trimmed = plan_of(
+        {"preset": "pixart-sigma", "model": str(tiny_text_pipelines["pixart-sigma"]), "storage": "trimmed"}
+    )
+    # Trimmed: the most a caption can take (300 tokens of width 96, and its length).
+    assert trimmed["text"]["maximum"] is True and trimmed["text"]["bytes_per_row"] == 300 * 96 * 2 + 4
+
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"urls": urls},
+                "preprocess": {"resolution": RES},
+                "encoder": {"preset": "taef2"},
+                "text": {"preset": "flux1", "model": str(tiny_text_pipelines["flux1"])},
+                "output": {"path": str(tmp_path / "out")},
+            }
+        )
+    )
+    assert main(["plan", str(cfg), "--sample-shards", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "  text            98.4 KB per row" in printed and "warning" in printed
+    assert not (tmp_path / "out").exists()
+
+    without = plan_of(None)
+    assert without["text"] is None and "text_embeddings" not in without["output_row_bytes"]["64x64"]

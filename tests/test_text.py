@@ -509,11 +509,46 @@ def test_models_lists_the_text_presets() -> None:
     assert "512x4096" in flux_line and "no" in flux_line.split()
 
 
-def test_encode_refuses_a_text_section_until_the_pipeline_runs_it(tmp_path: Path) -> None:
-    """An output written without text columns must not carry a fingerprint that says text."""
+def test_the_text_pool_takes_what_the_image_pool_leaves() -> None:
+    """The text pool: GPUs (or fractions) the image pool leaves, else CPU actors; a cluster with
+    no GPU left for one text actor is refused before the job could hang waiting for it."""
+    from latentize.encoders.pool import execution_for, text_execution_for
+
+    def pools(gpus: float, ray: dict[str, Any], text: dict[str, Any]) -> tuple[Any, Any]:
+        cfg = load_config(base={"output": {"path": "x"}, "ray": ray, "text": {"preset": "sdxl", **text}})
+        resources = {"GPU": gpus, "CPU": 16.0}
+        image = execution_for(cfg, resources)
+        return image, text_execution_for(cfg, resources, image)
+
+    image, tex = pools(8, {"actors": 7}, {})
+    assert (tex.actors, tex.gpu, tex.remote_args) == (1, True, {"num_gpus": 1.0, "num_cpus": 0})
+    assert tex.batch_size == image.batch_size
+    _, tex = pools(2, {"actors": 2, "gpus_per_actor": 0.5}, {"actors": 4, "gpus_per_actor": 0.5})
+    assert (tex.actors, tex.remote_args["num_gpus"]) == (2, 0.5)  # 1 GPU left: two halves
+    _, tex = pools(1, {}, {"gpus_per_actor": 0})
+    assert (tex.gpu, tex.remote_args, tex.cpu_threads) == (False, {"num_gpus": 0, "num_cpus": 1}, 16)
+    _, tex = pools(0, {}, {"actors": 2})  # no GPU at all: both pools on CPUs
+    assert not tex.gpu and tex.actors == 2 and tex.cpu_threads == 16 // 3
+    with pytest.raises(LatentizeError, match="no GPU left for the text encoder"):
+        pools(1, {}, {})
+
+
+def test_encode_runs_a_text_section(
+    tmp_path: Path,
+    tiny_models: dict[str, Path],
+    tiny_text_pipelines: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The text section reaches the pipeline (the guard of phase 1 is gone): a run fails on what
+    is wrong with it (here its input), not on having a text section."""
     from latentize.cli import main
 
     config = tmp_path / "cfg.yaml"
-    config.write_text(f"input: {{urls: {tmp_path}/x.tar}}\noutput: {{path: {tmp_path}/out}}\ntext: {{preset: sdxl}}\n")
+    config.write_text(
+        f"input: {{urls: {tmp_path}/x.tar}}\noutput: {{path: {tmp_path}/out}}\n"
+        f"encoder: {{model: {tiny_models['kl']}}}\ntext: {{preset: sdxl, model: {tiny_text_pipelines['sdxl']}}}\n"
+    )
     assert main(["encode", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "x.tar" in error and "text" not in error.replace(str(tmp_path), "")
     assert not (tmp_path / "out").exists()

@@ -1,8 +1,10 @@
-"""The encoder pool's shape on a Ray cluster: resources per actor, the number of actors, torch
-threads of CPU actors, where images are decoded and the batch size (:class:`Execution`).
+"""The encoder pools' shape on a Ray cluster: resources per actor, the number of actors, torch
+threads of CPU actors, where images are decoded and the batch size (:class:`Execution`); the
+same for the text-encoder pool of a run with a ``text`` section (:class:`TextExecution`).
 
 :func:`resolve_execution` asks the cluster Ray is connected to; :func:`execution_for` is the
-decision itself, from ``ray.cluster_resources()`` alone (tests call it with made-up clusters).
+decision itself, from ``ray.cluster_resources()`` alone (tests call it with made-up clusters);
+:func:`text_execution_for` sizes the text pool with what the image pool leaves.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ __all__ = [
     "CPU_DECODE_MIN_CPUS_PER_GPU",
     "MIXED_BATCH_CHUNKS",
     "Execution",
+    "TextExecution",
     "execution_for",
     "pool_on_gpu",
     "resolve_execution",
+    "resolve_text_execution",
+    "text_execution_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,3 +158,85 @@ def _actors_see_cuda(gpus: float) -> bool:
 
     remote: Any = ray.remote(num_gpus=gpus, num_cpus=0)
     return bool(ray.get(remote(probe).remote()))
+
+
+@dataclass(frozen=True)
+class TextExecution:
+    """How the text-encoder pool runs, resolved against the cluster and the image pool.
+
+    Attributes:
+        remote_args: Ray resources per text actor.
+        actors: the pool size.
+        cpu_threads: torch threads of a CPU actor (None on GPUs).
+        gpu: the actors hold GPUs (or fractions of one).
+        batch_size: rows per text-actor call (distinct captions per ``encode_prompt`` call are
+            ``text.batch_size``, chunked inside the encoder).
+    """
+
+    remote_args: dict[str, Any]
+    actors: int
+    cpu_threads: int | None
+    gpu: bool
+    batch_size: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "text_actors": self.actors,
+            "text_gpus_per_actor": self.remote_args.get("num_gpus", 0),
+            "text_batch_size": self.batch_size,
+        }
+
+
+def resolve_text_execution(config: Config, image: Execution) -> TextExecution:
+    """:func:`text_execution_for` the cluster Ray is connected to."""
+    import ray
+
+    return text_execution_for(config, ray.cluster_resources(), image)
+
+
+def text_execution_for(config: Config, resources: dict[str, float], image: Execution) -> TextExecution:
+    """Ray resources per text actor, the pool size and torch threads, for a cluster of
+    ``resources`` of which the image pool ``image`` holds its share.
+
+    ``text.gpus_per_actor`` 0, a cluster without GPUs, or ``encoder.device: cpu``: CPU actors
+    (one CPU each). Otherwise the text actors take the GPUs (or fractions: ``0.5`` shares a GPU
+    with an image actor of ``ray.gpus_per_actor: 0.5``) that the image pool leaves; fewer
+    actors than ``text.actors`` when fewer fit.
+
+    Raises:
+        LatentizeError: the image pool leaves no GPU room for a single text actor (both pools
+            must run at once, or the job never starts).
+    """
+    text = config.text
+    if text is None:
+        raise LatentizeError("text_execution_for needs a config with a text section")
+    gpus = resources.get("GPU", 0.0)
+    per_actor = text.gpus_per_actor
+    actors = text.actors
+    batch_size = image.batch_size
+    if per_actor > 0 and gpus > 0 and config.encoder.device != "cpu":
+        taken = image.actors * float(image.remote_args.get("num_gpus", 0) or 0)
+        # A little slack: fractions such as 1/3 do not add up exactly in floating point.
+        fit = int((gpus - taken) / per_actor + 1e-6)
+        if fit < 1:
+            raise LatentizeError(
+                f"no GPU left for the text encoder: the image encoder's {image.actors} actor(s) take {taken:g} of "
+                f"the cluster's {gpus:g} GPU(s) and text.gpus_per_actor is {per_actor:g}. Lower ray.actors, share "
+                "GPUs with fractions (ray.gpus_per_actor: 0.5, text.gpus_per_actor: 0.5), or set "
+                "text.gpus_per_actor: 0 to encode captions on CPUs"
+            )
+        if actors > fit:
+            logger.warning("text.actors=%d but the image pool leaves GPUs for %d; using %d", actors, fit, fit)
+            actors = fit
+        return TextExecution({"num_gpus": per_actor, "num_cpus": 0}, actors, None, True, batch_size)
+    cpus = int(resources.get("CPU", 1))
+    # CPU actors of the image pool hold a CPU each; leave one for reading and decoding.
+    image_cpus = 0 if image.gpu else image.actors
+    fit = max(1, cpus - image_cpus - 1)
+    if actors > fit:
+        logger.warning("text.actors=%d but only %d CPU(s) are free for CPU text encoders; using %d", actors, fit, fit)
+        actors = fit
+    if per_actor > 0:
+        logger.warning("no GPU for the text encoder (GPU=%s): text actors run on CPU; slow for real models", gpus)
+    threads = max(1, cpus // (actors + image_cpus))
+    return TextExecution({"num_gpus": 0, "num_cpus": 1}, actors, threads, False, batch_size)

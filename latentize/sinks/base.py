@@ -29,6 +29,8 @@ __all__ = [
     "Sink",
     "canonical_tensor",
     "is_tensor_type",
+    "prompt_array",
+    "prompt_samples",
     "tensor_array",
     "tensor_numpy",
 ]
@@ -45,13 +47,21 @@ class Sink(Protocol):
     ``table`` columns: ``key``, one ``arrow.fixed_shape_tensor`` column per encoder output,
     ``caption``, ``json``, ``width``, ``height``, ``crop_top``, ``crop_left``.
     ``tensor_type`` is the layout the tensor columns get in the file (formats that store tensors
-    otherwise, such as ``.npy`` members, ignore it).
+    otherwise, such as ``.npy`` members, ignore it). ``prompt_columns`` are the text encoder's
+    columns (runs with a ``text`` section), as :func:`prompt_array` builds them: they follow the
+    tensor columns.
     """
 
     extension: str
 
     def serialize(
-        self, table: pa.Table, *, tensor_columns: list[str], compression: str, tensor_type: str = FIXED_SHAPE_TENSOR
+        self,
+        table: pa.Table,
+        *,
+        tensor_columns: list[str],
+        compression: str,
+        tensor_type: str = FIXED_SHAPE_TENSOR,
+        prompt_columns: list[str] | None = None,
     ) -> bytes: ...
 
     def merge(self, files: list[bytes], rows: list[int]) -> bytes:
@@ -111,3 +121,37 @@ def canonical_tensor(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.Chunke
     if isinstance(column.type, pa.FixedShapeTensorType):
         return column
     return tensor_array(tensor_numpy(column))
+
+
+def prompt_array(values: np.ndarray | list[np.ndarray], shape: tuple[int | None, ...], dtype: str) -> pa.Array:
+    """One stored text-encoder column of N samples, as the output holds it.
+
+    Fixed shapes (``prompt_embeds`` padded, ``pooled_prompt_embeds``, the mask): an (N, *shape)
+    array, stored like the latents (:func:`tensor_array`; sinks turn it into nested lists for
+    ``output.tensor_type: list``). A scalar (``prompt_embeds_length``): an (N,) array, a plain
+    numeric column. A varying number of rows (``trimmed`` ``prompt_embeds``, shape ``(None,
+    width)``): N (rows_i, width) arrays, stored as ``list<fixed_size_list<dtype, width>>``.
+    """
+    if None not in shape:
+        array = np.asarray(values, dtype=np.dtype(dtype))
+        return tensor_array(array) if shape else pa.array(array, type=pa.from_numpy_dtype(array.dtype))
+    width = int(shape[-1])  # type: ignore[arg-type]
+    rows = [np.asarray(v, dtype=np.dtype(dtype)).reshape(-1, width) for v in values]
+    offsets = np.concatenate([np.zeros(1, np.int32), np.cumsum([len(r) for r in rows], dtype=np.int32)])
+    flat = np.concatenate(rows).reshape(-1) if rows else np.zeros(0, np.dtype(dtype))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat), width))
+
+
+def prompt_samples(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """A stored text-encoder column (any layout :func:`prompt_array` or the list tensor layout
+    gives) -> one numpy array per sample: (*shape), (rows_i, width), or a 0-d scalar."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if is_tensor_type(column.type):
+        return list(tensor_numpy(column))
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        width = column.type.value_type.list_size
+        flat = column.flatten().flatten().to_numpy(zero_copy_only=False)
+        offsets = column.offsets.to_numpy() - column.offsets[0].as_py()
+        return [flat[a * width : b * width].reshape(-1, width) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return [np.asarray(v) for v in column.to_numpy(zero_copy_only=False)]

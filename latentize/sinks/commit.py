@@ -35,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentize.columns import ENCODE_STARTED, FLIGHT_TYPES, REENCODED, flight_array, text_column
+from latentize.columns import ENCODE_STARTED, FLIGHT_TYPES, REENCODED, flight_array, prompt_values, text_column
 from latentize.errors import LatentizeError
-from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array
+from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, prompt_array, tensor_array
 from latentize.sinks.contract import ERROR_SCHEMA, WHOLE_SAMPLE, ErrorRow, Marker, errors_table
 from latentize.sinks.layout import OutputLayout
 
@@ -117,6 +117,7 @@ def _stage_part(
     compression: str,
     slot: int,
     tensor_type: str,
+    prompt_columns: dict[str, tuple[tuple[int | None, ...], str]],
 ) -> dict[str, Any]:
     """Writes the ok rows ``rows`` (positions in ``batch``, in index order) as one staged part."""
     sink = SINKS.get(sink_name)
@@ -125,8 +126,15 @@ def _stage_part(
         values = np.asarray(batch[name])[rows]
         # A run of several sizes hands over per-row arrays; one part holds one size.
         columns[name] = tensor_array(np.stack(list(values)) if values.dtype == object else values)
+    for name, (shape, dtype) in prompt_columns.items():
+        # Every row of every folder carries its sample's text columns (each folder stands alone).
+        columns[name] = prompt_array(prompt_values(np.asarray(batch[name])[rows], shape, dtype), shape, dtype)
     data = sink.serialize(
-        pa.table(columns), tensor_columns=tensor_columns, compression=compression, tensor_type=tensor_type
+        pa.table(columns),
+        tensor_columns=tensor_columns,
+        compression=compression,
+        tensor_type=tensor_type,
+        prompt_columns=list(prompt_columns),
     )
     indices = np.asarray(batch["index"])[rows].astype(np.int64)
     # Named by content (its indices) so a retried task overwrites instead of adding a part.
@@ -155,6 +163,7 @@ def stage_batch(
     compression: str,
     tensor_type: str = FIXED_SHAPE_TENSOR,
     name_folders: bool = False,
+    prompt_columns: dict[str, tuple[tuple[int | None, ...], str]] | None = None,
 ) -> pa.Table:
     """Ray map_batches function: stage the ok rows per shard; report parts, errors, sentinels.
 
@@ -169,6 +178,9 @@ def stage_batch(
         tensor_type: ``output.tensor_type``, the Arrow layout of tensor columns in Parquet parts.
         name_folders: the run writes several sizes: the reason of an encode error (one
             resolution's row) names its folder, ``at WxH: ...``.
+        prompt_columns: the text encoder's stored columns (name -> per-sample shape, None for
+            the varying rows of ``trimmed``, and dtype), in flight as
+            :func:`latentize.columns.prompt_flight_type` gives them; None: a run without text.
 
     Returns:
         An Arrow table of :data:`REPORT_SCHEMA`, one row per shard present in the batch.
@@ -194,7 +206,8 @@ def stage_batch(
         for i in np.flatnonzero(mine & sentinel):
             report.update(total=int(totals[i]), shard_error=errors[i], read_node=nodes[i])
         for i in np.flatnonzero(mine & failed):
-            # An error row of a sample-wide failure (slot -1) stands for every resolution.
+            # An error row of a sample-wide failure (slot -1) stands for every resolution; a
+            # caption the text encoder fails on fails the sample, whatever its resolution.
             slot = int(slots[i]) if stages[i] == "encode" else WHOLE_SAMPLE
             error = errors[i] if slot < 0 or not name_folders else f"at {folders[i]}: {errors[i]}"
             report["errors"].append(
@@ -215,6 +228,7 @@ def stage_batch(
                     compression=compression,
                     slot=int(slots[sel[0]]),
                     tensor_type=tensor_type,
+                    prompt_columns=prompt_columns or {},
                 )
             )
         out.append(report)

@@ -85,7 +85,7 @@ class ErrorRow:
         key: the sample key (None when the reader found none).
         shard: the input shard id.
         index: the sample's position in its shard.
-        stage: ``read``, ``decode``, ``preprocess`` or ``encode``.
+        stage: ``read``, ``decode``, ``preprocess``, ``encode`` or ``text`` (the text encoder).
         error: the reason.
         slot: :data:`WHOLE_SAMPLE`, or the resolution whose row the encoder failed.
     """
@@ -207,10 +207,10 @@ class Marker:
     @property
     def retryable(self) -> bool:
         """Whether ``--retry-failed`` redoes this shard: failed shards, and shards with samples
-        that failed in the encoder (out of memory, non-finite latents: may pass on a retry).
-        Samples that failed to read or decode are properties of their bytes and would fail
-        again, so they alone do not redo a shard."""
-        return not self.succeeded or bool(self.failed_by_stage.get("encode"))
+        that failed in the image or text encoder (out of memory, non-finite latents or
+        embeddings: may pass on a retry). Samples that failed to read or decode are properties
+        of their bytes and would fail again, so they alone do not redo a shard."""
+        return not self.succeeded or bool(self.failed_by_stage.get("encode") or self.failed_by_stage.get("text"))
 
     def to_json(self) -> dict[str, Any]:
         """The marker file's content, every key in its place."""
@@ -471,6 +471,7 @@ _MANIFEST_KEYS = (
     "runs",
     "samples",
     "updated_at",
+    "text",
 )
 
 
@@ -495,6 +496,9 @@ class Manifest:
         runs: one entry per run into this root: start, end, shards, samples, seconds.
         samples: :class:`SampleTotals` (None until a run has ended).
         updated_at: when the totals were last written (UTC, ISO 8601).
+        text: the text stage (runs with a ``text`` section only; None otherwise): the text
+            spec's ``to_manifest()`` (``preset``, ``storage``, ``columns``, ``identity``, ...) and
+            ``empty_prompt``, the root's file of the empty prompt's columns.
         extra: keys this version does not know, kept where they were found.
     """
 
@@ -510,6 +514,7 @@ class Manifest:
     runs: list[dict[str, Any]] = field(default_factory=list)
     samples: SampleTotals | None = None
     updated_at: str | None = None
+    text: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- reading ----------------------------------------------------------------------------
@@ -604,6 +609,8 @@ class Manifest:
             out["samples"] = self.samples.to_json()
         if self.updated_at is not None:
             out["updated_at"] = self.updated_at
+        if self.text is not None:
+            out["text"] = self.text
         out.update(self.extra)
         return out
 
@@ -624,6 +631,7 @@ class Manifest:
             runs=list(data.get("runs") or []),
             samples=SampleTotals.from_json(samples) if samples else None,
             updated_at=data.get("updated_at"),
+            text=dict(data["text"]) if data.get("text") is not None else None,
             extra={k: v for k, v in data.items() if k not in _MANIFEST_KEYS},
         )
 

@@ -13,22 +13,34 @@ __all__ = ["ParquetSink"]
 
 
 class ParquetSink:
-    """Writes ``key``, the tensor columns, then passthrough (``caption``, ``json``, ``notes``)
-    and geometry columns; tensor columns as canonical Arrow tensors or, with ``tensor_type``
-    ``list``, as nested fixed-size lists."""
+    """Writes ``key``, the tensor columns, the text encoder's columns, then passthrough
+    (``caption``, ``json``, ``notes``) and geometry columns; tensor columns (and fixed-shape text
+    columns) as canonical Arrow tensors or, with ``tensor_type`` ``list``, as nested fixed-size
+    lists."""
 
     extension = "parquet"
 
     def serialize(
-        self, table: pa.Table, *, tensor_columns: list[str], compression: str, tensor_type: str = FIXED_SHAPE_TENSOR
+        self,
+        table: pa.Table,
+        *,
+        tensor_columns: list[str],
+        compression: str,
+        tensor_type: str = FIXED_SHAPE_TENSOR,
+        prompt_columns: list[str] | None = None,
     ) -> bytes:
+        prompts = list(prompt_columns or [])
         if tensor_type != FIXED_SHAPE_TENSOR:
-            for name in tensor_columns:
+            # Text columns of fixed shape are tensors like the latents; lengths and trimmed
+            # embeddings keep their own types.
+            fixed = [n for n in prompts if isinstance(table.schema.field(n).type, pa.FixedShapeTensorType)]
+            for name in [*tensor_columns, *fixed]:
                 converted = tensor_array(tensor_numpy(table.column(name)), tensor_type)
                 table = table.set_column(table.schema.get_field_index(name), name, converted)
         order = [
             "key",
             *tensor_columns,
+            *prompts,
             "caption",
             "json",
             "notes",

@@ -1,5 +1,6 @@
 """WebDataset output: tars (one per staged part of an input shard) holding ``KEY.<column>.npy``
-beside ``KEY.txt`` (caption), ``KEY.json`` and ``KEY.notes.txt``.
+(latents and, with a ``text`` section, each text-encoder column) beside ``KEY.txt`` (caption),
+``KEY.json`` and ``KEY.notes.txt``.
 
 ``KEY`` is the member key of the sample key (:func:`latentize.tarnames.member_key`): the key
 itself, unless WebDataset's split at the first dot of a name would cut it (a dot in its last path
@@ -14,10 +15,9 @@ import io
 import tarfile
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
-from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_numpy
+from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, prompt_samples, tensor_numpy
 from latentize.tarnames import KEY_MEMBER, base_plus_ext, member_key
 
 __all__ = ["NOTES_MEMBER", "WebDatasetSink"]
@@ -32,15 +32,23 @@ class WebDatasetSink:
     extension = "tar"
 
     def serialize(
-        self, table: pa.Table, *, tensor_columns: list[str], compression: str, tensor_type: str = FIXED_SHAPE_TENSOR
+        self,
+        table: pa.Table,
+        *,
+        tensor_columns: list[str],
+        compression: str,
+        tensor_type: str = FIXED_SHAPE_TENSOR,
+        prompt_columns: list[str] | None = None,
     ) -> bytes:
         # ``tensor_type`` is a Parquet matter: tars hold each tensor as an .npy member.
-        tensors = {name: tensor_numpy(table.column(name)) for name in tensor_columns}
+        tensors: dict[str, Any] = {name: tensor_numpy(table.column(name)) for name in tensor_columns}
+        # Text columns too, one .npy each: (*shape), (rows, width) when trimmed, 0-d lengths.
+        tensors.update({name: prompt_samples(table.column(name)) for name in prompt_columns or []})
         text = {name: table.column(name).to_pylist() for name in ("key", "caption", "json", "notes")}
         return _tar(self._samples(tensors, text))
 
     @staticmethod
-    def _samples(tensors: dict[str, np.ndarray], text: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    def _samples(tensors: dict[str, Any], text: dict[str, list[Any]]) -> list[dict[str, Any]]:
         samples = []
         for i, key in enumerate(text["key"]):
             member = member_key(key)
