@@ -77,6 +77,21 @@ def test_a_manifest_written_through_the_type_keeps_its_bytes() -> None:
     assert manifest["samples"] == RUN_MANIFEST["samples"]  # the file's entries by key, for scripts
 
 
+def test_the_text_entry_is_a_field_written_after_the_encoder_only_when_present() -> None:
+    text = {
+        "preset": "sd3",
+        "storage": "trimmed",
+        "columns": {"prompt_embeds": {"shape": [None, 8], "dtype": "float16"}},
+    }
+    with_text = {**{k: v for k, v in RUN_MANIFEST.items() if k != "preprocess"}, "text": text}
+    ordered = {k: with_text[k] for k in ("format_version", "fingerprint", "config", "encoder", "text")}
+    ordered.update({"preprocess": RUN_MANIFEST["preprocess"]}, **{k: RUN_MANIFEST[k] for k in list(RUN_MANIFEST)[5:]})
+    manifest = Manifest.from_json(ordered)
+    assert manifest.text == text and "text" not in manifest.extra
+    assert json.dumps(manifest.to_json()) == json.dumps(ordered)
+    assert Manifest.from_json(RUN_MANIFEST).text is None and "text" not in Manifest.from_json(RUN_MANIFEST).to_json()
+
+
 def test_older_manifests_and_markers_read_with_defaults() -> None:
     # A manifest of format 1 (no folders, no totals) with a key this version does not know.
     old = Manifest.from_json({"format_version": 1, "fingerprint": "fp", "encoder": {}, "legacy": [1]})
