@@ -187,3 +187,18 @@ def test_the_report_of_an_output_with_text_fails_on_a_nan_caption_embedding(tmp_
     assert not failed.passed
     assert {c["name"]: c["status"] for c in failed.report["checks"]}["text_finite"] == "fail"
     assert '"text_finite"' in Path(failed.json_path).read_text()
+
+
+@pytest.mark.parametrize("sink", ["parquet", "webdataset"])
+def test_status_of_an_output_with_text_columns_is_unchanged(
+    tmp_path: Path, sink: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from latentize.cli import main
+    from latentize.sinks import OutputLayout
+    from latentize.status import output_status
+
+    built = build(tmp_path / "out", sink, "trimmed", "list")
+    status = output_status(OutputLayout(built.layout.url))
+    assert status["complete"] and status["samples"]["ok"] == len(built.all_keys)
+    assert main(["status", built.layout.url]) == 0
+    assert "complete: yes" in capsys.readouterr().out
