@@ -467,3 +467,11 @@ def test_read_latents_reads_text_columns_of_both_storages(texts: dict[tuple[str,
                 np.testing.assert_array_equal(
                     np.stack(value) if value.dtype == object else value, built.tensors[name][key]
                 )
+
+
+def test_the_readers_names_of_text_columns_are_the_text_stages() -> None:
+    # latentize.data repeats them so that reading does not import the text stage.
+    from latentize.data import text
+    from latentize.encoders.text import spec
+
+    assert (text.MASK, text.LENGTH) == (spec.MASK, spec.LENGTH)
