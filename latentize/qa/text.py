@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from latentize.data.text import EMPTY_PROMPT, LENGTH, MASK, is_ragged
+from latentize.encoders.text.spec import LENGTH, MASK
 from latentize.qa.checks import Check
 from latentize.qa.scan import ROWS_PER_BLOCK, DataFile
 from latentize.sinks.base import is_tensor_type, tensor_numpy
@@ -46,6 +46,14 @@ logger = logging.getLogger(__name__)
 
 #: Keys listed per finding.
 KEY_LIMIT = 100
+#: The empty prompt's file when the manifest does not name one (``text.empty_prompt``).
+EMPTY_PROMPT = "empty_prompt.npz"
+
+
+def is_ragged(dtype: pa.DataType) -> bool:
+    """A column of varying rows per sample (a trimmed ``prompt_embeds``): a list of fixed-size
+    lists. (``latentize.data`` has its own: the QA does not import the training side.)"""
+    return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_fixed_size_list(dtype.value_type)
 
 
 @dataclass
