@@ -123,23 +123,18 @@ def _dataset(
 ) -> tuple[LatentDataset, bool]:
     """The reader of ``column`` (and the caption columns when conditioned), and whether it is:
     ``text`` None conditions on captions when the output has them."""
-    probe = LatentDataset(root, batch_size, columns=[column], storage_options=storage_options)
-    conditioned = probe.text is not None if text is None else text
-    if conditioned and probe.text is None:
-        raise ValueError(f"{root} holds no caption embeddings (its manifest has no text entry)")
-    columns = [column, *(_text_columns(probe) if conditioned else [])]
     # One reader for every epoch: it reads the manifest and the commit markers once, and
     # set_epoch reseeds the shuffles (and the moments draws and flip choices).
-    dataset = LatentDataset(
-        root,
-        batch_size,
-        shuffle=True,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        columns=columns,
-        storage_options=storage_options,
+    settings: dict[str, Any] = dict(
+        shuffle=True, seed=seed, rank=rank, world_size=world_size, storage_options=storage_options
     )
+    dataset = LatentDataset(root, batch_size, columns=[column], **settings)
+    conditioned = dataset.text is not None if text is None else text
+    if conditioned and dataset.text is None:
+        raise ValueError(f"{root} holds no caption embeddings (its manifest has no text entry)")
+    if conditioned:
+        # The caption columns depend on what the manifest says the family stores.
+        dataset = LatentDataset(root, batch_size, columns=[column, *_text_columns(dataset)], **settings)
     return dataset, conditioned
 
 
