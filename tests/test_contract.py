@@ -80,12 +80,26 @@ def test_a_manifest_written_through_the_type_keeps_its_bytes() -> None:
 def test_the_text_entry_is_written_only_for_runs_with_text() -> None:
     assert "text" not in Manifest.from_json(RUN_MANIFEST).to_json() and Manifest.from_json(RUN_MANIFEST).text is None
     text = {"preset": "sdxl", "storage": "padded", "columns": {}, "empty_prompt": "empty_prompt.npz"}
-    data = {**RUN_MANIFEST, "text": text, "later": 1}
-    manifest = Manifest.from_json(data)
+    manifest = Manifest.from_json({**RUN_MANIFEST, "text": text, "later": 1})
     assert manifest.text == text and manifest.extra == {"later": 1}
-    assert json.dumps(manifest.to_json()) == json.dumps(data)  # "text" after updated_at, unknown keys last
+    assert list(manifest.to_json())[4] == "text" and list(manifest.to_json())[-1] == "later"
     # A shard with samples the text encoder failed on is redone by --retry-failed, as encode failures.
     assert Marker.from_json({"status": "ok", "failed_by_stage": {"text": 1}}).retryable
+
+
+def test_the_text_entry_is_a_field_written_after_the_encoder_only_when_present() -> None:
+    text = {
+        "preset": "sd3",
+        "storage": "trimmed",
+        "columns": {"prompt_embeds": {"shape": [None, 8], "dtype": "float16"}},
+    }
+    with_text = {**{k: v for k, v in RUN_MANIFEST.items() if k != "preprocess"}, "text": text}
+    ordered = {k: with_text[k] for k in ("format_version", "fingerprint", "config", "encoder", "text")}
+    ordered.update({"preprocess": RUN_MANIFEST["preprocess"]}, **{k: RUN_MANIFEST[k] for k in list(RUN_MANIFEST)[5:]})
+    manifest = Manifest.from_json(ordered)
+    assert manifest.text == text and "text" not in manifest.extra
+    assert json.dumps(manifest.to_json()) == json.dumps(ordered)
+    assert Manifest.from_json(RUN_MANIFEST).text is None and "text" not in Manifest.from_json(RUN_MANIFEST).to_json()
 
 
 def test_older_manifests_and_markers_read_with_defaults() -> None:

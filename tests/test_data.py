@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from latent_outputs import SHAPES, Built, build_output
+from latent_outputs import SHAPES, Built, build_output, text_length, text_of
 from torch.utils.data import DataLoader
 
-from latentize.data import LatentDataset, draw_seed, flip_choice
+from latentize.data import LatentDataset, draw_seed, flip_choice, read_empty_prompt
 from latentize.errors import LatentizeError
 
 #: Eight shards over two data folders, uneven on purpose (partitions get different row counts).
@@ -313,6 +313,112 @@ def test_resume_refuses_other_settings(built: Built) -> None:
 # --- Ray and imports -------------------------------------------------------------------------
 
 
+# --- caption embeddings (issue 21) -------------------------------------------------------------
+
+TEXT_SHARDS = {"t00": {"64x64": 7, "96x64": 4}, "t01": {"64x64": 5}, "t02": {"96x64": 6}}
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Built]:
+    """Outputs with caption embeddings: (storage, tensor_type) -> output."""
+    root = tmp_path_factory.mktemp("text")
+    return {
+        (storage, tensor_type): build_output(
+            str(root / f"{storage}-{tensor_type}"), TEXT_SHARDS, tensor_type=tensor_type, text=storage
+        )
+        for storage in ("padded", "trimmed")
+        for tensor_type in ("fixed_shape_tensor", "list")
+    }
+
+
+@pytest.mark.parametrize("tensor_type", ["fixed_shape_tensor", "list"])
+def test_padded_text_columns_are_yielded_as_stored(texts: dict[tuple[str, str], Built], tensor_type: str) -> None:
+    built = texts[("padded", tensor_type)]
+    ds = LatentDataset(built.layout.url, 4, buffer_size=5)
+    assert ds.text is not None and ds.text["storage"] == "padded"
+    got = batches(ds, workers=2)
+    assert sorted(keys_of(got)) == built.all_keys
+    for batch in got:
+        check_batch(built, batch)
+        for name, dtype in (("prompt_embeds", torch.float16), ("pooled_prompt_embeds", torch.float16)):
+            assert batch[name].dtype == dtype
+            want = np.stack([built.tensors[name][k] for k in batch["key"]])
+            np.testing.assert_array_equal(batch[name].numpy(), want)
+        mask = batch["prompt_attention_mask"]
+        assert mask.dtype == torch.uint8 and tuple(mask.shape) == (len(batch["key"]), 6)
+        assert mask.sum(1).tolist() == [text_length(k) for k in batch["key"]]
+
+
+@pytest.mark.parametrize("tensor_type", ["fixed_shape_tensor", "list"])
+def test_trimmed_prompt_embeds_are_padded_to_the_batch_longest_with_a_mask(
+    texts: dict[tuple[str, str], Built], tensor_type: str
+) -> None:
+    built = texts[("trimmed", tensor_type)]
+    got = batches(LatentDataset(built.layout.url, 4, buffer_size=5))
+    assert sorted(keys_of(got)) == built.all_keys
+    longest = set()
+    for batch in got:
+        check_batch(built, batch)
+        lengths = [text_length(k) for k in batch["key"]]
+        embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
+        assert tuple(embeds.shape) == (len(lengths), max(lengths), 8) and embeds.dtype == torch.float16
+        assert mask.dtype == torch.bool and mask.sum(1).tolist() == lengths
+        assert batch["prompt_embeds_length"].tolist() == lengths
+        assert batch["prompt_embeds_length"].dtype == torch.int32
+        for i, (key, n) in enumerate(zip(batch["key"], lengths, strict=True)):
+            np.testing.assert_array_equal(embeds[i, :n].numpy(), built.tensors["prompt_embeds"][key])
+            assert not embeds[i, n:].any() and bool(mask[i, :n].all()) and not bool(mask[i, n:].any())
+        np.testing.assert_array_equal(
+            batch["pooled_prompt_embeds"].numpy(),
+            np.stack([built.tensors["pooled_prompt_embeds"][k] for k in batch["key"]]),
+        )
+        longest.add(max(lengths))
+    assert len(longest) > 1  # the padding follows each batch, not the family's maximum
+
+
+def test_text_columns_are_chosen_by_name(texts: dict[tuple[str, str], Built]) -> None:
+    trimmed = texts[("trimmed", "fixed_shape_tensor")].layout.url
+    (batch, *_) = batches(LatentDataset(trimmed, 4, columns=["latent", "prompt_embeds"]))
+    assert set(batch) == {"key", "folder", "latent", "prompt_embeds", "prompt_attention_mask"}
+    # The built mask alone reads the lengths only.
+    (batch, *_) = batches(LatentDataset(trimmed, 4, columns=["prompt_attention_mask"]))
+    assert set(batch) == {"key", "folder", "prompt_attention_mask"}
+    assert batch["prompt_attention_mask"].sum(1).tolist() == [text_length(k) for k in batch["key"]]
+    (batch, *_) = batches(LatentDataset(trimmed, 4, columns=["pooled_prompt_embeds"]))
+    assert set(batch) == {"key", "folder", "pooled_prompt_embeds"}
+    padded = texts[("padded", "list")].layout.url
+    (batch, *_) = batches(LatentDataset(padded, 4, columns=["prompt_embeds", "prompt_attention_mask"]))
+    assert set(batch) == {"key", "folder", "prompt_embeds", "prompt_attention_mask"}
+    with pytest.raises(LatentizeError, match="unknown column"):
+        LatentDataset(padded, 4, columns=["prompt_embeds_length"])
+
+
+@pytest.mark.parametrize("storage", ["padded", "trimmed"])
+def test_empty_prompt_reads_the_unbatched_embeddings_of_the_empty_caption(
+    texts: dict[tuple[str, str], Built], storage: str, tmp_path: Path
+) -> None:
+    want = text_of(storage, "")
+    built = texts[(storage, "list")]
+    wds = build_output(str(tmp_path / "wds"), {"t00": {"64x64": 3}}, sink="webdataset", text=storage)
+    for root in (built.layout.url, wds.layout.url, f"file://{built.layout.url}"):
+        got = read_empty_prompt(root)
+        assert list(got) == list(want)
+        for name, value in want.items():
+            assert got[name].shape == value.shape and got[name].dtype == value.dtype
+            np.testing.assert_array_equal(got[name], value)
+    tensors = LatentDataset(built.layout.url, 4).empty_prompt()
+    np.testing.assert_array_equal(tensors["prompt_embeds"].numpy(), want["prompt_embeds"])
+    if storage == "trimmed":
+        assert tensors["prompt_attention_mask"].dtype == torch.bool
+        assert tuple(tensors["prompt_attention_mask"].shape) == (int(want["prompt_embeds_length"]),)
+    plain = build_output(str(tmp_path / "plain"), {"t00": {"64x64": 2}})
+    with pytest.raises(LatentizeError, match="no caption embeddings"):
+        read_empty_prompt(plain.layout.url)
+    with pytest.raises(LatentizeError, match="no caption embeddings"):
+        LatentDataset(plain.layout.url, 2).empty_prompt()
+    assert LatentDataset(plain.layout.url, 2).text is None
+
+
 def test_importing_latentize_data_does_not_import_ray() -> None:
     code = "import sys, latentize.data; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -344,3 +450,28 @@ def test_read_latents_reads_the_committed_rows_of_a_folder(tmp_path: Path, tenso
     # The stray file of an uncommitted shard sits in 64x64 and is not read.
     keys = read_latents(built.layout.url, folder="64x64").take_batch(1000)["key"].tolist()
     assert sorted(keys) == sorted(built.keys["64x64"])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_read_latents_reads_text_columns_of_both_storages(texts: dict[tuple[str, str], Built]) -> None:
+    from latentize.data import read_latents
+
+    for storage in ("padded", "trimmed"):
+        built = texts[(storage, "list")]
+        rows = read_latents(built.layout.url, folder="64x64").take_batch(1000, batch_format="numpy")
+        keys = rows["key"].tolist()
+        assert sorted(keys) == sorted(built.keys["64x64"])
+        for name in text_of(storage, "x"):
+            for key, value in zip(keys, rows[name], strict=True):
+                np.testing.assert_array_equal(
+                    np.stack(value) if value.dtype == object else value, built.tensors[name][key]
+                )
+
+
+def test_the_readers_names_of_text_columns_are_the_text_stages() -> None:
+    # latentize.data repeats them so that reading does not import the text stage.
+    from latentize.data import text
+    from latentize.encoders.text import spec
+
+    assert (text.MASK, text.LENGTH) == (spec.MASK, spec.LENGTH)

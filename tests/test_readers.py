@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from latent_outputs import SHAPES, Built, build_output
+from latent_outputs import SHAPES, TEXT_WIDTH, Built, build_output, text_length
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 READERS = ["pyarrow", "Ray Data", "HF `datasets`", "polars", "DuckDB", "webdataset (`output.format: webdataset`)"]
@@ -88,3 +88,33 @@ def test_reader_row_reads_the_written_latents(
     # Row order is the reader's business (DuckDB promises none): compare the rows as a multiset,
     # in the stored dtype (DuckDB widens float16 to float32, which converts back exactly).
     assert sorted(r.tobytes() for r in got.astype(want.dtype)) == sorted(r.tobytes() for r in want)
+
+
+@pytest.mark.parametrize("storage", ["padded", "trimmed"])
+def test_plain_readers_read_the_text_columns_as_the_contract_stores_them(tmp_path: Path, storage: str) -> None:
+    """Caption embeddings without latentize: pyarrow reads the Parquet columns (a trimmed
+    ``prompt_embeds`` as lists of ``width``-long rows), webdataset the ``KEY.<column>.npy``
+    members (a trimmed ``prompt_embeds`` as (rows, width))."""
+    import glob
+
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    shards = {"s0": {FOLDER: 5}, "s1": {FOLDER: 4}}
+    parquet = build_output(str(tmp_path / "pq"), shards, tensor_type="list", text=storage, stray=False)
+    table = pq.read_table(parquet.layout.join(FOLDER))
+    assert table.column_names[:5] == ["key", "latent", "prompt_embeds", "pooled_prompt_embeds", table.column_names[4]]
+    for key, embeds in zip(table.column("key").to_pylist(), table.column("prompt_embeds").to_pylist(), strict=True):
+        got = np.asarray(embeds, dtype=np.float16)
+        rows = text_length(key) if storage == "trimmed" else 6
+        assert got.shape == (rows, TEXT_WIDTH)
+        np.testing.assert_array_equal(got, parquet.tensors["prompt_embeds"][key])
+    tars = build_output(str(tmp_path / "wds"), shards, sink="webdataset", text=storage, stray=False)
+    paths = sorted(glob.glob(tars.layout.join(FOLDER, "*.tar")))
+    samples = list(wds.WebDataset(paths, shardshuffle=False).decode())
+    assert sorted(s["__key__"] for s in samples) == sorted(tars.keys[FOLDER])
+    for sample in samples:
+        key = sample["__key__"]
+        for name, value in tars.tensors.items():
+            if name != "latent":
+                np.testing.assert_array_equal(sample[f"{name}.npy"], value[key])

@@ -56,6 +56,7 @@ from latentize.data.plan import (
     trim,
     window_events,
 )
+from latentize.data.text import LENGTH, MASK, is_ragged, length_mask, pad_ragged, read_empty_prompt
 from latentize.data.transforms import draw_latents, flip_choice, normalizer
 from latentize.errors import LatentizeError
 from latentize.sinks.base import is_tensor_type, tensor_numpy
@@ -137,6 +138,15 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
     ``json``, ``notes``) as lists of str or None, and ``flipped`` ((B,) bool) when the output has
     flipped twins. All rows of a batch come from one data folder, so they share one shape.
 
+    **Caption embeddings.** An output with a text stage (the manifest's ``text``, also
+    :attr:`text`) yields its text columns as tensors: ``prompt_embeds`` (B, rows, width) and
+    ``pooled_prompt_embeds`` (B, width) in the stored float dtype, and for ``storage: padded``
+    ``prompt_attention_mask`` (B, rows) uint8 0/1 as stored. A ``storage: trimmed``
+    ``prompt_embeds`` (each sample's real tokens only) is padded with zeros to the batch's
+    longest (``rows`` varies from batch to batch), and ``prompt_attention_mask`` (B, rows)
+    bool, True on real tokens, is built from ``prompt_embeds_length`` ((B,) int32, yielded too).
+    :meth:`empty_prompt` gives the embeddings of ``""`` for classifier-free-guidance dropout.
+
     **Exactly once.** Without ``drop_last`` every committed row is yielded exactly once per epoch
     across all ranks and workers; each partition ends with up to one smaller batch per data
     folder, and partitions, hence ranks, may yield different numbers of batches (their rows differ
@@ -178,7 +188,9 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         seed: seed of every random choice (order, draws, flips).
         rank, world_size: this process's rank among ``world_size`` training processes.
         columns: the columns to yield besides ``key`` (default: every stored column; for moments
-            outputs ``latent``, the draw, instead of ``mean`` and ``logvar``).
+            outputs ``latent``, the draw, instead of ``mean`` and ``logvar``). Text columns are
+            chosen by name; a trimmed output's ``prompt_attention_mask`` (built, not stored)
+            may be named too.
         storage_options: fsspec options (credentials, endpoint) of the output root.
         drop_last: full batches only, and the same number of batches on every rank (above).
         buffer_size: rows of a shuffle window (memory bound of a worker's reading).
@@ -231,12 +243,15 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         self.flip = flip
         self.partitions_per_rank = partitions_per_rank
         self.epoch = 0
+        self._storage_options = dict(storage_options or {})
         self._info: OutputInfo = read_output(OutputLayout(root, storage_options=storage_options))
         self._folders = self._info.folders
         stored = self._stored_names()
         tensors = set(self._info.manifest.columns)
         self._draw = draw and {"mean", "logvar"} <= tensors
         self._normalizer = normalizer(self._info.manifest.constants) if self._draw else None
+        #: A trimmed output builds its mask from the lengths: it may be named though not stored.
+        self._built_mask = LENGTH in stored and MASK not in stored
         self._columns = self._choose_columns(stored, columns)
         self._read = self._read_columns(stored)
         self._resume: dict[str, Any] | None = None
@@ -259,14 +274,41 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
             if self._draw:
                 chosen = ["latent" if n == "mean" else n for n in chosen if n != "logvar"]
             return chosen
-        known = set(stored) | ({"latent"} if self._draw else set())
+        known = set(stored) | ({"latent"} if self._draw else set()) | ({MASK} if self._built_mask else set())
         unknown = [c for c in columns if c not in known]
         if unknown and stored:
             raise LatentizeError(f"unknown column(s) {unknown}; the data files hold {stored}")
         return [c for c in columns if c != "key"]
 
+    @property
+    def text(self) -> dict[str, Any] | None:
+        """The manifest's ``text`` entry (preset, storage, columns with their shapes...); None
+        for an output without caption embeddings."""
+        return self._info.manifest.text
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The embeddings of the empty prompt ``""`` (``OUT/empty_prompt.npz``), one tensor per
+        stored text column in its stored dtype, per-sample shapes (no batch axis):
+        ``prompt_embeds`` (rows, width), ``pooled_prompt_embeds`` (width,), a padded output's
+        ``prompt_attention_mask`` (rows,) uint8, a trimmed output's ``prompt_embeds_length``
+        () int32 and its ``prompt_attention_mask`` (rows,) bool, all True. Replace a sample's
+        condition by these at a rate for classifier-free-guidance dropout.
+
+        Raises:
+            LatentizeError: the output has no caption embeddings.
+        """
+        arrays = read_empty_prompt(self._info.layout.url, storage_options=self._storage_options)
+        out = {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
+        if LENGTH in out and MASK not in out and "prompt_embeds" in out:
+            out[MASK] = torch.ones(out["prompt_embeds"].shape[0], dtype=torch.bool)
+        return out
+
     def _read_columns(self, stored: list[str]) -> list[str]:
         wanted = ["key", *(c for c in self._columns if not (self._draw and c == "latent"))]
+        if self._built_mask and MASK in wanted:
+            wanted.remove(MASK)
+            if LENGTH not in wanted and "prompt_embeds" not in wanted:
+                wanted.append(LENGTH)
         if self._draw:
             wanted += [c for c in ("mean", "logvar") if c not in wanted]
         twins = [f"{c}{FLIPPED}" for c in wanted if f"{c}{FLIPPED}" in stored] if self.flip else []
@@ -518,6 +560,17 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         arrays = {
             n: tensor_numpy(table.column(n)) for n in table.column_names if is_tensor_type(table.schema.field(n).type)
         }
+        lengths = None
+        for n in table.column_names:
+            if is_ragged(table.schema.field(n).type):
+                arrays[n], lengths = pad_ragged(table.column(n))
+        if self._built_mask and (lengths is not None or MASK in self._columns):
+            if lengths is None:
+                lengths = table.column(LENGTH).to_numpy().astype(np.int64)
+                rows = int(lengths.max()) if lengths.size else 0
+            else:
+                rows = arrays["prompt_embeds"].shape[1]
+            arrays[MASK] = length_mask(lengths, rows)
         batch: dict[str, Any] = {"key": keys, "folder": folder}
         twins = [n for n in arrays if n.endswith(FLIPPED)]
         if twins:
@@ -532,7 +585,10 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
             arrays["latent"] = draw_latents(
                 arrays["mean"], arrays["logvar"], keys, seed=self.seed, epoch=self.epoch, offset=offset, scale=scale
             )
-        for name in self._columns:
+        names = list(self._columns)
+        if MASK in arrays and MASK not in names:
+            names.append(MASK)  # a trimmed prompt_embeds is padded: its mask says which rows are real
+        for name in names:
             if name in arrays:
                 # A copy: Arrow's buffers are read-only, and training may write into a batch.
                 batch[name] = torch.from_numpy(np.array(arrays[name]))

@@ -282,6 +282,31 @@ def histogram_plot(
 # --------------------------------------------------------------------------- codebook
 
 
+def length_plot(lengths: Sequence[int], counts: Sequence[int], *, title: str) -> Plot | None:
+    """Rows per token length of the caption embeddings, as bars (linear counts: the shape of
+    the distribution, a pile-up at the family's maximum length, is what matters).
+
+    Args:
+        lengths: (L,) token lengths, ascending.
+        counts: (L,) rows of each length.
+        title: the plot's title and alt text.
+
+    Returns:
+        The plot, or None without a row.
+    """
+    values = np.asarray(counts, dtype=float)
+    if values.size == 0 or not (values > 0).any():
+        return None
+    fig = _figure(7.0, 2.6)
+    ax = fig.subplots()
+    ax.bar(np.asarray(lengths, dtype=float), values, width=1.0, color=BLUE, linewidth=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("tokens", fontsize=8)
+    ax.set_ylabel("rows", fontsize=8)
+    _small_axes(ax)
+    return _figure_plot(fig, alt=title)
+
+
 def codebook_plot(counts: Sequence[int], *, total: int) -> Plot | None:
     """Codebook usage: code frequencies sorted (log), and the histogram of counts per code.
 

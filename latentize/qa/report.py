@@ -85,8 +85,8 @@ def render_html(
 
     Sections, in order (a section the report leaves out, or holds as ``None``, is not shown):
     header with the verdict and the checks, encoder, data folders, scale check, per-channel
-    statistics, non-finite values and outliers, duplicates, alignment, codebook (VQ),
-    reconstruction.
+    statistics, non-finite values and outliers, duplicates, alignment, codebook (VQ), caption
+    embeddings (outputs with a text stage), reconstruction.
 
     Args:
         report: the report dict of :func:`latentize.qa.run_qa` (numpy values and NaN are

@@ -4,7 +4,9 @@ Four steps: *load* reads the manifest, the input list, the commit markers and th
 on the driver; *scan* runs the two Ray Data passes of :mod:`latentize.qa.scan` over the data
 files, then decodes a seeded sample of stored latents and scores them against their source
 images (:func:`latentize.qa.recon.reconstruct`); *assess* builds the report's sections and runs
-the named checks of :mod:`latentize.qa.checks` on them; *write* writes ``report.json`` and a
+the named checks of :mod:`latentize.qa.checks` on them; an output with caption embeddings (the
+manifest's ``text``) gets a ``text`` section and the ``text_finite`` and ``text_aligned`` checks
+from a streaming pass on the driver (:mod:`latentize.qa.text`); *write* writes ``report.json`` and a
 self-contained ``report.html``.
 
 An output of several data folders (aspect-ratio buckets, several resolutions: the manifest's
@@ -57,6 +59,7 @@ from latentize.qa.scan import (
     scan_statistics,
 )
 from latentize.qa.stats import CodeUsage, LatentStats, affine_summary
+from latentize.qa.text import TextScan, empty_prompt_section, scan_text, text_checks, text_section
 from latentize.raystart import init_ray
 from latentize.sinks import OutputLayout
 from latentize.sinks.contract import FolderSpec, Manifest, Marker, read_errors, read_manifest, run_markers
@@ -263,11 +266,13 @@ class _Scanned:
         state: pass 1 (statistics, rows per shard, the reconstruction sample's keys).
         findings: pass 2 (outliers, identical latents, repeated keys, the sample's arrays).
         reconstruction: the decoded and scored sample.
+        text: the text pass (outputs with caption embeddings).
     """
 
     state: ScanState | None = None
     findings: Findings | None = None
     reconstruction: Reconstruction | None = None
+    text: TextScan | None = None
 
     @property
     def data_rows(self) -> dict[str, int]:
@@ -294,6 +299,7 @@ def _scan(loaded: _Loaded, options: QAOptions) -> _Scanned:
     )
     state = _pass1(ds, loaded, options)
     findings = _pass2(ds, state, loaded, options)
+    text = _text_pass(loaded)
     sample = list(dict.fromkeys((k, f, s) for k, f, s in state.sampled if (k, f) in findings.samples))
     reconstruction = recon.reconstruct(
         loaded.manifest,
@@ -307,7 +313,7 @@ def _scan(loaded: _Loaded, options: QAOptions) -> _Scanned:
         input_storage_options=options.input_storage_options,
         by_folder=loaded.multi,
     )
-    return _Scanned(state, findings, reconstruction)
+    return _Scanned(state, findings, reconstruction, text)
 
 
 def _pass1(ds: Any, loaded: _Loaded, options: QAOptions) -> ScanState:
@@ -316,6 +322,26 @@ def _pass1(ds: Any, loaded: _Loaded, options: QAOptions) -> ScanState:
     state = scan_statistics(ds, columns=loaded.columns, sample=options.sample, seed=options.seed)
     logger.info("qa: pass 1/2 done in %.1f s (%d rows)", time.time() - started, sum(state.rows.values()))
     return state
+
+
+def _text_pass(loaded: _Loaded) -> TextScan | None:
+    """The caption embeddings' pass (None without them). It streams the files on the driver:
+    its figures are a few numbers per column, and reading the text columns alone is cheap
+    beside the latents' passes."""
+    text = loaded.manifest.text
+    if text is None:
+        return None
+    started = time.time()
+    logger.info("qa: text pass over %d data file(s)", len(loaded.files))
+    scan = scan_text(
+        loaded.layout,
+        loaded.files,
+        fmt=loaded.manifest.output.format,
+        text=text,
+        tensors=[c.name for c in loaded.columns],
+    )
+    logger.info("qa: text pass done in %.1f s (%d rows)", time.time() - started, scan.rows)
+    return scan
 
 
 def _pass2(ds: Any, state: ScanState, loaded: _Loaded, options: QAOptions) -> Findings:
@@ -355,7 +381,7 @@ def _assess(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> dict[str,
     """The report: its sections, the checks that apply to this output, and the verdict."""
     report = _header(loaded, options)
     checks: list[Check] = []
-    for part in (_alignment, _values, _codebook, _reconstruction, _folders):
+    for part in (_alignment, _values, _codebook, _reconstruction, _folders, _text):
         sections, found = part(loaded, scanned, options)
         report.update(sections)
         checks += found
@@ -446,6 +472,15 @@ def _reconstruction(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _
     if recon is None:
         return {"reconstruction": None}, []
     return {"reconstruction": recon.section}, [reconstruction_check(recon, min_psnr=options.min_psnr)]
+
+
+def _text(loaded: _Loaded, scanned: _Scanned, options: QAOptions) -> _Part:
+    """Caption embeddings: per-column statistics, non-finite values, token lengths, alignment."""
+    text = loaded.manifest.text
+    if text is None:
+        return {"text": None}, []
+    section = text_section(scanned.text, text, empty_prompt_section(loaded.layout, text))
+    return {"text": section}, text_checks(section)
 
 
 def _header(loaded: _Loaded, options: QAOptions) -> dict[str, Any]:

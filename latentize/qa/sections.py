@@ -27,6 +27,7 @@ from latentize.qa.plots import (
     Plot,
     codebook_plot,
     histogram_plot,
+    length_plot,
     mean_std_plot,
     pair_image,
     scale_plot,
@@ -65,6 +66,8 @@ __all__ = [
     "Shard",
     "Statistics",
     "StatsPart",
+    "Text",
+    "TextColumnRow",
     "build_page",
 ]
 
@@ -184,6 +187,7 @@ def build_page(report: Report, images: Images) -> Page:
         ("duplicates", "Duplicates", lambda: Duplicates.read(report)),
         ("alignment", "Alignment", lambda: Alignment.read(report)),
         ("codebook", "Codebook", lambda: Codebook.read(report)),
+        ("text", "Caption embeddings", lambda: Text.read(report)),
         ("reconstruction", "Reconstruction", lambda: Reconstruction.read(report, images)),
     ]
     sections = []
@@ -666,6 +670,97 @@ class Codebook:
             plot=codebook_plot(cb["counts"], total=cb["total"]) if cb["counts"] else None,
             top=[(t["code"], t["count"], t["fraction"]) for t in cb["top"][:KEY_LIST_CAP]],
             dead_codes=dead,
+        )
+
+
+# --------------------------------------------------------------------------- caption embeddings
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextColumnRow:
+    """One stored text column: its per-sample shape (``rows`` varying: a trimmed
+    ``prompt_embeds``), dtype, the data rows holding it, the mean, std, min and max of its
+    finite values and its non-finite values."""
+
+    name: str
+    shape: str
+    dtype: str
+    rows: int
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    nonfinite: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Text:
+    """Caption embeddings (issue 21): the text stage as the manifest names it, one row per
+    stored column, the rows holding NaN/inf, the token lengths (a histogram, or ``length_note``
+    saying why there is none) and the alignment of text columns with data rows (rows lacking
+    each column, trimmed lengths that disagree with their rows, the empty prompt's file)."""
+
+    preset: str | None
+    pipeline_class: str | None
+    storage: str | None
+    model: str | None
+    columns: list[TextColumnRow]
+    nonfinite_rows: int
+    nonfinite_keys: KeyList
+    lengths: list[tuple[str, Any]]
+    length_plot: Plot | None
+    length_note: str | None
+    data_rows: int
+    missing: list[tuple[str, int]]
+    incomplete_rows: int
+    incomplete_keys: KeyList
+    length_mismatch: int
+    empty_prompt: list[tuple[str, Any]]
+
+    @classmethod
+    def read(cls, report: Report) -> Text | None:
+        text = report.get("text")
+        if not text:
+            return None
+        columns = [
+            _read(
+                TextColumnRow,
+                c,
+                name=name,
+                shape=" × ".join("rows" if d is None else str(d) for d in c["shape"]) or "scalar",
+            )
+            for name, c in text["columns"].items()
+        ]
+        lengths, align = text["lengths"], text["alignment"]
+        histogram = lengths["histogram"]
+        plot = None
+        facts: list[tuple[str, Any]] = []
+        if histogram:
+            plot = length_plot(histogram["lengths"], histogram["counts"], title=f"token lengths ({lengths['source']})")
+            facts = [("from", lengths["source"]), *((k, lengths[k]) for k in ("rows", "min", "mean", "max"))]
+        empty = align["empty_prompt"]
+        return cls(
+            preset=text["preset"],
+            pipeline_class=text["pipeline_class"],
+            storage=text["storage"],
+            model=text["model"],
+            columns=columns,
+            nonfinite_rows=text["nonfinite"]["rows"],
+            nonfinite_keys=KeyList.of(text["nonfinite"]["keys"], total=text["nonfinite"]["rows"]),
+            lengths=facts,
+            length_plot=plot,
+            length_note=lengths["note"],
+            data_rows=align["data_rows"],
+            missing=list(align["missing"].items()),
+            incomplete_rows=align["incomplete_rows"],
+            incomplete_keys=KeyList.of(align["incomplete_keys"], total=align["incomplete_rows"]),
+            length_mismatch=align["length_mismatch"],
+            empty_prompt=[
+                ("file", empty["file"]),
+                ("present", "yes" if empty["present"] else "no"),
+                ("columns", ", ".join(empty["columns"]) or "—"),
+                ("missing columns", ", ".join(empty["missing_columns"]) or "none"),
+            ],
         )
 
 

@@ -463,6 +463,7 @@ _MANIFEST_KEYS = (
     "fingerprint",
     "config",
     "encoder",
+    "text",
     "preprocess",
     "output",
     "versions",
@@ -471,7 +472,6 @@ _MANIFEST_KEYS = (
     "runs",
     "samples",
     "updated_at",
-    "text",
 )
 
 
@@ -487,6 +487,10 @@ class Manifest:
             ``latent_channels``, ``constants``, ``identity``, ``columns`` (stored columns with
             shape and dtype), ``preset`` and ``dtype`` (what the encoder type's decoder and the
             QA checks read; open to the encoder types, hence a mapping).
+        text: the text stage's entry (``TextSpec.to_manifest()`` plus ``empty_prompt``, the
+            file of the empty prompt's embeddings): ``storage``, ``columns`` (stored text
+            columns with their per-sample shape, None for the varying rows of a trimmed
+            ``prompt_embeds``, and dtype), the identity of the weights. None: no text stage.
         preprocess: how crops were made (``size``, ``buckets``, ``resolutions``, ``crop``,
             ``flip``, and descriptions of the decode and resize).
         output: :class:`OutputSection`.
@@ -496,9 +500,6 @@ class Manifest:
         runs: one entry per run into this root: start, end, shards, samples, seconds.
         samples: :class:`SampleTotals` (None until a run has ended).
         updated_at: when the totals were last written (UTC, ISO 8601).
-        text: the text stage (runs with a ``text`` section only; None otherwise): the text
-            spec's ``to_manifest()`` (``preset``, ``storage``, ``columns``, ``identity``, ...) and
-            ``empty_prompt``, the root's file of the empty prompt's columns.
         extra: keys this version does not know, kept where they were found.
     """
 
@@ -506,6 +507,7 @@ class Manifest:
     fingerprint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     encoder: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, Any] | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
     output: OutputSection = field(default_factory=OutputSection)
     versions: dict[str, Any] = field(default_factory=dict)
@@ -514,7 +516,6 @@ class Manifest:
     runs: list[dict[str, Any]] = field(default_factory=list)
     samples: SampleTotals | None = None
     updated_at: str | None = None
-    text: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- reading ----------------------------------------------------------------------------
@@ -596,11 +597,17 @@ class Manifest:
             "fingerprint": self.fingerprint,
             "config": self.config,
             "encoder": self.encoder,
-            "preprocess": self.preprocess,
-            "output": self.output.to_json(),
-            "versions": self.versions,
-            "status": self.status,
         }
+        if self.text is not None:
+            out["text"] = self.text
+        out.update(
+            {
+                "preprocess": self.preprocess,
+                "output": self.output.to_json(),
+                "versions": self.versions,
+                "status": self.status,
+            }
+        )
         if self.shards is not None:
             out["shards"] = self.shards.to_json()
         if self.runs:
@@ -609,8 +616,6 @@ class Manifest:
             out["samples"] = self.samples.to_json()
         if self.updated_at is not None:
             out["updated_at"] = self.updated_at
-        if self.text is not None:
-            out["text"] = self.text
         out.update(self.extra)
         return out
 
@@ -623,6 +628,7 @@ class Manifest:
             fingerprint=data.get("fingerprint"),
             config=dict(data.get("config") or {}),
             encoder=dict(data.get("encoder") or {}),
+            text=dict(data["text"]) if isinstance(data.get("text"), Mapping) else None,
             preprocess=dict(data.get("preprocess") or {}),
             output=OutputSection.from_json(data.get("output") or {}),
             versions=dict(data.get("versions") or {}),
@@ -631,7 +637,6 @@ class Manifest:
             runs=list(data.get("runs") or []),
             samples=SampleTotals.from_json(samples) if samples else None,
             updated_at=data.get("updated_at"),
-            text=dict(data["text"]) if data.get("text") is not None else None,
             extra={k: v for k, v in data.items() if k not in _MANIFEST_KEYS},
         )
 
