@@ -4,7 +4,7 @@ folders (latent shapes), error rows, files split into parts, and a stray uncommi
 
 ``text=`` adds caption embeddings in the storage contract of the text stage (issue 21): the
 columns of :func:`~latentize.encoders.text.spec.stored_columns` after the latent columns, the
-manifest's ``text`` entry and ``OUT/empty_prompt.npz``. Fixed-shape text columns go through
+manifest's ``text`` entry and ``OUT/_empty_prompt.npz``. Fixed-shape text columns go through
 ``stage_batch`` as tensor columns (stored exactly like ``latent``); the two columns of
 ``storage: trimmed`` that are not tensors (``prompt_embeds`` as
 ``list<fixed_size_list<float16, width>>``, ``prompt_embeds_length`` int32) are added to each
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from latentize.encoders.text.spec import LENGTH, MASK, TextColumn, stored_columns
 from latentize.sinks import SINKS, OutputLayout, ShardTracker, commit_shard, stage_batch
 from latentize.sinks.base import tensor_array
-from latentize.sinks.layout import final_name
+from latentize.sinks.layout import EMPTY_PROMPT, final_name
 from latentize.sinks.webdataset import _tar
 from latentize.tarnames import KEY_MEMBER, base_plus_ext
 
@@ -44,8 +44,6 @@ TEXT_SHAPES: dict[str, tuple[int | None, ...]] = {
     "pooled_prompt_embeds": (POOLED,),
     MASK: (TEXT_ROWS,),
 }
-#: The file of the empty prompt's embeddings (the manifest's ``text.empty_prompt``).
-EMPTY_PROMPT = "empty_prompt.npz"
 
 
 def text_spec(storage: str) -> dict[str, TextColumn]:

@@ -79,7 +79,7 @@ def test_a_manifest_written_through_the_type_keeps_its_bytes() -> None:
 
 def test_the_text_entry_is_written_only_for_runs_with_text() -> None:
     assert "text" not in Manifest.from_json(RUN_MANIFEST).to_json() and Manifest.from_json(RUN_MANIFEST).text is None
-    text = {"preset": "sdxl", "storage": "padded", "columns": {}, "empty_prompt": "empty_prompt.npz"}
+    text = {"preset": "sdxl", "storage": "padded", "columns": {}, "empty_prompt": "_empty_prompt.npz"}
     manifest = Manifest.from_json({**RUN_MANIFEST, "text": text, "later": 1})
     assert manifest.text == text and manifest.extra == {"later": 1}
     assert list(manifest.to_json())[4] == "text" and list(manifest.to_json())[-1] == "later"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from latent_outputs import SHAPES, Built, build_output, text_length, text_of
@@ -411,6 +412,9 @@ def test_empty_prompt_reads_the_unbatched_embeddings_of_the_empty_caption(
     if storage == "trimmed":
         assert tensors["prompt_attention_mask"].dtype == torch.bool
         assert tuple(tensors["prompt_attention_mask"].shape) == (int(want["prompt_embeds_length"]),)
+    # The file is `_`-prefixed: plain pyarrow's discovery of the root reads the data files only.
+    one = build_output(str(tmp_path / "one"), {"t00": {"64x64": 3}}, text=storage, stray=False)
+    assert sorted(pq.read_table(one.layout.url).column("key").to_pylist()) == one.all_keys
     plain = build_output(str(tmp_path / "plain"), {"t00": {"64x64": 2}})
     with pytest.raises(LatentizeError, match="no caption embeddings"):
         read_empty_prompt(plain.layout.url)

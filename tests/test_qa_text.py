@@ -130,11 +130,11 @@ def test_a_missing_empty_prompt_or_wrong_lengths_fail_text_aligned(tmp_path: Pat
         return table.set_column(i, "prompt_embeds_length", pa.array([7] * table.num_rows, pa.int32()))
 
     lied = _rewrite(built, "64x64", lie)
-    Path(built.layout.join("empty_prompt.npz")).unlink()
+    Path(built.layout.join("_empty_prompt.npz")).unlink()
     section = section_of(built)
     message = {c.name: c for c in text_checks(section)}["text_aligned"].message
     assert f"{len(lied)} row(s) hold a prompt_embeds whose rows differ" in message
-    assert "empty_prompt.npz (the empty prompt's embeddings) is missing" in message
+    assert "_empty_prompt.npz (the empty prompt's embeddings) is missing" in message
 
 
 def test_clip_only_families_say_lengths_are_not_stored() -> None:

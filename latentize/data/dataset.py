@@ -287,7 +287,7 @@ class LatentDataset(IterableDataset[dict[str, Any]]):
         return self._info.manifest.text
 
     def empty_prompt(self) -> dict[str, torch.Tensor]:
-        """The embeddings of the empty prompt ``""`` (``OUT/empty_prompt.npz``), one tensor per
+        """The embeddings of the empty prompt ``""`` (``OUT/_empty_prompt.npz``), one tensor per
         stored text column in its stored dtype, per-sample shapes (no batch axis):
         ``prompt_embeds`` (rows, width), ``pooled_prompt_embeds`` (width,), a padded output's
         ``prompt_attention_mask`` (rows,) uint8, a trimmed output's ``prompt_embeds_length``

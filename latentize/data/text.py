@@ -1,5 +1,5 @@
 """Caption embeddings of an output with a text stage (the manifest's ``text`` entry): the empty
-prompt's embeddings (``OUT/empty_prompt.npz``) and the padding of ``storage: trimmed`` rows.
+prompt's embeddings (``OUT/_empty_prompt.npz``) and the padding of ``storage: trimmed`` rows.
 
 Stored text columns (``text.columns`` of the manifest, per sample):
 
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from latentize.errors import LatentizeError
 from latentize.sinks.base import tensor_numpy
 from latentize.sinks.contract import read_manifest
-from latentize.sinks.layout import OutputLayout
+from latentize.sinks.layout import EMPTY_PROMPT, OutputLayout
 
 __all__ = ["EMPTY_PROMPT", "LENGTH", "MASK", "is_ragged", "pad_ragged", "read_empty_prompt"]
 
@@ -32,8 +32,6 @@ __all__ = ["EMPTY_PROMPT", "LENGTH", "MASK", "is_ragged", "pad_ragged", "read_em
 MASK = "prompt_attention_mask"
 #: The real tokens of each prompt (``storage: trimmed``).
 LENGTH = "prompt_embeds_length"
-#: The empty prompt's file when the manifest does not name one.
-EMPTY_PROMPT = "empty_prompt.npz"
 
 
 def is_ragged(dtype: pa.DataType) -> bool:

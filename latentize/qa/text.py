@@ -13,7 +13,7 @@ at a time, never the output's. It gathers:
   (CLIP only) store no lengths;
 * alignment: every data row must hold every text column (rows missing each are counted), a
   trimmed row's ``prompt_embeds`` rows must equal its ``prompt_embeds_length``, and
-  ``empty_prompt.npz`` must hold the manifest's columns.
+  ``_empty_prompt.npz`` must hold the manifest's columns.
 
 The checks ``text_finite`` and ``text_aligned`` judge the result (:func:`text_checks`).
 """
@@ -37,7 +37,7 @@ from latentize.encoders.text.spec import LENGTH, MASK
 from latentize.qa.checks import Check
 from latentize.qa.scan import ROWS_PER_BLOCK, DataFile
 from latentize.sinks.base import is_tensor_type, tensor_numpy
-from latentize.sinks.layout import OutputLayout
+from latentize.sinks.layout import EMPTY_PROMPT, OutputLayout
 from latentize.tarnames import KEY_MEMBER
 
 __all__ = ["ColumnFigures", "TextScan", "scan_text", "text_checks"]
@@ -46,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: Keys listed per finding.
 KEY_LIMIT = 100
-#: The empty prompt's file when the manifest does not name one (``text.empty_prompt``).
-EMPTY_PROMPT = "empty_prompt.npz"
 
 
 def is_ragged(dtype: pa.DataType) -> bool:
@@ -308,7 +306,7 @@ def scan_text(
 
 
 def empty_prompt_section(layout: OutputLayout, text: Mapping[str, Any]) -> dict[str, Any]:
-    """Whether ``empty_prompt.npz`` is there and holds the manifest's text columns."""
+    """Whether ``_empty_prompt.npz`` is there and holds the manifest's text columns."""
     name = str(text.get("empty_prompt") or EMPTY_PROMPT)
     want = sorted((text.get("columns") or {}).keys())
     try:

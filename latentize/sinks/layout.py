@@ -8,6 +8,7 @@ OUT/<W>x<H>/<shard>-<first>.<ext>   data: one folder per latent shape; one file 
 OUT/_shards/<shard>.json            commit marker: written last, after the shard's files are durable
 OUT/_errors/<shard>.parquet         one row per failed sample
 OUT/_staging/<shard>/<W>x<H>/...    parts of shards in flight (and discard lists); pruned on resume
+OUT/_empty_prompt.npz               with a ``text`` section: the text columns of the prompt ""
 ```
 Names starting with ``_`` are skipped by pyarrow's dataset discovery, so ``pq.read_table(OUT)``
 sees data files only. docs/architecture.md describes the commit protocol these paths serve.
@@ -47,6 +48,9 @@ LEDGER = "_ledger.parquet"
 MARKERS = "_shards"
 ERRORS = "_errors"
 STAGING = "_staging"
+#: The text columns of the prompt ``""`` (runs with a ``text`` section). ``_``-prefixed, as every
+#: file at the root is, so that pyarrow's dataset discovery of ``OUT`` reads the data files only.
+EMPTY_PROMPT = "_empty_prompt.npz"
 #: Prefix of the discard lists written under ``_staging/`` before committed shards are redone.
 DISCARD_PREFIX = "discard-"
 

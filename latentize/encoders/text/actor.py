@@ -28,7 +28,7 @@ import pyarrow as pa
 from latentize.columns import FLIGHT_TYPES, flight_array, join_notes, prompt_flight_array
 from latentize.config import config_from_dict
 from latentize.encoders.text.spec import TextSpec
-from latentize.sinks.layout import OutputLayout
+from latentize.sinks.layout import EMPTY_PROMPT, OutputLayout
 
 if TYPE_CHECKING:
     from latentize.encoders.text.encoder import TextEncoder, TextResult
@@ -38,7 +38,7 @@ __all__ = ["EMPTY_PROMPT_FILE", "TEXT_STAGE", "TextActor", "empty_prompt_bytes"]
 logger = logging.getLogger(__name__)
 
 #: The output root's file of the empty prompt's stored columns (classifier-free-guidance dropout).
-EMPTY_PROMPT_FILE = "empty_prompt.npz"
+EMPTY_PROMPT_FILE = EMPTY_PROMPT
 
 #: The ``stage`` of an error row whose caption the text encoder failed on.
 TEXT_STAGE = "text"
