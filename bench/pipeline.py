@@ -37,7 +37,14 @@ ratios leave out what a local Ray costs each job (starting and stopping it) but 
 driver's connection, Ray Data's start and the encoder actor's start-up. The local run always
 passes ``ray.address=local``, so that it starts its own Ray whatever runs here.
 
+``--baseline-tree PATH`` adds one run to each repeat: the same job by another checkout of
+latentize (``git worktree add PATH COMMIT``), its own code on ``PYTHONPATH``, in the same
+environment; the two runs swap order from one repeat to the next. ``baseline_*`` figures and the
+ratios ``vs_baseline_*`` (this tree's images per second over the baseline's) show whether a change
+slowed the pipeline, measured side by side.
+
     python bench/pipeline.py [--images 1536] [--per-shard 64] [--resolution 256] [--repeats 3] [--cluster]
+                             [--baseline-tree PATH]
 """
 
 from __future__ import annotations
@@ -125,17 +132,51 @@ def _make_inputs(root: Path, images: int, per_shard: int, resolution: int) -> tu
     return path, count
 
 
-def _encode(root: Path, config: Path, images: int, env: dict[str, str], address: str) -> tuple[float, dict[str, Any]]:
-    """One ``latentize encode`` into an empty output; its wall seconds and its last run's record."""
+def _encode(
+    root: Path, config: Path, images: int, env: dict[str, str], address: str, tree: Path = REPO
+) -> tuple[float, dict[str, Any]]:
+    """One ``latentize encode`` of the checkout ``tree`` into an empty output; its wall seconds
+    and its last run's record."""
     shutil.rmtree(root / "out", ignore_errors=True)
     cmd = [sys.executable, "-m", "latentize.cli", "encode", str(config)]
-    run_s, _ = timed([*cmd, "--set", f"ray.address={address}"], env, REPO)
+    run_s, _ = timed([*cmd, "--set", f"ray.address={address}"], {**env, "PYTHONPATH": str(tree)}, tree)
     manifest = json.loads((root / "out" / "_manifest.json").read_text())
     assert manifest["samples"]["ok"] + manifest["samples"]["failed"] == images, manifest["samples"]
     return run_s, manifest["runs"][-1]
 
 
-def _once(root: Path, config: Path, images: int, env: dict[str, str], cluster: bool) -> dict[str, Any]:
+def _baseline(root: Path, config: Path, images: int, env: dict[str, str], tree: Path) -> dict[str, Any]:
+    seconds, last = _encode(root, config, images, env, "local", tree)
+    return {
+        "baseline_whole_img_s": images / seconds,
+        "baseline_encoding_img_s": images / last["encoding_seconds"],
+        "baseline_encoder_start_s": float(last["encoder_start_seconds"]),
+        "baseline_seconds": seconds,
+    }
+
+
+def _once(
+    root: Path, config: Path, images: int, env: dict[str, str], cluster: bool, baseline: Path | None, index: int
+) -> dict[str, Any]:
+    # The baseline runs before this tree's runs in odd repeats and after them in even ones, so
+    # that neither side always meets the page cache or the machine's load first.
+    base = _baseline(root, config, images, env, baseline) if baseline and index % 2 else {}
+    figures = _measure(root, config, images, env, cluster)
+    if baseline and not index % 2:
+        base = _baseline(root, config, images, env, baseline)
+    if not base:
+        return figures
+    return (
+        figures
+        | base
+        | {
+            "vs_baseline_whole": figures["latentize_whole_img_s"] / base["baseline_whole_img_s"],
+            "vs_baseline_encoding": figures["latentize_encoding_img_s"] / base["baseline_encoding_img_s"],
+        }
+    )
+
+
+def _measure(root: Path, config: Path, images: int, env: dict[str, str], cluster: bool) -> dict[str, Any]:
     loop_out = root / "loop-out"
     shutil.rmtree(loop_out, ignore_errors=True)
     loop_out.mkdir()
@@ -231,13 +272,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--cluster", action="store_true", help="also submit to an already running Ray cluster")
+    parser.add_argument("--baseline-tree", type=Path, help="also run the job by this checkout of latentize")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="latentize-pipeline-"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     try:
         config, images = _make_inputs(root, args.images, args.per_shard, args.resolution)
-        runs = repeat(lambda: _once(root, config, images, env, args.cluster), args.repeats, _line)
+        count = iter(range(args.repeats))
+        runs = repeat(
+            lambda: _once(root, config, images, env, args.cluster, args.baseline_tree, next(count)),
+            args.repeats,
+            _line,
+        )
         report(runs, f"{images} LAION-like images at {args.resolution}², median of {args.repeats}:", images, args.json)
         print(f"  decode path: {runs[0]['decode']}, encoder batch: {runs[0]['batch_size']}")
     finally:
@@ -259,6 +306,11 @@ def _line(r: dict[str, Any]) -> str:
             f"{r['cluster_first_whole_ratio']:.2f} ({r['cluster_first_encoder_start_s']:.1f} s encoder start-up), "
             f"second {r['cluster_whole_img_s']:.1f} img/s, ratio {r['cluster_whole_ratio']:.2f} "
             f"({r['cluster_encoder_start_s']:.1f} s)"
+        )
+    if "vs_baseline_whole" in r:
+        line += (
+            f"; baseline tree {r['baseline_whole_img_s']:.1f} img/s whole, {r['baseline_encoding_img_s']:.1f} while "
+            f"encoding: this tree {r['vs_baseline_whole']:.2f}x whole, {r['vs_baseline_encoding']:.2f}x while encoding"
         )
     return line
 
