@@ -107,6 +107,17 @@ def test_unknown_key_fails_at_start_with_its_path(tmp_path: Path) -> None:
     assert "encoder.batchsize: unknown key" in result.stderr
 
 
+def test_trimmed_text_for_a_family_that_attends_to_padding_exits_2_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "flux.yaml"
+    cfg.write_text(yaml.safe_dump({"output": {"path": str(tmp_path / "out")}, "text": {"preset": "flux1"}}))
+    assert main(["encode", str(cfg), "--set", "text.storage=trimmed"]) == 2
+    err = capsys.readouterr().err
+    assert "latentize: error:" in err and "'trimmed' is refused for preset 'flux1'" in err and "attends" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreachable_hub_stops_at_once_and_says_how_to_fix(tmp_path: Path) -> None:
     started = time.time()
     result = subprocess.run(
