@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from latentize.errors import LatentizeError
-from latentize.sinks.base import tensor_numpy
+from latentize.sinks.base import is_ragged, tensor_numpy
 from latentize.sinks.contract import read_manifest
 from latentize.sinks.layout import EMPTY_PROMPT, OutputLayout
 
@@ -32,12 +32,6 @@ __all__ = ["EMPTY_PROMPT", "LENGTH", "MASK", "is_ragged", "pad_ragged", "read_em
 MASK = "prompt_attention_mask"
 #: The real tokens of each prompt (``storage: trimmed``).
 LENGTH = "prompt_embeds_length"
-
-
-def is_ragged(dtype: pa.DataType) -> bool:
-    """Whether ``dtype`` is a column of varying rows per sample: a list of fixed-size lists
-    (a trimmed ``prompt_embeds``)."""
-    return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_fixed_size_list(dtype.value_type)
 
 
 def pad_ragged(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from latentize.encoders.text.spec import LENGTH, MASK
 from latentize.qa.checks import Check
 from latentize.qa.scan import ROWS_PER_BLOCK, DataFile
-from latentize.sinks.base import is_tensor_type, tensor_numpy
+from latentize.sinks.base import is_ragged, is_tensor_type, tensor_numpy
 from latentize.sinks.layout import EMPTY_PROMPT, OutputLayout
 from latentize.tarnames import KEY_MEMBER
 
@@ -46,12 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: Keys listed per finding.
 KEY_LIMIT = 100
-
-
-def is_ragged(dtype: pa.DataType) -> bool:
-    """A column of varying rows per sample (a trimmed ``prompt_embeds``): a list of fixed-size
-    lists. (``latentize.data`` has its own: the QA does not import the training side.)"""
-    return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_fixed_size_list(dtype.value_type)
 
 
 @dataclass

@@ -28,6 +28,7 @@ __all__ = [
     "TENSOR_TYPES",
     "Sink",
     "canonical_tensor",
+    "is_ragged",
     "is_tensor_type",
     "prompt_array",
     "prompt_samples",
@@ -93,6 +94,12 @@ def tensor_array(values: np.ndarray, tensor_type: str = FIXED_SHAPE_TENSOR) -> p
     for size in reversed(values.shape[1:]):
         array = pa.FixedSizeListArray.from_arrays(array, int(size))
     return array
+
+
+def is_ragged(dtype: pa.DataType) -> bool:
+    """Whether ``dtype`` is a column of varying rows per sample: a list of fixed-size lists
+    (a trimmed ``prompt_embeds``)."""
+    return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_fixed_size_list(dtype.value_type)
 
 
 def is_tensor_type(dtype: pa.DataType) -> bool:
