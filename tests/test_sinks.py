@@ -6,8 +6,10 @@ called directly (no Ray); batches are built the way the encoder actors hand them
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 
 from latentize.errors import LatentizeError
 from latentize.sinks import OutputLayout, ShardTracker, commit_shard, data_folder, stage_batch
+from latentize.sinks.base import read_parquet_bytes
 from latentize.sinks.commit import ERROR_SCHEMA, Part, ShardCommit, choose_parts
 from latentize.sinks.layout import final_name
 
@@ -175,6 +178,26 @@ def data_file(shard: str, first: int = 0, extension: str = "parquet") -> str:
 
 
 # --- layout ----------------------------------------------------------------------------------
+
+
+def test_read_parquet_bytes_holds_no_reference_to_its_bytes_once_it_returns() -> None:
+    """Ledger, inputs and errors files are read from bytes in memory. A reference to them left
+    behind on an Arrow pool thread (``pq.read_table``'s scanner leaves one now and then) can be
+    dropped after the interpreter began to exit, which aborts the process (SIGABRT, seen on
+    ``latentize encode`` reruns with nothing to do)."""
+    written = pa.table({"shard": [f"{i:05d}" for i in range(50)], "marker": ["{}"] * 50})
+    buf = io.BytesIO()
+    pq.write_table(written, buf)
+    data = buf.getvalue()
+    alone = sys.getrefcount(data)
+    left = 0
+    for _ in range(300):
+        table = read_parquet_bytes(data, columns=["shard"])
+        left += sys.getrefcount(data) != alone
+        assert table.column_names == ["shard"] and table.num_rows == 50
+        del table
+    assert left == 0
+    assert read_parquet_bytes(data).equals(written)
 
 
 def test_layout_paths(tmp_path: Path, monkeypatch) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from latentize.registry import Registry
 
@@ -32,6 +33,7 @@ __all__ = [
     "is_tensor_type",
     "prompt_array",
     "prompt_samples",
+    "read_parquet_bytes",
     "tensor_array",
     "tensor_numpy",
 ]
@@ -100,6 +102,19 @@ def is_ragged(dtype: pa.DataType) -> bool:
     """Whether ``dtype`` is a column of varying rows per sample: a list of fixed-size lists
     (a trimmed ``prompt_embeds``)."""
     return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_fixed_size_list(dtype.value_type)
+
+
+def read_parquet_bytes(data: bytes, *, columns: list[str] | None = None) -> pa.Table:
+    """The table of one Parquet file held in memory (``columns``: all when None).
+
+    Read on the calling thread (``ParquetFile``, no Arrow threads), so that every reference to
+    ``data`` is gone when this returns. ``pq.read_table`` goes through the dataset scanner,
+    whose state holding ``data`` is sometimes released later on an Arrow pool thread; when that
+    happens after the interpreter has begun to exit, the thread cannot take the GIL and the
+    process aborts ("terminate called without an active exception", apache/arrow#34314). Short
+    commands, such as a rerun with nothing to do, exit within milliseconds of such a read.
+    """
+    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
 
 
 def is_tensor_type(dtype: pa.DataType) -> bool:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from latentize.sinks.base import read_parquet_bytes
 
 if TYPE_CHECKING:
     from latentize.sinks.layout import OutputLayout
@@ -130,7 +131,7 @@ def read_errors(data: bytes, *, shard: str, slot_of: Mapping[str, int]) -> pa.Ta
     resolution slot), any other error for the whole sample. ``shard`` fills the shard column
     (the file's name says it).
     """
-    table = pq.read_table(pa.BufferReader(data))
+    table = read_parquet_bytes(data)
     n = table.num_rows
     if "slot" in table.column_names:
         slots = table.column("slot").cast(pa.int32())

@@ -37,6 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from latentize.errors import LatentizeError
 from latentize.retry import retry_call
+from latentize.sinks.base import read_parquet_bytes
 
 __all__ = ["OutputLayout", "data_folder", "final_name"]
 
@@ -256,7 +257,7 @@ class OutputLayout:
     def read_inputs(self) -> list[tuple[str, str]]:
         """The ``(url, shard id)`` list written by :meth:`write_inputs` (empty if absent)."""
         try:
-            table = pq.read_table(pa.BufferReader(self.read_bytes(self.join(INPUTS))))
+            table = read_parquet_bytes(self.read_bytes(self.join(INPUTS)))
         except FileNotFoundError:
             return []
         return list(zip(table.column("url").to_pylist(), table.column("shard").to_pylist(), strict=True))
@@ -290,7 +291,7 @@ class OutputLayout:
     def read_ledger(self) -> dict[str, str]:
         """The markers of ``_ledger.parquet`` as JSON text (empty when there is none)."""
         try:
-            table = pq.read_table(pa.BufferReader(self.read_bytes(self.join(LEDGER))), columns=["shard", "marker"])
+            table = read_parquet_bytes(self.read_bytes(self.join(LEDGER)), columns=["shard", "marker"])
         except FileNotFoundError:
             return {}
         return dict(zip(table.column("shard").to_pylist(), table.column("marker").to_pylist(), strict=True))

@@ -7,7 +7,7 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, tensor_array, tensor_numpy
+from latentize.sinks.base import FIXED_SHAPE_TENSOR, SINKS, read_parquet_bytes, tensor_array, tensor_numpy
 
 __all__ = ["ParquetSink"]
 
@@ -52,7 +52,7 @@ class ParquetSink:
         return _write(table.select(order), compression)
 
     def merge(self, files: list[bytes], rows: list[int]) -> bytes:
-        tables = [pq.read_table(pa.BufferReader(f)) for f in files]
+        tables = [read_parquet_bytes(f) for f in files]
         codec = pq.ParquetFile(pa.BufferReader(files[0])).metadata.row_group(0).column(0).compression
         return _write(pa.concat_tables(tables).take(pa.array(rows, pa.int64())), codec.lower())
 
